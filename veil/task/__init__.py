@@ -1,0 +1,1 @@
+"""Task code: reading text-classification files, splitting them across clients, building the model."""

@@ -1,0 +1,38 @@
+# veil: `make demo` sets up and runs the main job; `make test` sets up (if needed) and runs the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_DEDUP_LOGS := 0
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: torch==2.13.0 is the CPU build on this machine's disk; letting a resolver
+# pick torch for another package could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/veil simulate
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,130 @@
+"""The veil ClientApp: one data owner's node.
+
+Flower legacy API on purpose (DESIGN.md decision 2): SecAgg+ works only with a ``NumPyClient`` behind
+``secaggplus_mod``. The same app object serves simulation and deployment; in simulation the launcher passes the
+composed run config as defaults, in deployment it arrives in ``context.run_config``.
+
+One round on the node: read the owner's settings (node config), load the shard and the model (cached per process),
+check the owner's ε budget for this round *before* training, train under DP-SGD, record the release in the on-disk
+ledger, and return the update (trained - received) of the trainable tensors, weighted 1 (see ``fit``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Context
+
+from veil.client.settings import NodeSettings, node_settings
+from veil.client.trainer import LocalPlan, sample_rate_for, train_round
+from veil.conf.runconfig import from_run_config
+from veil.conf.schema import ModelConfig, VeilConfig
+from veil.errors import SecAggRangeError, VeilError
+from veil.privacy.calibration import calibrate_noise_multiplier
+from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+from veil.task.model import build_model, resolve_device
+from veil.task.shards import client_shard, resolve_labels
+
+log = logging.getLogger("veil.client")
+
+
+@functools.lru_cache(maxsize=2)
+def _template(model_json: str, labels: tuple[str, ...], seed: int) -> Any:
+    return build_model(ModelConfig(**json.loads(model_json)), list(labels), seed=seed)
+
+
+class VeilClient(NumPyClient):
+    """Trains on one node's data; never returns raw data, gradients or paths, only the update and aggregates."""
+
+    def __init__(self, cfg: VeilConfig, settings: NodeSettings, run_id: int) -> None:
+        self.cfg, self.settings, self.run_id = cfg, settings, run_id
+
+    def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        cfg, settings = self.cfg, self.settings
+        server_round = int(config.get("server_round", 0))
+        labels = resolve_labels(cfg.data)
+        shard = client_shard(cfg, settings, labels)
+        examples = int(shard["labels"].shape[0])
+        template = _template(json.dumps(cfg.model.__dict__, sort_keys=True), tuple(labels), cfg.federation.seed)
+        plan, event, ledger = self._plan(examples, server_round)
+        seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)
+        device = resolve_device(settings.device or cfg.device)
+        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)
+        _check_update(result.update, cfg)
+        epsilon = 0.0
+        if ledger is not None and event is not None:
+            ledger.record(event)  # recorded before the update leaves the node
+            epsilon = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant).epsilon
+        values = sum(int(a.size) for a in result.update)
+        upload = values * (8 if cfg.secagg.enabled else 4)  # SecAgg+ sends int64 masked values, else float32
+        metrics = {
+            "train_loss": result.loss, "num_examples": examples, "epsilon": epsilon, "steps": result.steps,
+            "sample_rate": result.sample_rate, "noise_multiplier": plan.noise_multiplier if plan.private else 0.0,
+            "upload_bytes": upload,
+        }
+        log.info("round %d: trained on %d examples, %d steps, loss %.4f, epsilon %.3f",
+                 server_round, examples, result.steps, result.loss, epsilon)
+        # Weight 1 for every client: SecAgg+ scales each vector by weight/max_weight (max_weight=1 keeps full
+        # quantisation precision) and a size weight would tell the server each owner's data size.
+        return result.update, 1, metrics
+
+    def _plan(self, examples: int, server_round: int) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
+        cfg, fed, priv = self.cfg, self.cfg.federation, self.cfg.privacy
+        q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
+        steps = fed.local_epochs * math.ceil(1 / q - 1e-9)
+        if not priv.enabled:
+            plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=False,
+                             noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
+            return plan, None, None
+        sigma = priv.noise_multiplier
+        if priv.target_epsilon > 0:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=priv.target_epsilon, delta=priv.delta, sample_rate=q,
+                steps=steps * fed.rounds, accountant=priv.accountant,
+            )
+        ledger = PrivacyLedger.open(self.settings.ledger_path)
+        event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
+                            steps=steps, delta=priv.delta, timestamp=0.0)
+        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=priv.delta, accountant=priv.accountant)
+        plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=True,
+                         noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
+                         grad_sample_mode=priv.grad_sample_mode)
+        return plan, event, ledger
+
+
+def _check_update(update: list[np.ndarray], cfg: VeilConfig) -> None:
+    """Never send a non-finite update, and never let SecAgg+ clip one silently."""
+    if not all(np.isfinite(a).all() for a in update):
+        raise VeilError("local training produced a non-finite update (NaN/Inf); lower federation.lr or check the data")
+    if cfg.secagg.enabled:
+        peak = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
+        if peak > cfg.secagg.clipping_range:
+            raise SecAggRangeError(
+                f"an update value of {peak:.3g} lies outside secagg.clipping_range={cfg.secagg.clipping_range}; "
+                "raise secagg.clipping_range or lower federation.lr"
+            )
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None) -> ClientApp:
+    """The veil ClientApp; ``defaults`` is the flattened run config a simulation launcher provides."""
+    base = dict(defaults or {})
+
+    def client_fn(context: Context) -> Client:
+        cfg = from_run_config({**base, **dict(context.run_config)})
+        settings = node_settings(dict(context.node_config), simulation_root=simulation_root)
+        return VeilClient(cfg, settings, context.run_id).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+app = make_client_app()

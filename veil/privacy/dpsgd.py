@@ -1,0 +1,64 @@
+"""DP-SGD for a Transformer classifier through Opacus (Abadi et al., "Deep Learning with Differential Privacy",
+arXiv:1607.00133): Poisson sampling, per-sample clipping to C, Gaussian noise of std sigma*C per step.
+
+This module only attaches Opacus to a model, optimizer and data loader and hands back what the training loop
+needs; the loop lives in :mod:`veil.client.trainer`, the accounting in :mod:`veil.privacy.accounting`.
+
+Two rules that protect the data owner:
+
+* The Gaussian noise is drawn from a generator seeded from the OS's entropy, never from the run's seed: the run
+  config comes from the coordinator, and noise it could reproduce is noise it could subtract.
+* A wrapped model is never wrapped again (Opacus issue 608): each round wraps a fresh copy of the template model.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader
+
+log = logging.getLogger("veil.privacy")
+
+
+@dataclass
+class PrivateTraining:
+    """What the training loop needs after Opacus is attached."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    criterion: nn.Module
+    sample_rate: float  # Poisson rate q = 1 / len(loader)
+    steps_per_epoch: int  # = len(loader): one subsampled-Gaussian release each
+
+
+def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str = "hooks",
+                 device: torch.device | None = None) -> PrivateTraining:
+    """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``."""
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
+    generator = torch.Generator(device=device or "cpu")
+    generator.manual_seed(secrets.randbits(63))  # noise the coordinator cannot reproduce
+    engine = PrivacyEngine(accountant="prv")  # veil accounts in its own ledger; this one is unused
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    out = engine.make_private(
+        module=module, optimizer=optimizer, criterion=criterion, data_loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode, noise_generator=generator,
+    )
+    if grad_sample_mode == "ghost":
+        module, optimizer, criterion, loader = out  # the returned criterion does the double backward (issue 732)
+    else:
+        module, optimizer, loader = out
+    return PrivateTraining(
+        module=module, optimizer=optimizer, loader=loader, criterion=criterion,
+        sample_rate=1.0 / len(loader), steps_per_epoch=len(loader),
+    )

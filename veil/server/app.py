@@ -1,0 +1,123 @@
+"""The veil ServerApp: the coordinator's side of a run.
+
+Flower legacy API on purpose (DESIGN.md decision 2): ``SecAggPlusWorkflow`` needs a ``LegacyContext`` and a
+``flwr.server.strategy`` strategy. The same app serves simulation and deployment: the configuration comes from
+``context.run_config`` (a simulation launcher passes it as defaults).
+
+Per run: build the model template and the evaluation split, keep the global trainable tensors in the strategy,
+run the rounds (SecAgg+ fit workflow when on), write one ``metrics.jsonl`` line and one console line per round,
+then export the merged model with its model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.common import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.serverapp import Grid, ServerApp
+
+from veil.conf.runconfig import from_run_config
+from veil.conf.schema import VeilConfig
+from veil.server.evaluate import make_evaluate_fn
+from veil.server.export import export_global_model
+from veil.server.metrics import MetricsLog, console_line
+from veil.server.workflow import RoundLoop, RoundOutcome
+from veil.strategies.fedavg import DeltaFedAvg
+from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device
+from veil.task.shards import eval_split, resolve_labels
+
+log = logging.getLogger("veil.server")
+
+
+class RunRecorder:
+    """After each round: one metrics line, one console line."""
+
+    def __init__(self, cfg: VeilConfig, out_dir: Path) -> None:
+        self.cfg, self.metrics = cfg, MetricsLog(out_dir / "metrics.jsonl")
+        self.last: dict[str, Any] = {}
+        self.rounds_completed = 0
+        self.epsilon_max = 0.0
+
+    def after_round(self, outcome: RoundOutcome) -> None:
+        fit = outcome.fit_metrics
+        if outcome.completed:
+            self.rounds_completed += 1
+            self.epsilon_max = max(self.epsilon_max, float(fit.get("epsilon_max", 0.0)))
+        else:
+            log.warning("round %d did not complete (too few clients answered); global weights unchanged", outcome.round)
+        row = {
+            "round": outcome.round, "accuracy": outcome.accuracy, "loss": outcome.loss,
+            "epsilon_max": self.epsilon_max, "epsilon_mean": float(fit.get("epsilon_mean", 0.0)),
+            "upload_bytes_per_client": float(fit.get("upload_bytes_per_client", 0.0)),
+            "seconds": outcome.seconds, "secagg": self.cfg.secagg.enabled, "completed": outcome.completed,
+            "clients": int(fit.get("clients", 0)), "train_loss": float(fit.get("train_loss", float("nan"))),
+            "examples": int(fit.get("examples", 0)),
+            "noise_multiplier_max": float(fit.get("noise_multiplier_max", 0.0)),
+            "sample_rate_max": float(fit.get("sample_rate_max", 0.0)),
+        }
+        self.metrics.append(row)
+        self.last = row
+        log.info("%s", console_line(row, self.cfg.federation.rounds))
+
+
+def fit_workflow_for(cfg: VeilConfig) -> Any:
+    """SecAgg+ (Bell et al., arXiv:2009.09039) when on, else Flower's plain fit workflow."""
+    sa = cfg.secagg
+    if not sa.enabled:
+        return default_fit_workflow
+    return SecAggPlusWorkflow(
+        num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold,
+        max_weight=1.0,  # every client sends weight 1 (see VeilClient.fit): full quantisation precision
+        clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
+        modulus_range=sa.modulus_range, timeout=sa.timeout,
+    )
+
+
+def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
+    """Run all rounds and export; returns the final summary."""
+    out_dir = Path(cfg.output_dir or ".").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = resolve_labels(cfg.data)
+    device = resolve_device(cfg.device)
+    template = build_model(cfg.model, labels, seed=cfg.federation.seed)
+    data = eval_split(cfg, labels)
+    strategy = DeltaFedAvg(
+        initial=get_trainable(template), server_lr=cfg.strategy.server_lr,
+        clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
+        evaluate_fn=make_evaluate_fn(template, data, device=device),
+    )
+    recorder = RunRecorder(cfg, out_dir)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
+    RoundLoop(fit_workflow_for(cfg), recorder)(grid, legacy)
+    summary = {
+        **recorder.last, "epsilon_max": recorder.epsilon_max, "rounds_completed": recorder.rounds_completed,
+        "eval_examples": int(data["labels"].shape[0]),
+    }
+    export_global_model(template, strategy.global_arrays, load_tokenizer(cfg.model), out_dir / "model",
+                        cfg=cfg, summary=summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    log.info("model exported to %s", out_dir / "model")
+    return summary
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """The veil ServerApp; ``defaults`` is the flattened run config a simulation launcher provides."""
+    base = dict(defaults or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = from_run_config({**base, **dict(context.run_config)})
+        run_server(grid, context, cfg)
+
+    return server_app
+
+
+app = make_server_app()

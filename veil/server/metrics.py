@@ -1,0 +1,41 @@
+"""Per-round records: one JSON line per round in ``metrics.jsonl`` and one console line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("veil.server")
+
+
+class MetricsLog:
+    """Appends one JSON object per round to ``<run dir>/metrics.jsonl`` (flushed and fsynced)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean, sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def console_line(row: dict[str, Any], rounds: int) -> str:
+    """``round 2/3 | acc 0.4120 | loss 2.9810 | eps max 1.23 | up 401.2 kB/client | 41.2 s``"""
+    return (
+        f"round {row['round']}/{rounds} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
+        f"eps max {row['epsilon_max']:.3f} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
+        f"{row['seconds']:.1f} s | clients {row['clients']}" + (" | secagg" if row.get("secagg") else "")
+    )

@@ -1,0 +1,192 @@
+"""``veil simulate``: a federation of simulated data owners on one machine, on Flower's simulation engine.
+
+The configuration is composed by Hydra (``veil/conf``), so a sweep is a command line
+(``veil simulate -m privacy.noise_multiplier=0.6,1.0``). The run uses the very same ServerApp and ClientApp as a
+deployment: this module only composes and validates the config, resolves paths and the label set once, writes the
+resolved config next to the outputs, and hands both apps to ``flwr.simulation.run_simulation``.
+
+Steps of one run: (1) compose and validate; (2) resolve data paths and labels; (3) write the resolved config;
+(4) simulate; (5) report the final accuracy beside the majority-class baseline and the ε reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from veil.errors import ConfigError, VeilError
+
+log = logging.getLogger("veil")
+
+_failures: list[str] = []
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="Hydra overrides, e.g. federation.num_clients=10 privacy=none; -m for a sweep")
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from veil.conf.schema import VeilConfig
+
+    ConfigStore.instance().store(name="veil_schema", node=VeilConfig)
+
+
+def preflight(overrides: list[str]) -> Any:
+    """Compose once with Hydra's compose API so a typo or bad value fails with one line before anything starts."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from veil.conf import CONF_DIR
+    from veil.conf.runconfig import to_veil_config
+
+    _register_schema()
+    plain = [o for o in overrides if not o.startswith("-") and not o.startswith("hydra.") and not o.startswith("hydra/")]
+    sweeping = "-m" in overrides or "--multirun" in overrides
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            # In a sweep, check the first value of each swept key (a,b,c -> a).
+            first = [_first_value(o) for o in plain] if sweeping else plain
+            cfg = compose(config_name="config", overrides=first)
+    except Exception as err:  # Hydra/OmegaConf raise many types; all mean "the command line is wrong"
+        raise ConfigError(_one_line(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    return to_veil_config(cfg)
+
+
+def _first_value(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if sep and "," in value and not value.startswith(("[", "{", "'", '"')):
+        return f"{key}={value.split(',')[0]}"
+    return override
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip() and "full_key" not in line
+                    and "object_type" not in line and "reference_type" not in line)
+    return f"invalid configuration: {text or type(err).__name__}"
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    preflight(overrides)
+    import hydra
+
+    from veil.conf import CONF_DIR
+
+    _failures.clear()
+    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
+    saved = sys.argv
+    sys.argv = ["veil simulate", *overrides]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+    if _failures:
+        for line in _failures:
+            print(f"veil: error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _task(dict_cfg: Any) -> float | None:
+    """The Hydra task: one simulated run. A VeilError is recorded (so a sweep goes on) and ends in one line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = simulate(dict_cfg, out_dir)
+    except VeilError as err:
+        _failures.append(f"{out_dir}: {err}")
+        log.error("run in %s failed: %s", out_dir, err)
+        return None
+    return float(summary.get("accuracy", float("nan")))
+
+
+def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """Run one simulated federation into ``out_dir``; returns the final summary."""
+    from omegaconf import OmegaConf
+
+    from veil.client.app import make_client_app
+    from veil.conf.runconfig import to_run_config, to_veil_config
+    from veil.server.app import make_server_app
+    from veil.task.shards import absolute, resolve_labels
+
+    # (1) compose and validate
+    cfg = to_veil_config(dict_cfg)
+    # (2) absolute paths (Ray workers may start elsewhere) and one label set for every process
+    data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
+    data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
+    cfg = dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()))
+    # (3) the resolved config next to the outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
+    flat = to_run_config(cfg)
+    baseline = majority_baseline_of(cfg)
+    log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
+             cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
+    # (4) simulate
+    _run_flower(cfg, flat, out_dir)
+    summary_path = out_dir / "summary.json"
+    if not summary_path.exists():
+        raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
+    summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["majority_baseline"] = baseline
+    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    # (5) report
+    eps = f"epsilon {summary['epsilon_max']:.3f} (delta {cfg.privacy.delta:g})" if cfg.privacy.enabled else "no DP"
+    print(f"final accuracy {summary.get('accuracy', float('nan')):.4f} vs majority-class baseline {baseline:.4f}; "
+          f"{eps}; model in {out_dir / 'model'}", flush=True)
+    return summary
+
+
+def majority_baseline_of(cfg: Any) -> float:
+    """Accuracy of predicting the most frequent training label on the evaluation split."""
+    import numpy as np
+
+    from veil.server.evaluate import majority_baseline
+    from veil.task.data import encode_labels, read_examples
+
+    labels = json.loads(cfg.data.labels)
+    train = encode_labels(read_examples(cfg.data.train_path, cfg.data), labels, path=cfg.data.train_path)
+    test = encode_labels(read_examples(cfg.data.test_path, cfg.data), labels, path=cfg.data.test_path)
+    return majority_baseline(np.asarray(train), np.asarray(test))
+
+
+def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
+    from flwr.simulation import run_simulation
+
+    from veil.client.app import make_client_app
+    from veil.server.app import make_server_app
+
+    fed = cfg.federation
+    backend = {
+        "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # run_simulation's deprecation notice: `flwr run` needs a SuperLink
+        try:
+            run_simulation(
+                server_app=make_server_app(flat),
+                client_app=make_client_app(flat, simulation_root=out_dir / "nodes"),
+                num_supernodes=fed.num_clients, backend_config=backend,
+            )
+        except VeilError:
+            raise
+        except RuntimeError as err:
+            cause = err.__cause__ or err
+            if isinstance(cause, VeilError):
+                raise cause from None
+            raise VeilError(f"the simulation failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from err

