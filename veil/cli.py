@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"veil: error: unknown command {name!r}; choose one of {', '.join(_COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     try:
         module = importlib.import_module(_COMMANDS[name][0])
         sub_parser = argparse.ArgumentParser(prog=f"veil {name}", description=_COMMANDS[name][1])

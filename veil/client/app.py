@@ -15,23 +15,26 @@ import functools
 import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import Context
+from flwr.common import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
 
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, train_round
 from veil.conf.runconfig import from_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
 from veil.errors import SecAggRangeError, VeilError
-from veil.privacy.calibration import calibrate_noise_multiplier
-from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+
+if TYPE_CHECKING:
+    from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 from veil.task.model import build_model, resolve_device
 from veil.task.shards import client_shard, resolve_labels
 
@@ -86,6 +89,9 @@ class VeilClient(NumPyClient):
             plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=False,
                              noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
             return plan, None, None
+        from veil.privacy.calibration import calibrate_noise_multiplier
+        from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+
         sigma = priv.noise_multiplier
         if priv.target_epsilon > 0:
             sigma = calibrate_noise_multiplier(
@@ -115,6 +121,21 @@ def _check_update(update: list[np.ndarray], cfg: VeilConfig) -> None:
             )
 
 
+def quiet_worker() -> None:
+    """Keep a node's console to veil's lines: Flower's per-stage SecAgg+ debug lines and library deprecation
+    notices say nothing a data owner can act on."""
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+
+
+def quiet_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A mod that quiets the worker before SecAgg+'s first stage runs (see :func:`quiet_worker`)."""
+    quiet_worker()
+    return call_next(msg, context)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None) -> ClientApp:
     """The veil ClientApp; ``defaults`` is the flattened run config a simulation launcher provides."""
     base = dict(defaults or {})
@@ -124,7 +145,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_roo
         settings = node_settings(dict(context.node_config), simulation_root=simulation_root)
         return VeilClient(cfg, settings, context.run_id).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    return ClientApp(client_fn=client_fn, mods=[quiet_mod, secaggplus_mod])
 
 
 app = make_client_app()

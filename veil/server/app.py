@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common import Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -30,7 +32,7 @@ from veil.server.export import export_global_model
 from veil.server.metrics import MetricsLog, console_line
 from veil.server.workflow import RoundLoop, RoundOutcome
 from veil.strategies.fedavg import DeltaFedAvg
-from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device
+from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device, trainable_names
 from veil.task.shards import eval_split, resolve_labels
 
 log = logging.getLogger("veil.server")
@@ -100,11 +102,27 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
         **recorder.last, "epsilon_max": recorder.epsilon_max, "rounds_completed": recorder.rounds_completed,
         "eval_examples": int(data["labels"].shape[0]),
     }
+    save_global(out_dir / "global_trainable.npz", trainable_names(template), strategy.global_arrays)
     export_global_model(template, strategy.global_arrays, load_tokenizer(cfg.model), out_dir / "model",
                         cfg=cfg, summary=summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
     log.info("model exported to %s", out_dir / "model")
     return summary
+
+
+def save_global(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
+    """The global trainable tensors by name, written atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **dict(zip(names, arrays, strict=True)))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_global(path: Path, names: list[str]) -> list[np.ndarray]:
+    with np.load(path) as data:
+        return [data[name] for name in names]
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:

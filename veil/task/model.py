@@ -54,6 +54,10 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
     ``dropout`` overrides the model's hidden and attention dropout (tests use 0 for exact comparisons).
     """
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected: the head is new
+    hf_logging.disable_progress_bar()
 
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
@@ -135,6 +139,9 @@ def export_model(model: nn.Module, tokenizer: object, out_dir: Path) -> Path:
     import copy
     import shutil
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     merged = copy.deepcopy(model)
     if hasattr(merged, "merge_and_unload"):
         merged = merged.merge_and_unload()

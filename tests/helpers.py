@@ -1,0 +1,29 @@
+"""Helpers for end-to-end tests: run the real `veil` command in a subprocess, bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["model=tiny_bert", "federation.batch_size=16", "federation.lr=0.02", "federation.partitioner=iid"]
+
+
+def run_veil(args: list[str], *, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "veil", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def data_overrides(train: Path, test: Path) -> list[str]:
+    return ["data=csv", f"data.train_path={train}", f"data.test_path={test}"]
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

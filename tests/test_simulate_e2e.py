@@ -1,0 +1,67 @@
+"""End to end through the real `veil simulate` command: DP-SGD + SecAgg+ on a tiny BERT; the exported model
+reproduces the final global weights; SecAgg+ gives the plain aggregate within the quantisation step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY, data_overrides, metrics, run_veil
+
+pytestmark = pytest.mark.slow
+
+
+def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), "federation.num_clients=3",
+                     "federation.clients_per_round=3", "federation.rounds=2", "privacy=dp_sgd", "secagg=secaggplus",
+                     f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["secagg"] is True and r["epsilon_max"] > 0 and r["clients"] == 3 for r in rows)
+    assert rows[1]["epsilon_max"] > rows[0]["epsilon_max"], "epsilon composes across rounds"
+    assert "final accuracy" in proc.stdout and "majority-class baseline" in proc.stdout
+
+    from transformers import AutoModelForSequenceClassification
+
+    from veil.conf.schema import ModelConfig
+    from veil.server.app import load_global
+    from veil.task.data import tokenize
+    from veil.task.model import build_model, load_tokenizer, set_trainable, trainable_names
+
+    exported = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model"), local_files_only=True)
+    labels = [exported.config.id2label[i] for i in range(exported.config.num_labels)]
+    cfg = ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8)
+    reference = build_model(cfg, labels, seed=0)
+    set_trainable(reference, load_global(run_dir / "global_trainable.npz", trainable_names(reference)))
+    batch = tokenize(load_tokenizer(cfg), ["my card was lost", "the atm kept my cash today"], max_length=24)
+    exported.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "δ" in card and "SecAgg+" in card
+
+
+def test_secagg_equals_plain_aggregation(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    finals = {}
+    for secagg in ("secaggplus", "off"):
+        run_dir = tmp_path / secagg
+        proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), "federation.num_clients=3",
+                         "federation.clients_per_round=3", "federation.rounds=1", "privacy=none", f"secagg={secagg}",
+                         f"hydra.run.dir={run_dir}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with np.load(run_dir / "global_trainable.npz") as data:
+            finals[secagg] = {k: data[k] for k in data.files}
+    with np.load(tmp_path / "off" / "global_trainable.npz") as data:
+        pass
+    step = 2 * 8.0 / 2**22  # one quantisation level of SecAgg+ (clipping range 8, 2**22 levels)
+    moved = 0.0
+    for name, plain in finals["off"].items():
+        diff = np.abs(finals["secaggplus"][name] - plain).max()
+        assert diff <= 2 * step, f"{name}: SecAgg+ differs from the plain mean by {diff}"
+        moved = max(moved, float(np.abs(plain).max()))
+    assert moved > 0
