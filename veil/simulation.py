@@ -62,7 +62,18 @@ def preflight(overrides: list[str]) -> Any:
         raise ConfigError(_one_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    return to_veil_config(cfg)
+    veil_cfg = to_veil_config(cfg)
+    if not sweeping:
+        check_data(veil_cfg)
+    return veil_cfg
+
+
+def check_data(cfg: Any) -> list[str]:
+    """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
+    from veil.task.shards import absolute, resolve_labels
+
+    data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
+    return resolve_labels(data)
 
 
 def _first_value(override: str) -> str:
@@ -73,8 +84,23 @@ def _first_value(override: str) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip() and "full_key" not in line
-                    and "object_type" not in line and "reference_type" not in line)
+    """Hydra's multi-line error and its causes, as one line without search paths or internals."""
+    parts: list[str] = []
+    seen: BaseException | None = err
+    while seen is not None and len(parts) < 4:
+        for line in str(seen).split("\n"):
+            line = line.strip()
+            if line.startswith(("Config search path", "provider=", "full_key", "object_type", "reference_type",
+                                "Set the environment variable")):
+                break
+            if "$VALUE" in line:
+                continue
+            if line and line not in parts:
+                parts.append(line)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(parts).replace("To append to your config use", "(to add a new key use")
+    if "(to add a new key use" in text:
+        text = text.replace(" Key ", ") Key ", 1) if " Key " in text else text + ")"
     return f"invalid configuration: {text or type(err).__name__}"
 
 
@@ -108,10 +134,19 @@ def _task(dict_cfg: Any) -> float | None:
     try:
         summary = simulate(dict_cfg, out_dir)
     except VeilError as err:
-        _failures.append(f"{out_dir}: {err}")
+        _failures.append(str(err) if not HydraConfig.get().mode.name == "MULTIRUN" else f"{out_dir}: {err}")
         log.error("run in %s failed: %s", out_dir, err)
+        _remove_if_empty(out_dir)
         return None
     return float(summary.get("accuracy", float("nan")))
+
+
+def _remove_if_empty(out_dir: Path) -> None:
+    """A run that failed before its first round leaves nothing behind (Hydra made the directory before us)."""
+    import shutil
+
+    if not (out_dir / "metrics.jsonl").exists():
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from omegaconf import MISSING
+
 from veil.errors import ConfigError
 
 
@@ -34,8 +36,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "banking77"
-    train_path: str = "../shared/data/banking77/train.csv"  # relative paths resolve against the launch directory
-    test_path: str = "../shared/data/banking77/test.csv"
+    train_path: str = MISSING  # relative paths resolve against the launch directory
+    test_path: str = MISSING
     text_column: str = "text"
     label_column: str = "category"
     format: str = "auto"  # auto (from the suffix) | csv | tsv | jsonl
@@ -122,6 +124,9 @@ class VeilConfig:
         if fed.partitioner == "dirichlet":
             _positive_float("federation.alpha", fed.alpha)
         _choice("data.format", self.data.format, ("auto", "csv", "tsv", "jsonl"))
+        for name in ("train_path", "test_path"):
+            if getattr(self.data, name) in ("", MISSING):
+                raise ConfigError(f"data.{name} is not set; give data.{name}=FILE (CSV, TSV or JSONL)")
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
         _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))

@@ -1,0 +1,51 @@
+"""A typo or a bad value stops `veil simulate` before anything starts: one line naming the field, a non-zero exit,
+no traceback, no run directory; the run config round-trips through Flower's flat form with types cast back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from veil.cli import main
+from veil.conf.runconfig import from_run_config, to_run_config
+from veil.conf.schema import DataConfig, VeilConfig
+from veil.errors import ConfigError
+
+BAD = [
+    (["federation.rounds=-1"], "federation.rounds"),
+    (["federation.rounds=abc"], "federation.rounds"),
+    (["federation.num_clientz=3"], "num_clientz"),
+    (["privacy=foo"], "privacy/foo"),
+    (["privacy.delta=1.5"], "privacy.delta"),
+    (["secagg.reconstruction_threshold=3"], "secagg.reconstruction_threshold"),
+    (["federation.clients_per_round=9"], "federation.clients_per_round"),
+    (["federation.partitioner=shards"], "federation.partitioner"),
+    (["data=csv"], "train_path"),
+    (["data.train_path=/nonexistent/train.csv"], "/nonexistent/train.csv"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), BAD)
+def test_bad_value_is_one_line(overrides: list[str], needle: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    run_dir = tmp_path / "run"
+    code = main(["simulate", *overrides, f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("veil: error: ") and needle in err, err
+    assert "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_run_config_round_trip_casts_types() -> None:
+    cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv")).validate()
+    flat = to_run_config(cfg)
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert from_run_config(flat) == cfg
+    as_text = {k: str(v) for k, v in flat.items()}  # a deployment may hand everything back as strings
+    assert from_run_config(as_text) == cfg
+    with pytest.raises(ConfigError, match="veil.federation.rounds"):
+        from_run_config({**flat, "veil.federation.rounds": "2.5"})
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        from_run_config({**flat, "veil.federation.rounds": 0})
