@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database migrations
     try:
         module = importlib.import_module(_COMMANDS[name][0])
         sub_parser = argparse.ArgumentParser(prog=f"veil {name}", description=_COMMANDS[name][1])

@@ -106,6 +106,12 @@ def _one_line(err: BaseException) -> str:
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if resume and resume[-1]:
+        run_dir = Path(resume[-1]).expanduser().resolve()
+        if not (run_dir / "config.resolved.yaml").is_file():
+            raise ConfigError(f"resume={resume[-1]} is not a veil run directory (no config.resolved.yaml); give a run's output directory")
+        overrides = [*overrides, f"hydra.run.dir={run_dir}"]  # outputs go back into the run being resumed
     preflight(overrides)
     import hydra
 
@@ -163,11 +169,16 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     # (2) absolute paths (Ray workers may start elsewhere) and one label set for every process
     data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
     data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
-    cfg = dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()))
+    cfg = dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
+                              resume=str(Path(cfg.resume).resolve()) if cfg.resume else "")
     # (3) the resolved config next to the outputs
+    if not cfg.resume and (out_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{out_dir} already holds a run; pick a new hydra.run.dir or continue it with resume={out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
+    if cfg.resume:
+        _check_resumable(cfg, flat)
     baseline = majority_baseline_of(cfg)
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
@@ -184,6 +195,16 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f} vs majority-class baseline {baseline:.4f}; "
           f"{eps}; model in {out_dir / 'model'}", flush=True)
     return summary
+
+
+def _check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
+    """Refuse an incompatible resume before starting Flower (the ServerApp checks again)."""
+    from veil.server.checkpoint import check_compatible, latest_checkpoint
+
+    ckpt = latest_checkpoint(Path(cfg.resume))
+    if ckpt is not None:
+        check_compatible(ckpt.meta["run_config"], flat)
+        log.info("resuming %s after round %d of %d", cfg.resume, ckpt.round, cfg.federation.rounds)
 
 
 def majority_baseline_of(cfg: Any) -> float:

@@ -25,8 +25,10 @@ from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Context, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.clientapp.typing import ClientAppCallable
 
+from veil.client.floor import check_round
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, train_round
 from veil.conf.runconfig import from_run_config
@@ -44,6 +46,18 @@ log = logging.getLogger("veil.client")
 @functools.lru_cache(maxsize=2)
 def _template(model_json: str, labels: tuple[str, ...], seed: int) -> Any:
     return build_model(ModelConfig(**json.loads(model_json)), list(labels), seed=seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _calibrated_sigma(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """σ for this run: ε after all the run's planned steps on this node ≤ target (one value for the whole run)."""
+    from veil.privacy.calibration import calibrate_noise_multiplier
+
+    sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                       steps=steps, accountant=accountant)
+    log.info("calibrated noise multiplier %.4f for epsilon <= %.3g over %d steps at q=%.4f",
+             sigma, target_epsilon, steps, sample_rate)
+    return sigma
 
 
 class VeilClient(NumPyClient):
@@ -89,18 +103,16 @@ class VeilClient(NumPyClient):
             plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=False,
                              noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
             return plan, None, None
-        from veil.privacy.calibration import calibrate_noise_multiplier
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
         sigma = priv.noise_multiplier
         if priv.target_epsilon > 0:
-            sigma = calibrate_noise_multiplier(
-                target_epsilon=priv.target_epsilon, delta=priv.delta, sample_rate=q,
-                steps=steps * fed.rounds, accountant=priv.accountant,
-            )
+            sigma = _calibrated_sigma(target_epsilon=priv.target_epsilon, delta=priv.delta, sample_rate=q,
+                                      steps=steps * fed.rounds, accountant=priv.accountant)
+        check_round(self.settings, noise_multiplier=sigma, sample_rate=q)  # the owner's floor (floor.py)
         ledger = PrivacyLedger.open(self.settings.ledger_path)
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
-                            steps=steps, delta=priv.delta, timestamp=0.0)
+                            steps=steps, delta=priv.delta)
         ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=priv.delta, accountant=priv.accountant)
         plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=True,
                          noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
@@ -130,9 +142,15 @@ def quiet_worker() -> None:
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
-def quiet_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A mod that quiets the worker before SecAgg+'s first stage runs (see :func:`quiet_worker`)."""
+def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run Flower's ``secaggplus_mod`` for messages of a SecAgg+ round, pass the others straight through.
+
+    ``secaggplus_mod`` fails (KeyError 'secaggplus_configs') on a plain fit message, and the app cannot know
+    at construction whether the run it will serve uses SecAgg+ (that is in the run config). Also quiets the worker.
+    """
     quiet_worker()
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
@@ -145,7 +163,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_roo
         settings = node_settings(dict(context.node_config), simulation_root=simulation_root)
         return VeilClient(cfg, settings, context.run_id).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[quiet_mod, secaggplus_mod])
+    return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])
 
 
 app = make_client_app()
+

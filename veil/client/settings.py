@@ -19,6 +19,8 @@ LABEL_COLUMN = "label-column"
 MAX_EPSILON = "max-epsilon"
 LEDGER_PATH = "ledger-path"
 DEVICE = "device"
+MIN_NOISE_MULTIPLIER = "min-noise-multiplier"  # the owner's privacy floor (veil/client/floor.py)
+MAX_SAMPLE_RATE = "max-sample-rate"
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
@@ -35,6 +37,8 @@ class NodeSettings:
     device: str | None  # None: the run's device setting
     partition_id: int | None
     num_partitions: int | None
+    min_noise_multiplier: float = 0.0  # the owner's floor: refuse rounds with less noise (0: no minimum)
+    max_sample_rate: float = 1.0  # the owner's cap on the Poisson sampling rate q (1: no cap)
 
     @property
     def simulated(self) -> bool:
@@ -50,6 +54,12 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     max_eps = float(node_config.get(MAX_EPSILON, math.inf))
     if not max_eps > 0:
         raise ConfigError(f"node config {MAX_EPSILON}={max_eps} is invalid: expected a positive number")
+    min_sigma = float(node_config.get(MIN_NOISE_MULTIPLIER, 0.0))
+    if not 0.0 <= min_sigma < math.inf:
+        raise ConfigError(f"node config {MIN_NOISE_MULTIPLIER}={min_sigma} is invalid: expected a number >= 0")
+    max_q = float(node_config.get(MAX_SAMPLE_RATE, 1.0))
+    if not 0.0 < max_q <= 1.0:
+        raise ConfigError(f"node config {MAX_SAMPLE_RATE}={max_q} is invalid: expected a number in (0, 1]")
     if LEDGER_PATH in node_config:
         ledger = Path(str(node_config[LEDGER_PATH])).expanduser()
     elif partition is not None and simulation_root is not None:
@@ -65,6 +75,8 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         device=_opt_str(node_config.get(DEVICE)),
         partition_id=None if partition is None else int(partition),
         num_partitions=None if node_config.get(NUM_PARTITIONS) is None else int(node_config[NUM_PARTITIONS]),
+        min_noise_multiplier=min_sigma,
+        max_sample_rate=max_q,
     )
 
 

@@ -105,6 +105,7 @@ class VeilConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     run_name: str = "veil"
     output_dir: str = ""  # where the ServerApp writes metrics, checkpoints and the model; set by the launcher
+    resume: str = ""  # a run directory to continue from its last checkpoint (outputs go back into it)
 
     def validate(self) -> VeilConfig:
         """Check ranges and relations; raise ConfigError naming the first bad field. Returns self."""

@@ -9,6 +9,10 @@ Two rules that protect the data owner:
 * The Gaussian noise is drawn from a generator seeded from the OS's entropy, never from the run's seed: the run
   config comes from the coordinator, and noise it could reproduce is noise it could subtract.
 * A wrapped model is never wrapped again (Opacus issue 608): each round wraps a fresh copy of the template model.
+
+Full fine-tuning (trainable embeddings) goes through :mod:`veil.privacy.exact`, which makes the per-sample clipped
+gradients equal a per-example loop in both supported modes ("hooks", "ghost"): explicit (B, T) position and token
+type ids, and embedding samplers that respect ``padding_idx``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
+from veil.privacy.exact import install_samplers, keep_padding_rows, make_exact
+
 log = logging.getLogger("veil.privacy")
+
+_MODES = ("hooks", "ghost")  # the modes whose per-sample clipping is checked against a per-example loop
 
 
 @dataclass
@@ -40,7 +48,13 @@ class PrivateTraining:
 def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str = "hooks",
                  device: torch.device | None = None) -> PrivateTraining:
-    """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``."""
+    """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``.
+
+    ``grad_sample_mode`` is "hooks" (per-sample gradients) or "ghost" (ghost clipping: per-sample norms, a second
+    backward). The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
+    """
+    if grad_sample_mode not in _MODES:
+        raise ValueError(f"grad_sample_mode={grad_sample_mode!r} must be one of {_MODES}")
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
     if max_grad_norm <= 0:
@@ -50,7 +64,7 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     engine = PrivacyEngine(accountant="prv")  # veil accounts in its own ledger; this one is unused
     criterion: nn.Module = nn.CrossEntropyLoss()
     out = engine.make_private(
-        module=module, optimizer=optimizer, criterion=criterion, data_loader=loader,
+        module=make_exact(module), optimizer=optimizer, criterion=criterion, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
         grad_sample_mode=grad_sample_mode, noise_generator=generator,
     )
@@ -58,6 +72,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
         module, optimizer, criterion, loader = out  # the returned criterion does the double backward (issue 732)
     else:
         module, optimizer, loader = out
+    install_samplers(module)  # padding-aware, layout-safe embedding samplers for this wrapped model only
+    keep_padding_rows(module, optimizer)  # no noise on rows nn.Embedding never updates (post-processing)
     return PrivateTraining(
         module=module, optimizer=optimizer, loader=loader, criterion=criterion,
         sample_rate=1.0 / len(loader), steps_per_epoch=len(loader),

@@ -25,8 +25,17 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from veil.conf.runconfig import from_run_config
+from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import VeilConfig
+from veil.errors import ConfigError, VeilError
+from veil.server.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    weights_sha256,
+)
 from veil.server.evaluate import make_evaluate_fn
 from veil.server.export import export_global_model
 from veil.server.metrics import MetricsLog, console_line
@@ -39,13 +48,22 @@ log = logging.getLogger("veil.server")
 
 
 class RunRecorder:
-    """After each round: one metrics line, one console line."""
+    """After each round: one metrics line, one console line, one checkpoint (in that order: a checkpoint of round k
+    implies its metrics line exists; on resume, metrics lines after the checkpoint's round are dropped)."""
 
-    def __init__(self, cfg: VeilConfig, out_dir: Path) -> None:
-        self.cfg, self.metrics = cfg, MetricsLog(out_dir / "metrics.jsonl")
+    def __init__(self, cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, names: list[str]) -> None:
+        self.cfg, self.out_dir, self.strategy, self.names = cfg, out_dir, strategy, names
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl")
         self.last: dict[str, Any] = {}
         self.rounds_completed = 0
         self.epsilon_max = 0.0
+
+    def resume_from(self, ckpt: Checkpoint) -> None:
+        self.metrics.truncate_after(ckpt.round)
+        rows = self.metrics.rows()
+        self.rounds_completed = sum(1 for r in rows if r.get("completed"))
+        self.epsilon_max = max((float(r.get("epsilon_max", 0.0)) for r in rows), default=0.0)
+        self.last = rows[-1] if rows else {}
 
     def after_round(self, outcome: RoundOutcome) -> None:
         fit = outcome.fit_metrics
@@ -64,9 +82,30 @@ class RunRecorder:
             "noise_multiplier_max": float(fit.get("noise_multiplier_max", 0.0)),
             "sample_rate_max": float(fit.get("sample_rate_max", 0.0)),
         }
+        row["weights_sha256"] = weights_sha256(self.strategy.global_arrays)
         self.metrics.append(row)
         self.last = row
         log.info("%s", console_line(row, self.cfg.federation.rounds))
+        save_checkpoint(self.out_dir, round=outcome.round, names=self.names, arrays=self.strategy.global_arrays,
+                        run_config=to_run_config(self.cfg), strategy_state={"server_lr": self.strategy.server_lr})
+
+
+def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: RunRecorder, names: list[str]) -> int:
+    """Load the last checkpoint when resuming; returns the first round to run."""
+    if not cfg.resume:
+        return 1
+    ckpt = latest_checkpoint(Path(cfg.resume))
+    if ckpt is None:
+        log.warning("no checkpoint in %s yet: starting from round 1", cfg.resume)
+        return 1
+    check_compatible(ckpt.meta["run_config"], to_run_config(cfg))
+    if ckpt.names != names:
+        raise ConfigError(f"cannot resume: the checkpoint in {cfg.resume} holds other tensors than this model")
+    strategy.load_state_dict({"global_arrays": ckpt.arrays, **ckpt.meta["strategy"]})
+    restore_rng(ckpt.meta)
+    recorder.resume_from(ckpt)
+    log.info("resuming after round %d from weights sha256 %s", ckpt.round, ckpt.meta["weights_sha256"])
+    return ckpt.round + 1
 
 
 def fit_workflow_for(cfg: VeilConfig) -> Any:
@@ -95,9 +134,15 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
         clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
         evaluate_fn=make_evaluate_fn(template, data, device=device),
     )
-    recorder = RunRecorder(cfg, out_dir)
+    names = trainable_names(template)
+    recorder = RunRecorder(cfg, out_dir, strategy, names)
+    start = _resume(cfg, out_dir, strategy, recorder, names)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
-    RoundLoop(fit_workflow_for(cfg), recorder)(grid, legacy)
+    if start <= cfg.federation.rounds:
+        RoundLoop(fit_workflow_for(cfg), recorder, start_round=start)(grid, legacy)
+    if recorder.rounds_completed == 0 and start <= cfg.federation.rounds:
+        reason = strategy.last_failures[0] if strategy.last_failures else "no client answered"
+        raise VeilError(f"no round completed: every client failed ({reason}); fix that and run again")
     summary = {
         **recorder.last, "epsilon_max": recorder.epsilon_max, "rounds_completed": recorder.rounds_completed,
         "eval_examples": int(data["labels"].shape[0]),

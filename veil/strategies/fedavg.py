@@ -70,6 +70,7 @@ class DeltaFedAvg(FedAvg):
         )
         self.global_arrays: NDArrays = [np.array(a, dtype=np.float32, copy=True) for a in initial]
         self.server_lr = server_lr
+        self.last_failures: list[str] = []
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.global_arrays)
@@ -81,8 +82,9 @@ class DeltaFedAvg(FedAvg):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for failure in failures:
-            log.warning("round %d: a client failed: %s", server_round, _reason(failure))
+        self.last_failures = [_reason(f) for f in failures]
+        for reason in self.last_failures:
+            log.warning("round %d: a client failed: %s", server_round, reason)
         if not results:
             return None, {}
         mean_params, metrics = super().aggregate_fit(server_round, results, [])
@@ -108,6 +110,12 @@ class DeltaFedAvg(FedAvg):
 
 
 def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
+    """One line: the client's own message when Flower carries it, never a remote traceback."""
     if isinstance(failure, BaseException):
-        return str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-    return f"status {failure[1].status.code.name}: {failure[1].status.message}"
+        text = str(failure)
+        marker = "Message: "
+        if marker in text:  # Flower wraps a ClientApp exception as "... occurred. Message: <the error>"
+            text = text[text.rindex(marker) + len(marker):]
+        text = text.strip().strip("'\"").replace("\\n", " ")
+        return (text.splitlines()[0] if text else type(failure).__name__)[:300]
+    return f"status {failure[1].status.code.name}: {failure[1].status.message}"[:300]

@@ -1,0 +1,198 @@
+"""The node's app executor: runs each ClientApp task with the veil ClientApp its owner installed, or refuses it.
+
+Flower 1.41's SuperNode with ``--isolation process`` stores the messages and the run's bundle (FAB) it receives but
+executes nothing itself: an executor process acquires each task from the node's local Runtime API
+(``flower-superexec`` normally, which starts ``flwr-clientapp`` to unpack and import the FAB's code). ``veil client``
+starts this module instead. For every task it pulls the task input through Flower's own Runtime API client, checks
+``sha256`` of the FAB *content* (not the hash the SuperLink declares) against the FAB the node rebuilds from its
+installed veil (:mod:`veil.client.trust`), and only then calls the *installed* ``veil.client.app:app``; the FAB is
+never unpacked or imported. A foreign FAB gets an error reply and one log line, and the executor waits for the next
+task, so the node stays up for legitimate runs.
+
+Before training it also applies the owner's run-level floor (:func:`veil.client.floor.check_run`). A reply never
+carries an error's text: it may name local paths (DESIGN.md decision 7), so the server sees only its class name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from veil.errors import VeilError
+
+log = logging.getLogger("veil.client")
+
+_HEARTBEAT_SECONDS = 10.0
+
+
+def _runtime_client(address: str, token: str | None) -> Any:
+    """A Runtime API client for the node's loopback API (plain HTTP on 127.0.0.1, like flower-superexec's)."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+class _Heartbeat:
+    """Tells the node a long task is alive (Flower's own sender raises SIGINT on a stale task; we only log)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.stop = client, threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="veil-task-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+
+        while not self.stop.wait(_HEARTBEAT_SECONDS):
+            try:
+                self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+            except Exception as err:  # a missed beat is not fatal: the node expires the task itself
+                log.debug("task heartbeat failed: %s", err)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+
+
+def _veil_error_in(err: BaseException) -> VeilError | None:
+    """The VeilError behind ``err`` (Flower wraps exceptions raised inside a ClientApp)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, VeilError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _execute(message: Any, context: Any) -> tuple[Any, str, str]:
+    """Run the installed veil ClientApp on one message; returns (reply, sub-status, details for the server)."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    from veil.client.app import app as installed_app
+    from veil.client.floor import check_run
+    from veil.client.settings import node_settings
+    from veil.conf.runconfig import from_run_config
+
+    try:
+        check_run(node_settings(dict(context.node_config)), from_run_config(dict(context.run_config)))
+        return installed_app(message=message, context=context), SubStatus.COMPLETED, ""
+    except Exception as err:  # every failure becomes an error reply; the executor lives on
+        veil_err = _veil_error_in(err)
+        if veil_err is not None:
+            log.error("run %d: round declined: %s", context.run_id, veil_err)
+            reason = f"veil node declined the round ({type(veil_err).__name__})"
+        else:
+            log.exception("run %d: the veil ClientApp failed", context.run_id)
+            reason = f"veil node failed ({type(err).__name__}); details are in the node's log"
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        return reply, SubStatus.FAILED, reason
+
+
+def run_task(address: str, token: str, expected_hash: str) -> bool:
+    """Handle one acquired task; returns False when its bundle was refused."""
+    import hashlib
+
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    from veil.client.trust import describe_difference
+
+    client = _runtime_client(address, token)
+    context, status, details, trusted = None, SubStatus.FAILED, "veil node failed to read the task", True
+    try:
+        with _Heartbeat(client):
+            message, context, run, fab = pull_task_input(client)
+            actual = hashlib.sha256(fab.content).hexdigest()
+            if actual != expected_hash:
+                trusted = False
+                log.error("run %d refused: its app bundle (FAB %s, %s) is not the veil ClientApp installed on this "
+                          "node (FAB %s): %s; none of its code was run", run.run_id, actual[:12], run.fab_id or "?",
+                          expected_hash[:12], describe_difference(fab.content))
+                details = "veil node refused the app bundle: not byte-identical to its installed veil ClientApp"
+                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
+            else:
+                reply, status, details = _execute(message, context)
+            push_message(client, reply, context)
+    except Exception as err:  # the node expires a task we could not finish; keep serving
+        log.error("a task could not be completed: %s", type(err).__name__)
+    finally:
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        client.close()
+    return trusted
+
+
+def serve(address: str, *, expected_hash: str, poll_seconds: float = 0.2, stop: threading.Event | None = None) -> None:
+    """Acquire and run ClientApp tasks from the node's Runtime API until ``stop`` is set."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+
+    stop = stop or threading.Event()
+    client = _runtime_client(address, None)
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    log.info("executor ready: runs only the installed veil ClientApp (FAB %s)", expected_hash[:12])
+    try:
+        while not stop.is_set():
+            res = client.AcquireTask(request)
+            if res.HasField("task") and res.token:
+                run_task(address, res.token, expected_hash)
+            else:
+                stop.wait(poll_seconds)
+    finally:
+        client.close()
+
+
+def _watch_process(pid: int, stop: threading.Event) -> None:
+    """Set ``stop`` when process ``pid`` (the node's SuperNode) is gone."""
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                stop.set()
+            except PermissionError:
+                continue
+
+    threading.Thread(target=watch, name="veil-supernode-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m veil.client.executor --runtime-api-address 127.0.0.1:PORT`` (started by ``veil client``)."""
+    parser = argparse.ArgumentParser(prog="veil-node-executor", description=main.__doc__)
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--supernode-pid", type=int, default=None, help="stop when this process ends")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from veil.client.app import quiet_worker
+    from veil.client.trust import fab_hash
+
+    quiet_worker()
+    stop = threading.Event()
+    if args.supernode_pid is not None:
+        _watch_process(args.supernode_pid, stop)
+    try:
+        serve(args.runtime_api_address, expected_hash=fab_hash(), stop=stop)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""A data owner's privacy floor, enforced on the node whatever the run config asks (DESIGN.md decision 12).
+
+The owner sets, in the node's own configuration (``veil client --max-epsilon --min-noise-multiplier
+--max-sample-rate``), an ε budget (checked against the on-disk ledger in :mod:`veil.client.app`), a minimum noise
+multiplier σ and a maximum Poisson sampling rate q. A coordinator, or anyone who can submit a run, may ask for less
+noise or larger batches; the node then refuses the round before training. A run that turns DP-SGD off is refused
+outright by a node whose owner set any limit: without noise the ε of a release is unbounded.
+
+The checks raise :class:`PrivacyFloorError`, a :class:`veil.errors.PrivacyBudgetExhausted`: the node declines the
+round and the server goes on without it, as for an exhausted budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from veil.errors import PrivacyBudgetExhausted
+
+__all__ = ["PrivacyFloorError", "check_round", "check_run", "has_floor"]
+
+
+class PrivacyFloorError(PrivacyBudgetExhausted):
+    """A run or round asks for weaker privacy than the node's owner allows."""
+
+
+def _limits(settings: Any) -> tuple[float, float, float]:
+    """(max ε, min σ, max q) of a NodeSettings-like object; absent fields mean "no limit"."""
+    return (
+        float(getattr(settings, "max_epsilon", math.inf)),
+        float(getattr(settings, "min_noise_multiplier", 0.0)),
+        float(getattr(settings, "max_sample_rate", 1.0)),
+    )
+
+
+def has_floor(settings: Any) -> bool:
+    """True when the owner set any privacy limit (finite ε budget, σ minimum or q cap)."""
+    max_eps, min_sigma, max_q = _limits(settings)
+    return math.isfinite(max_eps) or min_sigma > 0 or max_q < 1.0
+
+
+def check_round(settings: Any, *, noise_multiplier: float, sample_rate: float) -> None:
+    """Refuse a DP-SGD round whose planned noise or sampling rate breaks the owner's floor.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (``NodeSettings`` or any object with ``min_noise_multiplier`` / ``max_sample_rate``).
+    noise_multiplier
+        The σ this round would train with (after any calibration to a target ε).
+    sample_rate
+        The Poisson sampling rate q = batch size / this node's examples.
+
+    Raises
+    ------
+    PrivacyFloorError
+        σ below ``min-noise-multiplier`` or q above ``max-sample-rate``.
+    """
+    _max_eps, min_sigma, max_q = _limits(settings)
+    if not noise_multiplier >= min_sigma:
+        raise PrivacyFloorError(
+            f"the run asks for noise multiplier {noise_multiplier:.4g}, below this node's min-noise-multiplier "
+            f"{min_sigma:.4g}; round refused: ask the operator for privacy.noise_multiplier >= {min_sigma:g} "
+            "(or a lower privacy.target_epsilon)"
+        )
+    if not sample_rate <= max_q:
+        raise PrivacyFloorError(
+            f"the run's batch size gives sampling rate {sample_rate:.4g} on this node, above its max-sample-rate "
+            f"{max_q:.4g}; round refused: ask the operator for a smaller federation.batch_size"
+        )
+
+
+def check_run(settings: Any, cfg: Any) -> None:
+    """Refuse a run that turns DP-SGD off on a node whose owner set any privacy limit.
+
+    Raises
+    ------
+    PrivacyFloorError
+        ``privacy.enabled`` is false and :func:`has_floor` is true.
+    """
+    if not cfg.privacy.enabled and has_floor(settings):
+        raise PrivacyFloorError(
+            "the run turns DP-SGD off (privacy.enabled=false) but this node's owner set a privacy limit; "
+            "round refused: this node trains only with DP-SGD"
+        )

@@ -1,0 +1,184 @@
+"""``veil client``: a data owner's node — a Flower SuperNode next to its private data, running only veil's code.
+
+Steps: (1) check the data file (exists, parses, has the columns) and the credentials (CA certificate, node key)
+before anything connects; (2) start ``flower-supernode --isolation process`` whose node config carries the owner's
+private settings (data path, columns, ε budget, privacy floor, ledger, device: they never go into a run config);
+(3) start the node's executor (:mod:`veil.client.executor`), which runs only the ClientApp of the installed veil;
+(4) watch both: a refusal by the SuperLink (unregistered key, another CA, plaintext against TLS) ends the node with
+one line and a non-zero exit instead of endless retries; Ctrl-C or either process ending stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from veil.errors import ConfigError, VeilError
+from veil.supervise import Supervised, flower_command, flower_env, free_port
+
+INSECURE_WARNING = ("WARNING: --insecure: this node talks PLAINTEXT to the SuperLink without authentication; "
+                    "anyone on the network can read its model updates or impersonate the server. Tests only.")
+
+
+class NodeError(VeilError):
+    """The SuperNode was refused by the SuperLink, or stopped."""
+
+
+# Substrings of flower-supernode's output -> (what happened, how to fix it). First match wins.
+_REFUSALS = [
+    ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's TLS certificate is not signed by the CA in {root_cert}",
+     "get the deployment's ca.crt from the operator"),
+    ("[code: 2004]", "the SuperLink refused this node's key {key} (not registered, or revoked)",
+     "ask the operator to register {key_pub} (a revoked key cannot come back: use a new one from `veil certs`)"),
+    ("Server disconnected without sending a response", "the SuperLink did not answer a plaintext node (it speaks TLS)",
+     "drop --insecure and give --root-cert and --key"),
+    ("WRONG_VERSION_NUMBER", "the SuperLink does not speak TLS (it was started with --insecure)",
+     "ask the operator to start it with TLS, or check --superlink"),
+    ("Unable to parse the private key", "Flower cannot read the node key {key}", "create one with `veil certs`"),
+    ("Giving up reconnection", "no SuperLink answered at the address given",
+     "check --superlink (host and port), that the server runs, and the firewall"),
+]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    parser.add_argument("--root-cert", type=Path, help="the deployment's CA certificate (ca.crt)")
+    parser.add_argument("--key", type=Path, help="this node's private key (node-<i>.key from `veil certs`)")
+    parser.add_argument("--data", type=Path, required=True, help="this node's private CSV/TSV/JSONL training file")
+    parser.add_argument("--text-column", default="text", help="text column of --data (default: text)")
+    parser.add_argument("--label-column", default="label", help="label column of --data (default: label)")
+    parser.add_argument("--max-epsilon", type=float, default=math.inf, help="the owner's ε budget over all runs")
+    parser.add_argument("--min-noise-multiplier", type=float, default=0.0, help="refuse rounds with less noise σ")
+    parser.add_argument("--max-sample-rate", type=float, default=1.0, help="refuse rounds with a larger sampling rate q")
+    parser.add_argument("--ledger", type=Path, help="privacy ledger file (default: NODE_DIR/privacy_ledger.json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
+    parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
+    parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
+    parser.add_argument("--max-retries", type=int, default=5, help="connection attempts before giving up")
+    parser.add_argument("--max-wait-time", type=float, default=60.0, help="seconds of reconnecting before giving up")
+    parser.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (tests only)")
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Check data, settings and credentials; raises a VeilError naming the first problem."""
+    from veil.client.settings import node_settings
+    from veil.conf.schema import DataConfig
+    from veil.privacy.credentials import check_ca_certificate, check_node_private_key
+    from veil.task.data import read_examples
+
+    read_examples(args.data, DataConfig(text_column=args.text_column, label_column=args.label_column))
+    node_settings(_node_config(args))  # ranges of the owner's limits
+    if args.insecure:
+        if args.key is not None:
+            raise ConfigError("--insecure cannot be combined with --key: node authentication needs TLS")
+        return
+    if args.root_cert is None or args.key is None:
+        raise ConfigError("TLS is on by default: give --root-cert ca.crt and --key node-<i>.key (from `veil certs`)")
+    check_ca_certificate(args.root_cert)
+    check_node_private_key(args.key)
+
+
+def _node_config(args: argparse.Namespace) -> dict[str, object]:
+    node_dir = args.node_dir.expanduser().resolve()
+    config: dict[str, object] = {
+        "data-path": str(args.data.expanduser().resolve()), "text-column": args.text_column,
+        "label-column": args.label_column, "min-noise-multiplier": float(args.min_noise_multiplier),
+        "max-sample-rate": float(args.max_sample_rate),
+        "ledger-path": str((args.ledger or node_dir / "privacy_ledger.json").expanduser().resolve()),
+    }
+    if math.isfinite(args.max_epsilon):
+        config["max-epsilon"] = float(args.max_epsilon)
+    if args.device:
+        config["device"] = args.device
+    return config
+
+
+def node_config_arg(config: dict[str, object]) -> str:
+    """``--node-config`` text: space-separated ``key=value`` with TOML-quoted strings (Flower's parser)."""
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, str):
+            if "'" not in value:
+                value = f"'{value}'"
+            elif '"' not in value and "\\" not in value:
+                value = f'"{value}"'
+            else:
+                raise ConfigError(f"node setting {key}={value!r} contains both quote kinds; rename the file")
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _supernode_argv(args: argparse.Namespace, runtime_port: int) -> list[str]:
+    argv = [flower_command("flower-supernode"), "--superlink", args.superlink, "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config_arg(_node_config(args)),
+            "--max-retries", str(args.max_retries), "--max-wait-time", str(args.max_wait_time)]
+    if args.insecure:
+        return [*argv, "--insecure"]
+    return [*argv, "--root-certificates", str(args.root_cert.resolve()),
+            "--auth-supernode-private-key", str(args.key.resolve())]
+
+
+class _Watch:
+    """Remembers the most specific refusal seen in the SuperNode's output and echoes errors to the console."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.refusal, self.rank, self.last_error = args, None, len(_REFUSALS), ""
+
+    def __call__(self, line: str) -> None:
+        if "SuperNode ID" in line or "ERROR" in line:
+            print(f"[supernode] {line.split(':', 1)[-1].strip()}", file=sys.stderr, flush=True)
+        if "ERROR" in line or "rror" in line:
+            self.last_error = line.strip()[-200:]
+        for rank, (needle, what, fix) in enumerate(_REFUSALS[: self.rank]):
+            if needle in line:
+                fields = {"root_cert": self.args.root_cert, "key": self.args.key,
+                          "key_pub": self.args.key and self.args.key.with_suffix(".pub").name}
+                self.refusal, self.rank = f"{what.format(**fields)}; {fix.format(**fields)}", rank
+                break
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    preflight(args)  # (1)
+    node_dir = args.node_dir.expanduser().resolve()
+    runtime_port = args.runtime_port or free_port()
+    env = flower_env(flwr_home=node_dir / "flwr-home")
+    watch = _Watch(args)
+    supernode = Supervised("supernode", _supernode_argv(args, runtime_port), log_path=node_dir / "supernode.log",
+                           env=env, on_line=watch, cwd=node_dir)  # (2)
+    executor: Supervised | None = None
+    try:
+        executor = Supervised(  # (3)
+            "executor", [sys.executable, "-m", "veil.client.executor", "--runtime-api-address",
+                         f"127.0.0.1:{runtime_port}", "--supernode-pid", str(supernode.pid)],
+            log_path=node_dir / "executor.log", env=env, cwd=node_dir,
+            on_line=lambda line: print(line, file=sys.stderr, flush=True) if "httpx" not in line else None)
+        return _watch_until_end(supernode, executor, watch, args.superlink)  # (4)
+    finally:
+        for proc in (executor, supernode):
+            if proc is not None:
+                proc.stop()
+
+
+def _watch_until_end(supernode: Supervised, executor: Supervised, watch: _Watch, superlink: str) -> int:
+    refused_at = None
+    while True:
+        status = supernode.poll()
+        if watch.refusal is not None and refused_at is None:
+            refused_at = time.monotonic()
+        if status is not None or (refused_at is not None and time.monotonic() - refused_at > 5.0):
+            supernode.wait_output()
+            if watch.refusal is not None:
+                raise NodeError(f"refused by the SuperLink at {superlink}: {watch.refusal}")
+            if status == 0:
+                return 0
+            raise NodeError(f"the SuperNode stopped (status {status}) talking to {superlink}: "
+                            f"{watch.last_error or 'no error line'}; see {supernode.log_path}")
+        if executor.poll() is not None:
+            executor.wait_output()
+            raise NodeError(f"the node's executor stopped (status {executor.poll()}); see {executor.log_path}")
+        time.sleep(0.3)

@@ -1,0 +1,93 @@
+"""One coordinator session: the SuperLink up, one run submitted and followed to its end, everything stopped.
+
+A context manager so that the SuperLink (and the ``flower-superexec``/``flwr-serverapp`` it starts) is stopped by
+PID and process group whatever happens: a finished run, a failure, a timeout or Ctrl-C (the run is stopped first).
+Progress comes from the ``metrics.jsonl`` the ServerApp appends in the run directory: one console line per round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from veil.server.superlink import Endpoint, FlwrCli, SuperLinkError, start_superlink
+from veil.supervise import Supervised, flower_env
+
+log = logging.getLogger("veil.server")
+
+_STATUS_EVERY = 5.0  # seconds between `flwr ls` calls (each costs a Python start)
+
+
+class Session:
+    """The SuperLink of one run directory, with a ``flwr`` CLI bound to it."""
+
+    def __init__(self, run_dir: Path, *, host: str, port: int, tls: tuple[Path, Path, Path] | None) -> None:
+        self.run_dir, self.endpoint = run_dir, Endpoint(host, port, tls)
+        self.superlink: Supervised | None = None
+        self.run_id: int | None = None
+        self.finished = False
+
+    def __enter__(self) -> Session:
+        home = self.run_dir / "flwr-home"
+        self.cli = FlwrCli(self.endpoint, home)
+        self.superlink = start_superlink(self.endpoint, state_dir=self.run_dir / "state", log_dir=self.run_dir / "logs",
+                                         env=flower_env(flwr_home=home))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if self.run_id is not None and not self.finished:
+                log.warning("stopping run %d", self.run_id)
+                self.cli.stop(self.run_id)
+            if self.run_id is not None:
+                (self.run_dir / "logs" / "serverapp.log").write_text(self.cli.logs(self.run_id), encoding="utf-8")
+        finally:
+            if self.superlink is not None:
+                self.superlink.stop()
+                log.info("SuperLink stopped; state in %s", self.run_dir / "state")
+
+    def run(self, app_dir: Path, run_config: Path, *, rounds: int, timeout: float = 0.0) -> dict[str, Any]:
+        """Submit the run and follow it to its end; returns summary.json (raises if the run failed)."""
+        self.run_id = self.cli.submit(app_dir, run_config)
+        log.info("run %d submitted; waiting for nodes (rounds: %d)", self.run_id, rounds)
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        printed, next_status, status = 0, 0.0, "pending"
+        while True:
+            printed = self._print_rounds(printed, rounds)
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise SuperLinkError(f"the SuperLink exited during the run; see {self.superlink.log_path}")
+            if time.monotonic() >= next_status:
+                status, next_status = self.cli.status(self.run_id), time.monotonic() + _STATUS_EVERY
+                if status.startswith("finished"):
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                raise SuperLinkError(f"run {self.run_id} did not finish within --timeout {timeout:.0f} s; stopped")
+            time.sleep(0.5)
+        self.finished = True
+        self._print_rounds(printed, rounds)
+        summary_path = self.run_dir / "summary.json"
+        if status != "finished:completed" or not summary_path.is_file():
+            raise SuperLinkError(f"run {self.run_id} ended as {status} without a result; see "
+                                 f"{self.run_dir / 'logs' / 'serverapp.log'}")
+        summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+        return summary
+
+    def _print_rounds(self, printed: int, rounds: int) -> int:
+        from veil.server.metrics import console_line
+
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return printed
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a line being written
+        for row in rows[printed:]:
+            print(console_line(row, rounds), flush=True)
+        return max(printed, len(rows))
