@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["Supervised", "flower_command", "flower_env", "free_port"]
+__all__ = ["Supervised", "flower_command", "flower_env", "free_port", "stop_on_signals"]
 
 log = logging.getLogger("veil")
 
@@ -134,3 +134,13 @@ def _descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT (even when inherited as ignored) raise KeyboardInterrupt, so cleanup code runs."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -165,6 +166,7 @@ def _watch_process(pid: int, stop: threading.Event) -> None:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 stop.set()
+                signal.raise_signal(signal.SIGINT)  # interrupts a Runtime API call stuck in its retries
             except PermissionError:
                 continue
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from veil.errors import ConfigError, VeilError
-from veil.supervise import Supervised, flower_command, flower_env, free_port
+from veil.supervise import Supervised, flower_command, flower_env, free_port, stop_on_signals
 
 INSECURE_WARNING = ("WARNING: --insecure: this node talks PLAINTEXT to the SuperLink without authentication; "
                     "anyone on the network can read its model updates or impersonate the server. Tests only.")
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     preflight(args)  # (1)
+    stop_on_signals()
     node_dir = args.node_dir.expanduser().resolve()
     runtime_port = args.runtime_port or free_port()
     env = flower_env(flwr_home=node_dir / "flwr-home")

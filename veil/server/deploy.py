@@ -134,10 +134,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(cfg, run_dir)  # (3)
     app_dir, run_config = _prepare(cfg, run_dir)
     from veil.server.session import Session
+    from veil.supervise import stop_on_signals
 
+    stop_on_signals()
     with Session(run_dir, host=args.host, port=args.port, tls=tls) as session:  # (4)-(6)
         for key in keys:
             session.cli.register(key)
+        print(f"veil server ready on {session.endpoint.address}: {len(keys)} node key(s) registered, "
+              f"{'TLS' if tls else 'PLAINTEXT'}; nodes may connect; outputs in {run_dir}", flush=True)
         summary = session.run(app_dir, run_config, rounds=cfg.federation.rounds, timeout=args.timeout)
     eps = f"epsilon {summary.get('epsilon_max', 0.0):.3f} (delta {cfg.privacy.delta:g})" if cfg.privacy.enabled else "no DP"
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}; {summary.get('rounds_completed', 0)} of "
