@@ -1,0 +1,187 @@
+"""Shared helpers for veil's benchmarks: device-aware timing and peak memory, a description of the machine, and
+plain-text / Markdown tables appended to ``docs/benchmarks.md`` (issue 7).
+
+Peak memory on CPU is read from the kernel, not from ``tracemalloc`` (which only sees Python's allocator, not
+torch's): writing ``5`` to ``/proc/self/clear_refs`` resets the process' resident-set high-water mark ``VmHWM``, so
+the peak of a block of work is ``VmHWM`` after it minus ``VmRSS`` before it. Where that file cannot be written, a
+thread samples ``psutil``'s RSS every 2 ms instead (it can miss short spikes). On CUDA it is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def configure_allocator() -> bool:
+    """Make glibc give freed large blocks back to the OS at once (fixed 1 MiB mmap threshold), so the RSS deltas
+    of configurations measured one after another in the same process do not depend on their order.
+    Best effort: returns False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels so wall-clock times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager: ``peak_bytes`` is the peak memory of the block above what was resident when it began
+    (CPU: resident set; CUDA: allocated by torch, absolute, since the CUDA baseline is the model itself)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._base = 0
+        self._use_proc = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sampled = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._use_proc = _reset_hwm()
+        if self._use_proc:
+            self._base = _proc_kb("VmRSS") * 1024
+        else:
+            import psutil
+
+            proc = psutil.Process()
+            self._base = self._sampled = proc.memory_info().rss
+
+            def _sample() -> None:
+                while not self._stop.wait(0.002):
+                    self._sampled = max(self._sampled, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=_sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._use_proc:
+            self.peak_bytes = _proc_kb("VmHWM") * 1024 - self._base
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_bytes = self._sampled - self._base
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "n/a"
+
+
+def versions(packages: tuple[str, ...] = ("torch", "opacus", "transformers", "peft")) -> str:
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    """What a reader needs to compare figures: CPU, cores, torch threads, accelerator, load, library versions."""
+    info = {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "load average at start": load_average(),
+        "versions": versions(),
+    }
+    return info
+
+
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+DOC_HEADER = """# veil benchmarks
+
+Measured figures, newest section last. Each section is appended by a script under `benchmarks/` (it says which)
+and records the machine (CPU model, cores, torch threads, accelerator), the load average when it ran (these machines
+are shared), the date and the library versions, so figures are only compared within a section or across sections
+with the same machine line. Do not edit figures by hand; rerun the script.
+"""
+
+
+def append_section(path: Path, body: str) -> None:
+    """Append ``body`` (a Markdown section starting with ``## ``) to ``path``, creating it with its header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text(encoding="utf-8") if path.exists() else DOC_HEADER
+    path.write_text(text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n", encoding="utf-8")
