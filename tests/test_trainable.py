@@ -36,7 +36,7 @@ def test_update_is_trained_minus_received_and_moves_lora() -> None:
     enc = tokenize(load_tokenizer(cfg), ["card lost", "atm ate cash", "pin forgot", "fee high"] * 8, max_length=16)
     enc["labels"] = torch.tensor([0, 1] * 16)
     received = get_trainable(template)
-    plan = LocalPlan(epochs=2, batch_size=8, lr=0.05, private=True, noise_multiplier=0.5, max_grad_norm=1.0)
+    plan = LocalPlan(steps=8, batch_size=8, lr=0.05, private=True, noise_multiplier=0.5, max_grad_norm=1.0)
     result = train_round(template, received, enc, plan=plan, device=torch.device("cpu"), seed=1)
     assert [u.shape for u in result.update] == [r.shape for r in received]
     names = trainable_names(template)

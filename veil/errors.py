@@ -26,10 +26,14 @@ class ModelError(VeilError):
     """A model directory is missing or does not hold a loadable Hugging Face model."""
 
 
-class PrivacyBudgetExhausted(VeilError):
-    """Training would push a data owner's ε past its own budget."""
+class NodeRefusal(VeilError):
+    """A node declines a round on its owner's authority (budget, privacy floor); the run goes on without it."""
 
     exit_code = 3
+
+
+class PrivacyBudgetExhausted(NodeRefusal):
+    """Training would push a data owner's ε past its own budget."""
 
 
 class LedgerError(VeilError):

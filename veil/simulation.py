@@ -177,6 +177,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
+    simulated_node_configs(cfg.federation)
     if cfg.resume:
         _check_resumable(cfg, flat)
     baseline = majority_baseline_of(cfg)
@@ -220,6 +221,22 @@ def majority_baseline_of(cfg: Any) -> float:
     return majority_baseline(np.asarray(train), np.asarray(test))
 
 
+def simulated_node_configs(fed: Any) -> dict[int, dict[str, Any]]:
+    """Per-partition node config of the simulated owners, from ``federation.node_max_epsilon``."""
+    spec = fed.node_max_epsilon.strip()
+    if not spec:
+        return {}
+    try:
+        if ":" not in spec:
+            return {i: {"max-epsilon": float(spec)} for i in range(fed.num_clients)}
+        pairs = (item.split(":") for item in spec.split(","))
+        return {int(i): {"max-epsilon": float(eps)} for i, eps in pairs}
+    except ValueError as err:
+        raise ConfigError(
+            f"federation.node_max_epsilon={spec!r} is invalid: expected a number or 'ID:EPS,ID:EPS'"
+        ) from err
+
+
 def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
     from flwr.simulation import run_simulation
 
@@ -236,7 +253,8 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
         try:
             run_simulation(
                 server_app=make_server_app(flat),
-                client_app=make_client_app(flat, simulation_root=out_dir / "nodes"),
+                client_app=make_client_app(flat, simulation_root=out_dir / "nodes",
+                                           simulated_nodes=simulated_node_configs(fed)),
                 num_supernodes=fed.num_clients, backend_config=backend,
             )
         except VeilError:

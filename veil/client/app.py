@@ -11,6 +11,7 @@ ledger, and return the update (trained - received) of the trainable tensors, wei
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,12 +29,12 @@ from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.clientapp.typing import ClientAppCallable
 
-from veil.client.floor import check_round
+from veil.client.floor import check_round, check_run
 from veil.client.settings import NodeSettings, node_settings
-from veil.client.trainer import LocalPlan, sample_rate_for, train_round
+from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
 from veil.conf.runconfig import from_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
-from veil.errors import SecAggRangeError, VeilError
+from veil.errors import NodeRefusal, SecAggRangeError, VeilError
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
@@ -73,21 +74,27 @@ class VeilClient(NumPyClient):
         shard = client_shard(cfg, settings, labels)
         examples = int(shard["labels"].shape[0])
         template = _template(json.dumps(cfg.model.__dict__, sort_keys=True), tuple(labels), cfg.federation.seed)
-        plan, event, ledger = self._plan(examples, server_round)
+        try:
+            plan, event, ledger = self._plan(examples, server_round)
+        except NodeRefusal as refusal:
+            return self._refuse(parameters, refusal, server_round)
         seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)
         device = resolve_device(settings.device or cfg.device)
         result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)
         _check_update(result.update, cfg)
-        epsilon = 0.0
+        epsilon, can_train_next = 0.0, True
         if ledger is not None and event is not None:
             ledger.record(event)  # recorded before the update leaves the node
             epsilon = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant).epsilon
+            following = dataclasses.replace(event, round=event.round + 1)
+            can_train_next = ledger.epsilon_if(following, delta=cfg.privacy.delta,
+                                               accountant=cfg.privacy.accountant).epsilon <= settings.max_epsilon
         values = sum(int(a.size) for a in result.update)
         upload = values * (8 if cfg.secagg.enabled else 4)  # SecAgg+ sends int64 masked values, else float32
         metrics = {
             "train_loss": result.loss, "num_examples": examples, "epsilon": epsilon, "steps": result.steps,
             "sample_rate": result.sample_rate, "noise_multiplier": plan.noise_multiplier if plan.private else 0.0,
-            "upload_bytes": upload,
+            "upload_bytes": upload, "can_train_next": can_train_next, "refused": 0,
         }
         log.info("round %d: trained on %d examples, %d steps, loss %.4f, epsilon %.3f",
                  server_round, examples, result.steps, result.loss, epsilon)
@@ -95,12 +102,30 @@ class VeilClient(NumPyClient):
         # quantisation precision) and a size weight would tell the server each owner's data size.
         return result.update, 1, metrics
 
+    def _refuse(self, parameters: list[np.ndarray], refusal: NodeRefusal,
+                server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Decline the round without leaving it: a zero update with weight 0 keeps SecAgg+'s thresholds intact
+        and adds nothing to the mean; ``can_train_next=False`` tells the server not to sample this node again."""
+        log.warning("round %d: refusing to train: %s", server_round, refusal)
+        epsilon = 0.0
+        if self.cfg.privacy.enabled and self.settings.ledger_path.exists():
+            from veil.privacy.ledger import PrivacyLedger
+
+            ledger = PrivacyLedger.open(self.settings.ledger_path)
+            epsilon = ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant).epsilon
+        zeros = [np.zeros_like(p) for p in parameters]
+        values = sum(int(a.size) for a in zeros)
+        metrics = {"refused": 1, "can_train_next": False, "epsilon": epsilon, "num_examples": 0, "steps": 0,
+                   "upload_bytes": values * (8 if self.cfg.secagg.enabled else 4)}
+        return zeros, 0, metrics
+
     def _plan(self, examples: int, server_round: int) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
         cfg, fed, priv = self.cfg, self.cfg.federation, self.cfg.privacy
         q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
-        steps = fed.local_epochs * math.ceil(1 / q - 1e-9)
-        if not priv.enabled:
-            plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=False,
+        steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
+        if not priv.enabled:  # no DP: ε is unbounded, so an owner with any budget or floor refuses
+            check_run(self.settings, cfg)
+            plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False,
                              noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
             return plan, None, None
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
@@ -114,7 +139,7 @@ class VeilClient(NumPyClient):
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
                             steps=steps, delta=priv.delta)
         ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=priv.delta, accountant=priv.accountant)
-        plan = LocalPlan(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, private=True,
+        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=True,
                          noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
                          grad_sample_mode=priv.grad_sample_mode)
         return plan, event, ledger
@@ -154,13 +179,21 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None) -> ClientApp:
-    """The veil ClientApp; ``defaults`` is the flattened run config a simulation launcher provides."""
+def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
+                    simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
+    """The veil ClientApp.
+
+    ``defaults`` is the flattened run config a simulation launcher provides; ``simulated_nodes`` adds node-config
+    entries per partition id, standing in for each simulated owner's own node config.
+    """
     base = dict(defaults or {})
+    per_node = {int(k): dict(v) for k, v in (simulated_nodes or {}).items()}
 
     def client_fn(context: Context) -> Client:
         cfg = from_run_config({**base, **dict(context.run_config)})
-        settings = node_settings(dict(context.node_config), simulation_root=simulation_root)
+        node_config = dict(context.node_config)
+        node_config.update(per_node.get(int(node_config.get("partition-id", -1)), {}))
+        settings = node_settings(node_config, simulation_root=simulation_root)
         return VeilClient(cfg, settings, context.run_id).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])

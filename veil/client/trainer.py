@@ -1,4 +1,5 @@
-"""Local training of one client for one round: E epochs of DP-SGD (or plain SGD when privacy is off) on the
+"""Local training of one client for one round: a fixed number of DP-SGD steps (E epochs = E/q Poisson batches,
+or an explicit step count), or plain SGD when privacy is off, on the
 client's tokenized shard, starting from the global trainable weights; returns the update (trained - received).
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +26,7 @@ log = logging.getLogger("veil.client")
 class LocalPlan:
     """What one round of local training does; privacy fields are keyword-only at every call site."""
 
-    epochs: int
+    steps: int  # optimizer steps this round; with DP, each is one subsampled-Gaussian release
     batch_size: int
     lr: float
     private: bool
@@ -72,25 +74,40 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         module, optimizer, loader, criterion, sample_rate = dp.module, dp.optimizer, dp.loader, dp.criterion, dp.sample_rate
     losses: list[float] = []
     steps = 0
-    for _ in range(plan.epochs):
-        for input_ids, attention_mask, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            if labels.numel() == 0:  # an empty Poisson batch still releases noise: step on zero gradients
-                _noise_only_step(module, optimizer)
-                steps += 1
-                continue
-            logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
-            loss = criterion(logits, labels.to(device))
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+    for input_ids, attention_mask, labels in _batches(loader, plan.steps):
+        optimizer.zero_grad(set_to_none=True)
+        if labels.numel() == 0:  # an empty Poisson batch still releases noise: step on zero gradients
+            _noise_only_step(module, optimizer)
             steps += 1
+            continue
+        logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
+        loss = criterion(logits, labels.to(device))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        steps += 1
     trained = get_trainable(model)
     update = [t - r for t, r in zip(trained, received, strict=True)]
     return LocalResult(
         update=update, loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
         sample_rate=sample_rate, examples=len(dataset),
     )
+
+
+def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Exactly ``steps`` batches, passing over the loader as often as needed (a fresh Poisson draw each pass)."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def steps_for(*, local_epochs: int, local_steps: int, sample_rate: float) -> int:
+    """Steps per round: ``local_steps`` when set, else ``local_epochs`` passes of 1/q batches each."""
+    return local_steps if local_steps > 0 else local_epochs * round(1 / sample_rate)
 
 
 def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -84,6 +84,7 @@ class FederationConfig:
     clients_per_round: int = 5
     rounds: int = 3
     local_epochs: int = 1
+    local_steps: int = 0  # >0: exactly this many (DP) steps per round instead of local_epochs passes
     batch_size: int = 64  # expected Poisson batch size; sample rate q = batch_size / client examples
     lr: float = 5e-3  # AdamW on adapters and head
     seed: int = 0
@@ -92,6 +93,10 @@ class FederationConfig:
     min_partition_size: int = 10
     num_cpus_per_client: float = 1.0  # Ray resources per simulated client: limits concurrency, not memory
     num_gpus_per_client: float = 0.0
+    # Simulation only: the simulated owners' own ε budgets (their node config, not the run's): one number for
+    # every node, or "ID:EPS,ID:EPS" by partition id (quote it on the command line: '0:1.5,3:2').
+    # Empty: no budget. A real node sets --max-epsilon itself.
+    node_max_epsilon: str = ""
 
 
 @dataclass
@@ -114,6 +119,8 @@ class VeilConfig:
         _positive_int("federation.clients_per_round", fed.clients_per_round)
         _positive_int("federation.rounds", fed.rounds)
         _positive_int("federation.local_epochs", fed.local_epochs)
+        if isinstance(fed.local_steps, bool) or not isinstance(fed.local_steps, int) or fed.local_steps < 0:
+            _bad("federation.local_steps", fed.local_steps, "an integer >= 0 (0: use federation.local_epochs)")
         _positive_int("federation.batch_size", fed.batch_size)
         _positive_int("model.max_length", model.max_length)
         _positive_int("model.lora_r", model.lora_r)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class RunRecorder:
             "epsilon_max": self.epsilon_max, "epsilon_mean": float(fit.get("epsilon_mean", 0.0)),
             "upload_bytes_per_client": float(fit.get("upload_bytes_per_client", 0.0)),
             "seconds": outcome.seconds, "secagg": self.cfg.secagg.enabled, "completed": outcome.completed,
-            "clients": int(fit.get("clients", 0)), "train_loss": float(fit.get("train_loss", float("nan"))),
+            "clients": int(fit.get("clients", 0)), "refused": int(fit.get("refused", 0)), "train_loss": float(fit.get("train_loss", float("nan"))),
             "examples": int(fit.get("examples", 0)),
             "noise_multiplier_max": float(fit.get("noise_multiplier_max", 0.0)),
             "sample_rate_max": float(fit.get("sample_rate_max", 0.0)),
@@ -87,7 +88,8 @@ class RunRecorder:
         self.last = row
         log.info("%s", console_line(row, self.cfg.federation.rounds))
         save_checkpoint(self.out_dir, round=outcome.round, names=self.names, arrays=self.strategy.global_arrays,
-                        run_config=to_run_config(self.cfg), strategy_state={"server_lr": self.strategy.server_lr})
+                        run_config=to_run_config(self.cfg),
+                        strategy_state={k: v for k, v in self.strategy.state_dict().items() if k != "global_arrays"})
 
 
 def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: RunRecorder, names: list[str]) -> int:
@@ -132,10 +134,12 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
     strategy = DeltaFedAvg(
         initial=get_trainable(template), server_lr=cfg.strategy.server_lr,
         clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
+        min_clients=cfg.secagg.num_shares if cfg.secagg.enabled else 1,
         evaluate_fn=make_evaluate_fn(template, data, device=device),
     )
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names)
+    random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)
     start = _resume(cfg, out_dir, strategy, recorder, names)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
     if start <= cfg.federation.rounds:

@@ -26,7 +26,8 @@ CHECKPOINT_DIR = "checkpoints"
 # secure aggregation. Federation fields (rounds, clients per round) may change; raising `rounds` extends a run.
 FROZEN_PREFIXES = ("veil.model.", "veil.privacy.", "veil.secagg.", "veil.strategy.", "veil.data.labels",
                    "veil.federation.seed", "veil.federation.num_clients", "veil.federation.partitioner",
-                   "veil.federation.alpha", "veil.federation.batch_size", "veil.federation.local_epochs")
+                   "veil.federation.alpha", "veil.federation.batch_size", "veil.federation.local_epochs",
+                   "veil.federation.local_steps")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ class RoundHooks(Protocol):
     def after_round(self, outcome: RoundOutcome) -> None: ...
 
 
+def _fit_rows(context: LegacyContext) -> int:
+    return len(context.history.metrics_distributed_fit.get("clients", []))
+
+
 class RoundLoop:
     """Runs rounds ``start_round..num_rounds`` with ``fit_workflow`` and central evaluation."""
 
@@ -58,6 +62,10 @@ class RoundLoop:
             f_stop.set()
             thread.join()
 
+    @staticmethod
+    def _had_fit(context: LegacyContext, before: int) -> bool:
+        return _fit_rows(context) > before
+
     def _rounds(self, grid: Grid, context: LegacyContext) -> None:
         strategy = context.strategy
         params = strategy.initialize_parameters(client_manager=context.client_manager)
@@ -68,10 +76,16 @@ class RoundLoop:
         cfg[Key.START_TIME] = time.perf_counter()
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
         for rnd in range(self.start_round, context.config.num_rounds + 1):
+            if getattr(strategy, "stop_reason", ""):
+                log.warning("stopping before round %d: %s", rnd, strategy.stop_reason)
+                break
             cfg[Key.CURRENT_ROUND] = rnd
-            before = len(context.history.metrics_distributed_fit.get("clients", []))
+            before = _fit_rows(context)
             started = time.perf_counter()
             self.fit_workflow(grid, context)
+            if getattr(strategy, "stop_reason", "") and not self._had_fit(context, before):
+                log.warning("stopping at round %d: %s", rnd, strategy.stop_reason)
+                break
             fit_rows = context.history.metrics_distributed_fit
             completed = len(fit_rows.get("clients", [])) > before
             fit_metrics = {k: v[-1][1] for k, v in fit_rows.items()} if completed else {}

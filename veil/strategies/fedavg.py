@@ -24,6 +24,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager
+from flwr.server.criterion import Criterion
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
@@ -41,9 +42,11 @@ def aggregate_client_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> di
     def values(key: str) -> list[float]:
         return [float(m[key]) for m in metrics if key in m]  # type: ignore[arg-type]
 
-    eps, loss, up = values("epsilon"), values("train_loss"), values("upload_bytes")
+    eps, up = values("epsilon"), values("upload_bytes")
+    loss = [float(m["train_loss"]) for m in metrics if "train_loss" in m and not m.get("refused")]  # type: ignore[arg-type]
     return {
         "clients": len(metrics),
+        "refused": int(sum(values("refused"))),
         "epsilon_max": max(eps) if eps else 0.0,
         "epsilon_mean": float(np.mean(eps)) if eps else 0.0,
         "train_loss": float(np.nanmean(loss)) if loss else float("nan"),
@@ -58,7 +61,7 @@ class DeltaFedAvg(FedAvg):
     """FedAvg whose clients send updates; the global trainable tensors live here."""
 
     def __init__(self, *, initial: NDArrays, server_lr: float = 1.0, clients_per_round: int, num_clients: int,
-                 evaluate_fn: EvaluateFn | None = None,
+                 min_clients: int = 1, evaluate_fn: EvaluateFn | None = None,
                  fit_metrics_aggregation_fn: MetricsAggregationFn | None = aggregate_client_metrics) -> None:
         if server_lr <= 0:
             raise ValueError(f"server_lr={server_lr} must be > 0")
@@ -70,34 +73,64 @@ class DeltaFedAvg(FedAvg):
         )
         self.global_arrays: NDArrays = [np.array(a, dtype=np.float32, copy=True) for a in initial]
         self.server_lr = server_lr
+        self.clients_per_round, self.min_clients = clients_per_round, min_clients
         self.last_failures: list[str] = []
+        self.exhausted: set[int] = set()  # node ids whose owners said their budget allows no further round
+        self.stop_reason = ""  # set when too few clients are left to run a round
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.global_arrays)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        # Always send the weights held here (after a resume they differ from Flower's record of round 0).
-        return super().configure_fit(server_round, ndarrays_to_parameters(self.global_arrays), client_manager)
+        """Sample ``clients_per_round`` nodes among those whose owners have budget left.
+
+        Always sends the weights held here (after a resume they differ from Flower's record of round 0).
+        """
+        eligible = [p for p in client_manager.all().values() if p.node_id not in self.exhausted]
+        wanted = min(self.clients_per_round, len(eligible))
+        if wanted < self.min_clients:
+            self.stop_reason = (f"only {len(eligible)} client(s) have privacy budget left, "
+                                f"{self.min_clients} needed per round")
+            return []
+        clients = client_manager.sample(num_clients=wanted, min_num_clients=wanted,
+                                        criterion=_NotIn(frozenset(self.exhausted)))
+        fit_ins = FitIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
+        return [(client, fit_ins) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None, dict[str, Scalar]]:
         self.last_failures = [_reason(f) for f in failures]
         for reason in self.last_failures:
             log.warning("round %d: a client failed: %s", server_round, reason)
-        if not results:
-            return None, {}
-        mean_params, metrics = super().aggregate_fit(server_round, results, [])
+        for proxy, res in results:
+            if not bool(res.metrics.get("can_train_next", True)):
+                self.exhausted.add(proxy.node_id)
+                log.info("round %d: node %d has no privacy budget for another round; it is not sampled again",
+                         server_round, proxy.node_id)
+        # A client that refuses to train (budget) answers with weight 0: it stays in the SecAgg+ round (so the
+        # round's thresholds hold) and adds nothing to the mean.
+        trained = [(p, r) for p, r in results if r.num_examples > 0]
+        metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for _, r in results]) if (
+            results and self.fit_metrics_aggregation_fn) else {}
+        if not trained:
+            return None, metrics
+        mean_params, _ = super().aggregate_fit(server_round, trained, [])
         if mean_params is None:
             return None, metrics
         mean = parameters_to_ndarrays(mean_params)
         if len(mean) != len(self.global_arrays):
             raise ValueError(f"round {server_round}: update has {len(mean)} tensors, the model {len(self.global_arrays)}")
-        self.global_arrays = [g + np.float32(self.server_lr) * u.astype(np.float32) for g, u in zip(self.global_arrays, mean, strict=True)]
+        if not all(np.isfinite(u).all() for u in mean):
+            log.warning("round %d: the aggregate is not finite; the round is skipped", server_round)
+            return None, metrics
+        self.global_arrays = [g + np.float32(self.server_lr) * u.astype(np.float32)
+                              for g, u in zip(self.global_arrays, mean, strict=True)]
         return ndarrays_to_parameters(self.global_arrays), metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_arrays": [a.copy() for a in self.global_arrays], "server_lr": self.server_lr}
+        return {"global_arrays": [a.copy() for a in self.global_arrays], "server_lr": self.server_lr,
+                "exhausted": sorted(self.exhausted)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"global_arrays", "server_lr"} - set(state)
@@ -107,6 +140,16 @@ class DeltaFedAvg(FedAvg):
         if [a.shape for a in arrays] != [a.shape for a in self.global_arrays]:
             raise ValueError("strategy state tensors do not match the model's trainable tensors")
         self.global_arrays = arrays
+        self.server_lr = float(state["server_lr"])
+        self.exhausted = {int(n) for n in state.get("exhausted", [])}
+
+
+class _NotIn(Criterion):
+    def __init__(self, excluded: frozenset[int]) -> None:
+        self.excluded = excluded
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.node_id not in self.excluded
 
 
 def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:

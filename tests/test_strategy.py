@@ -1,0 +1,61 @@
+"""DeltaFedAvg against a plain numpy computation: global += server_lr * mean(updates of clients that trained);
+refusing clients (weight 0) add nothing, and owners out of budget are not sampled again."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from veil.strategies.fedavg import DeltaFedAvg
+
+
+class _Proxy(ClientProxy):
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def get_parameters(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def fit(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def evaluate(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def reconnect(self, *a, **k): raise NotImplementedError  # noqa: E704
+
+
+def _res(update: list[np.ndarray], weight: int, **metrics: object) -> FitRes:
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, dict(metrics))  # type: ignore[arg-type]
+
+
+def test_mean_update_is_applied_and_refusals_add_nothing() -> None:
+    rng = np.random.default_rng(0)
+    initial = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
+    strategy = DeltaFedAvg(initial=initial, server_lr=0.5, clients_per_round=3, num_clients=3)
+    updates = [[rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)] for _ in range(2)]
+    results = [
+        (_Proxy(1), _res(updates[0], 1, epsilon=1.0, train_loss=2.0, can_train_next=True)),
+        (_Proxy(2), _res(updates[1], 1, epsilon=2.0, train_loss=4.0, can_train_next=True)),
+        (_Proxy(3), _res([np.zeros_like(a) for a in initial], 0, epsilon=0.5, refused=1, can_train_next=False)),
+    ]
+    params, metrics = strategy.aggregate_fit(1, results, [])
+    expected = [g + 0.5 * (u0 + u1) / 2 for g, u0, u1 in zip(initial, *updates, strict=True)]
+    for got, want in zip(parameters_to_ndarrays(params), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert metrics["epsilon_max"] == 2.0 and metrics["refused"] == 1 and metrics["train_loss"] == 3.0
+    assert strategy.exhausted == {3}
+
+    manager = SimpleClientManager()
+    for nid in (1, 2, 3):
+        manager.register(_Proxy(nid))
+    strategy.min_clients = 2
+    chosen = {proxy.node_id for proxy, _ in strategy.configure_fit(2, params, manager)}
+    assert chosen == {1, 2}
+    strategy.exhausted.add(2)
+    assert strategy.configure_fit(3, params, manager) == [] and "budget" in strategy.stop_reason
+
+
+def test_all_refusals_leave_the_weights_alone() -> None:
+    initial = [np.ones(3, dtype=np.float32)]
+    strategy = DeltaFedAvg(initial=initial, clients_per_round=1, num_clients=1)
+    params, _ = strategy.aggregate_fit(1, [(_Proxy(1), _res([np.zeros(3, np.float32)], 0, refused=1))], [])
+    assert params is None and np.array_equal(strategy.global_arrays[0], initial[0])
