@@ -5,26 +5,16 @@ from __future__ import annotations
 import logging
 import math
 
-import dp_accounting
 import pytest
-from dp_accounting.pld import pld_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from references import pld_epsilon
 from veil.privacy.accounting import EpsilonResult, compute_epsilon, epsilon_after
 
 DELTA = 1e-5
 
 
-def pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Reference: dp-accounting's PLD accountant on the same Poisson-subsampled Gaussian events."""
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, q, steps in history:  # composing k then m equal events is composing k + m of them
-        merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
-    accountant = pld_privacy_accountant.PLDAccountant()
-    for (sigma, q), steps in merged.items():
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    return float(accountant.get_epsilon(delta))
 
 
 @pytest.mark.parametrize(

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import dp_accounting
 import pytest
-from dp_accounting.pld import pld_privacy_accountant
 
+from references import pld_epsilon
 from veil.errors import ConfigError
 from veil.privacy.accounting import compute_epsilon
 from veil.privacy.calibration import calibrate_noise_multiplier, planned_steps
 
 
-def pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Reference: dp-accounting's PLD accountant on the same Poisson-subsampled Gaussian events."""
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, q, steps in history:  # composing k then m equal events is composing k + m of them
-        merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
-    accountant = pld_privacy_accountant.PLDAccountant()
-    for (sigma, q), steps in merged.items():
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    return float(accountant.get_epsilon(delta))
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from references import clipped_mean_gradient
 from veil.conf.schema import ModelConfig
 from veil.privacy.dpsgd import make_private
 from veil.privacy.exact import ExplicitIds, embedding_grad_sample, embedding_norm_sample, make_exact
@@ -41,20 +42,7 @@ def _model() -> nn.Module:
 
 
 def _reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Per-example loop with plain autograd: clip each example's full gradient to C, average."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    n = batch["labels"].shape[0]
-    for i in range(n):
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]).logits
-        nn.functional.cross_entropy(logits, batch["labels"][i : i + 1]).backward()
-        grads = [p.grad.detach().clone() for p in params]
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
-        factor = torch.clamp(C / (norm + 1e-6), max=1.0)
-        for t, g in zip(total, grads, strict=True):
-            t += g * factor
-    return [t / n for t in total]
+    return clipped_mean_gradient(model, batch, clip=C)
 
 
 def _loader(batch: dict[str, torch.Tensor]) -> DataLoader:

@@ -70,10 +70,8 @@ def preflight(overrides: list[str]) -> Any:
 
 def check_data(cfg: Any) -> list[str]:
     """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
-    from veil.task.shards import absolute, resolve_labels
-
-    data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
-    return resolve_labels(data)
+    labels: list[str] = json.loads(resolve_paths_and_labels(cfg, Path.cwd()).data.labels)
+    return labels
 
 
 def _first_value(override: str) -> str:
@@ -112,10 +110,14 @@ def run(args: argparse.Namespace) -> int:
         if not (run_dir / "config.resolved.yaml").is_file():
             raise ConfigError(f"resume={resume[-1]} is not a veil run directory (no config.resolved.yaml); give a run's output directory")
         overrides = [*overrides, f"hydra.run.dir={run_dir}"]  # outputs go back into the run being resumed
-    preflight(overrides)
+    cfg = preflight(overrides)
+    if cfg.resume:  # refuse an incompatible resume before Hydra touches the run directory
+        resolved = resolve_paths_and_labels(cfg, Path(cfg.resume).expanduser().resolve())
+        _check_resumable(resolved, to_run_config(resolved))
     import hydra
 
     from veil.conf import CONF_DIR
+    from veil.conf.runconfig import to_run_config
 
     _failures.clear()
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
@@ -159,18 +161,12 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     """Run one simulated federation into ``out_dir``; returns the final summary."""
     from omegaconf import OmegaConf
 
-    from veil.client.app import make_client_app
     from veil.conf.runconfig import to_run_config, to_veil_config
-    from veil.server.app import make_server_app
-    from veil.task.shards import absolute, resolve_labels
 
     # (1) compose and validate
     cfg = to_veil_config(dict_cfg)
     # (2) absolute paths (Ray workers may start elsewhere) and one label set for every process
-    data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
-    data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
-    cfg = dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
-                              resume=str(Path(cfg.resume).resolve()) if cfg.resume else "")
+    cfg = resolve_paths_and_labels(cfg, out_dir)
     # (3) the resolved config next to the outputs
     if not cfg.resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{out_dir} already holds a run; pick a new hydra.run.dir or continue it with resume={out_dir}")
@@ -196,6 +192,16 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f} vs majority-class baseline {baseline:.4f}; "
           f"{eps}; model in {out_dir / 'model'}", flush=True)
     return summary
+
+
+def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
+    """The config every process gets: absolute data paths, the label set fixed once, the output directory."""
+    from veil.task.shards import absolute, resolve_labels
+
+    data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
+    data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
+    return dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
+                               resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
 
 
 def _check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
