@@ -57,8 +57,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
-    parser.add_argument("--max-retries", type=int, default=5, help="connection attempts before giving up")
-    parser.add_argument("--max-wait-time", type=float, default=60.0, help="seconds of reconnecting before giving up")
+    parser.add_argument("--max-retries", type=int, default=5, help="reconnection attempts before giving up (0: no limit)")
+    parser.add_argument("--max-wait-time", type=float, default=60.0,
+                        help="seconds of reconnecting before giving up (0: no limit; a plaintext/TLS mismatch then "
+                             "retries for ever)")
     parser.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (tests only)")
 
 
@@ -113,8 +115,11 @@ def node_config_arg(config: dict[str, object]) -> str:
 
 def _supernode_argv(args: argparse.Namespace, runtime_port: int) -> list[str]:
     argv = [flower_command("flower-supernode"), "--superlink", args.superlink, "--isolation", "process",
-            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config_arg(_node_config(args)),
-            "--max-retries", str(args.max_retries), "--max-wait-time", str(args.max_wait_time)]
+            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config_arg(_node_config(args))]
+    if args.max_retries > 0:
+        argv += ["--max-retries", str(args.max_retries)]
+    if args.max_wait_time > 0:
+        argv += ["--max-wait-time", str(args.max_wait_time)]
     if args.insecure:
         return [*argv, "--insecure"]
     return [*argv, "--root-certificates", str(args.root_cert.resolve()),

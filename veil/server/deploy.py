@@ -45,7 +45,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-keys", nargs="+", type=Path, default=[],
                         help="node public keys to register: a directory of *.pub files or the files")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=9092, help="the one HTTPS port (Fleet, Control, Runtime APIs)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="the one HTTPS port of the Fleet, Control and Runtime APIs (Flower's default 8000)")
     parser.add_argument("--run-dir", type=Path, help="outputs and state (default: outputs/deploy-<date>-<time>)")
     parser.add_argument("--timeout", type=float, default=0.0, help="stop the run after this many seconds (0: none)")
     parser.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (tests only)")
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     overrides = list(args.overrides)
     if not any(o.startswith(("data.train_path=", "+data.train_path=")) for o in overrides):
-        overrides.append(f"data.train_path={NODE_LOCAL}")  # a coordinator needs no training file
+        # A coordinator needs no training file; the checks before the run read the evaluation file instead.
+        overrides.append("data.train_path=${data.test_path}")
     cfg = preflight(overrides)  # (1)
     tls = _tls_files(args)  # (2)
     keys = _node_keys(args)
