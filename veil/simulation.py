@@ -62,15 +62,43 @@ def preflight(overrides: list[str]) -> Any:
         raise ConfigError(_one_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
+    check_set(cfg)
     veil_cfg = to_veil_config(cfg)
+    check_model(veil_cfg.model)
     if not sweeping:
         check_data(veil_cfg)
     return veil_cfg
 
 
+def check_set(cfg: Any) -> None:
+    """Every mandatory value (``???`` in a group file, e.g. ``data=csv``'s paths) is given."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda key: ("test" in key, key))  # train before test
+    if missing:
+        given = " ".join(f"{key}=..." for key in missing)
+        raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; give {given}")
+
+
+def check_model(model: Any) -> None:
+    """The model directory holds a config.json (a tiny test model needs only the default tokenizer's)."""
+    from veil.task.model import default_model_dir, model_dir
+
+    if model.tiny:
+        default_model_dir()
+    else:
+        model_dir(model)
+
+
 def check_data(cfg: Any) -> list[str]:
     """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
-    labels: list[str] = json.loads(resolve_paths_and_labels(cfg, Path.cwd()).data.labels)
+    from veil.task.data import encode_labels, read_examples
+
+    data = resolve_paths_and_labels(cfg, Path.cwd()).data
+    labels: list[str] = json.loads(data.labels)
+    if cfg.data.labels:  # a fixed label set: the files were not read to derive it, so read them here
+        for path in (data.train_path, data.test_path):
+            encode_labels(read_examples(path, data), labels, path=path)
     return labels
 
 

@@ -10,6 +10,7 @@ and every ClientApp; :func:`veil.conf.runconfig.from_run_config` rebuilds it the
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -135,6 +136,8 @@ class VeilConfig:
         for name in ("train_path", "test_path"):
             if getattr(self.data, name) in ("", MISSING):
                 raise ConfigError(f"data.{name} is not set; give data.{name}=FILE (CSV, TSV or JSONL)")
+        if self.data.labels:
+            _label_list("data.labels", self.data.labels)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
         _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -176,6 +179,15 @@ def _positive_int(name: str, value: int) -> None:
 def _positive_float(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         _bad(name, value, "a positive finite number")
+
+
+def _label_list(name: str, value: str) -> None:
+    try:
+        names = json.loads(value)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        _bad(name, value, 'a JSON list of two or more label names, e.g. \'["card", "pin"]\' (empty: from the files)')
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

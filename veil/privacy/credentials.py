@@ -91,7 +91,9 @@ def _load_certificate(path: PathLike, what: str) -> x509.Certificate:
     try:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError:
-        kind = _describe_wrong_format(data) or "is not a PEM certificate (garbage or truncated)"
+        kind = _describe_wrong_format(data)
+        if kind is None or kind == "is a certificate":  # a CERTIFICATE block that does not parse
+            kind = "is not a PEM certificate (garbage, corrupt or truncated)"
         raise CredentialError(f"{what} {path} {kind}, expected a PEM certificate; {_REGENERATE}") from None
     now = datetime.datetime.now(datetime.timezone.utc)
     if now > cert.not_valid_after_utc:
@@ -150,7 +152,9 @@ def _load_server_key(key_path: PathLike) -> PrivateKeyTypes:
             f"server key {key_path} is password-protected; Flower needs an unencrypted key, {_REGENERATE}"
         ) from None
     except (ValueError, UnsupportedAlgorithm):
-        kind = _describe_wrong_format(data) or "is not a PEM private key (garbage or truncated)"
+        kind = _describe_wrong_format(data)
+        if kind is None or kind == "is a PEM private key":  # a PRIVATE KEY block that does not parse
+            kind = "is not a PEM private key (garbage, corrupt or truncated)"
         raise CredentialError(f"server key {key_path} {kind}, expected a PEM private key; {_REGENERATE}") from None
 
 

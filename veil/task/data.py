@@ -8,6 +8,7 @@ problem and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class TextExamples:
 def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
     """Read ``path`` as CSV, TSV or JSONL with the text and label columns named in ``cfg``."""
     p = Path(path)
+    if p.is_dir():
+        raise DataFileError(f"data file {p} is a directory; give the file's path (CSV, TSV or JSONL)")
     if not p.is_file():
         raise DataFileError(f"data file {p} does not exist; check data.train_path/data.test_path (or --data)")
     fmt = cfg.format if cfg.format != "auto" else _format_from_suffix(p)
@@ -66,23 +69,37 @@ def _format_from_suffix(p: Path) -> str:
 def _parse_delimited(p: Path, raw: str, fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
     delimiter = cfg.delimiter or ("\t" if fmt == "tsv" else ",")
     csv.field_size_limit(_MAX_FIELD)
+    # newline="": the csv module itself splits records, so CRLF and line breaks inside quotes survive, and
+    # str.splitlines' extra separators (U+2028, U+0085, ...) inside a text do not cut a row in two.
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True)
     try:
-        reader = csv.reader(raw.splitlines(), delimiter=delimiter, strict=True)
-        table = [row for row in reader if row]
+        table = [(reader.line_num, row) for row in reader if row]
     except csv.Error as err:
         raise DataFileError(f"data file {p} is not valid {fmt.upper()} ({err}); fix the quoting or set data.format") from err
     if not table:
         raise DataFileError(f"data file {p} is empty; give a file with a header and rows of data")
     if cfg.header:
-        header, body = table[0], table[1:]
+        (first, header), body = table[0], table[1:]
     else:
-        header, body = [str(i) for i in range(len(table[0]))], table
-    return [dict(zip(header, row, strict=False)) for row in body]
+        (first, first_row), body = table[0], table
+        header = [str(i) for i in range(len(first_row))]
+    against = "the header" if cfg.header else f"line {first}"
+    for lineno, row in body:
+        if len(row) != len(header):
+            raise DataFileError(
+                f"data file {p} line {lineno} has {_fields(len(row))} but {against} has {len(header)}; "
+                f"quote fields that contain the delimiter {delimiter!r} (or set data.delimiter)"
+            )
+    return [dict(zip(header, row, strict=True)) for _lineno, row in body]
+
+
+def _fields(n: int) -> str:
+    return f"{n} field" if n == 1 else f"{n} fields"
 
 
 def _parse_jsonl(p: Path, raw: str) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    for lineno, line in enumerate(raw.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a string
         if not line.strip():
             continue
         try:
