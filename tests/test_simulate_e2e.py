@@ -35,7 +35,7 @@ def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tm
 
     exported = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "model"), local_files_only=True)
     labels = [exported.config.id2label[i] for i in range(exported.config.num_labels)]
-    cfg = ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8)
+    cfg = ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8, head_init="random")
     reference = build_model(cfg, labels, seed=0)
     set_trainable(reference, load_global(run_dir / "global_trainable.npz", trainable_names(reference)))
     batch = tokenize(load_tokenizer(cfg), ["my card was lost", "the atm kept my cash today"], max_length=24)
@@ -63,7 +63,7 @@ def test_secagg_equals_plain_aggregation(small_csv: tuple[Path, Path], tmp_path:
     from veil.conf.schema import ModelConfig
     from veil.task.model import build_model, get_trainable, trainable_names
 
-    initial_model = build_model(ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8), ["card", "cash", "fee", "pin"], seed=0)
+    initial_model = build_model(ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8, head_init="random"), ["card", "cash", "fee", "pin"], seed=0)
     initial = dict(zip(trainable_names(initial_model), get_trainable(initial_model), strict=True))
     step = 2 * 8.0 / 2**22  # one quantisation level of SecAgg+ (clipping range 8, 2**22 levels)
     largest_update = 0.0

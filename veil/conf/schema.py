@@ -32,6 +32,10 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
     lora_targets: str = "query,value"  # comma-separated module names (Flower run configs reject lists)
+    # label_names: start the head from the encoded label names (public, no privacy cost; 43% zero-shot on
+    # BANKING77) instead of random weights, which DP-SGD barely moves in a few noisy steps
+    head_init: str = "label_names"
+    head_init_scale: float = 5.0  # logit scale of the label-name head (a temperature)
 
 
 @dataclass
@@ -141,6 +145,8 @@ class VeilConfig:
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
         _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("model.head_init", model.head_init, ("label_names", "random"))
+        _positive_float("model.head_init_scale", model.head_init_scale)
         _choice("strategy.name", self.strategy.name, ("fedavg",))
         if not 0.0 <= model.lora_dropout < 1.0:
             _bad("model.lora_dropout", model.lora_dropout, "in [0, 1)")
