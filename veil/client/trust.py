@@ -108,4 +108,19 @@ def describe_difference(content: bytes) -> str:
         return "its clientapp component is not veil's installed ClientApp"
     if f'version = "{_version()}"' not in pyproject:
         return f"it was built for another veil version (this node runs veil {_version()})"
-    return "its configuration or packaging differs (same veil and flwr releases on server and node?)"
+    keys = _config_difference(pyproject)
+    if keys:
+        return f"its run-config keys or defaults differ from this node's veil ({', '.join(keys[:3])}); same veil release?"
+    return "its packaging differs (same veil and flwr releases on server and node?)"
+
+
+def _config_difference(pyproject: str) -> list[str]:
+    """The ``veil.*`` keys whose declared default differs from this node's schema (TOML parsed as data)."""
+    import tomllib
+
+    try:
+        theirs = tomllib.loads(pyproject)["tool"]["flwr"]["app"]["config"]
+    except (tomllib.TOMLDecodeError, KeyError, TypeError):
+        return ["unreadable"]
+    ours = to_run_config(VeilConfig())
+    return sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
