@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,9 +179,9 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
-                    simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
-    """The veil ClientApp.
+def make_client_fn(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
+                   simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> Callable[[Context], Client]:
+    """The ClientApp's ``client_fn``.
 
     ``defaults`` is the flattened run config a simulation launcher provides; ``simulated_nodes`` adds node-config
     entries per partition id, standing in for each simulated owner's own node config.
@@ -196,6 +196,13 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_roo
         settings = node_settings(node_config, simulation_root=simulation_root)
         return VeilClient(cfg, settings, context.run_id).to_client()
 
+    return client_fn
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
+                    simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
+    """The veil ClientApp (see :func:`make_client_fn`), with SecAgg+ for the rounds that use it."""
+    client_fn = make_client_fn(defaults, simulation_root=simulation_root, simulated_nodes=simulated_nodes)
     return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])
 
 

@@ -1,0 +1,59 @@
+"""A simulated federation with one faulty node, for the drop-out and timeout tests.
+
+Usage: python tests/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
+FAULT is "crash" (the node's process exits after SecAgg+ key sharing, when the fit instructions arrive),
+"hang" (it never answers from that point), or "none". The federation runs veil's own ServerApp and ClientApp;
+only a fault-injecting mod is put in front of the ClientApp's own mods.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+from flwr.common import Context, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.simulation import run_simulation
+
+
+def fault_mod(kind: str, partition: int):  # noqa: ANN201
+    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else "fit"
+        hit = int(context.node_config.get("partition-id", -1)) == partition and stage in (
+            Stage.COLLECT_MASKED_VECTORS, "fit")
+        if hit and kind == "crash":
+            os._exit(17)  # a real process death, no reply
+        if hit and kind == "hang":
+            time.sleep(3600)
+        return call_next(msg, context)
+
+    return mod
+
+
+def main() -> None:
+    from hydra import compose, initialize_config_dir
+
+    import veil.client.app as client_app_module
+    from veil.conf import CONF_DIR
+    from veil.conf.runconfig import to_run_config, to_veil_config
+    from veil.server.app import make_server_app
+    from veil.simulation import _register_schema, resolve_paths_and_labels
+
+    out_dir, kind, partition, overrides = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    _register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = resolve_paths_and_labels(to_veil_config(compose(config_name="config", overrides=overrides)), out_dir)
+    flat = to_run_config(cfg)
+    client_fn = client_app_module.make_client_fn(flat, simulation_root=out_dir / "nodes")
+    app = ClientApp(client_fn=client_fn, mods=[fault_mod(kind, partition), client_app_module.secagg_when_asked])
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+    run_simulation(server_app=make_server_app(flat), client_app=app, num_supernodes=cfg.federation.num_clients,
+                   backend_config=backend)
+
+
+if __name__ == "__main__":
+    main()

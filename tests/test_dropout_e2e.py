@@ -1,0 +1,58 @@
+"""Drop-outs and silence under SecAgg+: a node whose process dies after key sharing does not fail the round, and
+the aggregate equals the plain mean of the survivors' updates within the quantisation step (no DP noise); a node
+that never answers does not hold the round past the configured stage timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, TINY, data_overrides, metrics
+
+pytestmark = pytest.mark.slow
+
+SIX = [*TINY, "federation.num_clients=6", "federation.clients_per_round=6", "federation.rounds=1", "privacy=none"]
+
+
+def _fault_run(out: Path, fault: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_sim.py"), str(out), fault, "2", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _weights(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "global_trainable.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_dropout_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    data = data_overrides(*small_csv)
+    secagg = _fault_run(tmp_path / "secagg", "crash", [*SIX, *data, "secagg.num_shares=5",
+                                                       "secagg.reconstruction_threshold=3"])
+    assert secagg.returncode == 0, secagg.stderr[-3000:]
+    plain = _fault_run(tmp_path / "plain", "crash", [*SIX, *data, "secagg=off"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    for run in ("secagg", "plain"):
+        row = metrics(tmp_path / run)[0]
+        assert row["completed"] and row["clients"] == 5, f"{run}: the five survivors make the round: {row}"
+    step = 2 * 8.0 / 2**22
+    a, b = _weights(tmp_path / "secagg"), _weights(tmp_path / "plain")
+    for name in b:
+        assert float(np.abs(a[name] - b[name]).max()) <= step, name
+
+
+def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = _fault_run(tmp_path / "hang", "hang", [*SIX, *data_overrides(*small_csv), "secagg.num_shares=5",
+                                                  "secagg.reconstruction_threshold=3", "secagg.timeout=15"])
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = metrics(tmp_path / "hang")[0]
+    assert row["completed"] and row["clients"] == 5
+    assert elapsed < 200, f"the run took {elapsed:.0f} s"
