@@ -29,8 +29,10 @@ _failures: list[str] = []
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="a Hydra sweep: one run per combination of comma-separated values, each in its own directory")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="Hydra overrides, e.g. federation.num_clients=10 privacy=none; -m for a sweep")
+                        help="Hydra overrides, e.g. federation.num_clients=10 privacy=none")
 
 
 def _register_schema() -> None:
@@ -55,16 +57,20 @@ def preflight(overrides: list[str]) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            # In a sweep, check the first value of each swept key (a,b,c -> a).
-            first = [_first_value(o) for o in plain] if sweeping else plain
-            cfg = compose(config_name="config", overrides=first)
+            # In a sweep, every swept value is composed and validated once (beside the first of the others), so a
+            # typo in any value fails before the first member starts; combinations are left to the members.
+            variants = _sweep_variants(plain) if sweeping else [plain]
+            cfgs = [compose(config_name="config", overrides=variant) for variant in variants]
     except Exception as err:  # Hydra/OmegaConf raise many types; all mean "the command line is wrong"
         raise ConfigError(_one_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    check_set(cfg)
-    veil_cfg = to_veil_config(cfg)
-    check_model(veil_cfg.model)
+    for cfg in cfgs:
+        check_set(cfg)
+    veil_cfgs = [to_veil_config(cfg) for cfg in cfgs]
+    for each in veil_cfgs:
+        check_model(each.model)
+    veil_cfg = veil_cfgs[0]
     if not sweeping:
         check_data(veil_cfg)
     return veil_cfg
@@ -102,11 +108,19 @@ def check_data(cfg: Any) -> list[str]:
     return labels
 
 
-def _first_value(override: str) -> str:
+def _sweep_values(override: str) -> list[str]:
+    """``key=a,b,c`` -> ``[key=a, key=b, key=c]``; any other override stands for itself."""
     key, sep, value = override.partition("=")
     if sep and "," in value and not value.startswith(("[", "{", "'", '"')):
-        return f"{key}={value.split(',')[0]}"
-    return override
+        return [f"{key}={v}" for v in value.split(",")]
+    return [override]
+
+
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The first value of every swept key, then each other value of each swept key in turn."""
+    values = [_sweep_values(o) for o in overrides]
+    first = [v[0] for v in values]
+    return [first] + [[*first[:i], other, *first[i + 1:]] for i, v in enumerate(values) for other in v[1:]]
 
 
 def _one_line(err: BaseException) -> str:
@@ -131,7 +145,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    from veil.conf.runconfig import to_run_config
+
+    overrides = ["-m", *args.overrides] if getattr(args, "multirun", False) else list(args.overrides)
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume and resume[-1]:
         run_dir = Path(resume[-1]).expanduser().resolve()
@@ -145,7 +161,6 @@ def run(args: argparse.Namespace) -> int:
     import hydra
 
     from veil.conf import CONF_DIR
-    from veil.conf.runconfig import to_run_config
 
     _failures.clear()
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)
@@ -167,11 +182,19 @@ def _task(dict_cfg: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweeping = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         summary = simulate(dict_cfg, out_dir)
     except VeilError as err:
-        _failures.append(str(err) if not HydraConfig.get().mode.name == "MULTIRUN" else f"{out_dir}: {err}")
+        _failures.append(f"{out_dir}: {err}" if sweeping else str(err))
         log.error("run in %s failed: %s", out_dir, err)
+        _remove_if_empty(out_dir)
+        return None
+    except Exception as err:  # in a sweep, an unexpected failure of one member must not stop the others
+        if not sweeping:
+            raise
+        _failures.append(f"{out_dir}: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        log.exception("run in %s failed", out_dir)
         _remove_if_empty(out_dir)
         return None
     return float(summary.get("accuracy", float("nan")))
@@ -204,6 +227,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     simulated_node_configs(cfg.federation)
     if cfg.resume:
         _check_resumable(cfg, flat)
+    write_partition_table(cfg, out_dir / "partitions.csv")
     baseline = majority_baseline_of(cfg)
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
@@ -253,6 +277,33 @@ def majority_baseline_of(cfg: Any) -> float:
     train = encode_labels(read_examples(cfg.data.train_path, cfg.data), labels, path=cfg.data.train_path)
     test = encode_labels(read_examples(cfg.data.test_path, cfg.data), labels, path=cfg.data.test_path)
     return majority_baseline(np.asarray(train), np.asarray(test))
+
+
+def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[str, Any]]:
+    """Each simulated client's size and label mix, from the very split the clients make; printed and saved as CSV."""
+    import csv
+    from collections import Counter
+
+    from veil.task.data import read_examples
+    from veil.task.shards import simulated_partitions
+
+    labels = json.loads(cfg.data.labels)
+    examples = read_examples(cfg.data.train_path, cfg.data)
+    ids, parts = simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
+    rows = []
+    for client, idx in enumerate(parts):
+        counts = Counter(int(i) for i in ids[idx]).most_common()
+        mix = " ".join(f"{labels[k]}:{n}" for k, n in counts[:top])
+        rows.append({"client": client, "examples": len(idx), "labels": len(counts), "top_labels": mix})
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["client", "examples", "labels", "top_labels"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"partitions ({cfg.federation.partitioner}, {len(labels)} labels in all; saved to {path}):")
+    print(f"{'client':>6} {'examples':>8} {'labels':>6}  top labels (count)")
+    for row in rows:
+        print(f"{row['client']:>6} {row['examples']:>8} {row['labels']:>6}  {row['top_labels']}", flush=True)
+    return rows
 
 
 def simulated_node_configs(fed: Any) -> dict[int, dict[str, Any]]:

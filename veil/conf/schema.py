@@ -93,8 +93,9 @@ class FederationConfig:
     batch_size: int = 256  # expected Poisson batch size; q = batch_size / client examples; large: less noise per signal
     lr: float = 1e-2  # AdamW on adapters and head (best of 1e-3, 3e-3, 1e-2, 3e-2 in docs/demo.md)
     seed: int = 0
-    partitioner: str = "dirichlet"  # iid | dirichlet
+    partitioner: str = "dirichlet"  # iid | dirichlet | pathological
     alpha: float = 0.5  # Dirichlet concentration over labels: smaller is more skewed
+    classes_per_client: int = 2  # pathological only: each client holds exactly this many labels (the extreme skew)
     min_partition_size: int = 10
     num_cpus_per_client: float = 1.0  # Ray resources per simulated client: limits concurrency, not memory
     num_gpus_per_client: float = 0.0
@@ -133,9 +134,11 @@ class VeilConfig:
             _bad("federation.clients_per_round", fed.clients_per_round, f"at most federation.num_clients={fed.num_clients}")
         _positive_float("federation.lr", fed.lr)
         _positive_float("strategy.server_lr", self.strategy.server_lr)
-        _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet"))
+        _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet", "pathological"))
         if fed.partitioner == "dirichlet":
             _positive_float("federation.alpha", fed.alpha)
+        if fed.partitioner == "pathological":
+            _positive_int("federation.classes_per_client", fed.classes_per_client)
         _choice("data.format", self.data.format, ("auto", "csv", "tsv", "jsonl"))
         for name in ("train_path", "test_path"):
             if getattr(self.data, name) in ("", MISSING):

@@ -40,6 +40,8 @@ from veil.server.checkpoint import (
 from veil.server.evaluate import make_evaluate_fn
 from veil.server.export import export_global_model
 from veil.server.metrics import MetricsLog, console_line
+from veil.server.progress import RoundProgress
+from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
 from veil.strategies.fedavg import DeltaFedAvg
 from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device, trainable_names
@@ -58,6 +60,8 @@ class RunRecorder:
         self.last: dict[str, Any] = {}
         self.rounds_completed = 0
         self.epsilon_max = 0.0
+        self.tensorboard = TensorBoardHook(out_dir / "tensorboard")
+        self.progress: RoundProgress | None = None  # made at the first round seen (a resumed run starts later)
 
     def resume_from(self, ckpt: Checkpoint) -> None:
         self.metrics.truncate_after(ckpt.round)
@@ -86,10 +90,19 @@ class RunRecorder:
         row["weights_sha256"] = weights_sha256(self.strategy.global_arrays)
         self.metrics.append(row)
         self.last = row
+        self.tensorboard.write(row)
+        if self.progress is None:
+            self.progress = RoundProgress(total=self.cfg.federation.rounds, done=outcome.round - 1)
+        self.progress.update(row)
         log.info("%s", console_line(row, self.cfg.federation.rounds))
         save_checkpoint(self.out_dir, round=outcome.round, names=self.names, arrays=self.strategy.global_arrays,
                         run_config=to_run_config(self.cfg),
                         strategy_state={k: v for k, v in self.strategy.state_dict().items() if k != "global_arrays"})
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        if self.progress is not None:
+            self.progress.close()
 
 
 def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: RunRecorder, names: list[str]) -> int:
@@ -142,8 +155,11 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
     random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)
     start = _resume(cfg, out_dir, strategy, recorder, names)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
-    if start <= cfg.federation.rounds:
-        RoundLoop(fit_workflow_for(cfg), recorder, start_round=start)(grid, legacy)
+    try:
+        if start <= cfg.federation.rounds:
+            RoundLoop(fit_workflow_for(cfg), recorder, start_round=start)(grid, legacy)
+    finally:
+        recorder.close()
     if recorder.rounds_completed == 0 and start <= cfg.federation.rounds:
         reason = strategy.last_failures[0] if strategy.last_failures else "no client answered"
         raise VeilError(f"no round completed: every client failed ({reason}); fix that and run again")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,15 +64,26 @@ def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_
     fed = json.loads(fed_json)
     if data_path is None:  # simulation: this partition of the run's training file
         examples = read_examples(data.train_path, data)
-        ids = encode_labels(examples, list(labels), path=data.train_path)
-        parts = partition_indices(
-            ids, num_partitions=fed["num_clients"], partitioner=fed["partitioner"], alpha=fed["alpha"],
-            seed=fed["seed"], min_partition_size=fed["min_partition_size"],
-        )
+        _ids, parts = simulated_partitions(examples, list(labels), fed, path=data.train_path)
         idx = parts[int(partition or 0)]
         examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
         return _tensors(examples, list(labels), model, path=data.train_path)
     return _tensors(read_examples(data_path, data), list(labels), model, path=data_path)
+
+
+_PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client")
+
+
+def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping[str, Any], *,
+                         path: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Label ids of the training file and each simulated client's example indices (the one split every process
+    computes: the clients for their shard, the launcher for its partition table)."""
+    ids = encode_labels(examples, labels, path=path)
+    return ids, partition_indices(
+        ids, num_partitions=int(fed["num_clients"]), partitioner=str(fed["partitioner"]), alpha=float(fed["alpha"]),
+        seed=int(fed["seed"]), min_partition_size=int(fed["min_partition_size"]),
+        classes_per_client=int(fed.get("classes_per_client", 2)),
+    )
 
 
 def client_shard(cfg: VeilConfig, settings: NodeSettings, labels: list[str]) -> dict[str, torch.Tensor]:
@@ -79,7 +92,7 @@ def client_shard(cfg: VeilConfig, settings: NodeSettings, labels: list[str]) -> 
     if settings.text_column or settings.label_column:
         data = DataConfig(**{**_asdict(data), "text_column": settings.text_column or data.text_column,
                              "label_column": settings.label_column or data.label_column})
-    fed = {k: getattr(cfg.federation, k) for k in ("num_clients", "partitioner", "alpha", "seed", "min_partition_size")}
+    fed = {k: getattr(cfg.federation, k) for k in _PARTITION_KEYS}
     if settings.simulated and settings.num_partitions not in (None, cfg.federation.num_clients):
         raise ConfigError(
             f"the simulation has {settings.num_partitions} nodes but federation.num_clients={cfg.federation.num_clients}"
