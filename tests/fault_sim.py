@@ -1,14 +1,15 @@
 """A simulated federation with one faulty node, for the drop-out and timeout tests.
 
 Usage: python tests/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
-FAULT is "crash" (the node's process exits after SecAgg+ key sharing, when the fit instructions arrive),
-"hang" (it never answers from that point), or "none". The federation runs veil's own ServerApp and ClientApp;
+FAULT is "crash" (the node's ClientApp dies with an error after SecAgg+ key sharing, when the fit instructions
+arrive: the server gets an error reply), "hang" (it does not answer for HANG_SECONDS from that point: the server gets nothing in time), or
+"none". In simulation a virtual node shares a Ray worker process with others, so killing the process would kill
+its neighbours too; a real process kill is exercised by the deployment tests. The federation runs veil's own ServerApp and ClientApp;
 only a fault-injecting mod is put in front of the ClientApp's own mods.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.simulation import run_simulation
 
 
+HANG_SECONDS = 100
+
+
 def fault_mod(kind: str, partition: int):  # noqa: ANN201
     def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -26,9 +30,9 @@ def fault_mod(kind: str, partition: int):  # noqa: ANN201
         hit = int(context.node_config.get("partition-id", -1)) == partition and stage in (
             Stage.COLLECT_MASKED_VECTORS, "fit")
         if hit and kind == "crash":
-            os._exit(17)  # a real process death, no reply
+            raise RuntimeError("injected crash after key sharing")
         if hit and kind == "hang":
-            time.sleep(3600)
+            time.sleep(HANG_SECONDS)  # bounded, so the simulation can shut its workers down afterwards
         return call_next(msg, context)
 
     return mod

@@ -1,4 +1,4 @@
-"""Drop-outs and silence under SecAgg+: a node whose process dies after key sharing does not fail the round, and
+"""Drop-outs and silence under SecAgg+: a node that dies after key sharing does not fail the round, and
 the aggregate equals the plain mean of the survivors' updates within the quantisation step (no DP noise); a node
 that never answers does not hold the round past the configured stage timeout."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +47,13 @@ def test_dropout_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path],
 
 
 def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    started = time.monotonic()
-    proc = _fault_run(tmp_path / "hang", "hang", [*SIX, *data_overrides(*small_csv), "secagg.num_shares=5",
-                                                  "secagg.reconstruction_threshold=3", "secagg.timeout=15"])
-    elapsed = time.monotonic() - started
+    """The silent node stays silent for 100 s; with a 30 s stage timeout the round finishes without it, well before
+    the node would have answered. (The process itself ends only after the silent worker wakes: a simulation
+    artefact; a real node is a process of its own.)"""
+    proc = _fault_run(tmp_path / "hang", "hang", timeout=400, overrides=[
+        *SIX, *data_overrides(*small_csv), "secagg.num_shares=5", "secagg.reconstruction_threshold=3",
+        "secagg.timeout=30"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = metrics(tmp_path / "hang")[0]
     assert row["completed"] and row["clients"] == 5
-    assert elapsed < 200, f"the run took {elapsed:.0f} s"
+    assert row["seconds"] < 95, f"the round waited {row['seconds']:.0f} s for the silent node"
