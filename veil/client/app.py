@@ -81,6 +81,8 @@ class VeilClient(NumPyClient):
         seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)
         device = resolve_device(settings.device or cfg.device)
         result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)
+        if cfg.privacy.enabled and cfg.privacy.level == "client":
+            result = dataclasses.replace(result, update=_client_level_release(result.update, cfg, plan.noise_multiplier))
         _check_update(result.update, cfg)
         epsilon, can_train_next = 0.0, True
         if ledger is not None and event is not None:
@@ -93,7 +95,7 @@ class VeilClient(NumPyClient):
         upload = values * (8 if cfg.secagg.enabled else 4)  # SecAgg+ sends int64 masked values, else float32
         metrics = {
             "train_loss": result.loss, "num_examples": examples, "epsilon": epsilon, "steps": result.steps,
-            "sample_rate": result.sample_rate, "noise_multiplier": plan.noise_multiplier if plan.private else 0.0,
+            "sample_rate": result.sample_rate, "noise_multiplier": plan.noise_multiplier,
             "upload_bytes": upload, "can_train_next": can_train_next, "refused": 0,
         }
         log.info("round %d: trained on %d examples, %d steps, loss %.4f, epsilon %.3f",
@@ -130,6 +132,8 @@ class VeilClient(NumPyClient):
             return plan, None, None
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
+        if priv.level == "client":
+            return self._plan_client_level(steps, server_round)
         sigma = priv.noise_multiplier
         if priv.target_epsilon > 0:
             sigma = _calibrated_sigma(target_epsilon=priv.target_epsilon, delta=priv.delta, sample_rate=q,
@@ -143,6 +147,38 @@ class VeilClient(NumPyClient):
                          noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
                          grad_sample_mode=priv.grad_sample_mode)
         return plan, event, ledger
+
+    def _plan_client_level(self, steps: int, server_round: int) -> tuple[LocalPlan, LedgerEvent, PrivacyLedger]:
+        """Client-level DP: plain local training; the release is the clipped (and, distributed, noised) update.
+        The node's ledger counts one Gaussian release of multiplier z per round without client-sampling
+        amplification (q = 1): the node cannot verify how the server samples."""
+        from veil.privacy.client_level import planned_noise_multiplier
+        from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+
+        cfg, fed, priv = self.cfg, self.cfg.federation, self.cfg.privacy
+        z = planned_noise_multiplier(noise_multiplier=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
+                                     delta=priv.delta, clients_per_round=fed.clients_per_round,
+                                     num_clients=fed.num_clients, rounds=fed.rounds, accountant=priv.accountant)
+        check_round(self.settings, noise_multiplier=z, sample_rate=0.0)  # q caps are about examples: n/a here
+        ledger = PrivacyLedger.open(self.settings.ledger_path)
+        event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=z, sample_rate=1.0,
+                            steps=1, delta=priv.delta)
+        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=priv.delta, accountant=priv.accountant)
+        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False, noise_multiplier=z,
+                         max_grad_norm=priv.max_grad_norm)
+        return plan, event, ledger
+
+
+def _client_level_release(update: list[np.ndarray], cfg: VeilConfig, z: float) -> list[np.ndarray]:
+    """Clip the whole update to S; with distributed noise, add this client's share N(0, (z·S)²/m)."""
+    from veil.privacy.client_level import add_gaussian_noise, clip_update, distributed_share_std
+
+    clipped, _norm = clip_update(update, clip=cfg.privacy.max_grad_norm)
+    if cfg.privacy.noise_placement != "distributed":
+        return clipped
+    share = distributed_share_std(noise_multiplier=z, clip=cfg.privacy.max_grad_norm,
+                                  clients_per_round=cfg.federation.clients_per_round)
+    return add_gaussian_noise(clipped, std=share)
 
 
 def _check_update(update: list[np.ndarray], cfg: VeilConfig) -> None:

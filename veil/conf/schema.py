@@ -63,6 +63,11 @@ class PrivacyConfig:
     delta: float = 1e-5  # below 1/N for every client's N
     accountant: str = "prv"  # prv (tight) | rdp (fallback; looser)
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus)
+    # sample: DP-SGD on every client (each example protected). client: each client's whole update clipped to
+    # max_grad_norm and Gaussian noise on the round's sum (each client's entire data protected); see
+    # veil/privacy/client_level.py. For client level, noise_multiplier/target_epsilon are z and ε over rounds.
+    level: str = "sample"
+    noise_placement: str = "distributed"  # client level: distributed (each client adds its share) | central
 
 
 @dataclass
@@ -147,6 +152,8 @@ class VeilConfig:
             _label_list("data.labels", self.data.labels)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
         _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
+        _choice("privacy.level", priv.level, ("sample", "client"))
+        _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("model.head_init", model.head_init, ("label_names", "random"))
         _positive_float("model.head_init_scale", model.head_init_scale)

@@ -50,6 +50,31 @@ from veil.task.shards import eval_split, resolve_labels
 log = logging.getLogger("veil.server")
 
 
+def client_level_noise(cfg: VeilConfig) -> float | None:
+    """The run's client-level noise multiplier z (None for sample-level DP or none)."""
+    from veil.privacy.client_level import planned_noise_multiplier
+
+    priv, fed = cfg.privacy, cfg.federation
+    if not (priv.enabled and priv.level == "client"):
+        return None
+    return planned_noise_multiplier(noise_multiplier=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
+                                    delta=priv.delta, clients_per_round=fed.clients_per_round,
+                                    num_clients=fed.num_clients, rounds=fed.rounds, accountant=priv.accountant)
+
+
+def _central_noise_std(cfg: VeilConfig) -> float:
+    z = client_level_noise(cfg)
+    return 0.0 if z is None or cfg.privacy.noise_placement != "central" else z * cfg.privacy.max_grad_norm
+
+
+def _client_level_epsilon(cfg: VeilConfig, z: float, rounds: int) -> float:
+    from veil.privacy.client_level import client_level_epsilon
+
+    fed = cfg.federation
+    return client_level_epsilon(noise_multiplier=z, client_rate=fed.clients_per_round / fed.num_clients,
+                                rounds=rounds, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+
+
 class RunRecorder:
     """After each round: one metrics line, one console line, one checkpoint (in that order: a checkpoint of round k
     implies its metrics line exists; on resume, metrics lines after the checkpoint's round are dropped)."""
@@ -60,6 +85,7 @@ class RunRecorder:
         self.last: dict[str, Any] = {}
         self.rounds_completed = 0
         self.epsilon_max = 0.0
+        self.client_level_z = client_level_noise(cfg)
         self.tensorboard = TensorBoardHook(out_dir / "tensorboard")
         self.progress: RoundProgress | None = None  # made at the first round seen (a resumed run starts later)
 
@@ -75,6 +101,8 @@ class RunRecorder:
         if outcome.completed:
             self.rounds_completed += 1
             self.epsilon_max = max(self.epsilon_max, float(fit.get("epsilon_max", 0.0)))
+            if self.client_level_z is not None:  # client level: ε over rounds with client sampling, server-side
+                self.epsilon_max = _client_level_epsilon(self.cfg, self.client_level_z, self.rounds_completed)
         else:
             log.warning("round %d did not complete (too few clients answered); global weights unchanged", outcome.round)
         row = {
@@ -148,7 +176,7 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
         initial=get_trainable(template), server_lr=cfg.strategy.server_lr,
         clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
         min_clients=cfg.secagg.num_shares if cfg.secagg.enabled else 1,
-        evaluate_fn=make_evaluate_fn(template, data, device=device),
+        central_noise_std=_central_noise_std(cfg), evaluate_fn=make_evaluate_fn(template, data, device=device),
     )
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names)

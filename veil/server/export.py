@@ -32,7 +32,14 @@ def export_global_model(template: nn.Module, arrays: list[np.ndarray], tokenizer
 def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
     """The model card: what was trained, on what kind of data (never the data), under which guarantee."""
     priv, fed = cfg.privacy, cfg.federation
-    if priv.enabled:
+    if priv.enabled and priv.level == "client":
+        guarantee = (
+            f"**(ε = {summary.get('epsilon_max', float('nan')):.3f}, δ = {priv.delta:g})-differential privacy at the "
+            f"client level**: for each client's entire data, over {summary.get('rounds_completed', 0)} rounds with "
+            f"{fed.clients_per_round} of {fed.num_clients} clients sampled per round ({priv.accountant.upper()} "
+            f"accountant; noise {priv.noise_placement}; updates clipped to L2 norm {priv.max_grad_norm:g})."
+        )
+    elif priv.enabled:
         guarantee = (
             f"**(ε = {summary.get('epsilon_max', float('nan')):.3f}, δ = {priv.delta:g})-differential privacy at the "
             f"sample level** for every example of every client, as an upper bound reported by each client's own "
@@ -48,16 +55,16 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         "Trained with veil (secure aggregation was off: the coordinator saw each client's update).",
         "", "## Privacy guarantee", "", guarantee, "",
         "| field | value |", "|---|---|",
-        f"| DP level | {'sample (DP-SGD on each client)' if priv.enabled else 'none'} |",
+        f"| DP level | {_level(cfg)} |",
         f"| ε (max over clients) | {summary.get('epsilon_max', 0.0):.4f} |",
         f"| δ | {priv.delta:g} |",
         f"| accountant | {priv.accountant} |",
-        f"| noise multiplier σ (max) | {summary.get('noise_multiplier_max', 0.0):.4f} |",
+        f"| noise multiplier σ (largest over clients; each calibrated) | {summary.get('noise_multiplier_max', 0.0):.4f} |",
         f"| per-sample clipping norm C | {priv.max_grad_norm:g} |",
         f"| Poisson sample rate q (max) | {summary.get('sample_rate_max', 0.0):.5f} |",
         f"| rounds completed | {summary.get('rounds_completed', 0)} of {fed.rounds} |",
         f"| clients per round | {fed.clients_per_round} of {fed.num_clients} |",
-        f"| local epochs per round | {fed.local_epochs} |",
+        f"| local training per round | {f'{fed.local_steps} steps' if fed.local_steps else f'{fed.local_epochs} epoch(s)'} |",
         f"| secure aggregation | {'SecAgg+' if cfg.secagg.enabled else 'off'} |",
         "", "## Data", "", cfg.data.description,
         "", "## Evaluation", "",
@@ -66,7 +73,17 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         "", "## Model", "",
         f"Base model: {cfg.model.name}; "
         + (f"LoRA r={cfg.model.lora_r} on {cfg.model.lora_targets}, merged into the weights; classification head trained."
-           if cfg.model.lora else "full fine-tuning."),
+           if cfg.model.lora else "full fine-tuning.")
+        + (" The head started from the encoded label names (public; no privacy cost)."
+           if cfg.model.head_init == "label_names" else ""),
         "",
     ]
     return "\n".join(lines)
+
+
+def _level(cfg: VeilConfig) -> str:
+    if not cfg.privacy.enabled:
+        return "none"
+    if cfg.privacy.level == "client":
+        return f"client (update clipping + Gaussian noise, {cfg.privacy.noise_placement})"
+    return "sample (DP-SGD on each client)"

@@ -28,6 +28,8 @@ from flwr.server.criterion import Criterion
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from veil.privacy.client_level import add_gaussian_noise
+
 log = logging.getLogger("veil.strategies")
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
@@ -61,7 +63,7 @@ class DeltaFedAvg(FedAvg):
     """FedAvg whose clients send updates; the global trainable tensors live here."""
 
     def __init__(self, *, initial: NDArrays, server_lr: float = 1.0, clients_per_round: int, num_clients: int,
-                 min_clients: int = 1, evaluate_fn: EvaluateFn | None = None,
+                 min_clients: int = 1, central_noise_std: float = 0.0, evaluate_fn: EvaluateFn | None = None,
                  fit_metrics_aggregation_fn: MetricsAggregationFn | None = aggregate_client_metrics) -> None:
         if server_lr <= 0:
             raise ValueError(f"server_lr={server_lr} must be > 0")
@@ -74,6 +76,7 @@ class DeltaFedAvg(FedAvg):
         self.global_arrays: NDArrays = [np.array(a, dtype=np.float32, copy=True) for a in initial]
         self.server_lr = server_lr
         self.clients_per_round, self.min_clients = clients_per_round, min_clients
+        self.central_noise_std = central_noise_std  # client-level DP, central placement: std z·S on the sum
         self.last_failures: list[str] = []
         self.exhausted: set[int] = set()  # node ids whose owners said their budget allows no further round
         self.stop_reason = ""  # set when too few clients are left to run a round
@@ -119,6 +122,8 @@ class DeltaFedAvg(FedAvg):
         if mean_params is None:
             return None, metrics
         mean = parameters_to_ndarrays(mean_params)
+        if self.central_noise_std > 0:  # the sum gets N(0, (z·S)²), so the mean of n updates gets std z·S/n
+            mean = add_gaussian_noise(mean, std=self.central_noise_std / len(trained))
         if len(mean) != len(self.global_arrays):
             raise ValueError(f"round {server_round}: update has {len(mean)} tensors, the model {len(self.global_arrays)}")
         if not all(np.isfinite(u).all() for u in mean):
