@@ -116,19 +116,29 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def swept_factors(runs: list[Run]) -> list[str]:
-    """Config keys whose value differs between the runs (privacy axis first), in config order."""
-    keys = list(dict.fromkeys(k for r in runs for k in r.config))
-    differ = [k for k in keys if k not in _NOT_FACTORS and len({repr(r.config.get(k)) for r in runs}) > 1]
+    """Config keys whose value differs between the runs, in config order (privacy axis first).
+
+    ``privacy.*`` settings count among the private runs only (a non-private run's noise settings mean nothing),
+    plus ``privacy.enabled`` when private and non-private runs are mixed. A key that some runs lack comes from
+    another veil version, not from the study, and is left out.
+    """
+    keys = [k for k in dict.fromkeys(k for r in runs for k in r.config)
+            if k not in _NOT_FACTORS and all(k in r.config for r in runs)]
+    private = [r for r in runs if r.private]
+    differ = [k for k in keys if _differs(k, private if k.startswith("privacy.") else runs)]
+    if 0 < len(private) < len(runs):
+        differ.insert(0, "privacy.enabled")
     return sorted(differ, key=lambda k: k not in _PRIVACY_AXIS)
 
 
-def run_label(run: Run, factors: list[str]) -> str:
+def _differs(key: str, runs: list[Run]) -> bool:
+    return len({repr(r.config.get(key)) for r in runs}) > 1
+
+
+def run_label(run: Run, factors: list[str], *, skip: tuple[str, ...] = ("privacy.enabled", "privacy.name")) -> str:
     """``target_epsilon=1.0, num_clients=10``; ``non-private, num_clients=10``."""
-    parts = [] if run.private else ["non-private"]
-    for key in factors:
-        if key in _PRIVACY_AXIS and (not run.private or key in ("privacy.enabled", "privacy.name")):
-            continue
-        parts.append(f"{_short(key, factors)}={run.config.get(key)}")
+    shown = [k for k in factors if k not in skip and (run.private or not k.startswith("privacy."))]
+    parts = ([] if run.private else ["non-private"]) + [f"{_short(k, factors)}={run.config.get(k)}" for k in shown]
     return ", ".join(parts) or run.path.name
 
 
@@ -193,20 +203,19 @@ def plot_privacy_utility(runs: list[Run], factors: list[str], path: Path) -> Pat
     plt = _pyplot()
     others = [k for k in factors if k not in _PRIVACY_AXIS]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[tuple[Any, ...], list[Run]] = {}
-    for r in runs:
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for r in (r for r in runs if r.private):
         groups.setdefault(tuple(repr(r.config.get(k)) for k in others), []).append(r)
+    colors: dict[tuple[str, ...], str] = {}  # non-privacy factor values -> colour of the line
     for group in groups.values():
+        group.sort(key=lambda r: r.last["epsilon_max"])
         label = ", ".join(f"{_short(k, others)}={group[0].config.get(k)}" for k in others) or "DP-SGD"
-        private = sorted((r for r in group if r.private), key=lambda r: r.last["epsilon_max"])
-        color = None
-        if private:
-            (line,) = ax.plot([r.last["epsilon_max"] for r in private], [r.last["accuracy"] for r in private],
-                              marker="o", label=label)
-            color = line.get_color()
-        for r in (r for r in group if not r.private):
-            ax.axhline(r.last["accuracy"], linestyle="--", color=color or "black",
-                       label=f"non-private{', ' + label if others else ''} ({r.last['accuracy']:.3f})")
+        (line,) = ax.plot([r.last["epsilon_max"] for r in group], [r.last["accuracy"] for r in group], marker="o",
+                          label=label)
+        colors.setdefault(_plain_factors(group[0], others), line.get_color())
+    for r in (r for r in runs if not r.private):
+        ax.axhline(r.last["accuracy"], linestyle="--", color=colors.get(_plain_factors(r, others), "black"),
+                   label=f"{run_label(r, others)} ({r.last['accuracy']:.3f})")
     baselines = {r.summary["majority_baseline"] for r in runs if "majority_baseline" in r.summary}
     if len(baselines) == 1:
         ax.axhline(baselines.pop(), linestyle=":", color="grey", label="majority-class baseline")
@@ -217,6 +226,10 @@ def plot_privacy_utility(runs: list[Run], factors: list[str], path: Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     return _save(fig, path)
+
+
+def _plain_factors(run: Run, others: list[str]) -> tuple[str, ...]:
+    return tuple(repr(run.config.get(k)) for k in others if not k.startswith("privacy."))
 
 
 def _save(fig: Any, path: Path) -> Path:
