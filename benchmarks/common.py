@@ -10,11 +10,14 @@ thread samples ``psutil``'s RSS every 2 ms instead (it can miss short spikes). O
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime as dt
 import importlib.metadata
 import os
 import platform
+import shlex
+import sys
 import threading
 import time
 from pathlib import Path
@@ -185,3 +188,40 @@ def append_section(path: Path, body: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text(encoding="utf-8") if path.exists() else DOC_HEADER
     path.write_text(text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def section_head(script: str, argv: list[str] | None, info: dict[str, str], settings: str,
+                 extra_versions: tuple[str, ...] = ()) -> list[str]:
+    """The first lines of a recorded section: title with date, the command, settings, machine, load, versions
+    (``extra_versions`` adds packages beyond torch/opacus/transformers/peft, e.g. flwr and ray)."""
+    args = argv if argv is not None else sys.argv[1:]
+    lines = [f"## {script} — {info['date']}", "", f"`python -m benchmarks.{script} {shlex.join(args)}`".replace(
+        f"{script} `", f"{script}`"), "", f"- settings: {settings}"]
+    lines += [f"- {k}: {v}" for k, v in info.items() if k not in ("date", "versions")]
+    lines.append(f"- versions: {versions((*('torch', 'opacus', 'transformers', 'peft'), *extra_versions))}")
+    return lines
+
+
+def add_output_args(ap: argparse.ArgumentParser, *, quick: str, root: Path) -> None:
+    """The flags every benchmark shares: ``--quick`` (its help says what it shrinks), ``--no-record``, ``--output``."""
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to the output file")
+    ap.add_argument("--output", type=Path, default=root / "docs" / "benchmarks.md")
+
+
+def report(script: str, args: argparse.Namespace, argv: list[str] | None, info: dict[str, str], *, settings: str,
+           headers: list[str], rows: list[list[str]], notes: list[str], elapsed: float,
+           extra_versions: tuple[str, ...] = ()) -> None:
+    """Print settings, table and notes; unless ``args.no_record``, append them as a dated section to
+    ``args.output`` (machine, load average at start and end, library versions)."""
+    print(settings)
+    print(text_table(headers, rows))
+    print("\n".join(notes))
+    print(f"elapsed {elapsed:.0f} s; load average at start {info['load average at start']}, at end {load_average()}")
+    if args.no_record:
+        return
+    lines = section_head(script, argv, info, settings, extra_versions)
+    lines += [f"- load average at end: {load_average()} (run took {elapsed:.0f} s)", "",
+              markdown_table(headers, rows), ""] + [f"- {ln}" for ln in notes]
+    append_section(args.output, "\n".join(lines))
+    print(f"appended to {args.output}")

@@ -1,5 +1,6 @@
-"""The DP-overhead benchmark (issue 7) runs end to end on the tiny BERT and prints its table; no timing assertions
-(the machines are shared), and ``--no-record`` keeps docs/benchmarks.md untouched."""
+"""The benchmarks of issue 7 run end to end at their ``--quick`` sizes and print their tables: DP overhead on the
+tiny BERT, upload bytes, SecAgg+ and round overhead in small simulations, and (slow) a loopback deployment. No timing
+assertions (the machines are shared); ``--no-record`` keeps docs/benchmarks.md untouched."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,39 @@ def test_dp_overhead_records_to_given_file(tmp_path: Path) -> None:
     text = out_file.read_text(encoding="utf-8")
     assert text.startswith("# veil benchmarks")
     assert "## dp_overhead" in text and "| full ghost |" in text and "versions: Python" in text
+
+
+FEDERATION_BENCHMARKS = [  # (module, text every run prints)
+    ("upload_bytes", ["SecAgg+ bytes", "lora", "full", "int64"]),
+    ("secagg_overhead", ["SecAgg+ s", "x plain", "collect masked vectors"]),
+    ("round_overhead", ["s/round", "dispatch s", "collection s"]),
+]
+
+
+def _run_quick(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--no-record"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("module, needles", FEDERATION_BENCHMARKS, ids=[m for m, _ in FEDERATION_BENCHMARKS])
+def test_federation_benchmark_quick_prints_table(module: str, needles: list[str]) -> None:
+    # arrange
+    doc = ROOT / "docs" / "benchmarks.md"
+    before = doc.read_bytes() if doc.exists() else None
+    # act
+    proc = _run_quick(module, timeout=300)
+    # assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
+    assert (doc.read_bytes() if doc.exists() else None) == before, "--no-record must not write docs/benchmarks.md"
+
+
+@pytest.mark.slow
+def test_deploy_overhead_quick_prints_table() -> None:
+    """A real loopback deployment (SuperLink + 3 SuperNodes, TLS, SecAgg+): about two minutes on two cores."""
+    proc = _run_quick("deploy_overhead", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "s/round (rounds 2..)" in proc.stdout and "client compute s" in proc.stdout
