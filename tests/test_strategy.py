@@ -30,7 +30,7 @@ def _res(update: list[np.ndarray], weight: int, **metrics: object) -> FitRes:
 def test_mean_update_is_applied_and_refusals_add_nothing() -> None:
     rng = np.random.default_rng(0)
     initial = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
-    strategy = DeltaFedAvg(initial=initial, server_lr=0.5, clients_per_round=3, num_clients=3)
+    strategy = DeltaFedAvg(initial=initial, server_lr=0.5, clients_per_round=3, num_clients=3, join_timeout=0.1)
     updates = [[rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)] for _ in range(2)]
     results = [
         (_Proxy(1), _res(updates[0], 1, epsilon=1.0, train_loss=2.0, can_train_next=True)),

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = preflight(overrides)
     if cfg.resume:  # refuse an incompatible resume before Hydra touches the run directory
         resolved = resolve_paths_and_labels(cfg, Path(cfg.resume).expanduser().resolve())
-        _check_resumable(resolved, to_run_config(resolved))
+        check_resumable(resolved, to_run_config(resolved))
     import hydra
 
     from veil.conf import CONF_DIR
@@ -226,7 +226,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     flat = to_run_config(cfg)
     simulated_node_configs(cfg.federation)
     if cfg.resume:
-        _check_resumable(cfg, flat)
+        check_resumable(cfg, flat)
     write_partition_table(cfg, out_dir / "partitions.csv")
     baseline = majority_baseline_of(cfg)
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
@@ -256,7 +256,7 @@ def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
                                resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
 
 
-def _check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
+def check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
     """Refuse an incompatible resume before starting Flower (the ServerApp checks again)."""
     from veil.server.checkpoint import check_compatible, latest_checkpoint
 

@@ -49,6 +49,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the one HTTPS port of the Fleet, Control and Runtime APIs (Flower's default 8000)")
     parser.add_argument("--run-dir", type=Path, help="outputs and state (default: outputs/deploy-<date>-<time>)")
     parser.add_argument("--timeout", type=float, default=0.0, help="stop the run after this many seconds (0: none)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue a run from its last checkpoint (same overrides; outputs go back into RUN_DIR)")
     parser.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (tests only)")
 
 
@@ -102,6 +104,18 @@ def resolve_config(cfg: Any, run_dir: Path) -> Any:
     return dataclasses.replace(cfg, data=data, output_dir=str(run_dir))
 
 
+def _resumable(cfg: Any, run_dir: Path) -> Any:
+    """The config of a resumed run, after refusing an incompatible one (naming the field) before anything starts."""
+    from veil.conf.runconfig import to_run_config
+    from veil.simulation import check_resumable
+
+    if not (run_dir / "config.resolved.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir} is not a veil run directory (no config.resolved.yaml); give a run's directory")
+    cfg = dataclasses.replace(cfg, resume=str(run_dir))
+    check_resumable(cfg, to_run_config(cfg))
+    return cfg
+
+
 def _prepare(cfg: Any, run_dir: Path) -> tuple[Path, Path]:
     """Write config.resolved.yaml, run_config.toml and the app directory; returns (app_dir, run_config)."""
     import tomli_w
@@ -132,8 +146,12 @@ def run(args: argparse.Namespace) -> int:
     if keys and cfg.federation.num_clients > len(keys):
         raise ConfigError(f"federation.num_clients={cfg.federation.num_clients} but only {len(keys)} node keys are "
                           "registered; lower it or pass more --node-keys")
-    run_dir = (args.run_dir or Path("outputs") / time.strftime("deploy-%Y-%m-%d-%H-%M-%S")).expanduser().resolve()
+    run_dir = (args.resume or args.run_dir or Path("outputs") / time.strftime("deploy-%Y-%m-%d-%H-%M-%S")).expanduser().resolve()
     cfg = resolve_config(cfg, run_dir)  # (3)
+    if args.resume:
+        cfg = _resumable(cfg, run_dir)
+    elif (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pick a new --run-dir or continue it with --resume {run_dir}")
     app_dir, run_config = _prepare(cfg, run_dir)
     from veil.server.session import Session
     from veil.supervise import stop_on_signals

@@ -63,7 +63,7 @@ class DeltaFedAvg(FedAvg):
     """FedAvg whose clients send updates; the global trainable tensors live here."""
 
     def __init__(self, *, initial: NDArrays, server_lr: float = 1.0, clients_per_round: int, num_clients: int,
-                 min_clients: int = 1, central_noise_std: float = 0.0, evaluate_fn: EvaluateFn | None = None,
+                 min_clients: int = 1, central_noise_std: float = 0.0, join_timeout: float = 300.0, evaluate_fn: EvaluateFn | None = None,
                  fit_metrics_aggregation_fn: MetricsAggregationFn | None = aggregate_client_metrics) -> None:
         if server_lr <= 0:
             raise ValueError(f"server_lr={server_lr} must be > 0")
@@ -77,6 +77,8 @@ class DeltaFedAvg(FedAvg):
         self.server_lr = server_lr
         self.clients_per_round, self.min_clients = clients_per_round, min_clients
         self.central_noise_std = central_noise_std  # client-level DP, central placement: std z·S on the sum
+        self.join_timeout = join_timeout
+        self.num_clients = num_clients
         self.last_failures: list[str] = []
         self.exhausted: set[int] = set()  # node ids whose owners said their budget allows no further round
         self.stop_reason = ""  # set when too few clients are left to run a round
@@ -90,6 +92,10 @@ class DeltaFedAvg(FedAvg):
 
         Always sends the weights held here (after a resume they differ from Flower's record of round 0).
         """
+        # Nodes may still be registering (simulation starts the ServerApp while they do; deployed nodes connect
+        # late): wait for a round's worth before judging who is left.
+        client_manager.wait_for(min(self.num_clients, self.clients_per_round + len(self.exhausted)),
+                                timeout=int(self.join_timeout))
         eligible = [p for p in client_manager.all().values() if p.node_id not in self.exhausted]
         wanted = min(self.clients_per_round, len(eligible))
         if wanted < self.min_clients:
