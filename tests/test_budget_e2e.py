@@ -15,7 +15,9 @@ from veil.privacy.accounting import compute_epsilon
 pytestmark = pytest.mark.slow
 
 SIGMA, BATCH, DELTA = 2.0, 4, 1e-5
-PRIVACY = ["privacy=dp_sgd", f"privacy.noise_multiplier={SIGMA}", f"privacy.delta={DELTA}", f"federation.batch_size={BATCH}"]
+# a fixed σ (no calibration) and one epoch per round, so the test can compute each round's ε independently
+PRIVACY = ["privacy=dp_sgd", "privacy.target_epsilon=0", "federation.local_steps=0", f"privacy.noise_multiplier={SIGMA}",
+           f"privacy.delta={DELTA}", f"federation.batch_size={BATCH}"]
 
 
 def _round_epsilons(examples_per_client: int) -> tuple[float, float]:

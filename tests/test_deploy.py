@@ -114,7 +114,7 @@ def _floor_run_config(run_dir: Path, out: Path) -> Path:
     except ModuleNotFoundError:  # pragma: no cover
         import tomli as tomllib  # type: ignore[no-redef]
     cfg = tomllib.loads((run_dir / "run_config.toml").read_text())
-    cfg.update({"veil.privacy.noise_multiplier": 0.3, "veil.federation.batch_size": 32, "veil.federation.rounds": 1,
+    cfg.update({"veil.privacy.noise_multiplier": 0.3, "veil.privacy.target_epsilon": 0.0, "veil.federation.batch_size": 32, "veil.federation.rounds": 1,
                 "veil.secagg.enabled": False, "veil.output_dir": str(out)})
     from_run_config(cfg)  # a valid run config: only the nodes' floors refuse it
     path = out.parent / "floor_run.toml"
@@ -153,7 +153,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     try:
         server, scenario.server_out = _veil("server", [
             "server", *TINY, "data=csv", f"data.test_path={test_file}", "federation.num_clients=3",
-            "federation.clients_per_round=3", f"federation.rounds={ROUNDS}", "privacy.noise_multiplier=0.8",
+            "federation.clients_per_round=3", f"federation.rounds={ROUNDS}", "privacy.noise_multiplier=0.8", "privacy.target_epsilon=0",
             "--certs", str(certs), "--node-keys", str(certs), "--port", str(port), "--run-dir", str(scenario.run_dir),
             "--timeout", "420"], root / "logs")
         procs.append(server)
@@ -206,7 +206,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         try:
             resumed, scenario.resume_out = _veil("server-resume", [
                 "server", *TINY, "data=csv", f"data.test_path={test_file}", "federation.num_clients=3",
-                "federation.clients_per_round=3", f"federation.rounds={ROUNDS + 1}", "privacy.noise_multiplier=0.8",
+                "federation.clients_per_round=3", f"federation.rounds={ROUNDS + 1}", "privacy.noise_multiplier=0.8", "privacy.target_epsilon=0",
                 "--certs", str(certs), "--node-keys", str(certs), "--port", str(port), "--resume",
                 str(scenario.run_dir), "--timeout", "240"], root / "logs")
             procs.append(resumed)

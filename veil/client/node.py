@@ -146,9 +146,9 @@ class _Watch:
 
 
 def run(args: argparse.Namespace) -> int:
+    preflight(args)  # (1) a refused start stays one line: the warning comes once the checks pass
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    preflight(args)  # (1)
     stop_on_signals()
     node_dir = args.node_dir.expanduser().resolve()
     runtime_port = args.runtime_port or free_port()

@@ -134,14 +134,14 @@ def _prepare(cfg: Any, run_dir: Path) -> tuple[Path, Path]:
 def run(args: argparse.Namespace) -> int:
     from veil.simulation import preflight
 
-    if args.insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     overrides = list(args.overrides)
     if not any(o.startswith(("data.train_path=", "+data.train_path=")) for o in overrides):
         # A coordinator needs no training file; the checks before the run read the evaluation file instead.
         overrides.append("data.train_path=${data.test_path}")
     cfg = preflight(overrides)  # (1)
     tls = _tls_files(args)  # (2)
+    if args.insecure:  # once the checks pass, so a refused start stays one line
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     keys = _node_keys(args)
     if keys and cfg.federation.num_clients > len(keys):
         raise ConfigError(f"federation.num_clients={cfg.federation.num_clients} but only {len(keys)} node keys are "
