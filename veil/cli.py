@@ -27,7 +27,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _quiet_environment() -> None:
+def quiet_environment() -> None:
     """No telemetry, no update checks, no hub downloads from any veil process (DESIGN.md decisions 9, 10)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -39,7 +39,7 @@ def _quiet_environment() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``veil`` console script; returns the process exit status."""
-    _quiet_environment()
+    quiet_environment()
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="veil", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
