@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,11 +34,11 @@ from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_rou
 from veil.conf.runconfig import from_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
 from veil.errors import NodeRefusal, SecAggRangeError, VeilError
+from veil.task.model import build_model, resolve_device
+from veil.task.shards import client_shard, resolve_labels
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
-from veil.task.model import build_model, resolve_device
-from veil.task.shards import client_shard, resolve_labels
 
 log = logging.getLogger("veil.client")
 
@@ -91,8 +90,7 @@ class VeilClient(NumPyClient):
             following = dataclasses.replace(event, round=event.round + 1)
             can_train_next = ledger.epsilon_if(following, delta=cfg.privacy.delta,
                                                accountant=cfg.privacy.accountant).epsilon <= settings.max_epsilon
-        values = sum(int(a.size) for a in result.update)
-        upload = values * (8 if cfg.secagg.enabled else 4)  # SecAgg+ sends int64 masked values, else float32
+        upload = _upload_bytes(result.update, cfg)
         metrics = {
             "train_loss": result.loss, "num_examples": examples, "epsilon": epsilon, "steps": result.steps,
             "sample_rate": result.sample_rate, "noise_multiplier": plan.noise_multiplier,
@@ -116,9 +114,8 @@ class VeilClient(NumPyClient):
             ledger = PrivacyLedger.open(self.settings.ledger_path)
             epsilon = ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant).epsilon
         zeros = [np.zeros_like(p) for p in parameters]
-        values = sum(int(a.size) for a in zeros)
         metrics = {"refused": 1, "can_train_next": False, "epsilon": epsilon, "num_examples": 0, "steps": 0,
-                   "upload_bytes": values * (8 if self.cfg.secagg.enabled else 4)}
+                   "upload_bytes": _upload_bytes(zeros, self.cfg)}
         return zeros, 0, metrics
 
     def _plan(self, examples: int, server_round: int) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
@@ -152,13 +149,13 @@ class VeilClient(NumPyClient):
         """Client-level DP: plain local training; the release is the clipped (and, distributed, noised) update.
         The node's ledger counts one Gaussian release of multiplier z per round without client-sampling
         amplification (q = 1): the node cannot verify how the server samples."""
-        from veil.privacy.client_level import planned_noise_multiplier
+        from veil.privacy.client_level import run_noise_multiplier
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
-        cfg, fed, priv = self.cfg, self.cfg.federation, self.cfg.privacy
-        z = planned_noise_multiplier(noise_multiplier=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
-                                     delta=priv.delta, clients_per_round=fed.clients_per_round,
-                                     num_clients=fed.num_clients, rounds=fed.rounds, accountant=priv.accountant)
+        fed, priv = self.cfg.federation, self.cfg.privacy
+        z = run_noise_multiplier(self.cfg)
+        if z is None:
+            raise ValueError("_plan_client_level is only for runs with privacy.level=client")
         check_round(self.settings, noise_multiplier=z, sample_rate=0.0)  # q caps are about examples: n/a here
         ledger = PrivacyLedger.open(self.settings.ledger_path)
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=z, sample_rate=1.0,
@@ -167,6 +164,11 @@ class VeilClient(NumPyClient):
         plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False, noise_multiplier=z,
                          max_grad_norm=priv.max_grad_norm)
         return plan, event, ledger
+
+
+def _upload_bytes(update: list[np.ndarray], cfg: VeilConfig) -> int:
+    """Bytes of the update on the wire: SecAgg+ sends int64 masked values, plain aggregation float32."""
+    return sum(int(a.size) for a in update) * (8 if cfg.secagg.enabled else 4)
 
 
 def _client_level_release(update: list[np.ndarray], cfg: VeilConfig, z: float) -> list[np.ndarray]:

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 from veil.errors import VeilError

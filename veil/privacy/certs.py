@@ -272,8 +272,8 @@ def run(args: argparse.Namespace) -> int:
     names = ", ".join(n.strip() for n in args.server_name.split(","))
     nodes = "" if args.nodes == 1 else f" .. node-{args.nodes}"
     print(f"Wrote to {out}:")
-    print(f"  ca.crt                 CA certificate: give to the server and every node")
-    print(f"  ca.key                 CA private key: keep offline, only needed to issue new certificates")
+    print("  ca.crt                 CA certificate: give to the server and every node")
+    print("  ca.key                 CA private key: keep offline, only needed to issue new certificates")
     print(f"  server.pem server.key  server TLS certificate and key (SANs: {names})")
     print(f"  node-1{nodes}.key   node i's private key: give to data owner i only")
     print(f"  node-1{nodes}.pub   node public keys: register them on the server")

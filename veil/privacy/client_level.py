@@ -20,10 +20,15 @@ from __future__ import annotations
 import math
 import secrets
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from veil.privacy.accounting import compute_epsilon
 from veil.privacy.calibration import calibrate_noise_multiplier
+
+if TYPE_CHECKING:
+    from veil.conf.schema import VeilConfig
 
 
 def clip_update(update: list[np.ndarray], *, clip: float) -> tuple[list[np.ndarray], float]:
@@ -63,11 +68,14 @@ def calibrate_client_level(*, target_epsilon: float, delta: float, client_rate: 
                                       steps=rounds, accountant=accountant)
 
 
-def planned_noise_multiplier(*, noise_multiplier: float, target_epsilon: float, delta: float, clients_per_round: int,
-                             num_clients: int, rounds: int, accountant: str = "prv") -> float:
-    """The run's z: calibrated to ``target_epsilon`` when set (> 0), else ``noise_multiplier``; the server and
-    every client compute the same value from the run config."""
-    if target_epsilon > 0:
-        return calibrate_client_level(target_epsilon=target_epsilon, delta=delta,
-                                      client_rate=clients_per_round / num_clients, rounds=rounds, accountant=accountant)
-    return noise_multiplier
+def run_noise_multiplier(cfg: VeilConfig) -> float | None:
+    """The run's z (None unless the run uses client-level DP): calibrated to ``privacy.target_epsilon`` when set,
+    else ``privacy.noise_multiplier``. The server and every client compute the same value from the run config."""
+    priv, fed = cfg.privacy, cfg.federation
+    if not (priv.enabled and priv.level == "client"):
+        return None
+    if priv.target_epsilon > 0:
+        return calibrate_client_level(target_epsilon=priv.target_epsilon, delta=priv.delta,
+                                      client_rate=fed.clients_per_round / fed.num_clients, rounds=fed.rounds,
+                                      accountant=priv.accountant)
+    return priv.noise_multiplier

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import VeilConfig
 from veil.errors import ConfigError, VeilError
+from veil.privacy.client_level import run_noise_multiplier
 from veil.server.checkpoint import (
     Checkpoint,
     check_compatible,
@@ -50,20 +51,8 @@ from veil.task.shards import eval_split, resolve_labels
 log = logging.getLogger("veil.server")
 
 
-def client_level_noise(cfg: VeilConfig) -> float | None:
-    """The run's client-level noise multiplier z (None for sample-level DP or none)."""
-    from veil.privacy.client_level import planned_noise_multiplier
-
-    priv, fed = cfg.privacy, cfg.federation
-    if not (priv.enabled and priv.level == "client"):
-        return None
-    return planned_noise_multiplier(noise_multiplier=priv.noise_multiplier, target_epsilon=priv.target_epsilon,
-                                    delta=priv.delta, clients_per_round=fed.clients_per_round,
-                                    num_clients=fed.num_clients, rounds=fed.rounds, accountant=priv.accountant)
-
-
 def _central_noise_std(cfg: VeilConfig) -> float:
-    z = client_level_noise(cfg)
+    z = run_noise_multiplier(cfg)
     return 0.0 if z is None or cfg.privacy.noise_placement != "central" else z * cfg.privacy.max_grad_norm
 
 
@@ -85,7 +74,7 @@ class RunRecorder:
         self.last: dict[str, Any] = {}
         self.rounds_completed = 0
         self.epsilon_max = 0.0
-        self.client_level_z = client_level_noise(cfg)
+        self.client_level_z = run_noise_multiplier(cfg)
         self.tensorboard = TensorBoardHook(out_dir / "tensorboard")
         self.progress: RoundProgress | None = None  # made at the first round seen (a resumed run starts later)
 
