@@ -224,7 +224,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
-    simulated_node_configs(cfg.federation)
+    simulated_node_configs(cfg)
     if cfg.resume:
         check_resumable(cfg, flat)
     write_partition_table(cfg, out_dir / "partitions.csv")
@@ -306,20 +306,35 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[st
     return rows
 
 
-def simulated_node_configs(fed: Any) -> dict[int, dict[str, Any]]:
-    """Per-partition node config of the simulated owners, from ``federation.node_max_epsilon``."""
+def simulated_node_configs(cfg: Any) -> dict[int, dict[str, Any]]:
+    """Per-partition node config of the simulated owners.
+
+    In a simulation the researcher is every owner: each simulated node accepts the run's own choices (its δ, plain
+    aggregation when secagg=off, central noise when asked, a cohort of clients_per_round for client-level noise
+    shares), and its ε budget comes from ``federation.node_max_epsilon``. A real node sets all of these itself.
+    """
+    fed, priv = cfg.federation, cfg.privacy
+    policy: dict[str, Any] = {
+        "delta": float(priv.delta), "allow-plain-aggregation": not cfg.secagg.enabled,
+        "allow-central-noise": priv.noise_placement == "central",
+        "min-cohort": int(getattr(fed, "clients_per_round", 0) or fed.num_clients),
+    }
+    nodes = {i: dict(policy) for i in range(fed.num_clients)}
     spec = fed.node_max_epsilon.strip()
     if not spec:
-        return {}
+        return nodes
     try:
         if ":" not in spec:
-            return {i: {"max-epsilon": float(spec)} for i in range(fed.num_clients)}
-        pairs = (item.split(":") for item in spec.split(","))
-        return {int(i): {"max-epsilon": float(eps)} for i, eps in pairs}
+            budgets = {i: float(spec) for i in range(fed.num_clients)}
+        else:
+            budgets = {int(i): float(eps) for i, eps in (item.split(":") for item in spec.split(","))}
     except ValueError as err:
         raise ConfigError(
             f"federation.node_max_epsilon={spec!r} is invalid: expected a number or 'ID:EPS,ID:EPS'"
         ) from err
+    for i, eps in budgets.items():
+        nodes.setdefault(i, dict(policy))["max-epsilon"] = eps
+    return nodes
 
 
 def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
@@ -339,7 +354,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
             run_simulation(
                 server_app=make_server_app(flat),
                 client_app=make_client_app(flat, simulation_root=out_dir / "nodes",
-                                           simulated_nodes=simulated_node_configs(fed)),
+                                           simulated_nodes=simulated_node_configs(cfg)),
                 num_supernodes=fed.num_clients, backend_config=backend,
             )
         except VeilError:

@@ -1,12 +1,24 @@
-"""The veil ClientApp: one data owner's node.
+"""The veil ClientApp: one data owner's node, which protects its owner against the coordinator.
 
 Flower legacy API on purpose (DESIGN.md decision 2): SecAgg+ works only with a ``NumPyClient`` behind
 ``secaggplus_mod``. The same app object serves simulation and deployment; in simulation the launcher passes the
 composed run config as defaults, in deployment it arrives in ``context.run_config``.
 
-One round on the node: read the owner's settings (node config), load the shard and the model (cached per process),
-check the owner's ε budget for this round *before* training, train under DP-SGD, record the release in the on-disk
-ledger, and return the update (trained - received) of the trainable tensors, weighted 1 (see ``fit``).
+The coordinator writes the run config and the weights, so both are checked, never trusted (DESIGN.md decisions 7
+and 12). One round on the node, in this order:
+
+1. the run config against the owner's policy (:mod:`veil.client.floor`), the received weights (finite, the
+   model's shapes, in range) — nothing read from the data yet;
+2. the owner's shard (examples whose label is not in the run's label set are skipped and counted in the log);
+3. the plan: σ from the owner's δ, calibrated to the run's target and to what the owner's ledger leaves; the
+   owner's floor; the round **booked in the ledger before training** (a crash after booking over-counts: safe);
+4. DP-SGD (OS-seeded Poisson sampling and noise, non-finite per-sample gradients zeroed), or the client-level
+   release (clipped update plus this node's noise share);
+5. the reply: the update (post-processed: non-finite values zeroed, scaled into the SecAgg+ range, logged) with
+   weight 1, and :data:`REPLY_KEYS` only — none depends on the data beyond what docs/privacy.md lists.
+
+Every refusal (policy, budget, bad weights, a node-side error) is the same reply: zero update, weight 0, the same
+keys. Training loss, example count, sampling rate and ε stay in the node's log and ledger.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,19 +41,24 @@ from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.clientapp.typing import ClientAppCallable
 
-from veil.client.floor import check_round, check_run
+from veil.client.floor import check_delta, check_round, check_run
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
 from veil.conf.runconfig import from_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
-from veil.errors import NodeRefusal, SecAggRangeError, VeilError
-from veil.task.model import build_model, resolve_device
-from veil.task.shards import client_shard, resolve_labels
+from veil.errors import NodeRefusal, PrivacyBudgetExhausted, VeilError
+from veil.task.model import build_model, get_trainable, resolve_device
+from veil.task.shards import client_shard, node_labels
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
 log = logging.getLogger("veil.client")
+
+# Everything a reply carries besides the update and its weight (docs/privacy.md, "What leaves a node").
+REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
+# Received weights beyond this magnitude are refused before any data is touched (LoRA adapters and heads are O(1)).
+MAX_RECEIVED_ABS = 1e4
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,110 +78,170 @@ def _calibrated_sigma(*, target_epsilon: float, delta: float, sample_rate: float
     return sigma
 
 
+def owner_model(cfg: VeilConfig, settings: NodeSettings) -> ModelConfig:
+    """The model this node loads: a deployed node's own ``--model`` directory (never a run-config path)."""
+    if settings.simulated or cfg.model.tiny:
+        return cfg.model
+    return dataclasses.replace(cfg.model, path=settings.model_path or "")
+
+
 class VeilClient(NumPyClient):
-    """Trains on one node's data; never returns raw data, gradients or paths, only the update and aggregates."""
+    """Trains on one node's data; returns only the DP release and data-independent fields (:data:`REPLY_KEYS`)."""
 
     def __init__(self, cfg: VeilConfig, settings: NodeSettings, run_id: int) -> None:
         self.cfg, self.settings, self.run_id = cfg, settings, run_id
 
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        cfg, settings = self.cfg, self.settings
         server_round = int(config.get("server_round", 0))
-        labels = resolve_labels(cfg.data)
-        shard = client_shard(cfg, settings, labels)
-        examples = int(shard["labels"].shape[0])
-        template = _template(json.dumps(cfg.model.__dict__, sort_keys=True), tuple(labels), cfg.federation.seed)
         try:
-            plan, event, ledger = self._plan(examples, server_round)
+            return self._fit(parameters, server_round)
         except NodeRefusal as refusal:
             return self._refuse(parameters, refusal, server_round)
-        seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)
-        device = resolve_device(settings.device or cfg.device)
-        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)
-        if cfg.privacy.enabled and cfg.privacy.level == "client":
-            result = dataclasses.replace(result, update=_client_level_release(result.update, cfg, plan.noise_multiplier))
-        _check_update(result.update, cfg)
-        epsilon, can_train_next = 0.0, True
+        except VeilError as err:  # the owner's data file or settings: the owner's log says which, the reply not
+            log.error("round %d: this node cannot train: %s", server_round, err)
+            return self._refuse(parameters, err, server_round)
+
+    def _fit(self, parameters: list[np.ndarray], server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        cfg, settings = self.cfg, self.settings
+        check_run(settings, cfg)  # (1) the run against the owner's policy: no data read yet
+        labels = node_labels(cfg, settings)
+        model_cfg = owner_model(cfg, settings)
+        template = _template(json.dumps(model_cfg.__dict__, sort_keys=True), tuple(labels), cfg.federation.seed)
+        check_received(parameters, get_trainable(template))
+        shard = client_shard(cfg, settings, labels)  # (2)
+        examples = int(shard["labels"].shape[0])
+        delta = settings.owner_delta(examples)
+        if cfg.privacy.enabled:
+            check_delta(settings, run_delta=cfg.privacy.delta, owner_delta=delta)
+        plan, event, ledger = self._plan(examples, server_round, delta)  # (3)
         if ledger is not None and event is not None:
-            ledger.record(event)  # recorded before the update leaves the node
-            epsilon = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant).epsilon
+            ledger.record(event)  # booked BEFORE training: whatever happens next, this release is counted
+        seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)  # dropout only
+        device = resolve_device(settings.device or cfg.device)
+        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)  # (4)
+        update, noise_std = result.update, 0.0
+        if cfg.privacy.enabled and cfg.privacy.level == "client":
+            update, noise_std = _client_level_release(update, cfg, settings, plan.noise_multiplier)
+        update = postprocess_update(update, cfg)  # (5)
+        can_train_next, epsilon = True, 0.0
+        if ledger is not None and event is not None:
+            epsilon = ledger.epsilon(delta=delta, accountant=cfg.privacy.accountant).epsilon
             following = dataclasses.replace(event, round=event.round + 1)
-            can_train_next = ledger.epsilon_if(following, delta=cfg.privacy.delta,
+            can_train_next = ledger.epsilon_if(following, delta=delta,
                                                accountant=cfg.privacy.accountant).epsilon <= settings.max_epsilon
-        upload = _upload_bytes(result.update, cfg)
-        metrics = {
-            "train_loss": result.loss, "num_examples": examples, "epsilon": epsilon, "steps": result.steps,
-            "sample_rate": result.sample_rate, "noise_multiplier": plan.noise_multiplier,
-            "upload_bytes": upload, "can_train_next": can_train_next, "refused": 0,
-        }
-        log.info("round %d: trained on %d examples, %d steps, loss %.4f, epsilon %.3f",
-                 server_round, examples, result.steps, result.loss, epsilon)
+        log.info("round %d: trained on %d examples, %d steps, sigma %.4f, q %.5f, loss %.4f, ledger epsilon %.3f "
+                 "(delta %g)", server_round, examples, result.steps, plan.noise_multiplier, result.sample_rate,
+                 result.loss, epsilon, delta)
         # Weight 1 for every client: SecAgg+ scales each vector by weight/max_weight (max_weight=1 keeps full
         # quantisation precision) and a size weight would tell the server each owner's data size.
-        return result.update, 1, metrics
+        return update, 1, self._reply(update, can_train_next=can_train_next, refused=False, noise_std=noise_std)
 
-    def _refuse(self, parameters: list[np.ndarray], refusal: NodeRefusal,
+    def _reply(self, update: list[np.ndarray], *, can_train_next: bool, refused: bool,
+               noise_std: float) -> dict[str, Any]:
+        return {"can_train_next": bool(can_train_next), "refused": int(refused),
+                "upload_bytes": _upload_bytes(update, self.cfg), "noise_std": float(noise_std)}
+
+    def _refuse(self, parameters: list[np.ndarray], refusal: VeilError,
                 server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Decline the round without leaving it: a zero update with weight 0 keeps SecAgg+'s thresholds intact
-        and adds nothing to the mean; ``can_train_next=False`` tells the server not to sample this node again."""
+        and adds nothing to the mean; ``can_train_next=False`` tells the server not to sample this node again.
+        The reply is the same whatever the reason; the reason goes to the owner's log only."""
         log.warning("round %d: refusing to train: %s", server_round, refusal)
-        epsilon = 0.0
-        if self.cfg.privacy.enabled and self.settings.ledger_path.exists():
-            from veil.privacy.ledger import PrivacyLedger
+        zeros = [np.zeros(np.shape(p), dtype=np.float32) for p in parameters]
+        return zeros, 0, self._reply(zeros, can_train_next=False, refused=True, noise_std=0.0)
 
-            ledger = PrivacyLedger.open(self.settings.ledger_path)
-            epsilon = ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant).epsilon
-        zeros = [np.zeros_like(p) for p in parameters]
-        metrics = {"refused": 1, "can_train_next": False, "epsilon": epsilon, "num_examples": 0, "steps": 0,
-                   "upload_bytes": _upload_bytes(zeros, self.cfg)}
-        return zeros, 0, metrics
-
-    def _plan(self, examples: int, server_round: int) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
+    def _plan(self, examples: int, server_round: int,
+              delta: float) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
         cfg, fed, priv = self.cfg, self.cfg.federation, self.cfg.privacy
         q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
         steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
-        if not priv.enabled:  # no DP: ε is unbounded, so an owner with any budget or floor refuses
-            check_run(self.settings, cfg)
+        if not priv.enabled:  # allowed only on a node without any limit (check_run)
             plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False,
                              noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
             return plan, None, None
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
+        ledger = PrivacyLedger.open(self.settings.ledger_path)
         if priv.level == "client":
-            return self._plan_client_level(steps, server_round)
+            return self._plan_client_level(steps, server_round, delta, ledger)
         sigma = priv.noise_multiplier
         if priv.target_epsilon > 0:
-            sigma = _calibrated_sigma(target_epsilon=priv.target_epsilon, delta=priv.delta, sample_rate=q,
+            sigma = _calibrated_sigma(target_epsilon=priv.target_epsilon, delta=delta, sample_rate=q,
                                       steps=steps * fed.rounds, accountant=priv.accountant)
+        sigma = max(sigma, self._sigma_for_budget(ledger, sigma=sigma, q=q, steps=steps, server_round=server_round,
+                                                  delta=delta))
         check_round(self.settings, noise_multiplier=sigma, sample_rate=q)  # the owner's floor (floor.py)
-        ledger = PrivacyLedger.open(self.settings.ledger_path)
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
-                            steps=steps, delta=priv.delta)
-        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=priv.delta, accountant=priv.accountant)
+                            steps=steps, delta=delta)
+        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
         plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=True,
                          noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
                          grad_sample_mode=priv.grad_sample_mode)
         return plan, event, ledger
 
-    def _plan_client_level(self, steps: int, server_round: int) -> tuple[LocalPlan, LedgerEvent, PrivacyLedger]:
-        """Client-level DP: plain local training; the release is the clipped (and, distributed, noised) update.
-        The node's ledger counts one Gaussian release of multiplier z per round without client-sampling
-        amplification (q = 1): the node cannot verify how the server samples."""
+    def _sigma_for_budget(self, ledger: PrivacyLedger, *, sigma: float, q: float, steps: int, server_round: int,
+                          delta: float) -> float:
+        """σ that fits the run's remaining rounds into what the owner's ledger leaves of its budget (review L2):
+        ``sigma`` itself when it fits, else the calibrated larger one (else ``sigma``: the budget check refuses)."""
+        budget, priv = self.settings.max_epsilon, self.cfg.privacy
+        if not math.isfinite(budget) or priv.target_epsilon <= 0:
+            return sigma
+        remaining = max(self.cfg.federation.rounds - max(server_round, 1) + 1, 1) * steps
+        if ledger.epsilon_if(_event(sigma, q, remaining, delta), delta=delta, accountant=priv.accountant).epsilon <= budget:
+            return sigma
+        from veil.privacy.calibration import calibrate_noise_multiplier
+
+        try:
+            return calibrate_noise_multiplier(target_epsilon=budget, delta=delta, sample_rate=q, steps=remaining,
+                                              accountant=priv.accountant, history=ledger.history())
+        except VeilError:
+            return sigma
+
+    def _plan_client_level(self, steps: int, server_round: int, delta: float,
+                           ledger: PrivacyLedger) -> tuple[LocalPlan, LedgerEvent, PrivacyLedger]:
+        """Client-level DP: plain local training; the release is the clipped update plus this node's noise share.
+
+        The share is z·S/sqrt(min-cohort), the owner's own cohort assumption (never the run's clients_per_round):
+        with min-cohort 1 this node's noise alone gives the sum std z·S. Per record, two clipped updates differ by
+        up to 2S, so the ledger books a Gaussian of multiplier z/2, without client-sampling amplification (q = 1)."""
         from veil.privacy.client_level import run_noise_multiplier
-        from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+        from veil.privacy.ledger import LedgerEvent
 
         fed, priv = self.cfg.federation, self.cfg.privacy
         z = run_noise_multiplier(self.cfg)
         if z is None:
             raise ValueError("_plan_client_level is only for runs with privacy.level=client")
-        check_round(self.settings, noise_multiplier=z, sample_rate=0.0)  # q caps are about examples: n/a here
-        ledger = PrivacyLedger.open(self.settings.ledger_path)
-        event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=z, sample_rate=1.0,
-                            steps=1, delta=priv.delta)
-        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=priv.delta, accountant=priv.accountant)
+        per_record = z / 2.0
+        check_round(self.settings, noise_multiplier=per_record, sample_rate=0.0)  # q caps are about examples
+        event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=per_record, sample_rate=1.0,
+                            steps=1, delta=delta)
+        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
         plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False, noise_multiplier=z,
                          max_grad_norm=priv.max_grad_norm)
         return plan, event, ledger
+
+
+def _event(sigma: float, q: float, steps: int, delta: float) -> LedgerEvent:
+    from veil.privacy.ledger import LedgerEvent
+
+    return LedgerEvent(run_id="planned", round=0, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+
+
+def check_received(parameters: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    """Refuse weights that are not the model's trainable tensors, or not finite, or absurdly large — before any
+    data is read, so that the check says nothing about the data.
+
+    Raises
+    ------
+    NodeRefusal
+        A count or shape mismatch, a non-finite value, or a value beyond :data:`MAX_RECEIVED_ABS`.
+    """
+    if len(parameters) != len(expected) or any(np.shape(a) != np.shape(b) for a, b in zip(parameters, expected)):
+        raise NodeRefusal("the received weights do not match this node's model (count or shapes differ)")
+    for a in parameters:
+        arr = np.asarray(a)
+        if arr.size and not (np.isfinite(arr).all() and float(np.abs(arr).max()) <= MAX_RECEIVED_ABS):
+            raise NodeRefusal(f"the received weights hold a non-finite value or one beyond +-{MAX_RECEIVED_ABS:g}")
 
 
 def _upload_bytes(update: list[np.ndarray], cfg: VeilConfig) -> int:
@@ -171,29 +249,38 @@ def _upload_bytes(update: list[np.ndarray], cfg: VeilConfig) -> int:
     return sum(int(a.size) for a in update) * (8 if cfg.secagg.enabled else 4)
 
 
-def _client_level_release(update: list[np.ndarray], cfg: VeilConfig, z: float) -> list[np.ndarray]:
-    """Clip the whole update to S; with distributed noise, add this client's share N(0, (z·S)²/m)."""
+def _client_level_release(update: list[np.ndarray], cfg: VeilConfig, settings: NodeSettings,
+                          z: float) -> tuple[list[np.ndarray], float]:
+    """Clip the whole update to S; with distributed noise, add this node's share N(0, (z·S)²/min-cohort).
+    Returns the release and the share's std (0 with central noise, which only an opted-in owner accepts)."""
     from veil.privacy.client_level import add_gaussian_noise, clip_update, distributed_share_std
 
     clipped, _norm = clip_update(update, clip=cfg.privacy.max_grad_norm)
     if cfg.privacy.noise_placement != "distributed":
-        return clipped
+        return clipped, 0.0
     share = distributed_share_std(noise_multiplier=z, clip=cfg.privacy.max_grad_norm,
-                                  clients_per_round=cfg.federation.clients_per_round)
-    return add_gaussian_noise(clipped, std=share)
+                                  clients_per_round=settings.min_cohort)
+    return add_gaussian_noise(clipped, std=share), share
 
 
-def _check_update(update: list[np.ndarray], cfg: VeilConfig) -> None:
-    """Never send a non-finite update, and never let SecAgg+ clip one silently."""
-    if not all(np.isfinite(a).all() for a in update):
-        raise VeilError("local training produced a non-finite update (NaN/Inf); lower federation.lr or check the data")
+def postprocess_update(update: list[np.ndarray], cfg: VeilConfig) -> list[np.ndarray]:
+    """Make the DP release sendable — post-processing, so no privacy cost and nothing the server can tell apart:
+    non-finite values become 0, and an update beyond SecAgg+'s clipping range is scaled into it (never clipped
+    value by value). Both are logged on the node."""
+    out = [np.asarray(a, dtype=np.float32) for a in update]
+    bad = sum(int((~np.isfinite(a)).sum()) for a in out)
+    if bad:
+        log.warning("the update had %d non-finite value(s); they are sent as 0", bad)
+        out = [np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for a in out]
     if cfg.secagg.enabled:
-        peak = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
-        if peak > cfg.secagg.clipping_range:
-            raise SecAggRangeError(
-                f"an update value of {peak:.3g} lies outside secagg.clipping_range={cfg.secagg.clipping_range}; "
-                "raise secagg.clipping_range or lower federation.lr"
-            )
+        peak = max((float(np.abs(a).max()) for a in out if a.size), default=0.0)
+        limit = cfg.secagg.clipping_range
+        if peak > limit:
+            factor = np.float32(limit / peak * (1 - 1e-6))
+            log.warning("an update value of %.3g lies outside secagg.clipping_range=%g; the update is scaled by %.3g "
+                        "to fit (raise secagg.clipping_range or lower federation.lr)", peak, limit, factor)
+            out = [a * factor for a in out]
+    return out
 
 
 def quiet_worker() -> None:
@@ -202,7 +289,6 @@ def quiet_worker() -> None:
     logging.getLogger("flwr").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -9,8 +9,9 @@ installed veil (:mod:`veil.client.trust`), and only then calls the *installed* `
 never unpacked or imported. A foreign FAB gets an error reply and one log line, and the executor waits for the next
 task, so the node stays up for legitimate runs.
 
-Before training it also applies the owner's run-level floor (:func:`veil.client.floor.check_run`). A reply never
-carries an error's text: it may name local paths (DESIGN.md decision 7), so the server sees only its class name.
+The owner's policy is applied inside the ClientApp (:mod:`veil.client.floor`), whose refusals are ordinary replies.
+An error reply never carries an error's text or even its class: either may depend on the owner's data or name local
+paths (DESIGN.md decision 7), so the server gets one fixed line and the node's log keeps the cause.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from veil.errors import VeilError
 log = logging.getLogger("veil.client")
 
 _HEARTBEAT_SECONDS = 10.0
+DECLINED = "veil node declined the round; the reason is in the node's own log"
 
 
 def _runtime_client(address: str, token: str | None) -> Any:
@@ -83,23 +85,17 @@ def _execute(message: Any, context: Any) -> tuple[Any, str, str]:
     from flwr.common.constant import ErrorCode, SubStatus
 
     from veil.client.app import app as installed_app
-    from veil.client.floor import check_run
-    from veil.client.settings import node_settings
-    from veil.conf.runconfig import from_run_config
 
     try:
-        check_run(node_settings(dict(context.node_config)), from_run_config(dict(context.run_config)))
         return installed_app(message=message, context=context), SubStatus.COMPLETED, ""
-    except Exception as err:  # every failure becomes an error reply; the executor lives on
+    except Exception as err:  # every failure becomes the same error reply; the executor lives on
         veil_err = _veil_error_in(err)
         if veil_err is not None:
             log.error("run %d: round declined: %s", context.run_id, veil_err)
-            reason = f"veil node declined the round ({type(veil_err).__name__})"
         else:
             log.exception("run %d: the veil ClientApp failed", context.run_id)
-            reason = f"veil node failed ({type(err).__name__}); details are in the node's log"
-        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-        return reply, SubStatus.FAILED, reason
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=DECLINED), reply_to=message)
+        return reply, SubStatus.FAILED, DECLINED
 
 
 def run_task(address: str, token: str, expected_hash: str) -> bool:

@@ -4,7 +4,9 @@ The owner sets, in the node's own configuration (``veil client --max-epsilon --m
 --max-sample-rate``), an ε budget (checked against the on-disk ledger in :mod:`veil.client.app`), a minimum noise
 multiplier σ and a maximum Poisson sampling rate q. A coordinator, or anyone who can submit a run, may ask for less
 noise or larger batches; the node then refuses the round before training. A run that turns DP-SGD off is refused
-outright by a node whose owner set any limit: without noise the ε of a release is unbounded.
+outright by a node whose owner set any limit: without noise the ε of a release is unbounded. The rest of the
+owner's policy is checked here too (:func:`check_run`, :func:`check_delta`): the owner's δ, whether plain
+aggregation or server-side noise is acceptable, and which model directory and label source a deployed node uses.
 
 The checks raise :class:`PrivacyFloorError`, a :class:`veil.errors.PrivacyBudgetExhausted`: the node declines the
 round and the server goes on without it, as for an exhausted budget.
@@ -17,7 +19,7 @@ from typing import Any
 
 from veil.errors import PrivacyBudgetExhausted
 
-__all__ = ["PrivacyFloorError", "check_round", "check_run", "has_floor"]
+__all__ = ["PrivacyFloorError", "check_delta", "check_round", "check_run", "has_floor"]
 
 
 class PrivacyFloorError(PrivacyBudgetExhausted):
@@ -71,15 +73,53 @@ def check_round(settings: Any, *, noise_multiplier: float, sample_rate: float) -
 
 
 def check_run(settings: Any, cfg: Any) -> None:
-    """Refuse a run that turns DP-SGD off on a node whose owner set any privacy limit.
+    """Refuse a run whose configuration asks for more than the owner allowed, before any data is read.
+
+    Every check reads only the run config and the owner's settings, never the data, so whether a node refuses
+    says nothing about its records.
 
     Raises
     ------
     PrivacyFloorError
-        ``privacy.enabled`` is false and :func:`has_floor` is true.
+        DP-SGD off on a node with any limit; plain aggregation on a node that requires SecAgg+; client-level DP
+        with central noise without the owner's opt-in, or distributed noise that SecAgg+ does not hide; a model
+        directory or label source the owner did not give (deployed nodes never open run-config paths).
     """
-    if not cfg.privacy.enabled and has_floor(settings):
-        raise PrivacyFloorError(
-            "the run turns DP-SGD off (privacy.enabled=false) but this node's owner set a privacy limit; "
-            "round refused: this node trains only with DP-SGD"
-        )
+    priv, secagg = cfg.privacy, cfg.secagg
+    if not priv.enabled and has_floor(settings):
+        _refuse("the run turns DP-SGD off (privacy.enabled=false) but this node's owner set a privacy limit; "
+                "this node trains only with DP")
+    if not secagg.enabled and getattr(settings, "require_secagg", True):
+        _refuse("the run turns secure aggregation off (secagg=off), so the server would see this node's update; "
+                "the owner allows that only with --allow-plain-aggregation")
+    if priv.enabled and priv.level == "client":
+        if priv.noise_placement == "central" and not getattr(settings, "allow_central_noise", False):
+            _refuse("the run asks for client-level DP with the noise added by the server (noise_placement=central); "
+                    "this node adds its own noise unless its owner passes --allow-central-noise")
+        if priv.noise_placement == "distributed" and not secagg.enabled and getattr(settings, "min_cohort", 1) > 1:
+            _refuse("client-level noise shares sized for a cohort need SecAgg+ to hide each share; "
+                    "run with secagg on, or the owner sets --min-cohort 1")
+    if not getattr(settings, "simulated", True):
+        if cfg.model.path and not cfg.model.tiny and getattr(settings, "model_path", None) is None:
+            _refuse(f"the run names the model directory {cfg.model.path!r}; this node loads only its owner's model: "
+                    "start it with --model DIR")
+        if not cfg.data.labels:
+            _refuse("the run config carries no data.labels; a deployed node never derives labels from files the "
+                    "run names (veil server sets data.labels from its evaluation file)")
+
+
+def check_delta(settings: Any, *, run_delta: float, owner_delta: float) -> None:
+    """Refuse a run that states its guarantee at a δ above the owner's (a larger δ makes any ε cheap).
+
+    Raises
+    ------
+    PrivacyFloorError
+        ``run_delta`` > ``owner_delta``.
+    """
+    if not run_delta <= owner_delta:
+        _refuse(f"the run asks for delta={run_delta:g}, above this node's delta={owner_delta:g}; ask the operator "
+                f"for privacy.delta <= {owner_delta:g}")
+
+
+def _refuse(message: str) -> None:
+    raise PrivacyFloorError(f"round refused: {message}")

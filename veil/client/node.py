@@ -11,7 +11,6 @@ one line and a non-zero exit instead of endless retries; Ctrl-C or either proces
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,10 @@ from veil.supervise import Supervised, flower_command, flower_env, free_port, st
 
 INSECURE_WARNING = ("WARNING: --insecure: this node talks PLAINTEXT to the SuperLink without authentication; "
                     "anyone on the network can read its model updates or impersonate the server. Tests only.")
+
+
+NO_BUDGET_WARNING = ("WARNING: --no-budget: this node has no privacy budget; every run it joins adds to its "
+                     "owner's epsilon without limit (see `veil privacy report`).")
 
 
 class NodeError(VeilError):
@@ -50,10 +53,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="this node's private CSV/TSV/JSONL training file")
     parser.add_argument("--text-column", default="text", help="text column of --data (default: text)")
     parser.add_argument("--label-column", default="label", help="label column of --data (default: label)")
-    parser.add_argument("--max-epsilon", type=float, default=math.inf, help="the owner's ε budget over all runs")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-epsilon", type=float, help="the owner's ε budget over all runs (required)")
+    budget.add_argument("--no-budget", action="store_true",
+                        help="train without an ε budget (not recommended; warned at every start)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="the owner's δ for every ε figure; runs asking for more are refused "
+                             "(default: min(1e-5, 1/(10·N)) for the N examples of --data)")
     parser.add_argument("--min-noise-multiplier", type=float, default=0.0, help="refuse rounds with less noise σ")
     parser.add_argument("--max-sample-rate", type=float, default=1.0, help="refuse rounds with a larger sampling rate q")
-    parser.add_argument("--ledger", type=Path, help="privacy ledger file (default: NODE_DIR/privacy_ledger.json)")
+    parser.add_argument("--allow-plain-aggregation", action="store_true",
+                        help="also answer rounds without SecAgg+ (the coordinator then sees this node's update)")
+    parser.add_argument("--min-cohort", type=int, default=1,
+                        help="client-level DP: honest contributors counted on in each SecAgg+ sum; this node's "
+                             "noise share is z·S/sqrt(N) (default 1: its own noise alone suffices)")
+    parser.add_argument("--allow-central-noise", action="store_true",
+                        help="accept client-level DP runs whose noise the server adds (trusts the server)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="the only model directory this node loads (default: the model installed with veil)")
+    parser.add_argument("--ledger", type=Path,
+                        help="privacy ledger file (default: bound to the data file's sha256 under "
+                             "$XDG_STATE_HOME/veil/ledgers)")
+    parser.add_argument("--new-ledger", action="store_true",
+                        help="start a fresh ledger although this data already has one (its budget starts again)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
@@ -71,8 +93,16 @@ def preflight(args: argparse.Namespace) -> None:
     from veil.privacy.credentials import check_ca_certificate, check_node_private_key
     from veil.task.data import read_examples
 
-    read_examples(args.data, DataConfig(text_column=args.text_column, label_column=args.label_column))
-    node_settings(_node_config(args))  # ranges of the owner's limits
+    from veil.privacy.ledger_home import bind_ledger, data_fingerprint
+
+    examples = read_examples(args.data, DataConfig(text_column=args.text_column, label_column=args.label_column))
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise ConfigError(f"--model {args.model} is not a Hugging Face model directory (no config.json); "
+                          "give the directory holding config.json and the weights")
+    args.data_sha256 = data_fingerprint(args.data)
+    settings = node_settings(_node_config(args))  # ranges of the owner's limits
+    bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
+    args.owner_delta = settings.owner_delta(len(examples))
     if args.insecure:
         if args.key is not None:
             raise ConfigError("--insecure cannot be combined with --key: node authentication needs TLS")
@@ -84,15 +114,27 @@ def preflight(args: argparse.Namespace) -> None:
 
 
 def _node_config(args: argparse.Namespace) -> dict[str, object]:
-    node_dir = args.node_dir.expanduser().resolve()
+    from veil.privacy.ledger_home import default_ledger_path
+
+    fingerprint = getattr(args, "data_sha256", None)
     config: dict[str, object] = {
         "data-path": str(args.data.expanduser().resolve()), "text-column": args.text_column,
         "label-column": args.label_column, "min-noise-multiplier": float(args.min_noise_multiplier),
-        "max-sample-rate": float(args.max_sample_rate),
-        "ledger-path": str((args.ledger or node_dir / "privacy_ledger.json").expanduser().resolve()),
+        "max-sample-rate": float(args.max_sample_rate), "min-cohort": int(args.min_cohort),
+        "allow-plain-aggregation": bool(args.allow_plain_aggregation),
+        "allow-central-noise": bool(args.allow_central_noise), "no-budget": bool(args.no_budget),
     }
-    if math.isfinite(args.max_epsilon):
+    if fingerprint:
+        config["data-sha256"] = fingerprint
+        config["ledger-path"] = str((args.ledger or default_ledger_path(fingerprint)).expanduser().resolve())
+    elif args.ledger:
+        config["ledger-path"] = str(args.ledger.expanduser().resolve())
+    if args.max_epsilon is not None:
         config["max-epsilon"] = float(args.max_epsilon)
+    if args.delta is not None:
+        config["delta"] = float(args.delta)
+    if args.model is not None:
+        config["model-path"] = str(args.model.expanduser().resolve())
     if args.device:
         config["device"] = args.device
     return config
@@ -102,7 +144,9 @@ def node_config_arg(config: dict[str, object]) -> str:
     """``--node-config`` text: space-separated ``key=value`` with TOML-quoted strings (Flower's parser)."""
     parts = []
     for key, value in config.items():
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, str):
             if "'" not in value:
                 value = f"'{value}'"
             elif '"' not in value and "\\" not in value:
@@ -149,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
     preflight(args)  # (1) a refused start stays one line: the warning comes once the checks pass
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    if args.no_budget:
+        print(NO_BUDGET_WARNING, file=sys.stderr, flush=True)
+    print(f"node policy: delta {args.owner_delta:g}, ledger {_node_config(args)['ledger-path']}, secure aggregation "
+          f"{'optional' if args.allow_plain_aggregation else 'required'}", file=sys.stderr, flush=True)
     stop_on_signals()
     node_dir = args.node_dir.expanduser().resolve()
     runtime_port = args.runtime_port or free_port()

@@ -1,6 +1,7 @@
-"""A node's private settings: they come from the node's own configuration (Flower node config), never from the
-run config the coordinator distributes (DESIGN.md decision 7). In simulation, where every node shares one
-machine, the data is the run's training file split by partition id.
+"""A node's private settings — its owner's policy: they come from the node's own configuration (Flower node
+config, written by ``veil client`` from its flags), never from the run config the coordinator distributes
+(DESIGN.md decisions 7 and 12). In simulation, where every node shares one machine, the data is the run's training
+file split by partition id and the launcher writes each simulated owner's node config.
 """
 
 from __future__ import annotations
@@ -14,15 +15,24 @@ from veil.errors import ConfigError
 
 # Node-config keys (`flower-supernode --node-config "data-path='...' max-epsilon=3"`).
 DATA_PATH = "data-path"
+DATA_SHA256 = "data-sha256"  # fingerprint of the data file, binds the ledger to the data (veil/privacy/ledger_home.py)
 TEXT_COLUMN = "text-column"
 LABEL_COLUMN = "label-column"
 MAX_EPSILON = "max-epsilon"
+NO_BUDGET = "no-budget"  # the owner's explicit choice to run a deployed node without an ε budget
+DELTA = "delta"  # the owner's δ; absent: min(1e-5, 1/(10·N)) for this node's N
 LEDGER_PATH = "ledger-path"
 DEVICE = "device"
 MIN_NOISE_MULTIPLIER = "min-noise-multiplier"  # the owner's privacy floor (veil/client/floor.py)
 MAX_SAMPLE_RATE = "max-sample-rate"
+ALLOW_PLAIN_AGGREGATION = "allow-plain-aggregation"  # answer rounds without SecAgg+ (the server sees the update)
+MIN_COHORT = "min-cohort"  # client-level DP: honest contributors this owner counts on in each SecAgg+ sum
+ALLOW_CENTRAL_NOISE = "allow-central-noise"  # client-level DP with the noise added by the (trusted) server
+MODEL_PATH = "model-path"  # the only model directory this node loads (absent: the installed default model)
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
+
+DEFAULT_DELTA = 1e-5
 
 
 @dataclass(frozen=True)
@@ -32,25 +42,41 @@ class NodeSettings:
     data_path: str | None  # None in simulation: the run's training file, split by partition id
     text_column: str | None
     label_column: str | None
-    max_epsilon: float  # the owner's own budget; inf when not set
+    max_epsilon: float  # the owner's own budget; inf only with no-budget (or in simulation without one)
     ledger_path: Path
     device: str | None  # None: the run's device setting
     partition_id: int | None
     num_partitions: int | None
     min_noise_multiplier: float = 0.0  # the owner's floor: refuse rounds with less noise (0: no minimum)
     max_sample_rate: float = 1.0  # the owner's cap on the Poisson sampling rate q (1: no cap)
+    delta: float | None = None  # None: min(1e-5, 1/(10·N)) once N is known (owner_delta)
+    require_secagg: bool = True  # refuse rounds whose update would reach the server unmasked
+    min_cohort: int = 1  # client-level DP: 1 = this node's own noise share alone gives z·S
+    allow_central_noise: bool = False
+    model_path: str | None = None
+    data_sha256: str | None = None
 
     @property
     def simulated(self) -> bool:
         return self.data_path is None
 
+    def owner_delta(self, examples: int) -> float:
+        """δ every figure of this node is computed at: the owner's, or min(1e-5, 1/(10·N))."""
+        if self.delta is not None:
+            return self.delta
+        return min(DEFAULT_DELTA, 1.0 / (10 * max(examples, 1)))
+
 
 def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None = None) -> NodeSettings:
-    """Read a node's settings from its Flower node config."""
+    """Read a node's settings from its Flower node config; ConfigError names the first bad key."""
     partition = node_config.get(PARTITION_ID)
     data_path = node_config.get(DATA_PATH)
     if data_path is None and partition is None:
         raise ConfigError(f"node config has no {DATA_PATH!r}; start the node with --data PATH")
+    no_budget = _flag(node_config, NO_BUDGET)
+    if MAX_EPSILON not in node_config and data_path is not None and not no_budget:
+        raise ConfigError("this node has no privacy budget: start it with --max-epsilon E "
+                          "(or --no-budget to train without one, not recommended)")
     max_eps = float(node_config.get(MAX_EPSILON, math.inf))
     if not max_eps > 0:
         raise ConfigError(f"node config {MAX_EPSILON}={max_eps} is invalid: expected a positive number")
@@ -60,24 +86,52 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     max_q = float(node_config.get(MAX_SAMPLE_RATE, 1.0))
     if not 0.0 < max_q <= 1.0:
         raise ConfigError(f"node config {MAX_SAMPLE_RATE}={max_q} is invalid: expected a number in (0, 1]")
-    if LEDGER_PATH in node_config:
-        ledger = Path(str(node_config[LEDGER_PATH])).expanduser()
-    elif partition is not None and simulation_root is not None:
-        ledger = simulation_root / f"node-{int(partition)}" / "privacy_ledger.json"
-    else:
-        ledger = Path("veil-node") / "privacy_ledger.json"  # under the node's working directory
+    delta = None if node_config.get(DELTA) in (None, "") else float(node_config[DELTA])
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise ConfigError(f"node config {DELTA}={delta} is invalid: expected a number in (0, 1), e.g. 1e-6")
+    min_cohort = int(node_config.get(MIN_COHORT, 1))
+    if min_cohort < 1:
+        raise ConfigError(f"node config {MIN_COHORT}={min_cohort} is invalid: expected an integer >= 1")
     return NodeSettings(
         data_path=None if data_path is None else str(data_path),
         text_column=_opt_str(node_config.get(TEXT_COLUMN)),
         label_column=_opt_str(node_config.get(LABEL_COLUMN)),
         max_epsilon=max_eps,
-        ledger_path=ledger,
+        ledger_path=_ledger_path(node_config, partition, simulation_root),
         device=_opt_str(node_config.get(DEVICE)),
         partition_id=None if partition is None else int(partition),
         num_partitions=None if node_config.get(NUM_PARTITIONS) is None else int(node_config[NUM_PARTITIONS]),
         min_noise_multiplier=min_sigma,
         max_sample_rate=max_q,
+        delta=delta,
+        require_secagg=not _flag(node_config, ALLOW_PLAIN_AGGREGATION),
+        min_cohort=min_cohort,
+        allow_central_noise=_flag(node_config, ALLOW_CENTRAL_NOISE),
+        model_path=_opt_str(node_config.get(MODEL_PATH)),
+        data_sha256=_opt_str(node_config.get(DATA_SHA256)),
     )
+
+
+def _ledger_path(node_config: dict[str, Any], partition: Any, simulation_root: Path | None) -> Path:
+    """The owner's ledger: given; a simulated owner's under the run; else bound to the data file's sha256 in the
+    per-user state directory (never relative to the working directory)."""
+    if LEDGER_PATH in node_config:
+        return Path(str(node_config[LEDGER_PATH])).expanduser()
+    if partition is not None and simulation_root is not None:
+        return simulation_root / f"node-{int(partition)}" / "privacy_ledger.json"
+    if node_config.get(DATA_PATH) is None:
+        raise ConfigError(f"node config has neither {LEDGER_PATH!r} nor {DATA_PATH!r}; start the node with veil client")
+    from veil.privacy.ledger_home import data_fingerprint, default_ledger_path
+
+    fingerprint = _opt_str(node_config.get(DATA_SHA256)) or data_fingerprint(Path(str(node_config[DATA_PATH])))
+    return default_ledger_path(fingerprint)
+
+
+def _flag(node_config: dict[str, Any], key: str) -> bool:
+    value = node_config.get(key, False)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
 
 
 def _opt_str(value: Any) -> str | None:

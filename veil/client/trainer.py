@@ -9,6 +9,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from veil.privacy.dpsgd import make_private
+from veil.privacy.dpsgd import clear_captured_activations, make_private, zero_nonfinite_samples
 from veil.task.model import get_trainable, set_trainable
 
 log = logging.getLogger("veil.client")
@@ -55,7 +56,7 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
 
     ``data`` holds ``input_ids``/``attention_mask`` (N, T) and ``labels`` (N,).
     """
-    torch.manual_seed(seed)  # batch sampling and dropout; DP noise has its own OS-seeded generator
+    torch.manual_seed(seed)  # dropout (and plain shuffling); DP sampling and noise have OS-seeded generators
     model = copy.deepcopy(template).to(device)
     set_trainable(model, received)
     model.train()
@@ -73,19 +74,23 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         )
         module, optimizer, loader, criterion, sample_rate = dp.module, dp.optimizer, dp.loader, dp.criterion, dp.sample_rate
     losses: list[float] = []
-    steps = 0
+    steps = zeroed = 0
+    ghost = plan.private and plan.grad_sample_mode == "ghost"
     for input_ids, attention_mask, labels in _batches(loader, plan.steps):
         optimizer.zero_grad(set_to_none=True)
-        if labels.numel() == 0:  # an empty Poisson batch still releases noise: step on zero gradients
-            _noise_only_step(module, optimizer)
+        loss = _forward(module, criterion, input_ids, attention_mask, labels, device=device, ghost=ghost)
+        if loss is None:  # an empty Poisson batch (or nothing finite in it) still releases noise
+            _noise_only_step(module, optimizer, ghost=ghost)
             steps += 1
             continue
-        logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
-        loss = criterion(logits, labels.to(device))
         loss.backward()
+        if plan.private and not ghost:
+            zeroed += zero_nonfinite_samples(module)
         optimizer.step()
         losses.append(float(loss.detach()))
         steps += 1
+    if zeroed:
+        log.warning("%d per-sample gradient(s) were not finite and were zeroed before clipping", zeroed)
     trained = get_trainable(model)
     update = [t - r for t, r in zip(trained, received, strict=True)]
     return LocalResult(
@@ -110,8 +115,32 @@ def steps_for(*, local_epochs: int, local_steps: int, sample_rate: float) -> int
     return local_steps if local_steps > 0 else local_epochs * round(1 / sample_rate)
 
 
-def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _forward(module: nn.Module, criterion: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             labels: torch.Tensor, *, device: torch.device, ghost: bool) -> Any:
+    """The batch's loss, or None for an empty batch.
+
+    Ghost clipping cannot zero one example's gradient after the fact (its clipping coefficients mix every example
+    in the second backward), so an example whose loss is not finite is dropped from the batch before the backward:
+    a dropped example contributes a zero gradient, as :func:`veil.privacy.dpsgd.zero_nonfinite_samples` does.
+    """
+    if labels.numel() == 0:
+        return None
+    logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
+    loss = criterion(logits, labels.to(device))
+    per_sample = getattr(loss, "loss_per_sample", None)
+    if not ghost or per_sample is None or bool(torch.isfinite(per_sample).all()):
+        return loss
+    keep = torch.isfinite(per_sample.detach()).cpu()  # (B,)
+    clear_captured_activations(module)
+    log.warning("%d example(s) of a batch have a non-finite loss and are dropped from it", int((~keep).sum()))
+    return _forward(module, criterion, input_ids[keep], attention_mask[keep], labels[keep], device=device,
+                    ghost=False) if bool(keep.any()) else None
+
+
+def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer, *, ghost: bool = False) -> None:
     for p in module.parameters():
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # (0, ...) no examples
+            if ghost:  # the ghost optimizer sums p.grad (already clipped) and adds noise to it
+                p.grad = torch.zeros_like(p)
     optimizer.step()

@@ -6,8 +6,12 @@ needs; the loop lives in :mod:`veil.client.trainer`, the accounting in :mod:`vei
 
 Two rules that protect the data owner:
 
-* The Gaussian noise is drawn from a generator seeded from the OS's entropy, never from the run's seed: the run
-  config comes from the coordinator, and noise it could reproduce is noise it could subtract.
+* The Gaussian noise *and the Poisson sampling* are drawn from generators seeded from the OS's entropy, never
+  from the run's seed: the run config comes from the coordinator, noise it could reproduce is noise it could
+  subtract, and batches it could predict void the amplification by subsampling the accountant counts on.
+* A per-sample gradient that is not finite is zeroed before clipping (:func:`zero_nonfinite_samples`): Opacus
+  clips a NaN to a NaN, and weights crafted so that only one text overflows would otherwise turn "the update is
+  NaN" into a membership test. Zeroing one example's gradient keeps the sensitivity at C.
 * A wrapped model is never wrapped again (Opacus issue 608): each round wraps a fresh copy of the template model.
 
 Full fine-tuning (trainable embeddings) goes through :mod:`veil.privacy.exact`, which makes the per-sample clipped
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +64,16 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
         raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
-    generator = torch.Generator(device=device or "cpu")
-    generator.manual_seed(secrets.randbits(63))  # noise the coordinator cannot reproduce
-    engine = PrivacyEngine(accountant="prv")  # veil accounts in its own ledger; this one is unused
+    generator = os_generator(device or "cpu")  # noise the coordinator cannot reproduce
+    # Opacus' Poisson sampler falls back to the loader's generator (secure_mode off): give it one of its own,
+    # seeded from the OS, so that nobody who knows the run's seed knows the batches.
+    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                        generator=os_generator("cpu"))
+    with warnings.catch_warnings():
+        # Opacus warns that its secure_mode (torchcsprng) is off; what it guards against, a generator the run could
+        # reproduce, is handled here: the sampler and the noise both get OS-seeded generators (tests pin both).
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant="prv")  # veil accounts in its own ledger; this one is unused
     criterion: nn.Module = nn.CrossEntropyLoss()
     out = engine.make_private(
         module=make_exact(module), optimizer=optimizer, criterion=criterion, data_loader=loader,
@@ -78,3 +90,39 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
         module=module, optimizer=optimizer, loader=loader, criterion=criterion,
         sample_rate=1.0 / len(loader), steps_per_epoch=len(loader),
     )
+
+
+def os_generator(device: torch.device | str) -> torch.Generator:
+    """A torch generator seeded with 63 bits from the OS's entropy (``secrets``)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
+def zero_nonfinite_samples(module: nn.Module) -> int:
+    """Zero, in every trainable parameter, the per-sample gradient rows of examples whose gradient is not finite.
+
+    Call between ``loss.backward()`` and ``optimizer.step()`` in hooks mode. Returns how many examples were
+    zeroed (for the node's own log only: the count depends on the data).
+    """
+    params = [p for p in module.parameters()
+              if p.requires_grad and isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+    bad: torch.Tensor | None = None
+    for p in params:
+        rows = ~torch.isfinite(p.grad_sample.reshape(p.grad_sample.shape[0], -1)).all(dim=1)  # (B,)
+        bad = rows if bad is None else bad | rows
+    if bad is None or not bool(bad.any()):
+        return 0
+    for p in params:
+        p.grad_sample[bad] = 0.0
+    return int(bad.sum())
+
+
+def clear_captured_activations(module: nn.Module) -> None:
+    """Drop the activations Opacus' hooks captured in a forward pass that will not be followed by a backward."""
+    for sub in module.modules():
+        if isinstance(getattr(sub, "activations", None), list):
+            sub.activations.clear()
+    for p in module.parameters():
+        if hasattr(p, "_forward_counter"):  # Opacus counts forwards per parameter until their backward
+            p._forward_counter = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ import torch
 
 from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
-from veil.errors import ConfigError
+from veil.errors import ConfigError, DataFileError
 from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
 from veil.task.model import load_tokenizer
+
+log = logging.getLogger("veil.task")
 
 
 def resolve_labels(cfg: DataConfig) -> list[str]:
@@ -68,7 +71,29 @@ def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_
         idx = parts[int(partition or 0)]
         examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
         return _tensors(examples, list(labels), model, path=data.train_path)
-    return _tensors(read_examples(data_path, data), list(labels), model, path=data_path)
+    return _tensors(known_labels_only(read_examples(data_path, data), labels, path=data_path), list(labels), model,
+                    path=data_path)
+
+
+def known_labels_only(examples: TextExamples, labels: tuple[str, ...] | list[str], *, path: str) -> TextExamples:
+    """The examples whose label is in the run's label set. The others are skipped and counted in the node's log
+    only: an error would tell the coordinator, who chose the label set, whether a label occurs in the file."""
+    known = set(labels)
+    keep = [i for i, label in enumerate(examples.labels) if label in known]
+    if len(keep) < len(examples):
+        log.warning("%d example(s) of %s have a label outside the run's label set and are skipped",
+                    len(examples) - len(keep), path)
+    if not keep:  # a refusal, like any other (docs/privacy.md lists this residual bit)
+        raise DataFileError(f"no example of {path} has a label in the run's label set")
+    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
+
+
+def node_labels(cfg: VeilConfig, settings: NodeSettings) -> list[str]:
+    """The run's label names as a node sees them: a deployed node takes them from the run config only (it never
+    opens a file the run config names); a simulated node may derive them from the run's files."""
+    if not settings.simulated and not cfg.data.labels:
+        raise ConfigError("the run config carries no data.labels; a deployed node does not read the run's files")
+    return resolve_labels(cfg.data)
 
 
 _PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client")

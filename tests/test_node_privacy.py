@@ -1,0 +1,343 @@
+"""The coordinator as an adversary of a node: crafted run configs and weights against the real ``VeilClient``.
+
+Each test writes one attack from the privacy review (shared/reviews/privacy-review-2026-11-30.md) and asserts what
+crosses the node's boundary: the reply's keys and values, the ledger, the files the node opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from veil.client import app as client_app
+from veil.client.app import REPLY_KEYS, VeilClient, postprocess_update
+from veil.client.settings import NodeSettings
+from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
+from veil.privacy.accounting import compute_epsilon
+from veil.privacy.ledger import PrivacyLedger
+from veil.task.model import build_model, get_trainable
+
+LABELS = ["card", "cash", "fee", "pin"]
+WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
+         "pin": "i forgot my pin code"}
+TARGET = "zebra quokka narwhal"  # the record the coordinator wants to learn about
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    lines = ["text,label"] + [f"{text},{label}" for text, label in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _rows(per_label: int, *, offset: int = 0) -> list[tuple[str, str]]:
+    return [(f"{text} {i + offset}", label) for label, text in WORDS.items() for i in range(per_label)]
+
+
+def _cfg(**privacy: Any) -> VeilConfig:
+    cfg = VeilConfig(model=ModelConfig(name="tiny", tiny=True, max_length=16),
+                     data=DataConfig(train_path="unused.csv", test_path="unused.csv", label_column="label",
+                                     labels=json.dumps(LABELS)))
+    cfg.federation.batch_size, cfg.federation.local_steps, cfg.federation.rounds = 8, 2, 3
+    cfg.privacy.target_epsilon, cfg.privacy.noise_multiplier = 0.0, 1.0
+    for key, value in privacy.items():
+        setattr(cfg.privacy, key, value)
+    return cfg.validate()
+
+
+def _settings(data: Path, tmp_path: Path, **policy: Any) -> NodeSettings:
+    base: dict[str, Any] = dict(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
+                                ledger_path=tmp_path / f"ledger-{data.stem}.json", device="cpu", partition_id=None,
+                                num_partitions=None)
+    return NodeSettings(**{**base, **policy})
+
+
+def _weights(cfg: VeilConfig) -> list[np.ndarray]:
+    return get_trainable(build_model(cfg.model, LABELS, seed=cfg.federation.seed))
+
+
+def _events(settings: NodeSettings) -> list[Any]:
+    return list(PrivacyLedger.open(settings.ledger_path, create=False).events) if settings.ledger_path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("node")
+    return {
+        "big": _write(root / "big.csv", _rows(10)),
+        "small": _write(root / "small.csv", _rows(3, offset=50)),
+        "with_target": _write(root / "with_target.csv", [*_rows(4), (TARGET, "card")]),
+        "without_target": _write(root / "without_target.csv", _rows(4)),
+        "extra_label": _write(root / "extra_label.csv", [*_rows(4), ("close my account now", "closing")]),
+    }
+
+
+# (a) ------------------------------------------------------------------------------------------------------------
+def test_replies_carry_only_fixed_keys_whose_values_do_not_depend_on_the_data(files: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    cfg = _cfg()
+    weights = _weights(cfg)
+    replies = {}
+    for name in ("big", "small"):  # 40 vs 12 examples, different texts
+        client = VeilClient(cfg, _settings(files[name], tmp_path), run_id=7)
+        update, weight, metrics = client.fit(weights, {"server_round": 1})
+        assert weight == 1 and all(np.isfinite(u).all() for u in update)
+        replies[name] = metrics
+    assert set(replies["big"]) == set(REPLY_KEYS)
+    assert replies["big"] == replies["small"], "no reply value may depend on the owner's data"
+    poor = VeilClient(cfg, _settings(files["big"], tmp_path / "poor", max_epsilon=1e-3), run_id=7)
+    zeros, weight, refused = poor.fit(weights, {"server_round": 1})
+    assert weight == 0 and set(refused) == set(REPLY_KEYS) and refused["refused"] == 1
+    assert all(not z.any() for z in zeros)
+    for forbidden in ("train_loss", "num_examples", "epsilon", "steps", "sample_rate", "noise_multiplier"):
+        assert forbidden not in replies["big"] and forbidden not in refused
+
+
+# (b) ------------------------------------------------------------------------------------------------------------
+def test_a_large_delta_asked_by_the_run_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg(delta=0.5, noise_multiplier=0.5)
+    settings = _settings(files["big"], tmp_path, max_epsilon=4.0)
+    # at the run's δ the round would pass the owner's budget: the attack the node must stop
+    q, steps = 8 / 40, 2 * cfg.federation.rounds
+    assert compute_epsilon([(0.5, q, steps)], delta=0.5).epsilon < 4.0 < compute_epsilon([(0.5, q, steps)], delta=1e-5).epsilon
+    _update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 0 and metrics["refused"] == 1
+    assert _events(settings) == [], "nothing was released, nothing is booked"
+
+
+def test_the_owner_delta_defaults_to_at_most_one_over_ten_n() -> None:
+    settings = NodeSettings(data_path="x", text_column=None, label_column=None, max_epsilon=1.0,
+                            ledger_path=Path("l.json"), device=None, partition_id=None, num_partitions=None)
+    assert settings.owner_delta(40) == 1e-5 and settings.owner_delta(1_000_000) == pytest.approx(1e-7)
+
+
+# (c) ------------------------------------------------------------------------------------------------------------
+def test_client_level_central_noise_needs_the_owner_opt_in(files: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg(level="client", noise_placement="central", max_grad_norm=1e9, noise_multiplier=50.0)
+    settings = _settings(files["big"], tmp_path)
+    update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 0 and metrics["refused"] == 1 and all(not u.any() for u in update)
+    assert _events(settings) == []
+
+
+@pytest.mark.parametrize("clients_per_round", [5, 10_000])
+def test_client_level_noise_share_comes_from_the_owner_cohort_not_the_run(
+        files: dict[str, Path], tmp_path: Path, clients_per_round: int) -> None:
+    cfg = _cfg(level="client", noise_placement="distributed", max_grad_norm=1e3, noise_multiplier=2.0)
+    cfg.federation.num_clients = cfg.federation.clients_per_round = clients_per_round
+    cfg.secagg.clipping_range = 1e5  # room for the noise, so the release is not scaled into the range
+    settings = _settings(files["big"], tmp_path / str(clients_per_round), min_cohort=4)
+    update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    share = 2.0 * 1e3 / np.sqrt(4)  # z·S/sqrt(min-cohort), whatever the run's clients_per_round
+    assert weight == 1 and metrics["noise_std"] == pytest.approx(share)
+    values = np.concatenate([u.ravel() for u in update])
+    # the clipped update has norm <= S = 1e3 over many coordinates, so the spread is the node's own noise
+    assert np.std(values) == pytest.approx(share, rel=0.05)
+    (event,) = _events(settings)
+    assert event.noise_multiplier == pytest.approx(2.0 / 2), "per record: sensitivity 2S, so z/2"
+
+
+# (d) ------------------------------------------------------------------------------------------------------------
+def test_plain_aggregation_is_refused_unless_the_owner_allows_it(files: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg()
+    cfg.secagg.enabled = False
+    strict = _settings(files["big"], tmp_path / "strict")
+    _u, weight, metrics = VeilClient(cfg, strict, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 0 and metrics["refused"] == 1 and _events(strict) == []
+    lenient = _settings(files["big"], tmp_path / "lenient", require_secagg=False)
+    _u, weight, _m = VeilClient(cfg, lenient, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 1 and len(_events(lenient)) == 1
+
+
+# (f) ------------------------------------------------------------------------------------------------------------
+class _OverflowOnTarget(nn.Module):
+    """Stands in for weights crafted so that only texts holding a target token overflow: the logits of exactly
+    those rows become inf, as a float32 overflow would make them."""
+
+    def __init__(self, inner: nn.Module, token: int) -> None:
+        super().__init__()
+        self.inner, self.token = inner, token
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        hit = (input_ids == self.token).any(dim=1)  # (B,)
+        out.logits = torch.where(hit[:, None], torch.full_like(out.logits, float("inf")), out.logits)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_overflow_on_one_text_changes_nothing_the_coordinator_sees(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    from veil.task.model import load_tokenizer
+
+    cfg = _cfg(grad_sample_mode=mode)
+    cfg.federation.batch_size, cfg.federation.local_steps = 17, 4  # q = 1: the target is in every batch
+    token = load_tokenizer(cfg.model)(TARGET)["input_ids"][1]
+    original = client_app.train_round
+
+    def crafted_train_round(template: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return original(_OverflowOnTarget(template, token), *args, **kwargs)
+
+    monkeypatch.setattr(client_app, "train_round", crafted_train_round)
+    monkeypatch.setattr("veil.client.trainer.set_trainable",
+                        lambda model, arrays: _set_inner(model, arrays))
+    monkeypatch.setattr("veil.client.trainer.get_trainable", lambda model: get_trainable(model.inner))
+    replies = {}
+    for name in ("with_target", "without_target"):
+        settings = _settings(files[name], tmp_path)
+        update, weight, metrics = VeilClient(cfg, settings, run_id=3).fit(_weights(cfg), {"server_round": 1})
+        assert weight == 1 and all(np.isfinite(u).all() for u in update), f"{name}: a normal, finite release"
+        assert len(_events(settings)) == 1, f"{name}: the round is booked"
+        replies[name] = (weight, metrics)
+    assert replies["with_target"] == replies["without_target"]
+
+
+def _set_inner(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    from veil.task.model import set_trainable
+
+    set_trainable(model.inner, arrays)
+
+
+def test_non_finite_per_sample_gradients_are_zeroed_before_clipping() -> None:
+    from veil.privacy.dpsgd import zero_nonfinite_samples
+
+    layer = nn.Linear(3, 2)
+    layer.weight.grad_sample = torch.tensor([[[1.0, 2, 3], [4, 5, 6]], [[float("nan"), 0, 0], [0, 0, 0]]])
+    layer.bias.grad_sample = torch.tensor([[1.0, 1.0], [2.0, float("inf")]])
+    assert zero_nonfinite_samples(layer) == 1
+    assert torch.equal(layer.weight.grad_sample[0], torch.tensor([[1.0, 2, 3], [4, 5, 6]])), "others untouched"
+    assert not layer.weight.grad_sample[1].any() and not layer.bias.grad_sample[1].any()
+
+
+def test_an_update_outside_the_secagg_range_is_scaled_not_refused() -> None:
+    cfg = _cfg()
+    out = postprocess_update([np.array([0.0, -16.0, 4.0], np.float32), np.array([np.nan], np.float32)], cfg)
+    assert float(np.abs(out[0]).max()) <= cfg.secagg.clipping_range
+    np.testing.assert_allclose(out[0] / out[0][1], np.array([0.0, -16.0, 4.0]) / -16.0, rtol=1e-6)  # direction kept
+    assert out[1][0] == 0.0
+
+
+# (g) ------------------------------------------------------------------------------------------------------------
+def test_the_same_seed_twice_gives_different_poisson_batches() -> None:
+    from veil.privacy.dpsgd import make_private
+
+    data = TensorDataset(torch.arange(64)[:, None].float(), torch.zeros(64, dtype=torch.long))
+
+    def draws() -> list[list[int]]:
+        torch.manual_seed(123)  # the run's seed, known to the coordinator
+        model = nn.Linear(1, 2)
+        dp = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0)
+        return [sorted(int(x) for x in batch[0].ravel()) for batch, _ in zip(dp.loader, range(6))]
+
+    assert draws() != draws()
+
+
+# (h) ------------------------------------------------------------------------------------------------------------
+def test_a_label_outside_the_run_set_sends_no_error(files: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg()
+    settings = _settings(files["extra_label"], tmp_path)
+    _update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 1 and metrics["refused"] == 0, "the unknown label is skipped on the node, not reported"
+    assert len(_events(settings)) == 1
+
+
+# (i) ------------------------------------------------------------------------------------------------------------
+def test_a_deployed_node_never_opens_a_path_from_the_run_config(files: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import veil.task.data
+    import veil.task.shards
+
+    opened: list[str] = []
+    real = veil.task.data.read_examples
+
+    def spy(path: Any, cfg: Any) -> Any:
+        opened.append(str(path))
+        return real(path, cfg)
+
+    monkeypatch.setattr(veil.task.shards, "read_examples", spy)
+    secret = tmp_path / "someone_elses_private.csv"
+    _write(secret, _rows(3))
+    cfg = _cfg()
+    cfg.data = dataclasses.replace(cfg.data, labels="", train_path=str(secret), test_path=str(secret))
+    settings = _settings(files["big"], tmp_path)
+    _update, weight, _m = VeilClient(cfg, settings, run_id=1).fit(_weights(_cfg()), {"server_round": 1})
+    assert weight == 0 and str(secret) not in opened
+    model_run = _cfg()
+    model_run.model = dataclasses.replace(model_run.model, tiny=False, path=str(tmp_path / "a_model_dir"))
+    _update, weight, _m = VeilClient(model_run, settings, run_id=1).fit(_weights(_cfg()), {"server_round": 1})
+    assert weight == 0 and str(tmp_path / "a_model_dir") not in opened and _events(settings) == []
+
+
+# received weights ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [np.nan, 1e9])
+def test_received_weights_are_checked_before_the_data_is_read(files: dict[str, Path], tmp_path: Path,
+                                                              bad: float) -> None:
+    cfg = _cfg()
+    weights = _weights(cfg)
+    weights[0] = weights[0].copy()
+    weights[0].flat[0] = bad
+    settings = _settings(files["big"], tmp_path)
+    _update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(weights, {"server_round": 1})
+    assert weight == 0 and metrics["refused"] == 1 and _events(settings) == []
+
+
+# (k) ------------------------------------------------------------------------------------------------------------
+def test_ghost_clipping_survives_an_empty_poisson_batch() -> None:
+    from veil.client.trainer import _noise_only_step
+    from veil.privacy.dpsgd import make_private
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tiny=True, max_length=8), LABELS, seed=0, dropout=0.0)
+    ids = torch.randint(5, 100, (16, 8))
+    loader = DataLoader(TensorDataset(ids, torch.ones_like(ids), torch.zeros(16, dtype=torch.long)), batch_size=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dp = make_private(module=model, optimizer=torch.optim.SGD(params, lr=1.0), loader=loader, noise_multiplier=1.0,
+                      max_grad_norm=1.0, grad_sample_mode="ghost")
+    before = [p.detach().clone() for p in params]
+    dp.optimizer.zero_grad(set_to_none=True)
+    _noise_only_step(dp.module, dp.optimizer, ghost=True)
+    moved = [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
+    assert all(moved), "an empty batch still releases (pure) noise"
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# budget ---------------------------------------------------------------------------------------------------------
+def test_the_round_is_booked_before_training(files: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg()
+    settings = _settings(files["big"], tmp_path)
+
+    def crash(*_a: Any, **_k: Any) -> Any:
+        assert len(_events(settings)) == 1, "booked before training starts"
+        raise RuntimeError("the machine lost power")
+
+    monkeypatch.setattr(client_app, "train_round", crash)
+    with pytest.raises(RuntimeError):
+        VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert len(_events(settings)) == 1
+
+
+def test_calibration_fits_the_run_into_what_the_ledger_leaves(files: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg(target_epsilon=3.0)
+    settings = _settings(files["big"], tmp_path, max_epsilon=3.5)
+    from veil.privacy.ledger import LedgerEvent
+
+    ledger = PrivacyLedger.open(settings.ledger_path)
+    ledger.record(LedgerEvent(run_id="earlier", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=10, delta=1e-5))
+    client = VeilClient(cfg, settings, run_id=2)
+    for rnd in (1, 2, 3):
+        _u, weight, _m = client.fit(_weights(cfg), {"server_round": rnd})
+        assert weight == 1, f"round {rnd}: more noise instead of a refusal"
+    spent = compute_epsilon([e.triple for e in _events(settings)], delta=1e-5).epsilon
+    assert spent <= 3.5
+    sigmas = {e.noise_multiplier for e in _events(settings) if e.run_id == "2"}
+    assert min(sigmas) > client_app._calibrated_sigma(target_epsilon=3.0, delta=1e-5, sample_rate=0.2, steps=6,
+                                                       accountant="prv")
