@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from veil.cli import main
 from veil.errors import CredentialError
-from veil.privacy import certs
-from veil.privacy.credentials import (
+from veil.security import certs
+from veil.security.credentials import (
     check_ca_certificate,
     check_node_private_key,
     check_node_public_key,
@@ -184,7 +184,7 @@ def test_exposed_node_key_warns(bundle: Path, tmp_path: Path, caplog: pytest.Log
     key = tmp_path / "node.key"
     key.write_bytes((bundle / "node-1.key").read_bytes())
     key.chmod(0o644)
-    with caplog.at_level("WARNING", logger="veil.privacy"):
+    with caplog.at_level("WARNING", logger="veil.security"):
         check_node_private_key(key)
     assert "chmod 600" in caplog.text
 

@@ -68,7 +68,7 @@ def preflight(args: argparse.Namespace) -> None:
     """Check data, settings and credentials; raises a VeilError naming the first problem."""
     from veil.client.settings import node_settings
     from veil.conf.schema import DataConfig
-    from veil.privacy.credentials import check_ca_certificate, check_node_private_key
+    from veil.security.credentials import check_ca_certificate, check_node_private_key
     from veil.task.data import read_examples
 
     read_examples(args.data, DataConfig(text_column=args.text_column, label_column=args.label_column))

@@ -9,16 +9,33 @@ import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.errors import ConfigError
 from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
 from veil.task.model import load_tokenizer
+
+
+class ShardSource(Protocol):
+    """Where a node's examples come from (what :func:`client_shard` reads of ``veil.client.settings.NodeSettings``;
+    a protocol, so the task package imports no node code)."""
+
+    @property
+    def data_path(self) -> str | None: ...  # None in simulation: the run's training file, split by partition id
+    @property
+    def text_column(self) -> str | None: ...
+    @property
+    def label_column(self) -> str | None: ...
+    @property
+    def partition_id(self) -> int | None: ...
+    @property
+    def num_partitions(self) -> int | None: ...
+    @property
+    def simulated(self) -> bool: ...
 
 
 def resolve_labels(cfg: DataConfig) -> list[str]:
@@ -86,7 +103,7 @@ def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping
     )
 
 
-def client_shard(cfg: VeilConfig, settings: NodeSettings, labels: list[str]) -> dict[str, torch.Tensor]:
+def client_shard(cfg: VeilConfig, settings: ShardSource, labels: list[str]) -> dict[str, torch.Tensor]:
     """The tokenized examples this node trains on: its own file, or its simulated partition."""
     data = cfg.data
     if settings.text_column or settings.label_column:

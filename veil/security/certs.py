@@ -33,7 +33,7 @@ from veil.errors import ConfigError, CredentialError
 __all__ = ["build_files", "configure_parser", "make_ca", "make_node_key_pair", "make_server_certificate",
            "parse_server_names", "run", "write_files"]
 
-log = logging.getLogger("veil.privacy")
+log = logging.getLogger("veil.security")
 
 DEFAULT_SERVER_NAMES = "localhost,127.0.0.1,::1"  # what a single-machine trial dials
 _CURVE = ec.SECP384R1  # P-384: verified with Flower 1.41 for TLS and for node authentication
