@@ -12,16 +12,18 @@ Steps of one run: (1) compose and validate; (2) resolve data paths and labels; (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from veil.conf.preflight import preflight, resolve_paths_and_labels
+from veil.conf.preflight import follow_defaults, preflight, resolve_paths_and_labels
 from veil.errors import ConfigError, VeilError
 
 log = logging.getLogger("veil")
@@ -39,7 +41,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from veil.conf.runconfig import to_run_config
 
-    overrides = ["-m", *args.overrides] if getattr(args, "multirun", False) else list(args.overrides)
+    overrides = follow_defaults(["-m", *args.overrides] if getattr(args, "multirun", False) else list(args.overrides))
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume and resume[-1]:
         run_dir = Path(resume[-1]).expanduser().resolve()
@@ -116,6 +118,10 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     if not cfg.resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{out_dir} already holds a run; pick a new hydra.run.dir or continue it with resume={out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.test_path:  # one file: the exact held-out row ids, next to the outputs (a resume reuses them)
+        from veil.task.split import write_split
+
+        write_split(cfg.data, seed=cfg.federation.seed)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
     simulated_node_configs(cfg.federation)
@@ -147,11 +153,12 @@ def majority_baseline_of(cfg: Any) -> float:
     import numpy as np
 
     from veil.server.evaluate import majority_baseline
-    from veil.task.data import encode_labels, read_examples
+    from veil.task.data import encode_labels
+    from veil.task.split import evaluation_examples, training_examples
 
     labels = json.loads(cfg.data.labels)
-    train = encode_labels(read_examples(cfg.data.train_path, cfg.data), labels, path=cfg.data.train_path)
-    test = encode_labels(read_examples(cfg.data.test_path, cfg.data), labels, path=cfg.data.test_path)
+    train = encode_labels(training_examples(cfg.data), labels, path=cfg.data.train_path)
+    test = encode_labels(evaluation_examples(cfg.data), labels, path=cfg.data.test_path or cfg.data.train_path)
     return majority_baseline(np.asarray(train), np.asarray(test))
 
 
@@ -160,11 +167,11 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[st
     import csv
     from collections import Counter
 
-    from veil.task.data import read_examples
     from veil.task.shards import simulated_partitions
+    from veil.task.split import training_examples
 
     labels = json.loads(cfg.data.labels)
-    examples = read_examples(cfg.data.train_path, cfg.data)
+    examples = training_examples(cfg.data)
     ids, parts = simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
     rows = []
     for client, idx in enumerate(parts):
@@ -209,19 +216,83 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # run_simulation's deprecation notice: `flwr run` needs a SuperLink
+    client_app = make_client_app(flat, simulation_root=out_dir / "nodes", simulated_nodes=simulated_node_configs(fed))
+    # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
+    with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            run_simulation(
-                server_app=make_server_app(flat),
-                client_app=make_client_app(flat, simulation_root=out_dir / "nodes",
-                                           simulated_nodes=simulated_node_configs(fed)),
-                num_supernodes=fed.num_clients, backend_config=backend,
-            )
-        except VeilError:
-            raise
+            run_simulation(server_app=make_server_app(flat), client_app=NamedCauses(client_app),
+                           num_supernodes=fed.num_clients, backend_config=backend)
+        except VeilError as err:
+            raise _with_log(err, out_dir / FLOWER_LOG) from None
         except RuntimeError as err:
             cause = err.__cause__ or err
             if isinstance(cause, VeilError):
-                raise cause from None
-            raise VeilError(f"the simulation failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from err
+                raise _with_log(cause, out_dir / FLOWER_LOG) from None
+            raise VeilError(f"the simulation failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
+                            f"; see {out_dir / FLOWER_LOG}") from err
+
+
+FLOWER_LOG = "flower.log"  # Flower's own log of a simulated run, with the client-side tracebacks
+
+
+class NamedCauses:
+    """The simulated ClientApp, re-raising a client's exception as one line that starts with its class name.
+
+    Flower's simulation engine reports a ClientApp failure to the ServerApp only as the exception's message, so the
+    cause the server names in its last line ("every client failed (RuntimeError: ...)") would lose its class. In a
+    deployment nothing is relayed this way: a node answers a failure with a generic refusal (DESIGN.md decision 7).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        try:
+            return self.app(message, context)
+        except Exception as err:  # every failure of the node's code, named and passed on to Flower
+            text = str(err).strip().splitlines()
+            raise RuntimeError(f"{type(err).__name__}: {text[0] if text else 'no message'}") from err
+
+
+def _with_log(err: VeilError, log_path: Path) -> VeilError:
+    """``err`` naming the log that holds the clients' tracebacks, when there are any."""
+    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
+    return type(err)(f"{err}; tracebacks in {log_path}") if "Traceback" in text else err
+
+
+class _Quiet(logging.Filter):
+    """Keeps Flower's errors (tracebacks; they go to the run's flower.log) and deprecation banners off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not str(record.msg).startswith("DEPRECATED FEATURE")
+
+
+class _NoDeprecation(logging.Filter):
+    """Drops Flower's "run_simulation is deprecated" banner at its logger: veil runs the same ServerApp and ClientApp
+    in deployment through a SuperLink (``veil server``), and ``flwr run`` would need one for a simulation too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
+
+
+@contextlib.contextmanager
+def _flower_log(path: Path) -> Iterator[None]:
+    """While Flower runs: its full log (tracebacks included) in ``path``, only its short lines on the console."""
+    flwr_log = logging.getLogger("flwr")
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    quiet, no_banner = _Quiet(), _NoDeprecation()
+    consoles = list(flwr_log.handlers)
+    for handler in consoles:
+        handler.addFilter(quiet)
+    flwr_log.addFilter(no_banner)
+    flwr_log.addHandler(to_file)
+    try:
+        yield
+    finally:
+        flwr_log.removeHandler(to_file)
+        flwr_log.removeFilter(no_banner)
+        for handler in consoles:
+            handler.removeFilter(quiet)
+        to_file.close()

@@ -14,8 +14,24 @@ from typing import Any
 
 from veil.errors import ConfigError
 
-__all__ = ["check_data", "check_model", "check_set", "preflight", "register_schema",
+__all__ = ["check_data", "check_model", "check_set", "follow_defaults", "preflight", "register_schema",
            "resolve_paths_and_labels"]
+
+
+# A setting given on the command line that another default would silently override: (given, follower, value).
+# ``privacy.noise_multiplier`` is used only when ``privacy.target_epsilon`` is 0, and ``federation.local_epochs``
+# only when ``federation.local_steps`` is 0, so giving the first alone means the second's "off" value.
+FOLLOWERS = (
+    ("privacy.noise_multiplier", "privacy.target_epsilon", "0"),
+    ("federation.local_epochs", "federation.local_steps", "0"),
+)
+
+
+def follow_defaults(overrides: list[str]) -> list[str]:
+    """``overrides`` plus the follower of every setting given without it (see :data:`FOLLOWERS`)."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    extra = [f"{follower}={value}" for key, follower, value in FOLLOWERS if key in given and follower not in given]
+    return [*overrides, *extra]
 
 
 def register_schema() -> None:
@@ -83,21 +99,26 @@ def check_model(model: Any) -> None:
 def check_data(cfg: Any) -> list[str]:
     """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
     from veil.task.data import encode_labels, read_examples
+    from veil.task.split import draw_split
 
     data = resolve_paths_and_labels(cfg, Path.cwd()).data
     labels: list[str] = json.loads(data.labels)
     if cfg.data.labels:  # a fixed label set: the files were not read to derive it, so read them here
         for path in (data.train_path, data.test_path):
-            encode_labels(read_examples(path, data), labels, path=path)
+            if path:
+                encode_labels(read_examples(path, data), labels, path=path)
+    if not data.test_path:  # the split must leave something to evaluate on
+        draw_split(data, seed=cfg.federation.seed)
     return labels
 
 
 def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
     """The config every process gets: absolute data paths, the label set fixed once, the output directory."""
     from veil.task.shards import absolute, resolve_labels
+    from veil.task.split import with_split_path
 
     data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
-    data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
+    data = with_split_path(dataclasses.replace(data, labels=json.dumps(resolve_labels(data))), out_dir.resolve())
     return dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
                                resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
 

@@ -132,9 +132,11 @@ def _prepare(cfg: Any, run_dir: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from veil.conf.preflight import preflight
+    from veil.conf.preflight import follow_defaults, preflight
 
-    overrides = list(args.overrides)
+    overrides = follow_defaults(list(args.overrides))
+    if "data=csv" in overrides and not any(o.startswith(("data.test_path=", "+data.test_path=")) for o in overrides):
+        raise ConfigError("veil server evaluates the global model on data.test_path; give data.test_path=FILE")
     if not any(o.startswith(("data.train_path=", "+data.train_path=")) for o in overrides):
         # A coordinator needs no training file; the checks before the run read the evaluation file instead.
         overrides.append("data.train_path=${data.test_path}")

@@ -9,6 +9,7 @@ weights, applies the mean update, and aggregates the clients' scalar metrics.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -170,6 +171,7 @@ def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
         marker = "Message: "
         if marker in text:  # Flower wraps a ClientApp exception as "... occurred. Message: <the error>"
             text = text[text.rindex(marker) + len(marker):]
+        text = re.split(r"\\*'>", text)[0]  # Flower's reason ends "...'>" (escaped once more inside a tuple)
         text = text.strip().strip("'\"").replace("\\n", " ")
         return (text.splitlines()[0] if text else type(failure).__name__)[:300]
     return f"status {failure[1].status.code.name}: {failure[1].status.message}"[:300]

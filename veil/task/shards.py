@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,6 +17,7 @@ from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.errors import ConfigError
 from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
 from veil.task.model import load_tokenizer
+from veil.task.split import evaluation_examples, training_examples
 
 
 class ShardSource(Protocol):
@@ -48,7 +48,10 @@ def resolve_labels(cfg: DataConfig) -> list[str]:
         if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
             raise ConfigError("data.labels must be a JSON list of at least two label names")
         return list(names)
-    train, test = read_examples(cfg.train_path, cfg), read_examples(cfg.test_path, cfg)
+    train = read_examples(cfg.train_path, cfg)
+    if not cfg.test_path:  # the split keeps every label in training: the file's labels are the run's
+        return label_names(train, train, train_path=cfg.train_path, test_path=cfg.train_path)
+    test = read_examples(cfg.test_path, cfg)
     return label_names(train, test, train_path=cfg.train_path, test_path=cfg.test_path)
 
 
@@ -62,11 +65,11 @@ def _tensors(examples: TextExamples, labels: list[str], model: ModelConfig, *, p
 @functools.lru_cache(maxsize=4)
 def _eval_cached(data_json: str, model_json: str, labels: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
     data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    examples = read_examples(data.test_path, data)
+    examples = evaluation_examples(data)
     if 0 < data.eval_max_examples < len(examples):
         keep = np.sort(np.random.default_rng(seed).choice(len(examples), data.eval_max_examples, replace=False))
         examples = TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
-    return _tensors(examples, list(labels), model, path=data.test_path)
+    return _tensors(examples, list(labels), model, path=data.test_path or data.train_path)
 
 
 def eval_split(cfg: VeilConfig, labels: list[str]) -> dict[str, torch.Tensor]:
@@ -80,7 +83,7 @@ def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_
     data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
     fed = json.loads(fed_json)
     if data_path is None:  # simulation: this partition of the run's training file
-        examples = read_examples(data.train_path, data)
+        examples = training_examples(data)
         _ids, parts = simulated_partitions(examples, list(labels), fed, path=data.train_path)
         idx = parts[int(partition or 0)]
         examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
@@ -129,5 +132,8 @@ def _key(obj: object) -> str:
 
 
 def absolute(path: str) -> str:
-    """An absolute path for a data file, resolved against the launch directory."""
-    return str(Path(path).expanduser().resolve()) if path else path
+    """An absolute path for a data file: ``package:NAME`` inside veil (the shipped data), any other path resolved
+    against the launch directory."""
+    from veil.data import resolve_data_path
+
+    return resolve_data_path(path)
