@@ -39,7 +39,7 @@ NAMES = "localhost,127.0.0.1,::1,coord.example.org,10.1.2.3"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certs") / "creds"
-    assert main(["certs", "--out", str(out), "--server-name", NAMES, "--nodes", "3"]) == 0
+    assert main(["certs", "--out", str(out), "--server-names", NAMES, "--nodes", "3"]) == 0
     return out
 
 
