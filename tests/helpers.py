@@ -16,7 +16,8 @@ TINY = ["model=tiny_bert", "federation.batch_size=16", "federation.lr=0.02", "fe
 
 def run_veil(args: list[str], *, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
+           "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}  # this checkout
     return subprocess.run([sys.executable, "-m", "veil", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
