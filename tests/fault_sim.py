@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.simulation import run_simulation
 
 
-HANG_SECONDS = 100
+HANG_SECONDS = 70
 
 
 def fault_mod(kind: str, partition: int):  # noqa: ANN201

@@ -28,3 +28,15 @@ def data_overrides(train: Path, test: Path) -> list[str]:
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def write_small_csv(directory: Path) -> tuple[Path, Path]:
+    """A tiny 4-class train/test pair (CSV with a header) in ``directory``."""
+    words = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
+             "pin": "i forgot my pin code"}
+    train = ["text,label"] + [f"{text} {i},{label}" for label, text in words.items() for i in range(15)]
+    test = ["text,label"] + [f"{text} again {i},{label}" for label, text in words.items() for i in range(3)]
+    tr, te = directory / "train.csv", directory / "test.csv"
+    tr.write_text("\n".join(train) + "\n", encoding="utf-8")
+    te.write_text("\n".join(test) + "\n", encoding="utf-8")
+    return tr, te
