@@ -1,8 +1,9 @@
 """Reading a text-classification file, mapping labels, splitting it across simulated clients, tokenizing.
 
 Files are parsed with Python's ``csv`` module (quoted fields, CRLF line endings as in BANKING77) or ``json`` for
-JSONL. Tab-separated files are read with literal quotes unless they are consistently CSV-quoted (``data.quoting``). Every way a data owner's file can be wrong ends in :class:`veil.errors.DataFileError` naming the file, the
-problem and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over labels, k labels per client).
+JSONL. Tab-separated files are read with literal quotes unless they are consistently CSV-quoted (``data.quoting``).
+Every way a data owner's file can be wrong ends in :class:`veil.errors.DataFileError` naming the file, the problem
+and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over labels, k labels per client).
 """
 
 from __future__ import annotations

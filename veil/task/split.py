@@ -22,8 +22,8 @@ from veil.conf.schema import DataConfig
 from veil.errors import ConfigError, DataFileError
 from veil.task.data import TextExamples, read_examples
 
-__all__ = ["SPLIT_FILE", "draw_split", "evaluation_examples", "split_examples", "stratified_test_rows", "training_examples",
-           "with_split_path", "write_split"]
+__all__ = ["SPLIT_FILE", "draw_split", "evaluation_examples", "split_examples", "stratified_test_rows",
+           "training_examples", "with_split_path", "write_split"]
 
 SPLIT_FILE = "split.json"
 
