@@ -78,7 +78,7 @@ def test_headerless_tsv_with_literal_quotes_is_read_as_written(tmp_path: Path) -
     for quoting in ("auto", "none"):
         texts, labels = _read(path, quoting)
         assert texts == [t for t, _ in expected] and labels == [lab for _, lab in expected], quoting
-    with pytest.raises(DataFileError, match=r"export.tsv is not valid TSV .*data.quoting=none"):
+    with pytest.raises(DataFileError, match=r"export.tsv is not valid TSV \(line 1: .*data.quoting=none"):
         _read(path, "csv")
 
 

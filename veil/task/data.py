@@ -92,7 +92,10 @@ def _table(raw: str, delimiter: str, *, quoted: bool) -> list[tuple[int, list[st
     # str.splitlines' extra separators (U+2028, U+0085, ...) inside a text do not cut a row in two.
     reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True,
                         quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
-    return [(reader.line_num, row) for row in reader if row]
+    try:
+        return [(reader.line_num, row) for row in reader if row]
+    except csv.Error as err:  # name the line: the csv module's message does not
+        raise csv.Error(f"line {reader.line_num}: {err}") from err
 
 
 def _mismatch(table: list[tuple[int, list[str]]]) -> tuple[int, int] | None:
