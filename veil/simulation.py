@@ -257,6 +257,8 @@ class NamedCauses:
 
 def _with_log(err: VeilError, log_path: Path) -> VeilError:
     """``err`` naming the log that holds the clients' tracebacks, when there are any."""
+    if not (log_path.parent / "metrics.jsonl").exists():  # the run directory is removed (nothing half-written)
+        return err
     text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
     return type(err)(f"{err}; tracebacks in {log_path}") if "Traceback" in text else err
 
