@@ -29,10 +29,10 @@ demo: setup
 	$(VENV)/bin/veil simulate
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q --durations=15 -m "not slow"
 
 clean:
 	rm -rf outputs multirun .pytest_cache

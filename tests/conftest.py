@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_small_csv
 from veil.cli import quiet_environment
 
 quiet_environment()  # offline, no telemetry: the same environment the `veil` command sets
 
 ROOT = Path(__file__).resolve().parents[1]
-BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
+BANKING77 = ROOT / "veil" / "data" / "banking77"  # shipped inside the package
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +25,4 @@ def banking77() -> Path:
 @pytest.fixture
 def small_csv(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny 4-class train/test pair (CSV with a header)."""
-    words = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
-             "pin": "i forgot my pin code"}
-    train = ["text,label"] + [f"{text} {i},{label}" for label, text in words.items() for i in range(15)]
-    test = ["text,label"] + [f"{text} again {i},{label}" for label, text in words.items() for i in range(3)]
-    tr, te = tmp_path / "train.csv", tmp_path / "test.csv"
-    tr.write_text("\n".join(train) + "\n", encoding="utf-8")
-    te.write_text("\n".join(test) + "\n", encoding="utf-8")
-    return tr, te
+    return write_small_csv(tmp_path)

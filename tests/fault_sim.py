@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.simulation import run_simulation
 
 
-HANG_SECONDS = 100
+HANG_SECONDS = 70
 
 
 def fault_mod(kind: str, partition: int):  # noqa: ANN201
@@ -45,10 +45,10 @@ def main() -> None:
     from veil.conf import CONF_DIR
     from veil.conf.runconfig import to_run_config, to_veil_config
     from veil.server.app import make_server_app
-    from veil.simulation import _register_schema, resolve_paths_and_labels
+    from veil.conf.preflight import register_schema, resolve_paths_and_labels
 
     out_dir, kind, partition, overrides = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-    _register_schema()
+    register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = resolve_paths_and_labels(to_veil_config(compose(config_name="config", overrides=overrides)), out_dir)
     flat = to_run_config(cfg)

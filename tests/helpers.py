@@ -16,7 +16,8 @@ TINY = ["model=tiny_bert", "federation.batch_size=16", "federation.lr=0.02", "fe
 
 def run_veil(args: list[str], *, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
+           "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}  # this checkout
     return subprocess.run([sys.executable, "-m", "veil", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -27,3 +28,15 @@ def data_overrides(train: Path, test: Path) -> list[str]:
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def write_small_csv(directory: Path) -> tuple[Path, Path]:
+    """A tiny 4-class train/test pair (CSV with a header) in ``directory``."""
+    words = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
+             "pin": "i forgot my pin code"}
+    train = ["text,label"] + [f"{text} {i},{label}" for label, text in words.items() for i in range(15)]
+    test = ["text,label"] + [f"{text} again {i},{label}" for label, text in words.items() for i in range(3)]
+    tr, te = directory / "train.csv", directory / "test.csv"
+    tr.write_text("\n".join(train) + "\n", encoding="utf-8")
+    te.write_text("\n".join(test) + "\n", encoding="utf-8")
+    return tr, te

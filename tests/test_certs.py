@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from veil.cli import main
 from veil.errors import CredentialError
-from veil.privacy import certs
-from veil.privacy.credentials import (
+from veil.security import certs
+from veil.security.credentials import (
     check_ca_certificate,
     check_node_private_key,
     check_node_public_key,
@@ -39,7 +39,7 @@ NAMES = "localhost,127.0.0.1,::1,coord.example.org,10.1.2.3"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certs") / "creds"
-    assert main(["certs", "--out", str(out), "--server-name", NAMES, "--nodes", "3"]) == 0
+    assert main(["certs", "--out", str(out), "--server-names", NAMES, "--nodes", "3"]) == 0
     return out
 
 
@@ -184,7 +184,7 @@ def test_exposed_node_key_warns(bundle: Path, tmp_path: Path, caplog: pytest.Log
     key = tmp_path / "node.key"
     key.write_bytes((bundle / "node-1.key").read_bytes())
     key.chmod(0o644)
-    with caplog.at_level("WARNING", logger="veil.privacy"):
+    with caplog.at_level("WARNING", logger="veil.security"):
         check_node_private_key(key)
     assert "chmod 600" in caplog.text
 

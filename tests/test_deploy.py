@@ -88,7 +88,7 @@ def main(grid, context):
 
 
 def _evil_app(directory: Path, ran: Path, result: Path) -> Path:
-    from veil.client.trust import app_files
+    from veil.security.bundle import app_files
 
     directory.mkdir()
     pyproject = app_files()["pyproject.toml"].decode()
@@ -315,7 +315,7 @@ def test_fab_is_what_flwr_run_builds_from_the_app_dir(tmp_path: Path) -> None:
 
     from flwr.cli.build import build_fab_from_disk
 
-    from veil.client.trust import build_fab, describe_difference, fab_hash, write_app_dir
+    from veil.security.bundle import build_fab, describe_difference, fab_hash, write_app_dir
 
     app = write_app_dir(tmp_path / "app")
     assert hashlib.sha256(build_fab_from_disk(app)).hexdigest() == fab_hash() == fab_hash(build_fab())

@@ -16,7 +16,7 @@ from helpers import ROOT, TINY, data_overrides, metrics
 
 pytestmark = pytest.mark.slow
 
-SIX = [*TINY, "federation.num_clients=6", "federation.clients_per_round=6", "federation.rounds=1", "privacy=none"]
+SIX = [*TINY, "federation.num_clients=6", "federation.rounds=1", "privacy=none"]
 
 
 def _fault_run(out: Path, fault: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -40,14 +40,23 @@ def test_dropout_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path],
     for run in ("secagg", "plain"):
         row = metrics(tmp_path / run)[0]
         assert row["completed"] and row["clients"] == 5, f"{run}: the five survivors make the round: {row}"
-    step = 2 * 8.0 / 2**22
+    step = 2 * 8.0 / 2**22  # one quantisation level of SecAgg+ (clipping range 8, 2**22 levels)
     a, b = _weights(tmp_path / "secagg"), _weights(tmp_path / "plain")
     for name in b:
         assert float(np.abs(a[name] - b[name]).max()) <= step, name
 
+    from veil.conf.schema import ModelConfig
+    from veil.task.model import build_model, get_trainable, trainable_names
+
+    model = build_model(ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8, head_init="random"),
+                        ["card", "cash", "fee", "pin"], seed=0)
+    initial = dict(zip(trainable_names(model), get_trainable(model), strict=True))
+    moved = max(float(np.abs(b[name] - initial[name]).max()) for name in b)
+    assert moved > 1000 * step, "the round must move the weights far more than the tolerance"
+
 
 def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    """The silent node stays silent for 100 s; with a 30 s stage timeout the round finishes without it, well before
+    """The silent node stays silent for 70 s; with a 30 s stage timeout the round finishes without it, well before
     the node would have answered. (The process itself ends only after the silent worker wakes: a simulation
     artefact; a real node is a process of its own.)"""
     proc = _fault_run(tmp_path / "hang", "hang", timeout=400, overrides=[
@@ -56,4 +65,4 @@ def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = metrics(tmp_path / "hang")[0]
     assert row["completed"] and row["clients"] == 5
-    assert row["seconds"] < 95, f"the round waited {row['seconds']:.0f} s for the silent node"
+    assert row["seconds"] < 65, f"the round waited {row['seconds']:.0f} s for the silent node"

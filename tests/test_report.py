@@ -114,18 +114,19 @@ def test_a_bad_swept_value_fails_before_any_member_runs(small_csv: tuple[Path, P
 
 @pytest.mark.slow
 def test_sweep_with_a_failing_member_then_report(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    """2 ε × 3 client counts; 1000 clients cannot split 60 examples, which only the run itself finds out: those
-    two members fail with one line each, the 2 × 2 others finish, and the report covers exactly them."""
+    """2 ε × 2 client counts; 1000 clients cannot split 60 examples, which only the run itself finds out: those
+    two members fail with one line each, the two others finish (member 2 after a failed one), and the report covers
+    exactly them."""
     sweep = tmp_path / "sweep"
     proc = run_veil(["simulate", "-m", *TINY, *data_overrides(*small_csv), "federation.clients_per_round=3",
                      "federation.rounds=1", "secagg=off", "privacy.target_epsilon=1,8",
-                     "federation.num_clients=3,1000,4", f"hydra.sweep.dir={sweep}"], timeout=420)
+                     "federation.num_clients=3,1000", f"hydra.sweep.dir={sweep}"], timeout=420)
 
     assert proc.returncode == 2, proc.stderr[-3000:]
     failed = [line for line in proc.stderr.splitlines() if line.startswith("veil: error:")]
     assert len(failed) == 2 and all("federation.num_clients=1000" in line for line in failed), failed
     members = sorted(p.parent for p in sweep.rglob("metrics.jsonl"))
-    assert [p.name for p in members] == ["0", "2", "3", "5"], "the members after a failed one still ran"
+    assert [p.name for p in members] == ["0", "2"], "the members after a failed one still ran"
     for member in members:
         resolved = (member / "config.resolved.yaml").read_text()
         assert "seed: 0" in resolved and "target_epsilon:" in resolved
@@ -141,7 +142,7 @@ def test_sweep_with_a_failing_member_then_report(small_csv: tuple[Path, Path], t
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = csv_rows(report / "summary.csv")
-    assert [Path(r["run"]).name for r in rows] == ["0", "2", "3", "5"]
+    assert [Path(r["run"]).name for r in rows] == ["0", "2"]
     for row, member in zip(rows, members, strict=True):
         assert_matches(row, metrics(member)[-1])
         assert row["status"] == "complete"

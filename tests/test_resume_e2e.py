@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY, data_overrides, metrics, run_veil
+from helpers import ROOT, TINY, data_overrides, metrics, run_veil, write_small_csv
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,12 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
     proc.wait(timeout=30)
 
 
-def test_kill_during_round_2_then_resume(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[Path, Path], int, str, str]:
+    """One run killed during round 2 and resumed: (run dir, data files, last round before the kill, its weights'
+    sha256, the resumed process's output). Shared: the refused-resume test reads this run and changes nothing."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    small_csv = write_small_csv(tmp_path)
     run_dir = tmp_path / "run"
     proc = _start(["simulate", *COMMON, *data_overrides(*small_csv), f"hydra.run.dir={run_dir}"])
     first = run_dir / "checkpoints" / "round-0001.npz"
@@ -52,12 +57,15 @@ def test_kill_during_round_2_then_resume(small_csv: tuple[Path, Path], tmp_path:
     assert done and done[0] == 1 and len(done) < 3, f"the kill must land before the run ends: {done}"
     last = max(done)
     checkpoint_sha = metrics(run_dir)[last - 1]["weights_sha256"]
-
     resumed = run_veil(["simulate", *COMMON, *data_overrides(*small_csv), f"resume={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return run_dir, small_csv, last, checkpoint_sha, resumed.stdout + resumed.stderr
+
+
+def test_kill_during_round_2_then_resume(resumed: tuple[Path, tuple[Path, Path], int, str, str]) -> None:
+    run_dir, _small_csv, last, checkpoint_sha, log = resumed
     rows = metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3], "every round exactly once"
-    log = resumed.stdout + resumed.stderr
     assert f"resuming after round {last} from weights sha256 {checkpoint_sha}" in log
     with np.load(run_dir / "global_trainable.npz") as final:
         digest = __import__("veil.server.checkpoint", fromlist=["weights_sha256"]).weights_sha256(
@@ -71,10 +79,8 @@ def test_kill_during_round_2_then_resume(small_csv: tuple[Path, Path], tmp_path:
         "the ledger keeps every release, including one from the round in flight when the server died")
 
 
-def test_incompatible_resume_is_refused(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    ok = run_veil(["simulate", *COMMON, *data_overrides(*small_csv), "federation.rounds=1", f"hydra.run.dir={run_dir}"])
-    assert ok.returncode == 0, ok.stderr[-3000:]
+def test_incompatible_resume_is_refused(resumed: tuple[Path, tuple[Path, Path], int, str, str]) -> None:
+    run_dir, small_csv = resumed[0], resumed[1]
     before = sorted(p.name for p in run_dir.rglob("*"))
     bad = run_veil(["simulate", *COMMON, *data_overrides(*small_csv), "privacy.noise_multiplier=2.0", f"resume={run_dir}"])
     assert bad.returncode != 0

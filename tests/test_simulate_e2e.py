@@ -1,11 +1,11 @@
 """End to end through the real `veil simulate` command: DP-SGD + SecAgg+ on a tiny BERT; the exported model
-reproduces the final global weights; SecAgg+ gives the plain aggregate within the quantisation step."""
+reproduces the final global weights. (SecAgg+ equals the plain aggregate within the quantisation step:
+tests/test_dropout_e2e.py, with a drop-out on top.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -44,31 +44,3 @@ def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tm
         torch.testing.assert_close(exported(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
     card = (run_dir / "model" / "README.md").read_text()
     assert "δ" in card and "SecAgg+" in card
-
-
-def test_secagg_equals_plain_aggregation(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    """No DP noise, fixed seeds: the global weights after a SecAgg+ round equal those of a plain round within the
-    quantisation step, and the round really moved them."""
-    finals = {}
-    for secagg in ("secaggplus", "off"):
-        run_dir = tmp_path / secagg
-        proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), "federation.num_clients=3",
-                         "federation.clients_per_round=3", "federation.rounds=1", "privacy=none", f"secagg={secagg}",
-                         f"hydra.run.dir={run_dir}"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert metrics(run_dir)[0]["completed"] is True and metrics(run_dir)[0]["clients"] == 3
-        with np.load(run_dir / "global_trainable.npz") as data:
-            finals[secagg] = {k: data[k] for k in data.files}
-
-    from veil.conf.schema import ModelConfig
-    from veil.task.model import build_model, get_trainable, trainable_names
-
-    initial_model = build_model(ModelConfig(tiny=True, max_length=24, lora_r=4, lora_alpha=8, head_init="random"), ["card", "cash", "fee", "pin"], seed=0)
-    initial = dict(zip(trainable_names(initial_model), get_trainable(initial_model), strict=True))
-    step = 2 * 8.0 / 2**22  # one quantisation level of SecAgg+ (clipping range 8, 2**22 levels)
-    largest_update = 0.0
-    for name, plain in finals["off"].items():
-        diff = float(np.abs(finals["secaggplus"][name] - plain).max())
-        assert diff <= step, f"{name}: SecAgg+ differs from the plain mean by {diff}"
-        largest_update = max(largest_update, float(np.abs(plain - initial[name]).max()))
-    assert largest_update > 1000 * step, "the round must move the weights far more than the tolerance"

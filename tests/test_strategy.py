@@ -59,3 +59,11 @@ def test_all_refusals_leave_the_weights_alone() -> None:
     strategy = DeltaFedAvg(initial=initial, clients_per_round=1, num_clients=1)
     params, _ = strategy.aggregate_fit(1, [(_Proxy(1), _res([np.zeros(3, np.float32)], 0, refused=1))], [])
     assert params is None and np.array_equal(strategy.global_arrays[0], initial[0])
+
+
+def test_a_failure_reason_is_one_line_with_its_class_and_no_directories() -> None:
+    from veil.strategies.fedavg import _reason
+
+    flower = RuntimeError("(\"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\\nException ClientAppException "
+                          "occurred. Message: DataFileError: data file /home/ann/private/notes.csv does not exist\\\\'>')\",)")
+    assert _reason(flower) == "DataFileError: data file notes.csv does not exist"

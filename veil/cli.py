@@ -21,7 +21,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("veil.simulation", "run a simulated federation on this machine (Hydra overrides follow)"),
     "report": ("veil.report", "tables and plots of runs or a sweep: accuracy, loss, ε per round, privacy–utility curve"),
     "privacy": ("veil.privacy.report", "inspect a node's privacy ledger (`veil privacy report --ledger PATH`)"),
-    "certs": ("veil.privacy.certs", "create a CA, a server certificate and node key pairs"),
+    "certs": ("veil.security.certs", "create a CA, a server certificate and node key pairs"),
     "server": ("veil.server.deploy", "start the coordinator (SuperLink with TLS + node auth) and submit a run"),
     "client": ("veil.client.node", "start a data owner's node (SuperNode) next to its private data"),
 }

@@ -12,15 +12,18 @@ Steps of one run: (1) compose and validate; (2) resolve data paths and labels; (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from veil.conf.preflight import follow_defaults, preflight, resolve_paths_and_labels
 from veil.errors import ConfigError, VeilError
 
 log = logging.getLogger("veil")
@@ -35,119 +38,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="Hydra overrides, e.g. federation.num_clients=10 privacy=none")
 
 
-def _register_schema() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from veil.conf.schema import VeilConfig
-
-    ConfigStore.instance().store(name="veil_schema", node=VeilConfig)
-
-
-def preflight(overrides: list[str]) -> Any:
-    """Compose once with Hydra's compose API so a typo or bad value fails with one line before anything starts."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from veil.conf import CONF_DIR
-    from veil.conf.runconfig import to_veil_config
-
-    _register_schema()
-    plain = [o for o in overrides if not o.startswith("-") and not o.startswith("hydra.") and not o.startswith("hydra/")]
-    sweeping = "-m" in overrides or "--multirun" in overrides
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            # In a sweep, every swept value is composed and validated once (beside the first of the others), so a
-            # typo in any value fails before the first member starts; combinations are left to the members.
-            variants = _sweep_variants(plain) if sweeping else [plain]
-            cfgs = [compose(config_name="config", overrides=variant) for variant in variants]
-    except Exception as err:  # Hydra/OmegaConf raise many types; all mean "the command line is wrong"
-        raise ConfigError(_one_line(err)) from err
-    finally:
-        GlobalHydra.instance().clear()
-    for cfg in cfgs:
-        check_set(cfg)
-    veil_cfgs = [to_veil_config(cfg) for cfg in cfgs]
-    for each in veil_cfgs:
-        check_model(each.model)
-    veil_cfg = veil_cfgs[0]
-    if not sweeping:
-        check_data(veil_cfg)
-    return veil_cfg
-
-
-def check_set(cfg: Any) -> None:
-    """Every mandatory value (``???`` in a group file, e.g. ``data=csv``'s paths) is given."""
-    from omegaconf import OmegaConf
-
-    missing = sorted(OmegaConf.missing_keys(cfg), key=lambda key: ("test" in key, key))  # train before test
-    if missing:
-        given = " ".join(f"{key}=..." for key in missing)
-        raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; give {given}")
-
-
-def check_model(model: Any) -> None:
-    """The model directory holds a config.json (a tiny test model needs only the default tokenizer's)."""
-    from veil.task.model import default_model_dir, model_dir
-
-    if model.tiny:
-        default_model_dir()
-    else:
-        model_dir(model)
-
-
-def check_data(cfg: Any) -> list[str]:
-    """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
-    from veil.task.data import encode_labels, read_examples
-
-    data = resolve_paths_and_labels(cfg, Path.cwd()).data
-    labels: list[str] = json.loads(data.labels)
-    if cfg.data.labels:  # a fixed label set: the files were not read to derive it, so read them here
-        for path in (data.train_path, data.test_path):
-            encode_labels(read_examples(path, data), labels, path=path)
-    return labels
-
-
-def _sweep_values(override: str) -> list[str]:
-    """``key=a,b,c`` -> ``[key=a, key=b, key=c]``; any other override stands for itself."""
-    key, sep, value = override.partition("=")
-    if sep and "," in value and not value.startswith(("[", "{", "'", '"')):
-        return [f"{key}={v}" for v in value.split(",")]
-    return [override]
-
-
-def _sweep_variants(overrides: list[str]) -> list[list[str]]:
-    """The first value of every swept key, then each other value of each swept key in turn."""
-    values = [_sweep_values(o) for o in overrides]
-    first = [v[0] for v in values]
-    return [first] + [[*first[:i], other, *first[i + 1:]] for i, v in enumerate(values) for other in v[1:]]
-
-
-def _one_line(err: BaseException) -> str:
-    """Hydra's multi-line error and its causes, as one line without search paths or internals."""
-    parts: list[str] = []
-    seen: BaseException | None = err
-    while seen is not None and len(parts) < 4:
-        for line in str(seen).split("\n"):
-            line = line.strip()
-            if line.startswith(("Config search path", "provider=", "full_key", "object_type", "reference_type",
-                                "Set the environment variable")):
-                break
-            if "$VALUE" in line:
-                continue
-            if line and line not in parts:
-                parts.append(line)
-        seen = seen.__cause__ or seen.__context__
-    text = " ".join(parts).replace("To append to your config use", "(to add a new key use")
-    if "(to add a new key use" in text:
-        text = text.replace(" Key ", ") Key ", 1) if " Key " in text else text + ")"
-    return f"invalid configuration: {text or type(err).__name__}"
-
-
 def run(args: argparse.Namespace) -> int:
     from veil.conf.runconfig import to_run_config
 
-    overrides = ["-m", *args.overrides] if getattr(args, "multirun", False) else list(args.overrides)
+    overrides = follow_defaults(["-m", *args.overrides] if getattr(args, "multirun", False) else list(args.overrides))
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume and resume[-1]:
         run_dir = Path(resume[-1]).expanduser().resolve()
@@ -156,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         overrides = [*overrides, f"hydra.run.dir={run_dir}"]  # outputs go back into the run being resumed
     cfg = preflight(overrides)
     if cfg.resume:  # refuse an incompatible resume before Hydra touches the run directory
+        from veil.server.checkpoint import check_resumable
+
         resolved = resolve_paths_and_labels(cfg, Path(cfg.resume).expanduser().resolve())
         check_resumable(resolved, to_run_config(resolved))
     import hydra
@@ -222,10 +118,16 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     if not cfg.resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{out_dir} already holds a run; pick a new hydra.run.dir or continue it with resume={out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.test_path:  # one file: the exact held-out row ids, next to the outputs (a resume reuses them)
+        from veil.task.split import write_split
+
+        write_split(cfg.data, seed=cfg.federation.seed)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
     simulated_node_configs(cfg)
     if cfg.resume:
+        from veil.server.checkpoint import check_resumable
+
         check_resumable(cfg, flat)
     write_partition_table(cfg, out_dir / "partitions.csv")
     baseline = majority_baseline_of(cfg)
@@ -246,36 +148,17 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
-    """The config every process gets: absolute data paths, the label set fixed once, the output directory."""
-    from veil.task.shards import absolute, resolve_labels
-
-    data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
-    data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
-    return dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
-                               resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
-
-
-def check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
-    """Refuse an incompatible resume before starting Flower (the ServerApp checks again)."""
-    from veil.server.checkpoint import check_compatible, latest_checkpoint
-
-    ckpt = latest_checkpoint(Path(cfg.resume))
-    if ckpt is not None:
-        check_compatible(ckpt.meta["run_config"], flat)
-        log.info("resuming %s after round %d of %d", cfg.resume, ckpt.round, cfg.federation.rounds)
-
-
 def majority_baseline_of(cfg: Any) -> float:
     """Accuracy of predicting the most frequent training label on the evaluation split."""
     import numpy as np
 
     from veil.server.evaluate import majority_baseline
-    from veil.task.data import encode_labels, read_examples
+    from veil.task.data import encode_labels
+    from veil.task.split import evaluation_examples, training_examples
 
     labels = json.loads(cfg.data.labels)
-    train = encode_labels(read_examples(cfg.data.train_path, cfg.data), labels, path=cfg.data.train_path)
-    test = encode_labels(read_examples(cfg.data.test_path, cfg.data), labels, path=cfg.data.test_path)
+    train = encode_labels(training_examples(cfg.data), labels, path=cfg.data.train_path)
+    test = encode_labels(evaluation_examples(cfg.data), labels, path=cfg.data.test_path or cfg.data.train_path)
     return majority_baseline(np.asarray(train), np.asarray(test))
 
 
@@ -284,11 +167,11 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[st
     import csv
     from collections import Counter
 
-    from veil.task.data import read_examples
     from veil.task.shards import simulated_partitions
+    from veil.task.split import training_examples
 
     labels = json.loads(cfg.data.labels)
-    examples = read_examples(cfg.data.train_path, cfg.data)
+    examples = training_examples(cfg.data)
     ids, parts = simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
     rows = []
     for client, idx in enumerate(parts):
@@ -348,19 +231,85 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # run_simulation's deprecation notice: `flwr run` needs a SuperLink
+    client_app = make_client_app(flat, simulation_root=out_dir / "nodes", simulated_nodes=simulated_node_configs(cfg))
+    # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
+    with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            run_simulation(
-                server_app=make_server_app(flat),
-                client_app=make_client_app(flat, simulation_root=out_dir / "nodes",
-                                           simulated_nodes=simulated_node_configs(cfg)),
-                num_supernodes=fed.num_clients, backend_config=backend,
-            )
-        except VeilError:
-            raise
+            run_simulation(server_app=make_server_app(flat), client_app=NamedCauses(client_app),
+                           num_supernodes=fed.num_clients, backend_config=backend)
+        except VeilError as err:
+            raise _with_log(err, out_dir / FLOWER_LOG) from None
         except RuntimeError as err:
             cause = err.__cause__ or err
             if isinstance(cause, VeilError):
-                raise cause from None
-            raise VeilError(f"the simulation failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from err
+                raise _with_log(cause, out_dir / FLOWER_LOG) from None
+            raise VeilError(f"the simulation failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
+                            f"; see {out_dir / FLOWER_LOG}") from err
+
+
+FLOWER_LOG = "flower.log"  # Flower's own log of a simulated run, with the client-side tracebacks
+
+
+class NamedCauses:
+    """The simulated ClientApp, re-raising a client's exception as one line that starts with its class name.
+
+    Flower's simulation engine reports a ClientApp failure to the ServerApp only as the exception's message, so the
+    cause the server names in its last line ("every client failed (RuntimeError: ...)") would lose its class. In a
+    deployment nothing is relayed this way: a node answers a failure with a generic refusal (DESIGN.md decision 7).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        try:
+            return self.app(message, context)
+        except Exception as err:  # every failure of the node's code, named and passed on to Flower
+            text = str(err).strip().splitlines()
+            raise RuntimeError(f"{type(err).__name__}: {text[0] if text else 'no message'}") from err
+
+
+def _with_log(err: VeilError, log_path: Path) -> VeilError:
+    """``err`` naming the log that holds the clients' tracebacks, when there are any."""
+    if not (log_path.parent / "metrics.jsonl").exists():  # the run directory is removed (nothing half-written)
+        return err
+    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
+    return type(err)(f"{err}; tracebacks in {log_path}") if "Traceback" in text else err
+
+
+class _Quiet(logging.Filter):
+    """Keeps Flower's errors (tracebacks; they go to the run's flower.log) and deprecation banners off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not str(record.msg).startswith("DEPRECATED FEATURE")
+
+
+class _NoDeprecation(logging.Filter):
+    """Drops Flower's "run_simulation is deprecated" banner at its logger: veil runs the same ServerApp and ClientApp
+    in deployment through a SuperLink (``veil server``), and ``flwr run`` would need one for a simulation too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
+
+
+@contextlib.contextmanager
+def _flower_log(path: Path) -> Iterator[None]:
+    """While Flower runs: its full log (tracebacks included) in ``path``, only its short lines on the console."""
+    flwr_log = logging.getLogger("flwr")
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    quiet, no_banner = _Quiet(), _NoDeprecation()
+    consoles = list(flwr_log.handlers)
+    for handler in consoles:
+        handler.addFilter(quiet)
+    flwr_log.addFilter(no_banner)
+    flwr_log.addHandler(to_file)
+    try:
+        yield
+    finally:
+        flwr_log.removeHandler(to_file)
+        flwr_log.removeFilter(no_banner)
+        for handler in consoles:
+            handler.removeFilter(quiet)
+        to_file.close()

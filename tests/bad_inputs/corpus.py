@@ -114,7 +114,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 def _bundle(out: Path) -> None:
     """A fresh, valid `veil certs` bundle (CA, server certificate, one node key pair)."""
-    from veil.privacy import certs
+    from veil.security import certs
 
     certs.write_files(out, certs.build_files(server_names="localhost,127.0.0.1", nodes=1, days=30), force=False)
 

@@ -5,7 +5,7 @@ executes nothing itself: an executor process acquires each task from the node's 
 (``flower-superexec`` normally, which starts ``flwr-clientapp`` to unpack and import the FAB's code). ``veil client``
 starts this module instead. For every task it pulls the task input through Flower's own Runtime API client, checks
 ``sha256`` of the FAB *content* (not the hash the SuperLink declares) against the FAB the node rebuilds from its
-installed veil (:mod:`veil.client.trust`), and only then calls the *installed* ``veil.client.app:app``; the FAB is
+installed veil (:mod:`veil.security.bundle`), and only then calls the *installed* ``veil.client.app:app``; the FAB is
 never unpacked or imported. A foreign FAB gets an error reply and one log line, and the executor waits for the next
 task, so the node stays up for legitimate runs.
 
@@ -106,7 +106,7 @@ def run_task(address: str, token: str, expected_hash: str) -> bool:
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-    from veil.client.trust import describe_difference
+    from veil.security.bundle import describe_difference
 
     client = _runtime_client(address, token)
     context, status, details, trusted = None, SubStatus.FAILED, "veil node failed to read the task", True
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from veil.client.app import quiet_worker
-    from veil.client.trust import fab_hash
+    from veil.security.bundle import fab_hash
 
     quiet_worker()
     stop = threading.Event()

@@ -90,7 +90,7 @@ def preflight(args: argparse.Namespace) -> None:
     """Check data, settings and credentials; raises a VeilError naming the first problem."""
     from veil.client.settings import node_settings
     from veil.conf.schema import DataConfig
-    from veil.privacy.credentials import check_ca_certificate, check_node_private_key
+    from veil.security.credentials import check_ca_certificate, check_node_private_key
     from veil.task.data import read_examples
 
     from veil.privacy.ledger_home import bind_ledger, data_fingerprint

@@ -42,11 +42,16 @@ class ModelConfig:
 class DataConfig:
     name: str = "banking77"
     train_path: str = MISSING  # relative paths resolve against the launch directory
-    test_path: str = MISSING
+    test_path: str = ""  # empty: a seeded split of train_path, stratified by label (data.test_fraction)
+    test_fraction: float = 0.2  # without test_path: the share of each label's rows held out for evaluation
+    split_path: str = ""  # set by the launcher: the run's split.json (exact test row ids) when test_path is empty
     text_column: str = "text"
     label_column: str = "category"
     format: str = "auto"  # auto (from the suffix) | csv | tsv | jsonl
     delimiter: str = ""  # empty: ',' for csv, '\t' for tsv
+    # auto: CSV quoting for comma-separated files; tab-separated ones keep quotes as text unless consistently
+    # CSV-quoted. csv: always CSV quoting. none: quotes are plain text (a field cannot hold the delimiter).
+    quoting: str = "auto"
     header: bool = True  # without a header, columns are named by their 0-based index ("0", "1", ...)
     eval_max_examples: int = 0  # 0: the whole test split; >0: a fixed, seeded subset (faster rounds)
     labels: str = ""  # JSON list of label names fixing the label ids; empty: derived once at launch from the files
@@ -91,7 +96,7 @@ class StrategyConfig:
 @dataclass
 class FederationConfig:
     num_clients: int = 5
-    clients_per_round: int = 5
+    clients_per_round: int = 0  # 0: all of federation.num_clients every round
     rounds: int = 3
     local_epochs: int = 1
     local_steps: int = 5  # >0: exactly this many (DP) steps per round instead of local_epochs passes
@@ -124,10 +129,18 @@ class VeilConfig:
     resume: str = ""  # a run directory to continue from its last checkpoint (outputs go back into it)
 
     def validate(self) -> VeilConfig:
-        """Check ranges and relations; raise ConfigError naming the first bad field. Returns self."""
+        """Check ranges and relations; raise ConfigError naming the first bad field. Returns self.
+
+        ``federation.clients_per_round=0`` (all clients) is replaced by ``federation.num_clients`` here, so every
+        process of a run sees the number.
+        """
         fed, priv, sa, model = self.federation, self.privacy, self.secagg, self.model
         _positive_int("federation.num_clients", fed.num_clients)
-        _positive_int("federation.clients_per_round", fed.clients_per_round)
+        if isinstance(fed.clients_per_round, bool) or not isinstance(fed.clients_per_round, int) or fed.clients_per_round < 0:
+            _bad("federation.clients_per_round", fed.clients_per_round, "an integer >= 0 (0: all federation.num_clients)")
+        every_client = fed.clients_per_round == 0
+        if every_client:  # the default follows num_clients; from here on the run uses the number
+            fed.clients_per_round = fed.num_clients
         _positive_int("federation.rounds", fed.rounds)
         _positive_int("federation.local_epochs", fed.local_epochs)
         if isinstance(fed.local_steps, bool) or not isinstance(fed.local_steps, int) or fed.local_steps < 0:
@@ -145,9 +158,11 @@ class VeilConfig:
         if fed.partitioner == "pathological":
             _positive_int("federation.classes_per_client", fed.classes_per_client)
         _choice("data.format", self.data.format, ("auto", "csv", "tsv", "jsonl"))
-        for name in ("train_path", "test_path"):
-            if getattr(self.data, name) in ("", MISSING):
-                raise ConfigError(f"data.{name} is not set; give data.{name}=FILE (CSV, TSV or JSONL)")
+        _choice("data.quoting", self.data.quoting, ("auto", "csv", "none"))
+        if self.data.train_path in ("", MISSING):
+            raise ConfigError("data.train_path is not set; give data.train_path=FILE (CSV, TSV or JSONL)")
+        if not self.data.test_path and not 0.0 < self.data.test_fraction < 1.0:
+            _bad("data.test_fraction", self.data.test_fraction, "in (0, 1) (or give data.test_path=FILE)")
         if self.data.labels:
             _label_list("data.labels", self.data.labels)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
@@ -175,7 +190,9 @@ class VeilConfig:
             if not 2 <= sa.reconstruction_threshold < sa.num_shares:
                 _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"in [2, secagg.num_shares={sa.num_shares})")
             if fed.clients_per_round < sa.num_shares:
-                _bad("federation.clients_per_round", fed.clients_per_round, f">= secagg.num_shares={sa.num_shares} with SecAgg+ on (or secagg=off)")
+                name, value = ("federation.num_clients", fed.num_clients) if every_client else (
+                    "federation.clients_per_round", fed.clients_per_round)
+                _bad(name, value, f">= secagg.num_shares={sa.num_shares} with SecAgg+ on (or secagg=off)")
             _positive_float("secagg.clipping_range", sa.clipping_range)
             _positive_float("secagg.timeout", sa.timeout)
             if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= sa.quantization_range:

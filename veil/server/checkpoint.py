@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from veil.errors import ConfigError
+
+log = logging.getLogger("veil")
 
 CHECKPOINT_DIR = "checkpoints"
 # Fields that must not change across a resume: the model, its adapters, the task, the privacy mechanism and
@@ -120,3 +123,11 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
+    """Refuse an incompatible resume before starting Flower (the ServerApp checks again)."""
+    ckpt = latest_checkpoint(Path(cfg.resume))
+    if ckpt is not None:
+        check_compatible(ckpt.meta["run_config"], flat)
+        log.info("resuming %s after round %d of %d", cfg.resume, ckpt.round, cfg.federation.rounds)

@@ -2,7 +2,7 @@
 
 Steps: (1) compose and validate the configuration (Hydra overrides, as for ``veil simulate``); (2) check the TLS
 certificate and the node public keys; (3) resolve the evaluation file and the label set, write the resolved config,
-the run config and the veil app directory (:func:`veil.client.trust.write_app_dir`, the bundle every node pins)
+the run config and the veil app directory (:func:`veil.security.bundle.write_app_dir`, the bundle every node pins)
 into the run directory; (4) start ``flower-superlink`` (state database under the run directory) and register the
 node keys; (5) ``flwr run`` the app with the run config, print one line per round while the ServerApp writes
 ``metrics.jsonl``, and report the result; (6) stop every process started, on success, failure or Ctrl-C.
@@ -56,7 +56,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def _tls_files(args: argparse.Namespace) -> tuple[Path, Path, Path] | None:
     """(ca, cert, key), checked; None with --insecure."""
-    from veil.privacy.credentials import check_server_certificate
+    from veil.security.credentials import check_server_certificate
 
     if args.insecure:
         return None
@@ -73,7 +73,7 @@ def _tls_files(args: argparse.Namespace) -> tuple[Path, Path, Path] | None:
 
 
 def _node_keys(args: argparse.Namespace) -> list[Path]:
-    from veil.privacy.credentials import load_public_keys
+    from veil.security.credentials import load_public_keys
 
     if args.insecure:
         if args.node_keys:
@@ -107,7 +107,7 @@ def resolve_config(cfg: Any, run_dir: Path) -> Any:
 def _resumable(cfg: Any, run_dir: Path) -> Any:
     """The config of a resumed run, after refusing an incompatible one (naming the field) before anything starts."""
     from veil.conf.runconfig import to_run_config
-    from veil.simulation import check_resumable
+    from veil.server.checkpoint import check_resumable
 
     if not (run_dir / "config.resolved.yaml").is_file():
         raise ConfigError(f"--resume {run_dir} is not a veil run directory (no config.resolved.yaml); give a run's directory")
@@ -121,7 +121,7 @@ def _prepare(cfg: Any, run_dir: Path) -> tuple[Path, Path]:
     import tomli_w
     from omegaconf import OmegaConf
 
-    from veil.client.trust import write_app_dir
+    from veil.security.bundle import write_app_dir
     from veil.conf.runconfig import to_run_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +132,11 @@ def _prepare(cfg: Any, run_dir: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from veil.simulation import preflight
+    from veil.conf.preflight import follow_defaults, preflight
 
-    overrides = list(args.overrides)
+    overrides = follow_defaults(list(args.overrides))
+    if "data=csv" in overrides and not any(o.startswith(("data.test_path=", "+data.test_path=")) for o in overrides):
+        raise ConfigError("veil server evaluates the global model on data.test_path; give data.test_path=FILE")
     if not any(o.startswith(("data.train_path=", "+data.train_path=")) for o in overrides):
         # A coordinator needs no training file; the checks before the run read the evaluation file instead.
         overrides.append("data.train_path=${data.test_path}")

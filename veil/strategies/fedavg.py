@@ -9,6 +9,7 @@ weights, applies the mean update, and aggregates the clients' scalar metrics.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -163,6 +164,9 @@ class _NotIn(Criterion):
         return client.node_id not in self.excluded
 
 
+_LOCAL_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"]+)+[/\\]([^\s/\\'\"]+)")
+
+
 def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
     """One line: the client's own message when Flower carries it, never a remote traceback."""
     if isinstance(failure, BaseException):
@@ -170,6 +174,8 @@ def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
         marker = "Message: "
         if marker in text:  # Flower wraps a ClientApp exception as "... occurred. Message: <the error>"
             text = text[text.rindex(marker) + len(marker):]
+        text = re.split(r"\\*'>", text)[0]  # Flower's reason ends "...'>" (escaped once more inside a tuple)
         text = text.strip().strip("'\"").replace("\\n", " ")
+        text = _LOCAL_PATH.sub(r"\1", text)  # a node's directories are its own business: the file name is enough
         return (text.splitlines()[0] if text else type(failure).__name__)[:300]
     return f"status {failure[1].status.code.name}: {failure[1].status.message}"[:300]

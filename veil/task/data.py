@@ -1,8 +1,9 @@
 """Reading a text-classification file, mapping labels, splitting it across simulated clients, tokenizing.
 
 Files are parsed with Python's ``csv`` module (quoted fields, CRLF line endings as in BANKING77) or ``json`` for
-JSONL. Every way a data owner's file can be wrong ends in :class:`veil.errors.DataFileError` naming the file, the
-problem and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over labels, k labels per client).
+JSONL. Tab-separated files are read with literal quotes unless they are consistently CSV-quoted (``data.quoting``).
+Every way a data owner's file can be wrong ends in :class:`veil.errors.DataFileError` naming the file, the problem
+and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over labels, k labels per client).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class TextExamples:
 def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
     """Read ``path`` as CSV, TSV or JSONL with the text and label columns named in ``cfg``."""
     p = Path(path)
+    if str(path).startswith("package:"):  # a file shipped inside veil (veil/data/)
+        from veil.data import resolve_data_path
+
+        p = Path(resolve_data_path(str(path)))
     if p.is_dir():
         raise DataFileError(f"data file {p} is a directory; give the file's path (CSV, TSV or JSONL)")
     if not p.is_file():
@@ -70,13 +75,53 @@ def _format_from_suffix(p: Path) -> str:
 def _parse_delimited(p: Path, raw: str, fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
     delimiter = cfg.delimiter or ("\t" if fmt == "tsv" else ",")
     csv.field_size_limit(_MAX_FIELD)
+    quoting = cfg.quoting if cfg.quoting != "auto" else ("auto" if delimiter == "\t" else "csv")
+    if quoting == "auto":  # TSV as people export it: literal quotes, unless the file is consistently CSV-quoted
+        return _rows(p, _pick_tsv_table(p, raw, delimiter), cfg, delimiter)
+    try:
+        table = _table(raw, delimiter, quoted=quoting == "csv")
+    except csv.Error as err:
+        hint = "fix the quoting or set data.quoting=none (quotes as plain text)" if quoting == "csv" else "fix the file"
+        raise DataFileError(f"data file {p} is not valid {fmt.upper()} ({err}); {hint}") from err
+    return _rows(p, table, cfg, delimiter)
+
+
+def _table(raw: str, delimiter: str, *, quoted: bool) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-empty record; ``quoted=False`` treats quotes as plain text."""
     # newline="": the csv module itself splits records, so CRLF and line breaks inside quotes survive, and
     # str.splitlines' extra separators (U+2028, U+0085, ...) inside a text do not cut a row in two.
-    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True,
+                        quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
     try:
-        table = [(reader.line_num, row) for row in reader if row]
-    except csv.Error as err:
-        raise DataFileError(f"data file {p} is not valid {fmt.upper()} ({err}); fix the quoting or set data.format") from err
+        return [(reader.line_num, row) for row in reader if row]
+    except csv.Error as err:  # name the line: the csv module's message does not
+        raise csv.Error(f"line {reader.line_num}: {err}") from err
+
+
+def _mismatch(table: list[tuple[int, list[str]]]) -> tuple[int, int] | None:
+    """(line, fields) of the first record whose field count differs from the first record's; None if none does."""
+    width = len(table[0][1]) if table else 0
+    return next(((line, len(row)) for line, row in table if len(row) != width), None)
+
+
+def _pick_tsv_table(p: Path, raw: str, delimiter: str) -> list[tuple[int, list[str]]]:
+    """``data.quoting=auto`` for tab-separated text: CSV quoting only where the file consistently uses it (the quoted
+    reading is valid and rectangular, and every field that starts with a quote ends with one); else literal quotes."""
+    literal = _table(raw, delimiter, quoted=False)  # cannot fail: no quote or escape character is special
+    try:
+        quoted: list[tuple[int, list[str]]] | None = _table(raw, delimiter, quoted=True)
+    except csv.Error:
+        quoted = None
+    if quoted is None or _mismatch(quoted) is not None:
+        return literal
+    if _mismatch(literal) is not None:
+        return quoted  # quoted fields hold the delimiter: only the CSV reading is rectangular
+    wrapped = all(len(field) >= 2 and field.endswith('"') for _line, row in literal for field in row
+                  if field.startswith('"'))
+    return quoted if wrapped and len(quoted) == len(literal) else literal
+
+
+def _rows(p: Path, table: list[tuple[int, list[str]]], cfg: DataConfig, delimiter: str) -> list[dict[str, str]]:
     if not table:
         raise DataFileError(f"data file {p} is empty; give a file with a header and rows of data")
     if cfg.header:
@@ -89,7 +134,7 @@ def _parse_delimited(p: Path, raw: str, fmt: str, cfg: DataConfig) -> list[dict[
         if len(row) != len(header):
             raise DataFileError(
                 f"data file {p} line {lineno} has {_fields(len(row))} but {against} has {len(header)}; "
-                f"quote fields that contain the delimiter {delimiter!r} (or set data.delimiter)"
+                f"quote fields that contain the delimiter {delimiter!r} (or set data.delimiter, data.quoting)"
             )
     return [dict(zip(header, row, strict=True)) for _lineno, row in body]
 

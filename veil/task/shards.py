@@ -9,17 +9,34 @@ import functools
 import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.errors import ConfigError, DataFileError
 from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
 from veil.task.model import load_tokenizer
+from veil.task.split import evaluation_examples, training_examples
+
+
+class ShardSource(Protocol):
+    """Where a node's examples come from (what :func:`client_shard` reads of ``veil.client.settings.NodeSettings``;
+    a protocol, so the task package imports no node code)."""
+
+    @property
+    def data_path(self) -> str | None: ...  # None in simulation: the run's training file, split by partition id
+    @property
+    def text_column(self) -> str | None: ...
+    @property
+    def label_column(self) -> str | None: ...
+    @property
+    def partition_id(self) -> int | None: ...
+    @property
+    def num_partitions(self) -> int | None: ...
+    @property
+    def simulated(self) -> bool: ...
 
 log = logging.getLogger("veil.task")
 
@@ -34,7 +51,10 @@ def resolve_labels(cfg: DataConfig) -> list[str]:
         if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
             raise ConfigError("data.labels must be a JSON list of at least two label names")
         return list(names)
-    train, test = read_examples(cfg.train_path, cfg), read_examples(cfg.test_path, cfg)
+    train = read_examples(cfg.train_path, cfg)
+    if not cfg.test_path:  # the split keeps every label in training: the file's labels are the run's
+        return label_names(train, train, train_path=cfg.train_path, test_path=cfg.train_path)
+    test = read_examples(cfg.test_path, cfg)
     return label_names(train, test, train_path=cfg.train_path, test_path=cfg.test_path)
 
 
@@ -48,11 +68,11 @@ def _tensors(examples: TextExamples, labels: list[str], model: ModelConfig, *, p
 @functools.lru_cache(maxsize=4)
 def _eval_cached(data_json: str, model_json: str, labels: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
     data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    examples = read_examples(data.test_path, data)
+    examples = evaluation_examples(data)
     if 0 < data.eval_max_examples < len(examples):
         keep = np.sort(np.random.default_rng(seed).choice(len(examples), data.eval_max_examples, replace=False))
         examples = TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
-    return _tensors(examples, list(labels), model, path=data.test_path)
+    return _tensors(examples, list(labels), model, path=data.test_path or data.train_path)
 
 
 def eval_split(cfg: VeilConfig, labels: list[str]) -> dict[str, torch.Tensor]:
@@ -66,7 +86,7 @@ def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_
     data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
     fed = json.loads(fed_json)
     if data_path is None:  # simulation: this partition of the run's training file
-        examples = read_examples(data.train_path, data)
+        examples = training_examples(data)
         _ids, parts = simulated_partitions(examples, list(labels), fed, path=data.train_path)
         idx = parts[int(partition or 0)]
         examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
@@ -111,7 +131,7 @@ def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping
     )
 
 
-def client_shard(cfg: VeilConfig, settings: NodeSettings, labels: list[str]) -> dict[str, torch.Tensor]:
+def client_shard(cfg: VeilConfig, settings: ShardSource, labels: list[str]) -> dict[str, torch.Tensor]:
     """The tokenized examples this node trains on: its own file, or its simulated partition."""
     data = cfg.data
     if settings.text_column or settings.label_column:
@@ -137,5 +157,8 @@ def _key(obj: object) -> str:
 
 
 def absolute(path: str) -> str:
-    """An absolute path for a data file, resolved against the launch directory."""
-    return str(Path(path).expanduser().resolve()) if path else path
+    """An absolute path for a data file: ``package:NAME`` inside veil (the shipped data), any other path resolved
+    against the launch directory."""
+    from veil.data import resolve_data_path
+
+    return resolve_data_path(path)

@@ -8,7 +8,7 @@ All parsing and signature checks are done by ``cryptography`` (the library Flowe
 cryptography is hand-rolled here. The formats follow what Flower 1.41 accepts (LIBRARY_NOTES.md): PEM certificates
 and server key, node private keys in OpenSSH format on a NIST curve, node public keys as one OpenSSH line.
 
-A private key file that group or others can access is allowed, with a warning on the ``veil.privacy`` logger:
+A private key file that group or others can access is allowed, with a warning on the ``veil.security`` logger:
 Flower itself accepts it, and on some mounts (containers' secret volumes, network shares) the mode bits do not
 reflect who can really read the file, so refusing would block working setups for no gain.
 """
@@ -40,7 +40,7 @@ __all__ = [
     "load_public_keys",
 ]
 
-log = logging.getLogger("veil.privacy")
+log = logging.getLogger("veil.security")
 
 # The curves Flower's node authentication accepts that OpenSSH can also encode (ecdsa-sha2-nistp256/384/521).
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)

@@ -82,9 +82,13 @@ def write_app_dir(directory: Path) -> Path:
 
 def build_fab() -> bytes:
     """The FAB bytes ``flwr run`` produces from :func:`write_app_dir`'s directory (Flower's own builder)."""
+    import warnings
+
     from flwr.cli.build import build_fab_from_files
 
-    fab, _meta = build_fab_from_files(dict(app_files()))
+    with warnings.catch_warnings():  # pathspec's notice about its own pattern names, raised inside Flower's builder
+        warnings.filterwarnings("ignore", "GitWildMatchPattern", DeprecationWarning)
+        fab, _meta = build_fab_from_files(dict(app_files()))
     return fab
 
 

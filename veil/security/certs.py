@@ -33,7 +33,7 @@ from veil.errors import ConfigError, CredentialError
 __all__ = ["build_files", "configure_parser", "make_ca", "make_node_key_pair", "make_server_certificate",
            "parse_server_names", "run", "write_files"]
 
-log = logging.getLogger("veil.privacy")
+log = logging.getLogger("veil.security")
 
 DEFAULT_SERVER_NAMES = "localhost,127.0.0.1,::1"  # what a single-machine trial dials
 _CURVE = ec.SECP384R1  # P-384: verified with Flower 1.41 for TLS and for node authentication
@@ -64,7 +64,7 @@ def parse_server_names(text: str) -> list[x509.GeneralName]:
             labels = labels[1:]
         if not name or not labels or not all(_DNS_LABEL.fullmatch(label) for label in labels) or len(name) > 253:
             raise ConfigError(
-                f"--server-name {name!r} is not a host name or IP address; give e.g. 'coordinator.example.org,10.0.0.5'"
+                f"--server-names {name!r} is not a host name or IP address; give e.g. 'coordinator.example.org,10.0.0.5'"
                 " (internationalised names in punycode)"
             )
         entries.append(x509.DNSName(name.rstrip(".").lower()))
@@ -249,8 +249,10 @@ def write_files(out: Path, files: dict[str, tuple[bytes, int]], *, force: bool) 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``veil certs`` options."""
     parser.add_argument("--out", required=True, type=Path, help="directory to write the files into")
-    parser.add_argument("--server-name", default=DEFAULT_SERVER_NAMES, metavar="HOST[,HOST...]",
-                        help=f"names / IP addresses nodes dial to reach the server (default: {DEFAULT_SERVER_NAMES})")
+    parser.add_argument("--server-names", "--server-name", dest="server_name", default=DEFAULT_SERVER_NAMES,
+                        metavar="HOST[,HOST...]",
+                        help=f"the names and IP addresses nodes dial to reach the server, comma-separated; each becomes "
+                             f"a SAN of its certificate (default: {DEFAULT_SERVER_NAMES})")
     parser.add_argument("--nodes", required=True, type=int, metavar="N", help="number of node key pairs to create")
     parser.add_argument("--days", type=int, default=365, metavar="D", help="certificate validity (default: 365)")
     parser.add_argument("--force", action="store_true", help="replace existing files of the same names")
