@@ -40,9 +40,5 @@ class LedgerError(VeilError):
     """The on-disk privacy ledger is unreadable or inconsistent; never reset silently."""
 
 
-class SecAggRangeError(VeilError):
-    """An update value lies outside SecAgg+'s clipping range and would be clipped silently."""
-
-
 class CredentialError(VeilError):
     """A certificate or key file is missing, malformed, expired or from the wrong authority."""
