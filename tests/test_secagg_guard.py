@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.client.mod import secaggplus_mod
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import (Code, FitIns, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract, parameters_mod, parameters_subtraction
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.common import bytes_to_ndarray
 from flwr.compat.common import recorddict_compat as compat
 
 from veil.client.secagg_guard import REFUSAL_CODE, REFUSAL_REASON, SecAggPolicy, make_secagg_guard, secagg_policy
@@ -50,7 +52,7 @@ def _incoming(node: int, content: RecordDict, message_type: str = MessageType.TR
     return Message(metadata=meta, content=content)
 
 
-def _fitins(node: int) -> RecordDict:
+def _fitins() -> RecordDict:
     params = ndarrays_to_parameters([np.zeros(4, dtype=np.float32)])
     return compat.fitins_to_recorddict(FitIns(params, {"server_round": 1}), keep_input=True)
 
@@ -82,7 +84,7 @@ class Round:
         self.masked: dict[int, list[np.ndarray]] = {}
 
     def send(self, node: int, configs: dict[str, Any], with_fitins: bool = False) -> Message:
-        content = _fitins(node) if with_fitins else RecordDict()
+        content = _fitins() if with_fitins else RecordDict()
         content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(configs)
         return self.mod(_incoming(node, content), self.contexts[node], self.app)
 
@@ -138,16 +140,29 @@ def test_valid_round_passes_and_unmasks_to_the_plain_mean() -> None:
 def test_plain_train_is_refused_without_training_when_secagg_is_required() -> None:
     app = App()
     ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
-    reply = _guard(POLICY)(_incoming(11, _fitins(11)), ctx, app)
+    reply = _guard(POLICY)(_incoming(11, _fitins()), ctx, app)
     assert _is_refusal(reply)
     assert app.calls == []
+
+
+def test_a_clientapp_with_the_guard_refuses_before_building_the_client() -> None:
+    built: list[int] = []
+
+    def client_fn(context: Context) -> Any:
+        built.append(context.node_id)
+        raise AssertionError("the client must not be built for a refused message")
+
+    app = ClientApp(client_fn=client_fn, mods=[_guard(POLICY)])
+    ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
+    assert _is_refusal(app(_incoming(11, _fitins()), ctx))
+    assert built == []
 
 
 def test_plain_train_passes_when_the_owner_allows_plain_aggregation() -> None:
     app = App()
     ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
     allow = secagg_policy(VeilConfig(), require_secagg=False)
-    reply = _guard(allow)(_incoming(11, _fitins(11)), ctx, app)
+    reply = _guard(allow)(_incoming(11, _fitins()), ctx, app)
     assert app.calls == [11] and not reply.has_error()
     got = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
     np.testing.assert_array_equal(got[0], app.updates[11])
@@ -157,7 +172,12 @@ def test_evaluate_messages_pass_through_under_require() -> None:
     seen: list[str] = []
     ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
     msg = _incoming(11, RecordDict(), MessageType.EVALUATE)
-    reply = _guard(POLICY)(msg, ctx, lambda m, c: (seen.append(m.metadata.message_type), Message(RecordDict(), reply_to=m))[1])
+
+    def app(m: Message, c: Context) -> Message:
+        seen.append(m.metadata.message_type)
+        return Message(RecordDict(), reply_to=m)
+
+    reply = _guard(POLICY)(msg, ctx, app)
     assert seen == [MessageType.EVALUATE] and not reply.has_error()
 
 
@@ -175,8 +195,6 @@ def test_evaluate_messages_pass_through_under_require() -> None:
         "target", "mod"])
 def test_bad_setup_is_refused_before_flower_makes_keys(policy_change: dict[str, Any],
                                                        setup_change: dict[str, Any]) -> None:
-    from dataclasses import replace
-
     rnd = Round(replace(POLICY, **policy_change))
     reply = rnd.send(11, {**SETUP, **setup_change})
     assert _is_refusal(reply)
@@ -209,7 +227,7 @@ def test_the_same_lies_get_shares_from_flowers_mod_alone(active: list[int], dead
 
 
 def test_every_refusal_is_the_same_reply() -> None:
-    replies = [_guard(POLICY)(_incoming(11, _fitins(11)),
+    replies = [_guard(POLICY)(_incoming(11, _fitins()),
                               Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={}), App())]
     replies.append(Round().send(11, {**SETUP, Key.THRESHOLD: 1}))
     rnd = Round()
@@ -227,8 +245,8 @@ def test_out_of_order_stage_is_refused() -> None:
 
 def test_policy_is_validated() -> None:
     with pytest.raises(TypeError, match="require_secagg"):
-        SecAggPolicy(require_secagg=1, num_shares=3, reconstruction_threshold=2, clipping_range=8.0,  # type: ignore[arg-type]
-                     quantization_range=2**22, modulus_range=2**32)
+        SecAggPolicy(require_secagg=1, num_shares=3, reconstruction_threshold=2,  # type: ignore[arg-type]
+                     clipping_range=8.0, quantization_range=2**22, modulus_range=2**32)
     with pytest.raises(ValueError, match="min_num_shares"):
         SecAggPolicy(min_num_shares=1, num_shares=3, reconstruction_threshold=2, clipping_range=8.0,
                      quantization_range=2**22, modulus_range=2**32)

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import logging
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.clientapp.typing import ClientAppCallable
 
 from veil.client.floor import check_round, check_run
+from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
 from veil.conf.runconfig import from_run_config
@@ -194,15 +194,6 @@ def _check_update(update: list[np.ndarray], cfg: VeilConfig) -> None:
                 f"an update value of {peak:.3g} lies outside secagg.clipping_range={cfg.secagg.clipping_range}; "
                 "raise secagg.clipping_range or lower federation.lr"
             )
-
-
-def quiet_worker() -> None:
-    """Keep a node's console to veil's lines: Flower's per-stage SecAgg+ debug lines and library deprecation
-    notices say nothing a data owner can act on."""
-    logging.getLogger("flwr").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -175,7 +175,8 @@ class VeilConfig:
             if not 2 <= sa.reconstruction_threshold < sa.num_shares:
                 _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"in [2, secagg.num_shares={sa.num_shares})")
             if 2 * sa.reconstruction_threshold <= sa.num_shares:  # else a coordinator gets both share kinds of a node
-                _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"above secagg.num_shares/2={sa.num_shares / 2:g}")
+                _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold,
+                     f"above secagg.num_shares/2={sa.num_shares / 2:g}")
             if fed.clients_per_round < sa.num_shares:
                 _bad("federation.clients_per_round", fed.clients_per_round, f">= secagg.num_shares={sa.num_shares} with SecAgg+ on (or secagg=off)")
             _positive_float("secagg.clipping_range", sa.clipping_range)
