@@ -1,7 +1,7 @@
 """A simulated federation of no-op clients for the federation benchmarks (issue 7): what a round costs when the
 clients do no work.
 
-The pieces are veil's own where they matter: the ClientApp carries :func:`veil.client.app.secagg_when_asked`
+The pieces are veil's own where they matter: the ClientApp carries :mod:`veil.client.secagg_guard`
 (so SecAgg+ runs exactly as in veil), the server runs :class:`veil.server.workflow.RoundLoop` with
 :class:`veil.strategies.fedavg.DeltaFedAvg` and the fit workflow of :func:`veil.server.app.fit_workflow_for`
 (Flower's ``SecAggPlusWorkflow`` or its default fit workflow). Only the client's ``fit`` is replaced: it returns a
@@ -44,7 +44,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from veil.client.app import secagg_when_asked
+from veil.client.secagg_guard import make_secagg_guard, secagg_policy
 from veil.conf.schema import SecAggConfig, VeilConfig
 from veil.server.app import fit_workflow_for
 from veil.server.workflow import RoundLoop, RoundOutcome
@@ -164,8 +164,10 @@ def stage_timer(path: str) -> ClientAppCallable:
     return mod  # type: ignore[return-value]
 
 
-def client_app(timings: Path) -> ClientApp:
-    return ClientApp(client_fn=_client_fn, mods=[stage_timer(str(timings)), secagg_when_asked])
+def client_app(timings: Path, secagg: SecAggConfig) -> ClientApp:
+    # the schedule mixes plain and SecAgg+ rounds: these nodes allow plain aggregation
+    guard = make_secagg_guard(secagg_policy(VeilConfig(secagg=secagg), require_secagg=False))
+    return ClientApp(client_fn=_client_fn, mods=[stage_timer(str(timings)), guard])
 
 
 class _Scheduled:
@@ -240,7 +242,7 @@ def simulate(schedule: list[Slot], *, values: int, num_nodes: int, timings: Path
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app(schedule, values=values, num_nodes=num_nodes,
                                              secagg=secagg or SecAggConfig(), out=out),
-                       client_app=client_app(timings), num_supernodes=num_nodes, backend_config=backend)
+                       client_app=client_app(timings, secagg or SecAggConfig()), num_supernodes=num_nodes, backend_config=backend)
     if len(out) != len(schedule):
         raise RuntimeError(f"the simulation ran {len(out)} of {len(schedule)} rounds; see the log above")
     return out

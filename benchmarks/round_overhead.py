@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = ["cpus/client", "server waits with", "clients", "rounds", "s/round", "dispatch s", "client span s",
                "collection s", "ClientApp work s", "ms/message/actor", "server s", "<= 1.0 s at 50"]
     settings = (f"{nodes} simulated no-op nodes, {args.values:,}-value update, plain fit workflow (veil's "
-                f"DeltaFedAvg + RoundLoop, secagg_when_asked mod); client counts and grid polling interleaved, "
+                f"DeltaFedAvg + RoundLoop, veil's SecAgg+ guard mod); client counts and grid polling interleaved, "
                 f"{args.repeats} rounds each after one warm-up round; one simulation per cpus/client; stock figure "
                 f"{STOCK} s per round (LIBRARY_NOTES.md)")
     report("round_overhead", args, argv, info, settings=settings, headers=headers, rows=rows, notes=firsts,

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = now() - start
     headers = ["values", "server waits with", "pairs", "plain s", "SecAgg+ s", "x plain", "added s",
                f"x on a {args.project:g} s round", "stock x", "target", "verdict"]
-    settings = (f"{args.clients} simulated no-op clients (veil's secagg_when_asked mod, DeltaFedAvg, RoundLoop), "
+    settings = (f"{args.clients} simulated no-op clients (veil's SecAgg+ guard mod, DeltaFedAvg, RoundLoop), "
                 f"all sampled each round; SecAgg+ num_shares={sa.num_shares}, reconstruction_threshold="
                 f"{sa.reconstruction_threshold}, clipping_range={sa.clipping_range:g}, quantization 2^22, modulus "
                 f"2^32; Flower simulation engine, Ray backend, client_resources num_cpus="

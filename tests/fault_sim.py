@@ -52,8 +52,12 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = resolve_paths_and_labels(to_veil_config(compose(config_name="config", overrides=overrides)), out_dir)
     flat = to_run_config(cfg)
-    client_fn = client_app_module.make_client_fn(flat, simulation_root=out_dir / "nodes")
-    app = ClientApp(client_fn=client_fn, mods=[fault_mod(kind, partition), client_app_module.secagg_when_asked])
+    from veil.simulation import simulated_node_configs
+
+    nodes = simulated_node_configs(cfg)
+    client_fn = client_app_module.make_client_fn(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    guard = client_app_module.make_secagg_mod(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    app = ClientApp(client_fn=client_fn, mods=[fault_mod(kind, partition), guard])
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
     run_simulation(server_app=make_server_app(flat), client_app=app, num_supernodes=cfg.federation.num_clients,
                    backend_config=backend)

@@ -49,3 +49,33 @@ def test_run_config_round_trip_casts_types() -> None:
         from_run_config({**flat, "veil.federation.rounds": "2.5"})
     with pytest.raises(ConfigError, match="federation.rounds"):
         from_run_config({**flat, "veil.federation.rounds": 0})
+
+
+@pytest.mark.parametrize(("shares", "threshold", "ok"), [(3, 2, True), (5, 3, True), (4, 2, False), (5, 2, False),
+                                                        (7, 3, False), (7, 4, True)])
+def test_secagg_threshold_above_half_the_shares(shares: int, threshold: int, ok: bool) -> None:
+    """At or below num_shares/2, a coordinator that tells some neighbours 'X dropped' and the others 'X is alive'
+    collects a threshold of both kinds of X's shares and unmasks X alone."""
+    cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"))
+    cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold = shares, threshold
+    cfg.federation.num_clients = cfg.federation.clients_per_round = 8
+    if ok:
+        cfg.validate()
+    else:
+        with pytest.raises(ConfigError, match=f"secagg.reconstruction_threshold={threshold} is invalid.*num_shares/2"):
+            cfg.validate()
+
+
+def test_secagg_modulus_holds_the_sum_of_the_round() -> None:
+    """Each client's quantized values reach quantization_range, so clients_per_round of them reach
+    clients_per_round * quantization_range; the modulus needs that with 4x headroom (the sum would wrap)."""
+    cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"))
+    cfg.secagg.quantization_range = 2**20
+    cfg.federation.num_clients = cfg.federation.clients_per_round = 16  # 4 * 2**20 * 16 = 2**26
+    cfg.secagg.modulus_range = 2**26
+    cfg.validate()
+    cfg.secagg.modulus_range = 2**25
+    with pytest.raises(ConfigError, match=r"secagg.modulus_range=33554432 is invalid: expected >= .* = 67108864"):
+        cfg.validate()
+    cfg.federation.num_clients = cfg.federation.clients_per_round = 8  # half the summands: fits again
+    cfg.validate()

@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.client import Client, NumPyClient
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import Context, Message
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import Mod
+from flwr.common import Context
 
 from veil.client.floor import check_delta, check_round, check_run
+from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
+from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
 from veil.conf.runconfig import from_run_config
@@ -283,26 +283,6 @@ def postprocess_update(update: list[np.ndarray], cfg: VeilConfig) -> list[np.nda
     return out
 
 
-def quiet_worker() -> None:
-    """Keep a node's console to veil's lines: Flower's per-stage SecAgg+ debug lines and library deprecation
-    notices say nothing a data owner can act on."""
-    logging.getLogger("flwr").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Run Flower's ``secaggplus_mod`` for messages of a SecAgg+ round, pass the others straight through.
-
-    ``secaggplus_mod`` fails (KeyError 'secaggplus_configs') on a plain fit message, and the app cannot know
-    at construction whether the run it will serve uses SecAgg+ (that is in the run config). Also quiets the worker.
-    """
-    quiet_worker()
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
 def make_client_fn(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
                    simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> Callable[[Context], Client]:
     """The ClientApp's ``client_fn``.
@@ -314,20 +294,42 @@ def make_client_fn(defaults: Mapping[str, Any] | None = None, *, simulation_root
     per_node = {int(k): dict(v) for k, v in (simulated_nodes or {}).items()}
 
     def client_fn(context: Context) -> Client:
-        cfg = from_run_config({**base, **dict(context.run_config)})
-        node_config = dict(context.node_config)
-        node_config.update(per_node.get(int(node_config.get("partition-id", -1)), {}))
-        settings = node_settings(node_config, simulation_root=simulation_root)
+        cfg, settings = node_view(context, base, per_node, simulation_root=simulation_root)
         return VeilClient(cfg, settings, context.run_id).to_client()
 
     return client_fn
+
+
+def node_view(context: Context, base: Mapping[str, Any], per_node: Mapping[int, Mapping[str, Any]], *,
+              simulation_root: Path | None) -> tuple[VeilConfig, NodeSettings]:
+    """The run config as this node reads it, and this node's owner settings (node config, plus a simulated
+    owner's entries by partition id)."""
+    cfg = from_run_config({**base, **dict(context.run_config)})
+    node_config = dict(context.node_config)
+    node_config.update(per_node.get(int(node_config.get("partition-id", -1)), {}))
+    return cfg, node_settings(node_config, simulation_root=simulation_root)
+
+
+def make_secagg_mod(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
+                    simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> Mod:
+    """The node's SecAgg+ guard (:mod:`veil.client.secagg_guard`) with the policy of this node's owner and the
+    run's ``secagg.*`` settings, read from each message's context."""
+    base = dict(defaults or {})
+    per_node = {int(k): dict(v) for k, v in (simulated_nodes or {}).items()}
+
+    def policy_for(context: Context) -> SecAggPolicy:
+        cfg, settings = node_view(context, base, per_node, simulation_root=simulation_root)
+        return secagg_policy(cfg, require_secagg=settings.require_secagg)
+
+    return make_secagg_guard(policy_for)
 
 
 def make_client_app(defaults: Mapping[str, Any] | None = None, *, simulation_root: Path | None = None,
                     simulated_nodes: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
     """The veil ClientApp (see :func:`make_client_fn`), with SecAgg+ for the rounds that use it."""
     client_fn = make_client_fn(defaults, simulation_root=simulation_root, simulated_nodes=simulated_nodes)
-    return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])
+    guard = make_secagg_mod(defaults, simulation_root=simulation_root, simulated_nodes=simulated_nodes)
+    return ClientApp(client_fn=client_fn, mods=[guard])
 
 
 app = make_client_app()

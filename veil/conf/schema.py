@@ -189,6 +189,9 @@ class VeilConfig:
                 _bad("secagg.num_shares", sa.num_shares, ">= 3")
             if not 2 <= sa.reconstruction_threshold < sa.num_shares:
                 _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"in [2, secagg.num_shares={sa.num_shares})")
+            if 2 * sa.reconstruction_threshold <= sa.num_shares:  # else a coordinator gets both share kinds of a node
+                _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold,
+                     f"above secagg.num_shares/2={sa.num_shares / 2:g}")
             if fed.clients_per_round < sa.num_shares:
                 name, value = ("federation.num_clients", fed.num_clients) if every_client else (
                     "federation.clients_per_round", fed.clients_per_round)
@@ -197,6 +200,14 @@ class VeilConfig:
             _positive_float("secagg.timeout", sa.timeout)
             if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= sa.quantization_range:
                 _bad("secagg.modulus_range", sa.modulus_range, f"a power of 2 above secagg.quantization_range={sa.quantization_range}")
+            # Flower quantizes each client's values (and the weight factor it prepends) into [0, quantization_range],
+            # so the sum of n clients reaches n * quantization_range and wraps silently at modulus_range: require
+            # that plus 4x (two bits) headroom.
+            summands = fed.clients_per_round or fed.num_clients
+            if sa.modulus_range < 4 * sa.quantization_range * summands:
+                _bad("secagg.modulus_range", sa.modulus_range, f">= 4 * secagg.quantization_range * "
+                     f"federation.clients_per_round = {4 * sa.quantization_range * summands} (the sum of "
+                     f"{summands} quantized updates must not wrap)")
         return self
 
 

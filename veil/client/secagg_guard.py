@@ -1,0 +1,215 @@
+"""The node's SecAgg+ guard: veil's own mod around Flower's ``secaggplus_mod``, enforcing the owner's policy.
+
+Flower 1.41's node side of SecAgg+ (Bell et al. 2020, arXiv:2009.09039) trusts the coordinator: a plain TRAIN
+message is answered with the node's individual update; the SETUP stage accepts any share count and threshold
+(threshold 1 makes each Shamir share the secret itself); the UNMASK stage returns a pairwise-mask-seed share for
+every id listed active and a secret-key share for every id listed dead, without checking that the lists are
+disjoint, free of repeats, or leave the node itself out of "dead" (LIBRARY_NOTES.md; privacy review H2). Any of
+these lets a coordinator alone unmask one node's update.
+
+This module wraps the unmodified ``secaggplus_mod`` (no fork, no patch) and looks at each TRAIN message *before*
+Flower's mod runs: a message that breaks the owner's policy is answered with :func:`refusal_reply` and never reaches
+Flower's mod or the app, so no key, share or update leaves the node, and the node's SecAgg+ state for the round is
+dropped so that nothing from it can be asked for later. The checks read only the message, the node's SecAgg+ state
+and the owner's policy, never the data, and every refusal has the same reply (one fixed error code and text); the
+node's own log names the reason.
+
+What it does not do: SecAgg+ against a fully malicious coordinator also needs the key-agreement public keys signed
+with node keys and a consistency round over the active set (Bell et al., section 4), which Flower does not have. A
+coordinator that tells *different* nodes different, each locally consistent, active/dead lists is not detectable
+by one node alone; the threshold rule below (threshold > share_num / 2, no repeated ids) closes that for the
+default 3-share neighbourhood but not in general.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
+
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+
+if TYPE_CHECKING:
+    from veil.conf.schema import VeilConfig
+
+log = logging.getLogger("veil.client")
+
+#: Flower's code for "a mod's precondition failed"; one code and one text for every refusal, whatever the reason.
+REFUSAL_CODE = ErrorCode.MOD_FAILED_PRECONDITION
+REFUSAL_REASON = "refused by the node's aggregation policy (veil); the node's log names the reason"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggPolicy:
+    """What this node accepts in a round.
+
+    Parameters
+    ----------
+    require_secagg : bool
+        The owner's choice: refuse plain (non-SecAgg+) TRAIN messages. False only with the owner's
+        ``--allow-plain-aggregation``.
+    min_num_shares : int
+        The owner's minimum SecAgg+ neighbourhood size (share_num).
+    num_shares, reconstruction_threshold, clipping_range, quantization_range, modulus_range
+        The run's SecAgg+ settings from its run config (``secagg.*``); a SETUP message must carry exactly these.
+    """
+
+    require_secagg: bool = True
+    min_num_shares: int = 3  # a 2-node neighbourhood is the pair itself: the sum reveals the other's update
+    num_shares: int
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.require_secagg, bool):
+            raise TypeError(f"require_secagg must be a bool, got {self.require_secagg!r}")
+        for name in ("min_num_shares", "num_shares", "reconstruction_threshold", "quantization_range",
+                     "modulus_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name}={value} is invalid: expected a positive integer")
+        if self.min_num_shares < 2:
+            raise ValueError(f"min_num_shares={self.min_num_shares} is invalid: expected >= 2")
+        if isinstance(self.clipping_range, bool) or not isinstance(self.clipping_range, (int, float)):
+            raise TypeError(f"clipping_range must be a float, got {self.clipping_range!r}")
+        if not self.clipping_range > 0:
+            raise ValueError(f"clipping_range={self.clipping_range} is invalid: expected > 0")
+
+
+PolicySource = Callable[[Context], SecAggPolicy]
+
+
+def secagg_policy(cfg: VeilConfig, *, require_secagg: bool, min_num_shares: int = 3) -> SecAggPolicy:
+    """The policy for a run: the owner's choices plus the run's ``secagg.*`` settings."""
+    sa = cfg.secagg
+    return SecAggPolicy(require_secagg=require_secagg, min_num_shares=min_num_shares, num_shares=sa.num_shares,
+                        reconstruction_threshold=sa.reconstruction_threshold, clipping_range=float(sa.clipping_range),
+                        quantization_range=sa.quantization_range, modulus_range=sa.modulus_range)
+
+
+def quiet_worker() -> None:
+    """Keep a node's console to veil's lines: Flower's per-stage SecAgg+ debug lines and library deprecation
+    notices say nothing a data owner can act on."""
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+
+
+def refusal_reply(msg: Message) -> Message:
+    """The one reply a refusing node sends: an error with a fixed code and text, no content."""
+    return Message(Error(code=REFUSAL_CODE, reason=REFUSAL_REASON), reply_to=msg)
+
+
+def make_secagg_guard(policy: SecAggPolicy | PolicySource) -> Mod:
+    """A ClientApp mod: Flower's ``secaggplus_mod`` behind the owner's checks (see the module docstring).
+
+    Parameters
+    ----------
+    policy : SecAggPolicy or callable
+        The policy, or a function of the message's ``Context`` returning it (the run config arrives with the
+        context, so a ClientApp built before the run reads the run's ``secagg.*`` there).
+    """
+    policy_for: PolicySource = (lambda _context: policy) if isinstance(policy, SecAggPolicy) else policy
+
+    def secagg_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        quiet_worker()
+        if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+            return call_next(msg, context)
+        owner = policy_for(context)
+        if RECORD_KEY_CONFIGS not in msg.content.config_records:
+            if not owner.require_secagg:
+                return call_next(msg, context)
+            return _refuse(msg, context, "a plain TRAIN message (no SecAgg+): this node requires SecAgg+ "
+                                         "(the owner may pass --allow-plain-aggregation)")
+        reason = secagg_refusal(msg, context, owner)
+        if reason is not None:
+            return _refuse(msg, context, reason)
+        return secaggplus_mod(msg, context, call_next)
+
+    return secagg_guard
+
+
+def secagg_refusal(msg: Message, context: Context, policy: SecAggPolicy) -> str | None:
+    """Why this SecAgg+ message must be refused, or None. Reads the message, the node's SecAgg+ state and the
+    policy only."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    state = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({}))
+    stage = configs.get(Key.STAGE)
+    current = state.get("current_stage", Stage.UNMASK)
+    stages = Stage.all()
+    if not isinstance(stage, str) or stage not in stages:
+        return f"unknown SecAgg+ stage {stage!r}"
+    if stage != Stage.SETUP and current in stages and stage != stages[(stages.index(current) + 1) % len(stages)]:
+        return f"SecAgg+ stage {stage!r} out of order after {current!r}"
+    if stage == Stage.SETUP:
+        return _setup_refusal(configs, policy)
+    if stage == Stage.UNMASK:
+        own = {msg.metadata.dst_node_id, state.get("nid", msg.metadata.dst_node_id)}
+        return _unmask_refusal(configs, state, own)
+    return None
+
+
+def _setup_refusal(configs: ConfigRecord, policy: SecAggPolicy) -> str | None:
+    expected: dict[str, int | float] = {
+        Key.SHARE_NUMBER: policy.num_shares, Key.THRESHOLD: policy.reconstruction_threshold,
+        Key.CLIPPING_RANGE: policy.clipping_range, Key.TARGET_RANGE: policy.quantization_range,
+        Key.MOD_RANGE: policy.modulus_range,
+    }
+    for key, want in expected.items():
+        got = configs.get(key)
+        if type(got) is not type(want) or got != want:  # noqa: E721  (bool is an int; 8 is not 8.0 to Flower)
+            return f"SecAgg+ setup {key}={got!r} differs from the run config's {want!r}"
+    share_num, threshold = policy.num_shares, policy.reconstruction_threshold  # equal to the message's (above)
+    if share_num < policy.min_num_shares:
+        return f"SecAgg+ setup share_num={share_num} is below this node's minimum {policy.min_num_shares}"
+    if not share_num / 2 < threshold <= share_num:
+        return (f"SecAgg+ setup threshold={threshold} is not in (share_num/2, share_num] = ({share_num / 2:g}, "
+                f"{share_num}]: a coordinator could collect both kinds of shares of one node")
+    return None
+
+
+def _unmask_refusal(configs: ConfigRecord, state: ConfigRecord, own: set[object]) -> str | None:
+    active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
+    if not _int_list(active) or not _int_list(dead):
+        return "SecAgg+ unmask lists are not lists of node ids"
+    if own & set(dead):
+        return "SecAgg+ unmask lists this node as dead"
+    if not own & set(active):
+        return "SecAgg+ unmask does not list this node as active"
+    if set(active) & set(dead):
+        return "SecAgg+ unmask lists a node both active and dead"
+    if len(set(active)) != len(active) or len(set(dead)) != len(dead):
+        return "SecAgg+ unmask repeats a node id"
+    threshold = state.get("threshold", 0)
+    if isinstance(threshold, int) and len(active) < threshold:
+        return f"SecAgg+ unmask lists {len(active)} active nodes, below the threshold {threshold}"
+    holders = set(_list(state.get("rd_seed_share_dict:K")))
+    if not set(active) <= holders or not set(dead) <= holders:
+        return "SecAgg+ unmask names a node this node holds no share of"
+    return None
+
+
+def _int_list(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(v) is int for v in value)  # noqa: E721
+
+
+def _list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
+
+
+def _refuse(msg: Message, context: Context, reason: str) -> Message:
+    """Log the reason on the node, drop this round's SecAgg+ state (no share can be asked for later), reply."""
+    log.warning("refusing a TRAIN message from the coordinator: %s", reason)
+    context.state.config_records.pop(RECORD_KEY_STATE, None)
+    return refusal_reply(msg)
