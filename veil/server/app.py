@@ -6,7 +6,9 @@ Flower legacy API on purpose (DESIGN.md decision 2): ``SecAggPlusWorkflow`` need
 
 Per run: build the model template and the evaluation split, keep the global trainable tensors in the strategy,
 run the rounds (SecAgg+ fit workflow when on), write one ``metrics.jsonl`` line and one console line per round,
-then export the merged model with its model card.
+then export the merged model with its model card. The records hold no per-client value (nodes send none); the ε
+they state is the coordinator's own figure (:mod:`veil.server.guarantee`). Under ``veil server`` the app runs only
+the operator's run config (:mod:`veil.server.operator`).
 """
 
 from __future__ import annotations
@@ -153,7 +155,11 @@ def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: Run
     check_compatible(ckpt.meta["run_config"], to_run_config(cfg))
     if ckpt.names != names:
         raise ConfigError(f"cannot resume: the checkpoint in {cfg.resume} holds other tensors than this model")
-    strategy.load_state_dict({"global_arrays": ckpt.arrays, **ckpt.meta["strategy"]})
+    try:
+        strategy.load_state_dict({"global_arrays": ckpt.arrays, **ckpt.meta["strategy"]})
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"cannot resume from {cfg.resume}: its checkpoint does not fit this run "
+                          f"({str(err).strip(chr(39))}); start a new run") from err
     restore_rng(ckpt.meta)
     recorder.resume_from(ckpt)
     log.info("resuming after round %d from weights sha256 %s", ckpt.round, ckpt.meta["weights_sha256"])
