@@ -255,3 +255,16 @@ def test_veil_server_tells_the_server_app_its_run_dir(tmp_path: Path, monkeypatc
     with session_mod.Session(tmp_path / "run", host="127.0.0.1", port=9, tls=None):
         pass
     assert seen[OPERATOR_RUN_DIR_ENV] == str((tmp_path / "run").resolve())
+
+
+def test_client_level_row_states_the_coordinators_own_accountant(tmp_path: Path) -> None:
+    from veil.server.app import RunRecorder
+
+    cfg = _cfg(level="client", target_epsilon=0.0, noise_multiplier=1.0)
+    strategy = _client_level_run(3, rounds=2, share=1.0 / math.sqrt(5))
+    recorder = RunRecorder(cfg, tmp_path / "run", strategy, ["w"], simulation=True)
+    recorder.after_round(_outcome(2, FIT))
+    recorder.close()
+    row = recorder.metrics.rows()[0]
+    reference = pld_epsilon([(math.sqrt(3 / 5), 1.0, 2)], DELTA)
+    assert recorder.basis == "client_level" and reference <= row["epsilon_max"] <= 1.03 * reference
