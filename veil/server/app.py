@@ -95,7 +95,14 @@ class RunRecorder:
         saved = ckpt.meta["strategy"].get("planned_rounds", [ckpt.meta["run_config"].get("veil.federation.rounds")])
         self.planned_rounds |= {int(r) for r in saved if r is not None}
         self.last = rows[-1] if rows else {}
-        self.epsilon_max = self._epsilon({})
+        self.epsilon_max = self._epsilon(self._node_figures())
+
+    def _node_figures(self) -> dict[str, float]:
+        """Simulation only: the ``node_*`` figures of the simulated owners' own ledgers."""
+        if not (self.simulation and self.cfg.privacy.enabled):
+            return {}
+        return simulated_node_figures(simulated_ledgers(self.out_dir), delta=self.cfg.privacy.delta,
+                                      accountant=self.cfg.privacy.accountant)
 
     def _epsilon(self, node: dict[str, float]) -> float:
         """This run's ε so far, on :attr:`basis`."""
@@ -113,10 +120,7 @@ class RunRecorder:
             self.rounds_completed += 1
         else:
             log.warning("round %d did not complete (too few clients answered); global weights unchanged", outcome.round)
-        node = {}
-        if self.simulation and self.cfg.privacy.enabled:
-            node = simulated_node_figures(simulated_ledgers(self.out_dir), delta=self.cfg.privacy.delta,
-                                          accountant=self.cfg.privacy.accountant)
+        node = self._node_figures()
         self.epsilon_max = self._epsilon(node)
         row = {
             "round": outcome.round, "accuracy": outcome.accuracy, "loss": outcome.loss,
