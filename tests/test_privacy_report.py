@@ -56,6 +56,22 @@ def test_delta_flag_overrides_recorded_delta(ledger_path: Path, capsys: pytest.C
     assert stricter["epsilon"] > default["epsilon"]
 
 
+def test_default_delta_is_the_smallest_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ε grows as δ shrinks: without --delta the report uses the most conservative δ in the ledger (review L1)."""
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path)
+    for round_, delta in enumerate((1e-5, 1e-7, 1e-3)):
+        ledger.record(LedgerEvent(run_id="r", round=round_, noise_multiplier=1.0, sample_rate=0.05, steps=100,
+                                  delta=delta))
+
+    assert main(["privacy", "report", "--ledger", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    assert report["delta"] == 1e-7
+    reference = pld_epsilon([(1.0, 0.05, 300)], 1e-7)
+    assert reference <= report["epsilon"] <= 1.03 * reference
+
+
 def test_missing_ledger_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nowhere" / "ledger.json"
 

@@ -93,15 +93,15 @@ def test_tensorboard_hook_writes_every_round(tmp_path: Path) -> None:
 
     hook = TensorBoardHook(tmp_path / "tb")
     for r in (1, 2):
-        hook.write({"round": r, "accuracy": 0.25 * r, "loss": 1.5, "epsilon_max": 0.5 * r, "epsilon_mean": 0.4,
-                    "upload_bytes_per_client": 4624.0, "seconds": 3.0, "train_loss": None, "secagg": True})
+        hook.write({"round": r, "accuracy": 0.25 * r, "loss": 1.5, "epsilon_max": 0.5 * r, "contributed": 3,
+                    "upload_bytes_per_client": 4624.0, "seconds": 3.0, "node_epsilon_max": None, "secagg": True})
     hook.close()
 
     scalars = read_scalars(tmp_path / "tb")
     assert scalars["eval/accuracy"] == {1: 0.25, 2: 0.5}
     assert scalars["privacy/epsilon_max"] == {1: 0.5, 2: 1.0}
-    assert scalars["cost/upload_bytes_per_client"][2] == 4624.0
-    assert "train/loss" not in scalars, "a missing value is left out, not written as NaN"
+    assert scalars["cost/upload_bytes_per_client"][2] == 4624.0 and scalars["federation/contributed"][1] == 3
+    assert "simulated_nodes/epsilon_max" not in scalars, "a missing value is left out, not written as NaN"
 
 
 def test_a_bad_swept_value_fails_before_any_member_runs(small_csv: tuple[Path, Path], tmp_path: Path) -> None:

@@ -22,8 +22,20 @@ def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["secagg"] is True and r["epsilon_max"] > 0 and r["clients"] == 3 for r in rows)
+    assert all(r["secagg"] is True and r["epsilon_max"] > 0 and r["clients"] == r["contributed"] == 3 for r in rows)
     assert rows[1]["epsilon_max"] > rows[0]["epsilon_max"], "epsilon composes across rounds"
+    # no per-client value reaches the coordinator's records; in simulation the ε is the simulated owners' own
+    assert not {"train_loss", "examples", "epsilon_mean", "noise_multiplier_max", "sample_rate_max"} & set(rows[0])
+    assert all(r["epsilon_max"] == r["node_epsilon_max"] for r in rows)
+    import json
+
+    from veil.privacy.ledger import PrivacyLedger
+
+    ledgers = sorted((run_dir / "nodes").glob("node-*/privacy_ledger.json"))
+    assert len(ledgers) == 3
+    spent = max(PrivacyLedger.open(p, create=False).epsilon(delta=1e-5).epsilon for p in ledgers)
+    assert rows[1]["node_epsilon_max"] == pytest.approx(spent, rel=1e-9)
+    assert json.loads((run_dir / "summary.json").read_text())["epsilon_basis"] == "simulated_ledgers"
     assert "final accuracy" in proc.stdout and "majority-class baseline" in proc.stdout
 
     from transformers import AutoModelForSequenceClassification
@@ -43,4 +55,5 @@ def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tm
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
     card = (run_dir / "model" / "README.md").read_text()
-    assert "δ" in card and "SecAgg+" in card
+    assert "δ" in card and "SecAgg+" in card and "honest but curious" in card
+    assert "never saw a single owner's update" not in card

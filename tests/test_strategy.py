@@ -32,16 +32,17 @@ def test_mean_update_is_applied_and_refusals_add_nothing() -> None:
     initial = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
     strategy = DeltaFedAvg(initial=initial, server_lr=0.5, clients_per_round=3, num_clients=3, join_timeout=0.1)
     updates = [[rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)] for _ in range(2)]
+    reply = {"upload_bytes": 100, "noise_std": 0.0}
     results = [
-        (_Proxy(1), _res(updates[0], 1, epsilon=1.0, train_loss=2.0, can_train_next=True)),
-        (_Proxy(2), _res(updates[1], 1, epsilon=2.0, train_loss=4.0, can_train_next=True)),
-        (_Proxy(3), _res([np.zeros_like(a) for a in initial], 0, epsilon=0.5, refused=1, can_train_next=False)),
+        (_Proxy(1), _res(updates[0], 1, **reply, refused=0, can_train_next=True)),
+        (_Proxy(2), _res(updates[1], 1, **reply, refused=0, can_train_next=True)),
+        (_Proxy(3), _res([np.zeros_like(a) for a in initial], 0, **reply, refused=1, can_train_next=False)),
     ]
     params, metrics = strategy.aggregate_fit(1, results, [])
     expected = [g + 0.5 * (u0 + u1) / 2 for g, u0, u1 in zip(initial, *updates, strict=True)]
     for got, want in zip(parameters_to_ndarrays(params), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert metrics["epsilon_max"] == 2.0 and metrics["refused"] == 1 and metrics["train_loss"] == 3.0
+    assert metrics == {"clients": 3, "refused": 1, "contributed": 2, "upload_bytes_per_client": 100.0}
     assert strategy.exhausted == {3}
 
     manager = SimpleClientManager()
@@ -67,3 +68,17 @@ def test_a_failure_reason_is_one_line_with_its_class_and_no_directories() -> Non
     flower = RuntimeError("(\"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\\nException ClientAppException "
                           "occurred. Message: DataFileError: data file /home/ann/private/notes.csv does not exist\\\\'>')\",)")
     assert _reason(flower) == "DataFileError: data file notes.csv does not exist"
+
+
+def test_round_metrics_keep_nothing_per_client(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Only counts and the mean upload size survive; a value outside the reply contract (an old node's loss or
+    ε) is ignored, never aggregated, and logged."""
+    from veil.strategies.fedavg import REPLY_METRIC_KEYS, aggregate_client_metrics
+
+    assert REPLY_METRIC_KEYS == {"can_train_next", "refused", "upload_bytes", "noise_std"}
+    replies = [(1, {"refused": 0, "can_train_next": True, "upload_bytes": 10, "noise_std": 0.5, "train_loss": 9.0}),
+               (0, {"refused": 1, "can_train_next": False, "upload_bytes": 30, "noise_std": 0.0, "epsilon": 3.0})]
+    with caplog.at_level("WARNING", logger="veil.strategies"):
+        metrics = aggregate_client_metrics(replies)
+    assert metrics == {"clients": 2, "refused": 1, "contributed": 1, "upload_bytes_per_client": 20.0}
+    assert "epsilon, train_loss" in caplog.text

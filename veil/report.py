@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ _PRIVACY_AXIS = {"privacy.enabled", "privacy.name", "privacy.target_epsilon", "p
 _PLOTS = {  # file -> (metrics key, y label, title)
     "accuracy_per_round.png": ("accuracy", "test accuracy (fraction correct)", "Test accuracy per round"),
     "loss_per_round.png": ("loss", "test loss (cross-entropy, nats)", "Test loss per round"),
-    "epsilon_per_round.png": ("epsilon_max", "ε spent, largest over clients", "Privacy spent per round"),
+    "epsilon_per_round.png": ("epsilon_max", "ε (the run's stated bound, see its model card)", "Privacy spent per round"),
 }
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
 
@@ -208,6 +209,9 @@ def plot_privacy_utility(runs: list[Run], factors: list[str], path: Path) -> Pat
         groups.setdefault(tuple(repr(r.config.get(k)) for k in others), []).append(r)
     colors: dict[tuple[str, ...], str] = {}  # non-privacy factor values -> colour of the line
     for group in groups.values():
+        group[:] = [r for r in group if _finite(r.last.get("epsilon_max"))]  # no stated ε: not on the curve
+        if not group:
+            continue
         group.sort(key=lambda r: r.last["epsilon_max"])
         label = ", ".join(f"{_short(k, others)}={group[0].config.get(k)}" for k in others) or "DP-SGD"
         (line,) = ax.plot([r.last["epsilon_max"] for r in group], [r.last["accuracy"] for r in group], marker="o",
@@ -228,6 +232,10 @@ def plot_privacy_utility(runs: list[Run], factors: list[str], path: Path) -> Pat
     return _save(fig, path)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _plain_factors(run: Run, others: list[str]) -> tuple[str, ...]:
     return tuple(repr(run.config.get(k)) for k in others if not k.startswith("privacy."))
 
@@ -244,7 +252,7 @@ def write_markdown(runs: list[Run], factors: list[str], path: Path, *, plots: li
              + (", ".join(f"`{k}`" for k in factors) or "none"), "",
              "| run | directory | rounds | final accuracy | ε max | non-private | status |", "|---|---|---|---|---|---|---|"]
     for r in runs:
-        eps = f"{r.last['epsilon_max']:.3f}" if r.private else "–"
+        eps = "–" if not r.private else f"{r.last['epsilon_max']:.3f}" if _finite(r.last.get("epsilon_max")) else "n/a"
         lines.append(f"| {run_label(r, factors)} | `{r.path}` | {r.last['round']} | {r.last['accuracy']:.4f} | {eps} "
                      f"| {'' if r.private else 'yes'} | {'complete' if r.complete else 'incomplete'} |")
     baselines = sorted({r.summary["majority_baseline"] for r in runs if "majority_baseline" in r.summary})

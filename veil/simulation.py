@@ -142,7 +142,9 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     summary["majority_baseline"] = baseline
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     # (5) report
-    eps = f"epsilon {summary['epsilon_max']:.3f} (delta {cfg.privacy.delta:g})" if cfg.privacy.enabled else "no DP"
+    from veil.server.metrics import summary_epsilon
+
+    eps = summary_epsilon(summary, delta=cfg.privacy.delta) if cfg.privacy.enabled else "no DP"
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f} vs majority-class baseline {baseline:.4f}; "
           f"{eps}; model in {out_dir / 'model'}", flush=True)
     return summary

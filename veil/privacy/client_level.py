@@ -9,9 +9,14 @@ Two placements of the noise:
   The guarantee relies on the round's other clients adding their shares.
 * ``central``: the server adds N(0, (z·S)²) to the sum (a trusted-server model; the server could skip it).
 
-Accounting is the sampled Gaussian mechanism over rounds: q = clients per round / clients, one release per round,
-through veil's accountants (Mironov et al., arXiv:1908.10530). A node's own ledger records its rounds without the
-amplification by client sampling (q = 1), since a node cannot verify how the server samples.
+Accounting on the server (:class:`ClientLevelAccountant`, review H3): one Gaussian release per round whose noise
+multiplier is what the round's sum really carried, z_r = sqrt(Σ σ_i² + σ_central²) / S over the clients that
+*contributed* (a refusing client sends weight 0, so SecAgg+ scales its vector, noise share included, to zero; a
+dropped client adds nothing), composed over rounds *without* amplification by client sampling (q = 1): the
+coordinator knows who took part, so sampling hides nothing from it, and Flower's fixed-size sampling is not the
+Poisson sampling the subsampled accountants assume. Composition through veil's accountants (PRV, Gopi et al.
+arXiv:2106.02848; RDP, Mironov et al. arXiv:1908.10530). A node's own ledger records its rounds without
+amplification too, since a node cannot verify how the server samples.
 Flower's clipping mods clip ``fit`` results as weights; veil's clients send updates, so the clip lives here.
 """
 
@@ -76,6 +81,56 @@ def run_noise_multiplier(cfg: VeilConfig) -> float | None:
         return None
     if priv.target_epsilon > 0:
         return calibrate_client_level(target_epsilon=priv.target_epsilon, delta=priv.delta,
-                                      client_rate=fed.clients_per_round / fed.num_clients, rounds=fed.rounds,
+                                      client_rate=1.0, rounds=fed.rounds,  # q = 1: as the server accounts
                                       accountant=priv.accountant)
     return priv.noise_multiplier
+
+
+def round_noise_multiplier(noise_stds: list[float], *, clip: float, central_std: float = 0.0) -> float:
+    """z_r of one round: the std of the noise the round's sum carried, in units of the clip S.
+
+    ``noise_stds`` are the shares of the clients that contributed (weight > 0); ``central_std`` the server's own.
+    Independent Gaussians add in variance. Summed in sorted order so equal rounds give bit-equal z_r (merged by
+    the accountant).
+    """
+    if clip <= 0:
+        raise ValueError(f"clip={clip} must be > 0")
+    variances = sorted(float(s) ** 2 for s in [*noise_stds, central_std])
+    if any(not math.isfinite(v) for v in variances):
+        raise ValueError(f"noise stds must be finite, got {noise_stds!r} and central {central_std!r}")
+    return math.sqrt(math.fsum(variances)) / clip
+
+
+class ClientLevelAccountant:
+    """The coordinator's client-level ledger: one z_r per round that released a sum, composed with q = 1.
+
+    Kept in the strategy's checkpoint state (:meth:`state_dict`), so a resumed run continues the composition.
+    """
+
+    MECHANISM = "client-level gaussian, realised contributors, q=1"
+
+    def __init__(self, *, clip: float) -> None:
+        if clip <= 0:
+            raise ValueError(f"clip={clip} must be > 0")
+        self.clip = float(clip)
+        self.rounds: list[tuple[int, float]] = []  # (server round, z_r)
+
+    def record_round(self, server_round: int, *, noise_stds: list[float], central_std: float = 0.0) -> float:
+        """Book round ``server_round``'s release; returns its z_r."""
+        z = round_noise_multiplier(noise_stds, clip=self.clip, central_std=central_std)
+        self.rounds.append((int(server_round), z))
+        return z
+
+    def epsilon(self, *, delta: float, accountant: str = "prv") -> float:
+        """ε of every booked round as one composition (0 before the first; inf if a round had no noise)."""
+        return compute_epsilon([(z, 1.0, 1) for _, z in self.rounds], delta=delta, accountant=accountant).epsilon
+
+    def state_dict(self) -> dict[str, object]:
+        return {"mechanism": self.MECHANISM, "clip": self.clip, "rounds": [[r, z] for r, z in self.rounds]}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if set(state) != {"mechanism", "clip", "rounds"} or state["mechanism"] != self.MECHANISM:
+            raise ValueError(f"not a client-level accountant state: keys {sorted(state)}")
+        if float(state["clip"]) != self.clip:  # type: ignore[arg-type]
+            raise ValueError(f"accountant state has clip {state['clip']}, this run {self.clip}")
+        self.rounds = [(int(r), float(z)) for r, z in state["rounds"]]  # type: ignore[union-attr]

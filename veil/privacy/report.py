@@ -29,7 +29,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--ledger", required=True, metavar="PATH", help="the node's privacy ledger (JSON file)")
     report.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     report.add_argument("--delta", type=float, default=None, metavar="D",
-                        help="δ to account at (default: the largest δ recorded in the ledger)")
+                        help="δ to account at (default: the smallest δ recorded in the ledger, the most "
+                             "conservative; give the owner's own δ)")
     report.add_argument("--max-epsilon", type=float, default=None, metavar="E",
                         help="the owner's ε budget, to show what remains")
     report.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="accountant (default: prv)")
@@ -42,7 +43,7 @@ def _delta(events: tuple[LedgerEvent, ...], given: float | None, path: str) -> f
         return given
     if not events:
         raise LedgerError(f"privacy ledger {path} records no events, so it holds no delta; pass --delta D")
-    return max(e.delta for e in events)
+    return min(e.delta for e in events)  # ε grows as δ shrinks: the smallest recorded δ is the conservative one
 
 
 def _number(x: float) -> float | str:

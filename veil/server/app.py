@@ -6,7 +6,9 @@ Flower legacy API on purpose (DESIGN.md decision 2): ``SecAggPlusWorkflow`` need
 
 Per run: build the model template and the evaluation split, keep the global trainable tensors in the strategy,
 run the rounds (SecAgg+ fit workflow when on), write one ``metrics.jsonl`` line and one console line per round,
-then export the merged model with its model card.
+then export the merged model with its model card. The records hold no per-client value (nodes send none); the ε
+they state is the coordinator's own figure (:mod:`veil.server.guarantee`). Under ``veil server`` the app runs only
+the operator's run config (:mod:`veil.server.operator`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import random
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,9 @@ from veil.server.checkpoint import (
 )
 from veil.server.evaluate import make_evaluate_fn
 from veil.server.export import export_global_model
+from veil.server.guarantee import coordinator_epsilon, epsilon_basis, simulated_ledgers, simulated_node_figures
 from veil.server.metrics import MetricsLog, console_line
+from veil.server.operator import operator_config
 from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
@@ -56,55 +61,75 @@ def _central_noise_std(cfg: VeilConfig) -> float:
     return 0.0 if z is None or cfg.privacy.noise_placement != "central" else z * cfg.privacy.max_grad_norm
 
 
-def _client_level_epsilon(cfg: VeilConfig, z: float, rounds: int) -> float:
-    from veil.privacy.client_level import client_level_epsilon
-
-    fed = cfg.federation
-    return client_level_epsilon(noise_multiplier=z, client_rate=fed.clients_per_round / fed.num_clients,
-                                rounds=rounds, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
-
-
 class RunRecorder:
     """After each round: one metrics line, one console line, one checkpoint (in that order: a checkpoint of round k
-    implies its metrics line exists; on resume, metrics lines after the checkpoint's round are dropped)."""
+    implies its metrics line exists; on resume, metrics lines after the checkpoint's round are dropped).
 
-    def __init__(self, cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, names: list[str]) -> None:
+    The row holds only what the coordinator itself knows (no per-client value, DESIGN.md decision 7); ε is the
+    coordinator's figure of :mod:`veil.server.guarantee`. In simulation, ``node_*`` keys add what the simulated
+    owners' own ledgers say.
+    """
+
+    def __init__(self, cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, names: list[str], *,
+                 simulation: bool = False) -> None:
         self.cfg, self.out_dir, self.strategy, self.names = cfg, out_dir, strategy, names
+        self.simulation = simulation
         self.metrics = MetricsLog(out_dir / "metrics.jsonl")
         self.last: dict[str, Any] = {}
         self.rounds_completed = 0
+        self.rounds_run = 0  # rounds whose fit was attempted: nodes may have trained in each
+        self.planned_rounds = {cfg.federation.rounds}  # every federation.rounds this run had (a resume may raise it)
         self.epsilon_max = 0.0
-        self.client_level_z = run_noise_multiplier(cfg)
         self.tensorboard = TensorBoardHook(out_dir / "tensorboard")
         self.progress: RoundProgress | None = None  # made at the first round seen (a resumed run starts later)
+
+    @property
+    def basis(self) -> str:
+        return epsilon_basis(self.cfg, simulation=self.simulation, planned_rounds=self.planned_rounds)
 
     def resume_from(self, ckpt: Checkpoint) -> None:
         self.metrics.truncate_after(ckpt.round)
         rows = self.metrics.rows()
         self.rounds_completed = sum(1 for r in rows if r.get("completed"))
-        self.epsilon_max = max((float(r.get("epsilon_max", 0.0)) for r in rows), default=0.0)
+        self.rounds_run = len(rows)
+        saved = ckpt.meta["strategy"].get("planned_rounds", [ckpt.meta["run_config"].get("veil.federation.rounds")])
+        self.planned_rounds |= {int(r) for r in saved if r is not None}
         self.last = rows[-1] if rows else {}
+        self.epsilon_max = self._epsilon(self._node_figures())
+
+    def _node_figures(self) -> dict[str, float]:
+        """Simulation only: the ``node_*`` figures of the simulated owners' own ledgers."""
+        if not (self.simulation and self.cfg.privacy.enabled):
+            return {}
+        return simulated_node_figures(simulated_ledgers(self.out_dir), delta=self.cfg.privacy.delta,
+                                      accountant=self.cfg.privacy.accountant)
+
+    def _epsilon(self, node: dict[str, float]) -> float:
+        """This run's ε so far, on :attr:`basis`."""
+        basis, priv = self.basis, self.cfg.privacy
+        if basis == "client_level" and self.strategy.accountant is not None:
+            return self.strategy.accountant.epsilon(delta=priv.delta, accountant=priv.accountant)
+        if basis == "simulated_ledgers":
+            return node.get("node_epsilon_max", 0.0)
+        return coordinator_epsilon(self.cfg, basis=basis, rounds_run=self.rounds_run)
 
     def after_round(self, outcome: RoundOutcome) -> None:
         fit = outcome.fit_metrics
+        self.rounds_run += 1
         if outcome.completed:
             self.rounds_completed += 1
-            self.epsilon_max = max(self.epsilon_max, float(fit.get("epsilon_max", 0.0)))
-            if self.client_level_z is not None:  # client level: ε over rounds with client sampling, server-side
-                self.epsilon_max = _client_level_epsilon(self.cfg, self.client_level_z, self.rounds_completed)
         else:
             log.warning("round %d did not complete (too few clients answered); global weights unchanged", outcome.round)
+        node = self._node_figures()
+        self.epsilon_max = self._epsilon(node)
         row = {
             "round": outcome.round, "accuracy": outcome.accuracy, "loss": outcome.loss,
-            "epsilon_max": self.epsilon_max, "epsilon_mean": float(fit.get("epsilon_mean", 0.0)),
+            "epsilon_max": self.epsilon_max, "clients": int(fit.get("clients", 0)),
+            "refused": int(fit.get("refused", 0)), "contributed": int(fit.get("contributed", 0)),
             "upload_bytes_per_client": float(fit.get("upload_bytes_per_client", 0.0)),
             "seconds": outcome.seconds, "secagg": self.cfg.secagg.enabled, "completed": outcome.completed,
-            "clients": int(fit.get("clients", 0)), "refused": int(fit.get("refused", 0)), "train_loss": float(fit.get("train_loss", float("nan"))),
-            "examples": int(fit.get("examples", 0)),
-            "noise_multiplier_max": float(fit.get("noise_multiplier_max", 0.0)),
-            "sample_rate_max": float(fit.get("sample_rate_max", 0.0)),
+            **node, "weights_sha256": weights_sha256(self.strategy.global_arrays),
         }
-        row["weights_sha256"] = weights_sha256(self.strategy.global_arrays)
         self.metrics.append(row)
         self.last = row
         self.tensorboard.write(row)
@@ -112,9 +137,10 @@ class RunRecorder:
             self.progress = RoundProgress(total=self.cfg.federation.rounds, done=outcome.round - 1)
         self.progress.update(row)
         log.info("%s", console_line(row, self.cfg.federation.rounds))
+        state = {k: v for k, v in self.strategy.state_dict().items() if k != "global_arrays"}
         save_checkpoint(self.out_dir, round=outcome.round, names=self.names, arrays=self.strategy.global_arrays,
                         run_config=to_run_config(self.cfg),
-                        strategy_state={k: v for k, v in self.strategy.state_dict().items() if k != "global_arrays"})
+                        strategy_state={**state, "planned_rounds": sorted(self.planned_rounds)})
 
     def close(self) -> None:
         self.tensorboard.close()
@@ -133,7 +159,11 @@ def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: Run
     check_compatible(ckpt.meta["run_config"], to_run_config(cfg))
     if ckpt.names != names:
         raise ConfigError(f"cannot resume: the checkpoint in {cfg.resume} holds other tensors than this model")
-    strategy.load_state_dict({"global_arrays": ckpt.arrays, **ckpt.meta["strategy"]})
+    try:
+        strategy.load_state_dict({"global_arrays": ckpt.arrays, **ckpt.meta["strategy"]})
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"cannot resume from {cfg.resume}: its checkpoint does not fit this run "
+                          f"({str(err).strip(chr(39))}); start a new run") from err
     restore_rng(ckpt.meta)
     recorder.resume_from(ckpt)
     log.info("resuming after round %d from weights sha256 %s", ckpt.round, ckpt.meta["weights_sha256"])
@@ -153,8 +183,9 @@ def fit_workflow_for(cfg: VeilConfig) -> Any:
     )
 
 
-def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
-    """Run all rounds and export; returns the final summary."""
+def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: bool = False) -> dict[str, Any]:
+    """Run all rounds and export; returns the final summary. ``simulation``: the nodes are simulated under
+    ``<output_dir>/nodes`` (their ledgers give the ``node_*`` figures)."""
     out_dir = Path(cfg.output_dir or ".").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = resolve_labels(cfg.data)
@@ -166,11 +197,14 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
         clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
         min_clients=cfg.secagg.num_shares if cfg.secagg.enabled else 1,
         central_noise_std=_central_noise_std(cfg), evaluate_fn=make_evaluate_fn(template, data, device=device),
+        client_level_clip=cfg.privacy.max_grad_norm if _client_level(cfg) else None,
     )
     names = trainable_names(template)
-    recorder = RunRecorder(cfg, out_dir, strategy, names)
+    recorder = RunRecorder(cfg, out_dir, strategy, names, simulation=simulation)
     random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)
     start = _resume(cfg, out_dir, strategy, recorder, names)
+    if _client_level(cfg):  # whom the coordinator samples must not follow from the public seed (review H3)
+        random.seed(secrets.randbits(64))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
     try:
         if start <= cfg.federation.rounds:
@@ -181,7 +215,8 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
         reason = strategy.last_failures[0] if strategy.last_failures else "no client answered"
         raise VeilError(f"no round completed: every client failed ({reason}); fix that and run again")
     summary = {
-        **recorder.last, "epsilon_max": recorder.epsilon_max, "rounds_completed": recorder.rounds_completed,
+        **recorder.last, "epsilon_max": recorder.epsilon_max, "epsilon_basis": recorder.basis,
+        "rounds_completed": recorder.rounds_completed, "rounds_run": recorder.rounds_run,
         "eval_examples": int(data["labels"].shape[0]),
     }
     save_global(out_dir / "global_trainable.npz", trainable_names(template), strategy.global_arrays)
@@ -207,15 +242,22 @@ def load_global(path: Path, names: list[str]) -> list[np.ndarray]:
         return [data[name] for name in names]
 
 
-def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
-    """The veil ServerApp; ``defaults`` is the flattened run config a simulation launcher provides."""
+def _client_level(cfg: VeilConfig) -> bool:
+    return cfg.privacy.enabled and cfg.privacy.level == "client"
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None, *, simulation: bool | None = None) -> ServerApp:
+    """The veil ServerApp; ``defaults`` is the flattened run config a simulation launcher provides (its presence
+    means a simulation unless ``simulation`` says otherwise). Under ``veil server`` only the operator's own run
+    config runs (:func:`veil.server.operator.operator_config`)."""
     base = dict(defaults or {})
+    simulated = defaults is not None if simulation is None else simulation
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = from_run_config({**base, **dict(context.run_config)})
-        run_server(grid, context, cfg)
+        cfg = operator_config(from_run_config({**base, **dict(context.run_config)}))
+        run_server(grid, context, cfg, simulation=simulated)
 
     return server_app
 

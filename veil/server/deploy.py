@@ -165,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"veil server ready on {session.endpoint.address}: {len(keys)} node key(s) registered, "
               f"{'TLS' if tls else 'PLAINTEXT'}; nodes may connect; outputs in {run_dir}", flush=True)
         summary = session.run(app_dir, run_config, rounds=cfg.federation.rounds, timeout=args.timeout)
-    eps = f"epsilon {summary.get('epsilon_max', 0.0):.3f} (delta {cfg.privacy.delta:g})" if cfg.privacy.enabled else "no DP"
+    from veil.server.metrics import summary_epsilon
+
+    eps = summary_epsilon(summary, delta=cfg.privacy.delta) if cfg.privacy.enabled else "no DP"
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}; {summary.get('rounds_completed', 0)} of "
           f"{cfg.federation.rounds} rounds completed; {eps}; model in {run_dir / 'model'}", flush=True)
     if not summary.get("rounds_completed"):

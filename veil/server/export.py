@@ -5,6 +5,7 @@ tokenizer, plus a model card stating the privacy guarantee (DESIGN.md decision 1
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,42 +31,26 @@ def export_global_model(template: nn.Module, arrays: list[np.ndarray], tokenizer
 
 
 def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
-    """The model card: what was trained, on what kind of data (never the data), under which guarantee."""
+    """The model card: what was trained, on what kind of data (never the data), under which guarantee.
+
+    It states only what holds (docs/privacy.md): the ε of ``summary['epsilon_basis']`` (veil.server.guarantee), the
+    honest-but-curious assumption behind SecAgg+, and no per-client σ or q (nodes do not report them).
+    """
     priv, fed = cfg.privacy, cfg.federation
-    if priv.enabled and priv.level == "client":
-        guarantee = (
-            f"**(ε = {summary.get('epsilon_max', float('nan')):.3f}, δ = {priv.delta:g})-differential privacy at the "
-            f"client level**: for each client's entire data, over {summary.get('rounds_completed', 0)} rounds with "
-            f"{fed.clients_per_round} of {fed.num_clients} clients sampled per round ({priv.accountant.upper()} "
-            f"accountant; noise {priv.noise_placement}; updates clipped to L2 norm {priv.max_grad_norm:g})."
-        )
-    elif priv.enabled:
-        guarantee = (
-            f"**(ε = {summary.get('epsilon_max', float('nan')):.3f}, δ = {priv.delta:g})-differential privacy at the "
-            f"sample level** for every example of every client, as an upper bound reported by each client's own "
-            f"{priv.accountant.upper()} accountant over all its DP-SGD steps in this run (the maximum over clients)."
-        )
-    else:
-        guarantee = "**No differential privacy.** This model was trained without DP-SGD; do not publish it as private."
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-classification", "tags: [veil, federated-learning, differential-privacy]", "---",
         "", f"# {cfg.run_name}: federated fine-tune of {cfg.model.name}", "",
-        "Trained with veil: each data owner fine-tuned locally under Opacus DP-SGD; the coordinator combined the",
-        "updates with Flower SecAgg+ and never saw a single owner's update." if cfg.secagg.enabled else
-        "Trained with veil (secure aggregation was off: the coordinator saw each client's update).",
-        "", "## Privacy guarantee", "", guarantee, "",
+        _training_line(cfg), "", "## Privacy guarantee", "", _guarantee(cfg, summary), "",
         "| field | value |", "|---|---|",
         f"| DP level | {_level(cfg)} |",
-        f"| ε (max over clients) | {summary.get('epsilon_max', 0.0):.4f} |",
-        f"| δ | {priv.delta:g} |",
+        f"| ε | {_epsilon_text(summary)} |",
+        f"| δ | {priv.delta:g} (the run's; each owner accounts at its own δ ≤ this) |" if priv.enabled else "| δ | – |",
         f"| accountant | {priv.accountant} |",
-        f"| noise multiplier σ (largest over clients; each calibrated) | {summary.get('noise_multiplier_max', 0.0):.4f} |",
-        f"| per-sample clipping norm C | {priv.max_grad_norm:g} |",
-        f"| Poisson sample rate q (max) | {summary.get('sample_rate_max', 0.0):.5f} |",
+        *_noise_rows(cfg),
         f"| rounds completed | {summary.get('rounds_completed', 0)} of {fed.rounds} |",
         f"| clients per round | {fed.clients_per_round} of {fed.num_clients} |",
         f"| local training per round | {f'{fed.local_steps} steps' if fed.local_steps else f'{fed.local_epochs} epoch(s)'} |",
-        f"| secure aggregation | {'SecAgg+' if cfg.secagg.enabled else 'off'} |",
+        f"| secure aggregation | {'SecAgg+ (keys not authenticated: honest-but-curious coordinator)' if cfg.secagg.enabled else 'off'} |",
         "", "## Data", "", cfg.data.description,
         "", "## Evaluation", "",
         f"Final accuracy {summary.get('accuracy', float('nan')):.4f} on the coordinator's evaluation split "
@@ -79,6 +64,72 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _training_line(cfg: VeilConfig) -> str:
+    if not cfg.secagg.enabled:
+        return "Trained with veil (secure aggregation was off: the coordinator saw each client's update)."
+    how = "under Opacus DP-SGD" if cfg.privacy.enabled and cfg.privacy.level == "sample" else "on its own data"
+    return (f"Trained with veil: each data owner fine-tuned locally {how}; the coordinator combined the updates with "
+            "Flower SecAgg+, so a coordinator that follows the protocol (honest but curious) saw only their sum. "
+            "SecAgg+ keys are not authenticated: a coordinator that deviates from the protocol may recover one "
+            "owner's update (docs/privacy.md).")
+
+
+def _epsilon_text(summary: dict[str, Any]) -> str:
+    eps = summary.get("epsilon_max")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        return "see each owner's ledger (`veil privacy report`)"
+    return f"{eps:.4f}" + (" (bound after all planned rounds)" if summary.get("epsilon_basis") == "target" else "")
+
+
+def _guarantee(cfg: VeilConfig, summary: dict[str, Any]) -> str:
+    """One paragraph per basis of veil.server.guarantee."""
+    priv, fed, basis = cfg.privacy, cfg.federation, summary.get("epsilon_basis", "")
+    eps, rounds = summary.get("epsilon_max", float("nan")), summary.get("rounds_completed", 0)
+    ledger = ("Each owner's own ledger holds its all-time figure over every run it took part in "
+              "(`veil privacy report`).")
+    if not priv.enabled:
+        return "**No differential privacy.** This model was trained without DP-SGD; do not publish it as private."
+    if basis == "client_level":
+        trust = ("the coordinator added it and is trusted to have done so" if priv.noise_placement == "central" else
+                 "each contributing owner added its share, and SecAgg+ revealed only the sum to an honest-but-curious "
+                 "coordinator; against a coordinator that breaks SecAgg+, each owner's update carries only its own "
+                 "share, and only its per-record ledger bound holds")
+        return (f"**(ε = {eps:.3f}, δ = {priv.delta:g})-differential privacy at the client level**: for each owner's "
+                f"entire data, over {rounds} rounds, accounted by the coordinator with the noise the round's "
+                f"contributing owners actually added (updates clipped to L2 norm S = {priv.max_grad_norm:g}), without "
+                f"amplification by client sampling (q = 1). The noise: {trust}. {ledger}")
+    head = "**(ε, δ) differential privacy at the sample level** for every example of every owner"
+    if basis == "simulated_ledgers":
+        return (f"{head}, ε = {eps:.3f} at δ = {priv.delta:g}: the largest ε over the simulated owners' own ledgers "
+                f"({priv.accountant.upper()} accountant). Each owner's DP-SGD runs on its own machine, whatever the "
+                "coordinator does.")
+    if basis == "target":
+        return (f"{head}: ε ≤ {priv.target_epsilon:g} at δ = {priv.delta:g} for this run, a bound after all "
+                f"{fed.rounds} planned rounds: each owner's node calibrated its noise so that its ε for this run, at its "
+                f"owner's δ (at most {priv.delta:g}), stays within it (an owner may add more noise). It does not rely "
+                f"on SecAgg+: each owner's node enforces it. {ledger}")
+    if basis == "fixed_sigma":
+        return (f"{head}: ε ≤ {eps:.3f} at δ = {priv.delta:g} for this run: {fed.local_steps} DP-SGD steps per round "
+                f"at noise multiplier σ ≥ {priv.noise_multiplier:g} over {summary.get('rounds_run', rounds)} rounds, "
+                "accounted without amplification by subsampling (q = 1), so it holds whatever each owner's data size; "
+                f"each owner's ledger, which knows its sampling rate, gives a tighter figure. {ledger}")
+    return (f"{head}; the coordinator cannot state ε for this run: the number of DP-SGD steps (or the noise) depends "
+            f"on each owner's data, which the coordinator does not see. {ledger}")
+
+
+def _noise_rows(cfg: VeilConfig) -> list[str]:
+    """What the run asked for (no per-client value: nodes report none)."""
+    priv = cfg.privacy
+    if not priv.enabled:
+        return []
+    if priv.level == "client":
+        return [f"| update clipping norm S (whole update) | {priv.max_grad_norm:g} |",
+                f"| noise placement | {priv.noise_placement} |"]
+    asked = (f"target ε {priv.target_epsilon:g} (each node calibrates its own σ)" if priv.target_epsilon > 0
+             else f"σ ≥ {priv.noise_multiplier:g} (a node may add more)")
+    return [f"| per-sample clipping norm C | {priv.max_grad_norm:g} |", f"| noise | {asked} |"]
 
 
 def _level(cfg: VeilConfig) -> str:

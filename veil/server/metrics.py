@@ -43,9 +43,35 @@ class MetricsLog:
 
 
 def console_line(row: dict[str, Any], rounds: int) -> str:
-    """``round 2/3 | acc 0.4120 | loss 2.9810 | eps max 1.23 | up 401.2 kB/client | 41.2 s``"""
+    """``round 2/3 | acc 0.4120 | loss 2.9810 | eps max 1.23 | up 401.2 kB/client | 41.2 s | clients 5 (1 refused)``
+
+    ``eps max`` is the coordinator's ε figure (veil.server.guarantee); ``n/a`` when only each owner's ledger knows.
+    """
+    eps = row.get("epsilon_max")
+    eps_text = f"{eps:.3f}" if isinstance(eps, (int, float)) and math.isfinite(eps) else "n/a (see the nodes' ledgers)"
+    refused = int(row.get("refused") or 0)
     return (
         f"round {row['round']}/{rounds} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {row['epsilon_max']:.3f} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
-        f"{row['seconds']:.1f} s | clients {row['clients']}" + (" | secagg" if row.get("secagg") else "")
+        f"eps max {eps_text} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
+        f"{row['seconds']:.1f} s | clients {row['clients']}" + (f" ({refused} refused)" if refused else "")
+        + (" | secagg" if row.get("secagg") else "")
     )
+
+
+_BASIS_NOTE = {  # veil.server.guarantee bases
+    "simulated_ledgers": "largest over the simulated owners' ledgers",
+    "target": "bound after all planned rounds",
+    "fixed_sigma": "bound without subsampling amplification",
+    "client_level": "client level, realised contributors, q=1",
+}
+
+
+def summary_epsilon(summary: dict[str, Any], *, delta: float) -> str:
+    """The final line's privacy part: ``epsilon 3.955 (delta 1e-05; largest over the simulated owners' ledgers)``."""
+    basis, eps = summary.get("epsilon_basis", ""), summary.get("epsilon_max")
+    if basis == "none":
+        return "no DP"
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        return "epsilon: see each node's ledger (veil privacy report)"
+    note = _BASIS_NOTE.get(basis, "")
+    return f"epsilon {eps:.3f} (delta {delta:g}{'; ' + note if note else ''})"

@@ -7,6 +7,7 @@ server shows rounds only.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -22,8 +23,8 @@ class RoundProgress:
 
     def update(self, row: dict[str, Any]) -> None:
         acc, eps = row.get("accuracy"), row.get("epsilon_max")
-        self._bar.set_postfix_str(
-            f"acc {acc:.3f}, eps {eps:.2f}" if isinstance(acc, float) and isinstance(eps, float) else "", refresh=False)
+        eps_text = f"{eps:.2f}" if isinstance(eps, float) and math.isfinite(eps) else "n/a"
+        self._bar.set_postfix_str(f"acc {acc:.3f}, eps {eps_text}" if isinstance(acc, float) else "", refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from veil.server.operator import operator_env
 from veil.server.superlink import Endpoint, FlwrCli, SuperLinkError, start_superlink
 from veil.supervise import Supervised, flower_env
 
@@ -34,8 +35,10 @@ class Session:
     def __enter__(self) -> Session:
         home = self.run_dir / "flwr-home"
         self.cli = FlwrCli(self.endpoint, home)
+        # The ServerApp (started by the SuperLink, inheriting its environment) runs only this run directory's
+        # own run config (veil.server.operator, review M8).
         self.superlink = start_superlink(self.endpoint, state_dir=self.run_dir / "state", log_dir=self.run_dir / "logs",
-                                         env=flower_env(flwr_home=home))
+                                         env={**flower_env(flwr_home=home), **operator_env(self.run_dir)})
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:

@@ -18,14 +18,16 @@ log = logging.getLogger("veil.server")
 SCALARS: dict[str, str] = {
     "accuracy": "eval/accuracy",
     "loss": "eval/loss",
-    "train_loss": "train/loss",
     "epsilon_max": "privacy/epsilon_max",
-    "epsilon_mean": "privacy/epsilon_mean",
-    "noise_multiplier_max": "privacy/noise_multiplier_max",
     "upload_bytes_per_client": "cost/upload_bytes_per_client",
     "seconds": "cost/seconds",
     "clients": "federation/clients",
     "refused": "federation/refused",
+    "contributed": "federation/contributed",
+    # simulation only: what the simulated owners' own ledgers say (a real coordinator never sees these)
+    "node_epsilon_max": "simulated_nodes/epsilon_max",
+    "node_noise_multiplier_min": "simulated_nodes/noise_multiplier_min",
+    "node_sample_rate_max": "simulated_nodes/sample_rate_max",
 }
 
 

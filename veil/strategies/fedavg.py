@@ -3,7 +3,8 @@
 
 A thin layer over Flower's legacy ``FedAvg`` (DESIGN.md decision 2): Flower samples clients and computes the
 weighted mean (with SecAgg+, the already-unmasked mean arrives in every result); this class only keeps the global
-weights, applies the mean update, and aggregates the clients' scalar metrics.
+weights, applies the mean update, counts the replies (answered, refused, contributed; nothing per client) and, for
+client-level DP, books the noise each round's sum carried (:class:`veil.privacy.client_level.ClientLevelAccountant`).
 """
 
 from __future__ import annotations
@@ -29,34 +30,35 @@ from flwr.server.criterion import Criterion
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from veil.privacy.client_level import add_gaussian_noise
+from veil.privacy.client_level import ClientLevelAccountant, add_gaussian_noise
 
 log = logging.getLogger("veil.strategies")
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
 
+# What a node's reply carries besides the update and its weight (1: contribution, 0: refusal); none of it
+# depends on the owner's data beyond one bit per round (DESIGN.md decision 7, docs/privacy.md "What leaves a node").
+REPLY_METRIC_KEYS = frozenset({"can_train_next", "refused", "upload_bytes", "noise_std"})
+
+
 def aggregate_client_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Aggregates only (DESIGN.md decision 7): max/mean ε, mean loss, total examples, mean upload bytes."""
+    """Round totals of the replies: clients that answered, refused, contributed (weight > 0), mean upload bytes.
+
+    Nothing per client is kept; keys outside :data:`REPLY_METRIC_KEYS` are ignored (and logged once per round).
+    """
     if not results:
         return {}
     metrics = [m for _, m in results]
-
-    def values(key: str) -> list[float]:
-        return [float(m[key]) for m in metrics if key in m]  # type: ignore[arg-type]
-
-    eps, up = values("epsilon"), values("upload_bytes")
-    loss = [float(m["train_loss"]) for m in metrics if "train_loss" in m and not m.get("refused")]  # type: ignore[arg-type]
+    unexpected = sorted({k for m in metrics for k in m} - REPLY_METRIC_KEYS)
+    if unexpected:
+        log.warning("replies carry metrics veil does not use (%s); they are ignored", ", ".join(unexpected))
+    upload = [float(m["upload_bytes"]) for m in metrics if "upload_bytes" in m]  # type: ignore[arg-type]
     return {
         "clients": len(metrics),
-        "refused": int(sum(values("refused"))),
-        "epsilon_max": max(eps) if eps else 0.0,
-        "epsilon_mean": float(np.mean(eps)) if eps else 0.0,
-        "train_loss": float(np.nanmean(loss)) if loss else float("nan"),
-        "examples": int(sum(values("num_examples"))),
-        "upload_bytes_per_client": float(np.mean(up)) if up else 0.0,
-        "noise_multiplier_max": max(values("noise_multiplier"), default=0.0),
-        "sample_rate_max": max(values("sample_rate"), default=0.0),
+        "refused": int(sum(int(m.get("refused", 0)) for m in metrics)),  # type: ignore[call-overload]
+        "contributed": sum(1 for weight, _ in results if weight > 0),
+        "upload_bytes_per_client": float(np.mean(upload)) if upload else 0.0,
     }
 
 
@@ -65,7 +67,8 @@ class DeltaFedAvg(FedAvg):
 
     def __init__(self, *, initial: NDArrays, server_lr: float = 1.0, clients_per_round: int, num_clients: int,
                  min_clients: int = 1, central_noise_std: float = 0.0, join_timeout: float = 300.0, evaluate_fn: EvaluateFn | None = None,
-                 fit_metrics_aggregation_fn: MetricsAggregationFn | None = aggregate_client_metrics) -> None:
+                 fit_metrics_aggregation_fn: MetricsAggregationFn | None = aggregate_client_metrics,
+                 client_level_clip: float | None = None) -> None:
         if server_lr <= 0:
             raise ValueError(f"server_lr={server_lr} must be > 0")
         super().__init__(
@@ -83,6 +86,8 @@ class DeltaFedAvg(FedAvg):
         self.last_failures: list[str] = []
         self.exhausted: set[int] = set()  # node ids whose owners said their budget allows no further round
         self.stop_reason = ""  # set when too few clients are left to run a round
+        # client-level DP: the noise each round's sum really carried, booked per round (review H3)
+        self.accountant = None if client_level_clip is None else ClientLevelAccountant(clip=client_level_clip)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.global_arrays)
@@ -129,6 +134,11 @@ class DeltaFedAvg(FedAvg):
         if mean_params is None:
             return None, metrics
         mean = parameters_to_ndarrays(mean_params)
+        if self.accountant is not None:  # the sum is released from here on, whatever happens to it below
+            z = self.accountant.record_round(server_round, central_std=self.central_noise_std, noise_stds=[
+                float(r.metrics.get("noise_std", 0.0)) for _, r in trained])  # type: ignore[arg-type]
+            log.info("round %d: %d contributions, client-level noise multiplier of the sum %.4f",
+                     server_round, len(trained), z)
         if self.central_noise_std > 0:  # the sum gets N(0, (z·S)²), so the mean of n updates gets std z·S/n
             mean = add_gaussian_noise(mean, std=self.central_noise_std / len(trained))
         if len(mean) != len(self.global_arrays):
@@ -141,8 +151,11 @@ class DeltaFedAvg(FedAvg):
         return ndarrays_to_parameters(self.global_arrays), metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_arrays": [a.copy() for a in self.global_arrays], "server_lr": self.server_lr,
-                "exhausted": sorted(self.exhausted)}
+        state: dict[str, Any] = {"global_arrays": [a.copy() for a in self.global_arrays], "server_lr": self.server_lr,
+                                 "exhausted": sorted(self.exhausted)}
+        if self.accountant is not None:
+            state["client_level_accountant"] = self.accountant.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"global_arrays", "server_lr"} - set(state)
@@ -154,6 +167,10 @@ class DeltaFedAvg(FedAvg):
         self.global_arrays = arrays
         self.server_lr = float(state["server_lr"])
         self.exhausted = {int(n) for n in state.get("exhausted", [])}
+        if self.accountant is not None:
+            if "client_level_accountant" not in state:
+                raise KeyError("strategy state lacks the client-level accountant this run needs")
+            self.accountant.load_state_dict(state["client_level_accountant"])
 
 
 class _NotIn(Criterion):
