@@ -320,9 +320,10 @@ def test_the_round_is_booked_before_training(files: dict[str, Path], tmp_path: P
         raise RuntimeError("the machine lost power")
 
     monkeypatch.setattr(client_app, "train_round", crash)
-    with pytest.raises(RuntimeError):
-        VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
     assert len(_events(settings)) == 1
+    # a failure during training is no oracle either: the same reply as any refusal, the cause in the owner's log
+    assert weight == 0 and metrics["refused"] == 1 and all(not a.any() for a in update)
 
 
 def test_calibration_fits_the_run_into_what_the_ledger_leaves(files: dict[str, Path], tmp_path: Path) -> None:

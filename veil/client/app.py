@@ -100,6 +100,11 @@ class VeilClient(NumPyClient):
         except VeilError as err:  # the owner's data file or settings: the owner's log says which, the reply not
             log.error("round %d: this node cannot train: %s", server_round, err)
             return self._refuse(parameters, err, server_round)
+        except Exception as err:  # noqa: BLE001 - any other failure may depend on the data: no oracle
+            if self.settings.simulated:
+                raise  # a researcher's own federation: the cause belongs on the console
+            log.exception("round %d: training failed on this node (the reply is a plain refusal)", server_round)
+            return self._refuse(parameters, VeilError(f"{type(err).__name__}: {err}"), server_round)
 
     def _fit(self, parameters: list[np.ndarray], server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         cfg, settings = self.cfg, self.settings
