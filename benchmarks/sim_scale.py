@@ -124,9 +124,9 @@ def run_one(code: Path, label: str, population: int, per_round: int, rounds: int
 
 def checkout(ref: str, dest: Path) -> Path:
     """The tree of git revision ``ref`` (``git archive``), without touching the working tree."""
+    dest.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    (dest.parent / "shared").mkdir(exist_ok=True)
     return dest
 
 

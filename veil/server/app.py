@@ -41,6 +41,7 @@ from veil.server.checkpoint import (
 from veil.server.evaluate import make_evaluate_fn
 from veil.server.export import export_global_model
 from veil.server.metrics import MetricsLog, console_line
+from veil.server.polling import PollingGrid
 from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
@@ -215,7 +216,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = from_run_config({**base, **dict(context.run_config)})
-        run_server(grid, context, cfg)
+        run_server(PollingGrid(grid), context, cfg)  # Flower's grid, pulling replies every 0.05 s, not 3 s
 
     return server_app
 
