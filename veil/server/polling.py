@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.common import Message
-from flwr.common.typing import Run
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 PULL_INTERVAL = 0.05  # seconds between pulls for replies (Flower: 3 s deployed, 0.1 s simulated)
