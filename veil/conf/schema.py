@@ -104,6 +104,9 @@ class FederationConfig:
     min_partition_size: int = 10
     num_cpus_per_client: float = 1.0  # Ray resources per simulated client: limits concurrency, not memory
     num_gpus_per_client: float = 0.0
+    # Simulation only: "" starts a private Ray instance on this machine's cores; "auto" joins the cluster that
+    # `ray start --head` started on this machine; "HOST:PORT" (the head's GCS address) joins a remote one.
+    ray_address: str = ""
     # Simulation only: the simulated owners' own ε budgets (their node config, not the run's): one number for
     # every node, or "ID:EPS,ID:EPS" by partition id (quote it on the command line: '0:1.5,3:2').
     # Empty: no budget. A real node sets --max-epsilon itself.
