@@ -61,10 +61,11 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
     """Run the deployment with veil from ``code`` (server, ServerApp and nodes); returns the metrics rows."""
     from veil.supervise import Supervised, flower_env, free_port
 
+    # cwd and PYTHONPATH both: `python -m veil` puts its working directory first on sys.path
     env = {**flower_env(), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(code)}
     certs, run_dir, logs = root / "certs", root / "run", root / "logs"
     done = Supervised("certs", [sys.executable, "-m", "veil", "certs", "--out", str(certs), "--nodes", str(NODES)],
-                      log_path=logs / "certs.log", env=env)
+                      log_path=logs / "certs.log", env=env, cwd=code)
     while done.poll() is None:
         time.sleep(0.2)
     if done.poll() != 0:
@@ -74,7 +75,7 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
         server = Supervised("server", [sys.executable, "-m", "veil", "server", *overrides(test, rounds), "--certs",
                                        str(certs), "--node-keys", str(certs), "--port", str(port), "--run-dir",
                                        str(run_dir), "--timeout", str(timeout)],
-                            log_path=logs / "server.log", env=env, on_line=lines.append)
+                            log_path=logs / "server.log", env=env, on_line=lines.append, cwd=code)
         procs.append(server)
         deadline = time.monotonic() + 120
         while not any("ready" in ln for ln in lines) and server.poll() is None and time.monotonic() < deadline:
@@ -83,7 +84,7 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
             procs.append(Supervised(f"node-{n}", [
                 sys.executable, "-m", "veil", "client", "--superlink", f"127.0.0.1:{port}", "--root-cert",
                 str(certs / "ca.crt"), "--key", str(certs / f"node-{n}.key"), "--data", str(data), "--node-dir",
-                str(root / f"node-{n}"), "--max-epsilon", "100"], log_path=logs / f"node-{n}.log", env=env))
+                str(root / f"node-{n}"), "--max-epsilon", "100"], log_path=logs / f"node-{n}.log", env=env, cwd=code))
         while server.poll() is None:
             time.sleep(0.5)
         server.wait_output()
