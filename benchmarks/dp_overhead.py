@@ -162,9 +162,11 @@ def table(configs: list[Config], device: torch.device) -> tuple[list[str], list[
         if c.mode == pick_grad_sample_mode(c.module):
             other = next((o for o in configs if o.tuning == c.tuning and o.mode not in ("none", c.mode)), None)
             if other is not None:
-                faster = rate >= statistics.median(other.rates)
+                other_rate = statistics.median(other.rates)
+                faster = rate >= other_rate
+                other_ratio = other_rate / statistics.median(base[c.tuning].rates)
                 verdicts.append(f"{c.tuning}: grad_sample_mode=auto picks {c.mode} ({ratio:.2f}x); "
-                                f"{other.mode} ran at {statistics.median(other.rates) / statistics.median(base[c.tuning].rates):.2f}x: "
+                                f"{other.mode} ran at {other_ratio:.2f}x: "
                                 f"{'the faster one' if faster else 'NOT the faster one in this run'}")
         target = TARGETS.get((c.tuning, c.mode))
         if target is not None:

@@ -50,7 +50,8 @@ def test_polling_grid_collects_every_reply_with_its_own_interval() -> None:
 
 def test_polling_grid_returns_what_arrived_when_the_timeout_passes() -> None:
     inner = _FakeGrid(ready=[1, 10_000])
-    replies = list(PollingGrid(inner, interval=0.01).send_and_receive(["a", "b"], timeout=0.1))  # type: ignore[arg-type]
+    grid = PollingGrid(inner, interval=0.01)  # type: ignore[arg-type]
+    replies = list(grid.send_and_receive(["a", "b"], timeout=0.1))
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert 2 <= inner.pulls < 100
 

@@ -94,7 +94,8 @@ def test_split_covers_the_file_once_and_pads_per_shard(banking77: Path) -> None:
     for p in range(50):
         want = tokenize(tok, [texts[i] for i in parts[p]], max_length=24)
         got = split.shard(p)
-        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["attention_mask"], want["attention_mask"])
         assert got["labels"].tolist() == [int(i) % 7 for i in parts[p]]
         widths.add(got["input_ids"].shape[1])
     assert len(widths) > 1, "each shard pads to its own longest example, not the file's"

@@ -59,7 +59,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
-                        help=f"seconds between the node's pulls for work (default {DEFAULT_POLL_INTERVAL}; Flower's own: 3)")
+                        help=f"seconds between the node's pulls for work (default {DEFAULT_POLL_INTERVAL}; "
+                             "Flower's own: 3)")
     parser.add_argument("--max-retries", type=int, default=5, help="reconnection attempts before giving up (0: no limit)")
     parser.add_argument("--max-wait-time", type=float, default=60.0,
                         help="seconds of reconnecting before giving up (0: no limit; a plaintext/TLS mismatch then "

@@ -50,7 +50,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``.
 
     ``grad_sample_mode`` is "hooks" (per-sample gradients), "ghost" (ghost clipping: per-sample norms, a second
-    backward) or "auto" (the faster of the two for this model, :mod:`veil.privacy.modes`). The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
+    backward) or "auto" (the faster of the two for this model, :mod:`veil.privacy.modes`).
+    The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
     """
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, module)  # "auto": the faster exact mode
     if noise_multiplier < 0:
