@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,13 +104,15 @@ def run_one(code: Path, label: str, population: int, per_round: int, rounds: int
         peak, stop = Sample(), threading.Event()
         start = now()
         with open(log, "w", encoding="utf-8") as fh:
-            proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            # own process group: a timeout stops the run and the Ray daemons it started, nothing else
+            proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
             watcher = threading.Thread(target=_watch, args=(proc.pid, stop, peak), daemon=True)
             watcher.start()
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 rc = -9
             stop.set()
             watcher.join()
