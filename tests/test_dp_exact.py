@@ -1,5 +1,5 @@
 """Opacus per-sample clipped gradients through veil's integration equal a per-example loop (clip each example's
-gradient, average) on a batch with pad tokens: LoRA model, hooks and ghost modes."""
+gradient, average) on a batch with pad tokens: LoRA model, hooks and ghost modes, and auto (which picks one of them)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.T
     return clipped_mean_gradient(model, batch, clip=C)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "auto"])
 def test_lora_per_sample_clipping_matches_loop(mode: str) -> None:
     batch = _batch()
     assert (batch["attention_mask"] == 0).any(), "the batch must contain pad tokens"

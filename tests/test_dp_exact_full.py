@@ -65,7 +65,7 @@ def _max_diff(got: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "auto"])
 def test_full_per_sample_clipping_matches_loop(mode: str, masked: bool) -> None:
     # arrange
     batch = _batch(masked=masked)

@@ -222,6 +222,14 @@ def simulated_node_configs(cfg: Any) -> dict[int, dict[str, Any]]:
     return nodes
 
 
+def ray_init_args(address: str) -> dict[str, Any]:
+    """``ray.init`` arguments (Flower's ``backend_config["init_args"]``): a private Ray instance on this machine's
+    cores, or, with ``federation.ray_address``, an existing cluster (whose size is its own: no ``num_cpus``)."""
+    if address:
+        return {"address": address}
+    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+
+
 def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
     from flwr.simulation import run_simulation
 
@@ -231,7 +239,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
     fed = cfg.federation
     backend = {
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+        "init_args": ray_init_args(fed.ray_address),
     }
     client_app = make_client_app(flat, simulation_root=out_dir / "nodes", simulated_nodes=simulated_node_configs(cfg))
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business

@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from veil.client.supernode_polling import DEFAULT_POLL_INTERVAL
 from veil.errors import ConfigError, VeilError
-from veil.supervise import Supervised, flower_command, flower_env, free_port, stop_on_signals
+from veil.supervise import Supervised, flower_env, free_port, stop_on_signals
 
 INSECURE_WARNING = ("WARNING: --insecure: this node talks PLAINTEXT to the SuperLink without authentication; "
                     "anyone on the network can read its model updates or impersonate the server. Tests only.")
@@ -79,6 +80,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
+                        help=f"seconds between the node's pulls for work (default {DEFAULT_POLL_INTERVAL}; "
+                             "Flower's own: 3)")
     parser.add_argument("--max-retries", type=int, default=5, help="reconnection attempts before giving up (0: no limit)")
     parser.add_argument("--max-wait-time", type=float, default=60.0,
                         help="seconds of reconnecting before giving up (0: no limit; a plaintext/TLS mismatch then "
@@ -99,6 +103,8 @@ def preflight(args: argparse.Namespace) -> None:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not a Hugging Face model directory (no config.json); "
                           "give the directory holding config.json and the weights")
+    if not args.poll_interval > 0:
+        raise ConfigError(f"--poll-interval={args.poll_interval} is invalid; give the seconds between polls (> 0)")
     args.data_sha256 = data_fingerprint(args.data)
     settings = node_settings(_node_config(args))  # ranges of the owner's limits
     bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
@@ -158,7 +164,9 @@ def node_config_arg(config: dict[str, object]) -> str:
 
 
 def _supernode_argv(args: argparse.Namespace, runtime_port: int) -> list[str]:
-    argv = [flower_command("flower-supernode"), "--superlink", args.superlink, "--isolation", "process",
+    # Flower's own flower-supernode, run through veil's one Flower patch: it polls every --poll-interval s, not 3 s
+    argv = [sys.executable, "-m", "veil.client.supernode_polling", "--poll-interval", str(args.poll_interval), "--",
+            "--superlink", args.superlink, "--isolation", "process",
             "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config_arg(_node_config(args))]
     if args.max_retries > 0:
         argv += ["--max-retries", str(args.max_retries)]

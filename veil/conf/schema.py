@@ -67,7 +67,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # per-sample clipping bound C
     delta: float = 1e-5  # below 1/N for every client's N
     accountant: str = "prv"  # prv (tight) | rdp (fallback; looser)
-    grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus)
+    grad_sample_mode: str = "auto"  # auto (the faster exact mode for the model: veil.privacy.modes) | hooks | ghost
     # sample: DP-SGD on every client (each example protected). client: each client's whole update clipped to
     # max_grad_norm and Gaussian noise on the round's sum (each client's entire data protected); see
     # veil/privacy/client_level.py. For client level, noise_multiplier/target_epsilon are z and ε over rounds.
@@ -109,6 +109,9 @@ class FederationConfig:
     min_partition_size: int = 10
     num_cpus_per_client: float = 1.0  # Ray resources per simulated client: limits concurrency, not memory
     num_gpus_per_client: float = 0.0
+    # Simulation only: "" starts a private Ray instance on this machine's cores; "auto" joins the cluster that
+    # `ray start --head` started on this machine; "HOST:PORT" (the head's GCS address) joins a remote one.
+    ray_address: str = ""
     # Simulation only: the simulated owners' own ε budgets (their node config, not the run's): one number for
     # every node, or "ID:EPS,ID:EPS" by partition id (quote it on the command line: '0:1.5,3:2').
     # Empty: no budget. A real node sets --max-epsilon itself.
@@ -166,7 +169,7 @@ class VeilConfig:
         if self.data.labels:
             _label_list("data.labels", self.data.labels)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
-        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
+        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost"))
         _choice("privacy.level", priv.level, ("sample", "client"))
         _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))

@@ -32,10 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from veil.privacy.exact import install_samplers, keep_padding_rows, make_exact
+from veil.privacy.modes import resolve_grad_sample_mode
 
 log = logging.getLogger("veil.privacy")
-
-_MODES = ("hooks", "ghost")  # the modes whose per-sample clipping is checked against a per-example loop
 
 
 @dataclass
@@ -55,11 +54,11 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
                  device: torch.device | None = None) -> PrivateTraining:
     """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``.
 
-    ``grad_sample_mode`` is "hooks" (per-sample gradients) or "ghost" (ghost clipping: per-sample norms, a second
-    backward). The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
+    ``grad_sample_mode`` is "hooks" (per-sample gradients), "ghost" (ghost clipping: per-sample norms, a second
+    backward) or "auto" (the faster of the two for this model, :mod:`veil.privacy.modes`).
+    The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
     """
-    if grad_sample_mode not in _MODES:
-        raise ValueError(f"grad_sample_mode={grad_sample_mode!r} must be one of {_MODES}")
+    grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, module)  # "auto": the faster exact mode
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
     if max_grad_norm <= 0:

@@ -46,6 +46,7 @@ from veil.server.export import export_global_model
 from veil.server.guarantee import coordinator_epsilon, epsilon_basis, simulated_ledgers, simulated_node_figures
 from veil.server.metrics import MetricsLog, console_line
 from veil.server.operator import operator_config
+from veil.server.polling import PollingGrid
 from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
@@ -257,7 +258,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None, *, simulation: bo
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = operator_config(from_run_config({**base, **dict(context.run_config)}))
-        run_server(grid, context, cfg, simulation=simulated)
+        # Flower's grid, pulling replies every 0.05 s, not 3 s
+        run_server(PollingGrid(grid), context, cfg, simulation=simulated)
 
     return server_app
 

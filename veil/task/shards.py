@@ -1,6 +1,8 @@
 """Which examples a process works on: the run's label set, the server's evaluation split, a client's shard.
 
-Loaded once per process and cached: a simulated client's Ray worker keeps its tokenized shard across rounds.
+Loaded once per process and cached. In simulation a Ray worker reads, splits and tokenizes the run's training file
+once (:class:`veil.task.token_cache.TrainingSplit`, whatever the population size) and then assembles each sampled
+client's shard from its own examples only, so per-client work is proportional to the client's data.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from veil.errors import ConfigError, DataFileError
 from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
 from veil.task.model import load_tokenizer
 from veil.task.split import evaluation_examples, training_examples
+from veil.task.token_cache import TrainingSplit
 
 
 class ShardSource(Protocol):
@@ -37,6 +40,7 @@ class ShardSource(Protocol):
     def num_partitions(self) -> int | None: ...
     @property
     def simulated(self) -> bool: ...
+
 
 log = logging.getLogger("veil.task")
 
@@ -58,8 +62,13 @@ def resolve_labels(cfg: DataConfig) -> list[str]:
     return label_names(train, test, train_path=cfg.train_path, test_path=cfg.test_path)
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_json: str) -> object:
+    return load_tokenizer(ModelConfig(**json.loads(model_json)))
+
+
 def _tensors(examples: TextExamples, labels: list[str], model: ModelConfig, *, path: str) -> dict[str, torch.Tensor]:
-    tok = load_tokenizer(model)
+    tok = _tokenizer(_key(model))
     enc = tokenize(tok, examples.texts, max_length=model.max_length)
     enc["labels"] = torch.as_tensor(encode_labels(examples, labels, path=path))  # (N,)
     return enc
@@ -84,13 +93,8 @@ def eval_split(cfg: VeilConfig, labels: list[str]) -> dict[str, torch.Tensor]:
 def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_json: str, data_path: str | None,
                   partition: int | None) -> dict[str, torch.Tensor]:
     data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    fed = json.loads(fed_json)
-    if data_path is None:  # simulation: this partition of the run's training file
-        examples = training_examples(data)
-        _ids, parts = simulated_partitions(examples, list(labels), fed, path=data.train_path)
-        idx = parts[int(partition or 0)]
-        examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
-        return _tensors(examples, list(labels), model, path=data.train_path)
+    if data_path is None:  # simulation: this partition of the run's training file (split and tokenized once)
+        return _training_split(data_json, model_json, labels, fed_json).shard(int(partition or 0))
     return _tensors(known_labels_only(read_examples(data_path, data), labels, path=data_path), list(labels), model,
                     path=data_path)
 
@@ -108,12 +112,20 @@ def known_labels_only(examples: TextExamples, labels: tuple[str, ...] | list[str
     return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
 
 
-def node_labels(cfg: VeilConfig, settings: NodeSettings) -> list[str]:
+def node_labels(cfg: VeilConfig, settings: ShardSource) -> list[str]:
     """The run's label names as a node sees them: a deployed node takes them from the run config only (it never
     opens a file the run config names); a simulated node may derive them from the run's files."""
     if not settings.simulated and not cfg.data.labels:
         raise ConfigError("the run config carries no data.labels; a deployed node does not read the run's files")
     return resolve_labels(cfg.data)
+
+
+@functools.lru_cache(maxsize=2)
+def _training_split(data_json: str, model_json: str, labels: tuple[str, ...], fed_json: str) -> TrainingSplit:
+    data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
+    examples = training_examples(data)
+    ids, parts = simulated_partitions(examples, list(labels), json.loads(fed_json), path=data.train_path)
+    return TrainingSplit.build(_tokenizer(model_json), examples.texts, ids, parts, max_length=model.max_length)
 
 
 _PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client")

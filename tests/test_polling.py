@@ -1,0 +1,80 @@
+"""Shorter waits for replies: the ServerApp's PollingGrid keeps Flower's send_and_receive contract, and the one
+Flower patch (veil.client.supernode_polling) caps only the SuperNode loop's sleeps."""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from veil.client import supernode_polling
+from veil.server.polling import PollingGrid
+
+
+class _FakeGrid:
+    """Replies to message i become available at the pull number ``ready[i]``; records every pull."""
+
+    def __init__(self, ready: list[int]) -> None:
+        self.ready, self.pulls, self.pushed = ready, 0, []
+
+    def push_messages(self, messages: Any) -> list[str]:
+        self.pushed = list(messages)
+        return [f"m{i}" for i in range(len(self.pushed))]
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        self.pulls += 1
+        want = set(ids)
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+                for i, at in enumerate(self.ready) if at == self.pulls and f"m{i}" in want]
+
+    def get_node_ids(self) -> list[int]:
+        return [7, 8]
+
+
+def test_polling_grid_collects_every_reply_with_its_own_interval() -> None:
+    inner = _FakeGrid(ready=[1, 3, 3, 5])
+    grid = PollingGrid(inner, interval=0.01)  # type: ignore[arg-type]
+
+    start = time.monotonic()
+    replies = list(grid.send_and_receive(["a", "b", "c", "d"], timeout=None))
+    took = time.monotonic() - start
+
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2", "m3"]
+    assert inner.pushed == ["a", "b", "c", "d"] and inner.pulls == 5, "stops at the pull that completes the set"
+    assert took < 1.0, "4 waits of 0.01 s, not Flower's 3 s"
+    assert list(grid.get_node_ids()) == [7, 8]
+
+
+def test_polling_grid_returns_what_arrived_when_the_timeout_passes() -> None:
+    inner = _FakeGrid(ready=[1, 10_000])
+    grid = PollingGrid(inner, interval=0.01)  # type: ignore[arg-type]
+    replies = list(grid.send_and_receive(["a", "b"], timeout=0.1))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 2 <= inner.pulls < 100
+
+
+def test_polling_grid_refuses_a_non_positive_interval() -> None:
+    with pytest.raises(ValueError, match="interval"):
+        PollingGrid(_FakeGrid([]), interval=0)  # type: ignore[arg-type]
+
+
+def test_supernode_patch_caps_only_the_loops_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supernode.start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_polling._time, "sleep", slept.append)
+
+    patched = supernode_polling.cap_supernode_sleeps(0.25)
+    patched.time.sleep(3)  # the loop's sleep after an empty pull
+    patched.time.sleep(0.1)
+
+    assert patched is loop
+    assert slept == [0.25, 0.1]
+    assert patched.time.monotonic is time.monotonic, "every other attribute is the real time module"
+    assert sys.modules["time"] is time is supernode_polling._time, "the global time module is not replaced"
+    with pytest.raises(ValueError, match="poll interval"):
+        supernode_polling.cap_supernode_sleeps(0)

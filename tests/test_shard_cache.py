@@ -1,0 +1,103 @@
+"""A simulation worker splits and tokenizes the training file once; every client's shard is unchanged by that.
+
+Reference: the uncached path (read the file, split it, take the client's examples, tokenize them alone with
+``padding="longest"``), computed here from veil.task.data's functions, for every client and in a shuffled order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from veil.client.settings import NodeSettings
+from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, VeilConfig
+from veil.task import shards
+from veil.task.data import TextExamples, encode_labels, read_examples, tokenize
+from veil.task.model import load_tokenizer
+from veil.task.token_cache import TrainingSplit
+
+
+def _cfg(train: Path, test: Path, *, partitioner: str, clients: int) -> VeilConfig:
+    data = DataConfig(train_path=str(train), test_path=str(test), text_column="text", label_column="label")
+    model = ModelConfig(name="tiny_bert", path="", tiny=True, max_length=8)  # 8 < longest text: truncation too
+    fed = FederationConfig(num_clients=clients, partitioner=partitioner, alpha=0.5, min_partition_size=2, seed=3)
+    return VeilConfig(data=data, model=model, federation=fed)
+
+
+def _settings(partition: int, clients: int) -> NodeSettings:
+    return NodeSettings(data_path=None, text_column=None, label_column=None, max_epsilon=float("inf"),
+                        ledger_path=Path("unused"), device=None, partition_id=partition, num_partitions=clients)
+
+
+def _fresh_shard(cfg: VeilConfig, labels: list[str], partition: int) -> dict[str, torch.Tensor]:
+    """The uncached reference: this client's examples read, split and tokenized on their own."""
+    examples = read_examples(cfg.data.train_path, cfg.data)
+    _ids, parts = shards.simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation),
+                                              path=cfg.data.train_path)
+    idx = parts[partition]
+    mine = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
+    enc = tokenize(load_tokenizer(cfg.model), mine.texts, max_length=cfg.model.max_length)
+    enc["labels"] = torch.as_tensor(encode_labels(mine, labels, path=cfg.data.train_path))
+    return enc
+
+
+def _uneven_csv(tmp_path: Path) -> tuple[Path, Path]:
+    """Texts of very different lengths, so shards pad to different widths and some texts are truncated."""
+    rng = random.Random(0)
+    words = ["card", "lost", "atm", "cash", "fee", "transfer", "pin", "code", "why", "my"]
+    rows = ["text,label"] + [f"{' '.join(rng.choices(words, k=rng.randint(1, 12)))},{lab}"
+                             for lab in ("a", "b", "c", "d") for _ in range(12)]
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    test.write_text("text,label\ncard lost,a\natm cash,b\nfee,c\npin code,d\n", encoding="utf-8")
+    return train, test
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_every_cached_shard_equals_a_fresh_one(tmp_path: Path, partitioner: str) -> None:
+    clients = 6
+    cfg = _cfg(*_uneven_csv(tmp_path), partitioner=partitioner, clients=clients)
+    labels = shards.resolve_labels(cfg.data)
+    shards._shard_cached.cache_clear()
+    shards._training_split.cache_clear()
+    order = list(range(clients)) * 2
+    random.Random(1).shuffle(order)  # the order a worker meets its clients must not matter
+
+    got = {p: shards.client_shard(cfg, _settings(p, clients), labels) for p in order}
+
+    for p in range(clients):
+        want = _fresh_shard(cfg, labels, p)
+        assert set(got[p]) == set(want) == {"input_ids", "attention_mask", "labels"}
+        for key in want:
+            assert got[p][key].dtype == want[key].dtype, key
+            assert torch.equal(got[p][key], want[key]), f"client {p}: {key} differs from a fresh tokenization"
+    assert shards._training_split.cache_info().misses == 1, "the file is split and tokenized once per process"
+
+
+def test_split_covers_the_file_once_and_pads_per_shard(banking77: Path) -> None:
+    data = DataConfig(train_path=str(banking77 / "train.csv"), test_path=str(banking77 / "test.csv"))
+    examples = read_examples(data.train_path, data)
+    texts = examples.texts[:300]
+    ids = np.arange(300) % 7
+    parts = [np.arange(i, 300, 50) for i in range(50)]  # 6 examples each, strided over the file
+    tok = load_tokenizer(ModelConfig(tiny=True))
+
+    split = TrainingSplit.build(tok, texts, ids, parts, max_length=24)
+
+    assert split.offsets[-1] == len(split.flat_ids)
+    widths = set()
+    for p in range(50):
+        want = tokenize(tok, [texts[i] for i in parts[p]], max_length=24)
+        got = split.shard(p)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["attention_mask"], want["attention_mask"])
+        assert got["labels"].tolist() == [int(i) % 7 for i in parts[p]]
+        widths.add(got["input_ids"].shape[1])
+    assert len(widths) > 1, "each shard pads to its own longest example, not the file's"
+    with pytest.raises(IndexError, match="partition 50"):
+        split.shard(50)
