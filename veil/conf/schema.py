@@ -32,6 +32,9 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
     lora_targets: str = "query,value"  # comma-separated module names (Flower run configs reject lists)
+    # lora: A and B train. ffa: FFA-LoRA (Sun et al., ICLR 2024), A frozen at a seeded random init shared by every
+    # process, only B trains and travels: half the adapter upload and DP noise dimension, exact aggregation
+    lora_variant: str = "lora"
     # label_names: start the head from the encoded label names (public, no privacy cost; 43% zero-shot on
     # BANKING77) instead of random weights, which DP-SGD barely moves in a few noisy steps
     head_init: str = "label_names"
@@ -169,6 +172,9 @@ class VeilConfig:
         _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("model.head_init", model.head_init, ("label_names", "random"))
+        _choice("model.lora_variant", model.lora_variant, ("lora", "ffa"))
+        if model.lora_variant == "ffa" and not model.lora:
+            _bad("model.lora_variant", model.lora_variant, "lora (FFA-LoRA needs model.lora=true)")
         _positive_float("model.head_init_scale", model.head_init_scale)
         self._validate_strategy()
         if not 0.0 <= model.lora_dropout < 1.0:
