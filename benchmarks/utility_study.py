@@ -16,6 +16,7 @@ import argparse
 import copy
 import csv
 import random
+import tempfile
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -110,8 +111,6 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
     """All requested arms at the same compute; one table row each."""
     info = machine_info(pick_device())
     started = now()
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="veil-study-") as tmp:
         train, val_path = carve_validation(TRAIN, Path(tmp), per_class=args.val_per_class)
         base = VeilConfig(
