@@ -173,3 +173,21 @@ def test_robust_strategy_with_secagg_is_one_line(name: str, tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "secagg=off" in err and f"strategy={name}" in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"privacy.level": "client"}, "privacy.level=sample"),
+    ({"strategy.trim_fraction": 0.5}, "strategy.trim_fraction"),
+    ({"strategy.beta_2": 1.0}, "strategy.beta_2"),
+    ({"model.lora": False, "model.lora_variant": "ffa"}, "model.lora_variant"),
+])
+def test_bad_strategy_or_adapter_settings_are_refused(change: dict[str, object], needle: str) -> None:
+    from veil.errors import ConfigError
+
+    cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"), strategy=StrategyConfig(name="median"))
+    cfg.secagg.enabled = False
+    for key, value in change.items():
+        group, field = key.split(".")
+        setattr(getattr(cfg, group), field, value)
+    with pytest.raises(ConfigError, match=needle):
+        cfg.validate()
