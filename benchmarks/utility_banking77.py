@@ -5,6 +5,9 @@ DP and against centralised non-private training of the same model with the same 
 Every configuration runs through the real ``veil simulate`` command (subprocess), one after the other, and the
 table reads each run's ``summary.json``. On a GPU machine run it without ``--reduced``; on 2 CPU cores the default
 is the reduced version (fewer rounds and steps), and the recorded section says exactly what was reduced.
+
+``--study`` (issue 15) compares server strategies and adapter variants at the same compute on a validation split
+carved from the training data (never the test split): see ``benchmarks/utility_study.py``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=10)
     add_output_args(ap, quick="tiny BERT on a 4-class file, 1 round (for the test)", root=ROOT)
     ap.add_argument("--data", nargs=2, type=Path, metavar=("TRAIN", "TEST"), help="--quick: the train/test CSV pair")
+    ap.add_argument("--study", action="store_true", help="strategy/adapter arms scored on a validation split")
+    ap.add_argument("--arms", nargs="+", help="--study: the arms to run (default: all; see utility_study.ARMS)")
+    ap.add_argument("--val-per-class", type=int, default=10, help="--study: validation texts per intent")
+    ap.add_argument("--fedadam-lr", type=float, default=0.01, help="--study: FedAdam's server learning rate")
+    ap.add_argument("--fedavgm-lr", type=float, default=1.0, help="--study: FedAvgM's server learning rate")
     args = ap.parse_args(argv)
+    if args.study:
+        from benchmarks.utility_study import study
+
+        args.rounds, args.steps = args.rounds or 3, args.steps or 2
+        study(args, argv)
+        return
     device = pick_device()
     reduced = args.reduced if args.reduced is not None else device.type != "cuda"
     rounds = args.rounds or (1 if args.quick else 2 if reduced else 10)

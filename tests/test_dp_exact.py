@@ -32,12 +32,13 @@ def _reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.T
     return clipped_mean_gradient(model, batch, clip=C)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "auto"])
-def test_lora_per_sample_clipping_matches_loop(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "variant"), [("hooks", "lora"), ("ghost", "lora"), ("auto", "lora"),
+                                             ("hooks", "ffa")])
+def test_lora_per_sample_clipping_matches_loop(mode: str, variant: str) -> None:
     batch = _batch()
     assert (batch["attention_mask"] == 0).any(), "the batch must contain pad tokens"
     torch.manual_seed(0)
-    model = build_model(ModelConfig(tiny=True), ["a", "b", "c"], seed=0, dropout=0.0)
+    model = build_model(ModelConfig(tiny=True, lora_variant=variant), ["a", "b", "c"], seed=0, dropout=0.0)
     # move LoRA B away from zero so the adapters' A matrices get gradient too
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -32,6 +32,9 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
     lora_targets: str = "query,value"  # comma-separated module names (Flower run configs reject lists)
+    # lora: A and B train. ffa: FFA-LoRA (Sun et al., ICLR 2024), A frozen at a seeded random init shared by every
+    # process, only B trains and travels: half the adapter upload and DP noise dimension, exact aggregation
+    lora_variant: str = "lora"
     # label_names: start the head from the encoded label names (public, no privacy cost; 43% zero-shot on
     # BANKING77) instead of random weights, which DP-SGD barely moves in a few noisy steps
     head_init: str = "label_names"
@@ -87,10 +90,23 @@ class SecAggConfig:
     timeout: float = 600.0  # seconds per stage; a vanished client never hangs a round
 
 
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum")
+ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")  # need each update in clear: SecAgg+ off only
+
+
 @dataclass
 class StrategyConfig:
     name: str = "fedavg"
-    server_lr: float = 1.0  # global += server_lr * mean(update); 1.0 is plain FedAvg
+    # fedavg: global += server_lr * mean(update) (1.0 is plain FedAvg); fedavgm: its server learning rate;
+    # fedadam/fedyogi: eta, the size of a step in each coordinate (Reddi et al. tune it in 1e-3..1)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0  # fedavgm: beta of the server momentum (Hsu et al. use 0.9)
+    beta_1: float = 0.9  # fedadam/fedyogi: first-moment decay
+    beta_2: float = 0.99  # fedadam/fedyogi: second-moment decay
+    tau: float = 1e-3  # fedadam/fedyogi: adaptivity; DP noise makes tiny second moments, so not Flower's 1e-9
+    trim_fraction: float = 0.2  # trimmed_mean: fraction of values cut at each end of every coordinate
+    num_malicious: int = 1  # krum: Byzantine clients tolerated (f); needs clients_per_round >= 2f + 3
+    krum_keep: int = 0  # krum: average the krum_keep best-scored updates (multi-Krum); 0: take the best one
 
 
 @dataclass
@@ -174,8 +190,11 @@ class VeilConfig:
         _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("model.head_init", model.head_init, ("label_names", "random"))
+        _choice("model.lora_variant", model.lora_variant, ("lora", "ffa"))
+        if model.lora_variant == "ffa" and not model.lora:
+            _bad("model.lora_variant", model.lora_variant, "lora (FFA-LoRA needs model.lora=true)")
         _positive_float("model.head_init_scale", model.head_init_scale)
-        _choice("strategy.name", self.strategy.name, ("fedavg",))
+        self._validate_strategy()
         if not 0.0 <= model.lora_dropout < 1.0:
             _bad("model.lora_dropout", model.lora_dropout, "in [0, 1)")
         if priv.enabled:
@@ -212,6 +231,29 @@ class VeilConfig:
                      f"federation.clients_per_round = {4 * sa.quantization_range * summands} (the sum of "
                      f"{summands} quantized updates must not wrap)")
         return self
+
+    def _validate_strategy(self) -> None:
+        st, fed = self.strategy, self.federation
+        _choice("strategy.name", st.name, STRATEGIES)
+        if st.name in ROBUST_STRATEGIES and self.secagg.enabled:
+            raise ConfigError(f"strategy={st.name} needs every client's update, but with SecAgg+ on the server sees "
+                              f"only their sum; use secagg=off, or strategy=fedavg|fedavgm|fedadam|fedyogi")
+        if st.name in ROBUST_STRATEGIES and self.privacy.enabled and self.privacy.level == "client":
+            raise ConfigError(f"strategy={st.name} cannot carry client-level DP (its noise is calibrated for the "
+                              f"sum of updates); use privacy.level=sample, or strategy=fedavg|fedavgm|fedadam|fedyogi")
+        for name in ("server_momentum", "beta_1", "beta_2"):
+            if not 0.0 <= getattr(st, name) < 1.0:
+                _bad(f"strategy.{name}", getattr(st, name), "in [0, 1)")
+        _positive_float("strategy.tau", st.tau)
+        if not 0.0 <= st.trim_fraction < 0.5:
+            _bad("strategy.trim_fraction", st.trim_fraction, "in [0, 0.5)")
+        if isinstance(st.num_malicious, bool) or not isinstance(st.num_malicious, int) or st.num_malicious < 0:
+            _bad("strategy.num_malicious", st.num_malicious, "an integer >= 0")
+        if isinstance(st.krum_keep, bool) or not isinstance(st.krum_keep, int) or st.krum_keep < 0:
+            _bad("strategy.krum_keep", st.krum_keep, "an integer >= 0 (0: plain Krum)")
+        if st.name == "krum" and fed.clients_per_round < 2 * st.num_malicious + 3:
+            _bad("federation.clients_per_round", fed.clients_per_round,
+                 f">= 2 * strategy.num_malicious + 3 = {2 * st.num_malicious + 3} for Krum (or lower strategy.num_malicious)")
 
 
 def _bad(name: str, value: object, expected: str) -> None:

@@ -50,6 +50,7 @@ from veil.server.polling import PollingGrid
 from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
+from veil.strategies.factory import make_strategy
 from veil.strategies.fedavg import DeltaFedAvg
 from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device, trainable_names
 from veil.task.shards import eval_split, resolve_labels
@@ -193,13 +194,8 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     device = resolve_device(cfg.device)
     template = build_model(cfg.model, labels, seed=cfg.federation.seed)
     data = eval_split(cfg, labels)
-    strategy = DeltaFedAvg(
-        initial=get_trainable(template), server_lr=cfg.strategy.server_lr,
-        clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
-        min_clients=cfg.secagg.num_shares if cfg.secagg.enabled else 1,
-        central_noise_std=_central_noise_std(cfg), evaluate_fn=make_evaluate_fn(template, data, device=device),
-        client_level_clip=cfg.privacy.max_grad_norm if _client_level(cfg) else None,
-    )
+    strategy = make_strategy(cfg, initial=get_trainable(template), central_noise_std=_central_noise_std(cfg),
+                             evaluate_fn=make_evaluate_fn(template, data, device=device))
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names, simulation=simulation)
     random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)

@@ -3,7 +3,8 @@ RNG states and the run config, written atomically (temp file, fsync, rename, fsy
 at any moment loses at most the round in flight and no round is ever applied twice.
 
 Flower has no server checkpoint/resume of its own (flwr issue 599). One ``.npz`` file per round (no pickle: a
-checkpoint is data, never code): arrays under ``param/<name>``, everything else as JSON under ``__meta__``.
+checkpoint is data, never code): arrays under ``param/<name>``, the strategy's array state (a server optimiser's
+moments) under ``state/<path>/<i>``, everything else as JSON under ``__meta__``; the checksum covers both.
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ def save_checkpoint(run_dir: Path, *, round: int, names: list[str], arrays: list
     """Write ``checkpoints/round-<k>.npz`` atomically and return its path."""
     directory = run_dir / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
+    state_arrays: dict[str, np.ndarray] = {}
     meta = {
-        "round": round, "names": names, "run_config": run_config, "strategy": strategy_state,
-        "weights_sha256": weights_sha256(arrays), "rng": _rng_state(),
+        "round": round, "names": names, "run_config": run_config,
+        "strategy": _split_arrays(strategy_state, "state", state_arrays),
+        "weights_sha256": weights_sha256(arrays + list(state_arrays.values())), "rng": _rng_state(),
     }
     path = directory / f"round-{round:04d}.npz"
     tmp = path.with_name(path.name + ".tmp")
     payload = {f"param/{n}": a for n, a in zip(names, arrays, strict=True)}
+    payload.update(state_arrays)
     payload["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     with open(tmp, "wb") as fh:
         np.savez(fh, **payload)
@@ -79,11 +83,38 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         with np.load(files[-1]) as data:
             meta = json.loads(bytes(data["__meta__"]).decode("utf-8"))
             arrays = [np.array(data[f"param/{n}"]) for n in meta["names"]]
+            state_arrays: list[np.ndarray] = []
+            meta["strategy"] = _join_arrays(meta["strategy"], data, state_arrays)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"checkpoint {files[-1]} is unreadable ({err}); resume from an intact run directory") from err
-    if weights_sha256(arrays) != meta["weights_sha256"]:
+    if weights_sha256(arrays + state_arrays) != meta["weights_sha256"]:
         raise ConfigError(f"checkpoint {files[-1]} fails its checksum; resume from an intact run directory")
     return Checkpoint(round=int(meta["round"]), names=list(meta["names"]), arrays=arrays, meta=meta)
+
+
+_ARRAYS = "__arrays__"  # JSON marker: a list of arrays stored in the npz under this path
+
+
+def _split_arrays(value: Any, path: str, out: dict[str, np.ndarray]) -> Any:
+    """``value`` with every non-empty list of arrays replaced by a marker; the arrays go into ``out``."""
+    if isinstance(value, dict):
+        return {k: _split_arrays(v, f"{path}/{k}", out) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(a, np.ndarray) for a in value):
+        for i, a in enumerate(value):
+            out[f"{path}/{i}"] = a
+        return {_ARRAYS: path, "count": len(value)}
+    return value
+
+
+def _join_arrays(value: Any, data: Any, order: list[np.ndarray]) -> Any:
+    """The inverse of :func:`_split_arrays`; the arrays read are appended to ``order`` (the checksum's order)."""
+    if isinstance(value, dict) and _ARRAYS in value:
+        arrays = [np.array(data[f"{value[_ARRAYS]}/{i}"]) for i in range(int(value["count"]))]
+        order.extend(arrays)
+        return arrays
+    if isinstance(value, dict):
+        return {k: _join_arrays(v, data, order) for k, v in value.items()}
+    return value
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:

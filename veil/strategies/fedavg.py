@@ -31,6 +31,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from veil.privacy.client_level import ClientLevelAccountant, add_gaussian_noise
+from veil.strategies.robust import Aggregator
+from veil.strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger("veil.strategies")
 
@@ -68,9 +70,12 @@ class DeltaFedAvg(FedAvg):
     def __init__(self, *, initial: NDArrays, server_lr: float = 1.0, clients_per_round: int, num_clients: int,
                  min_clients: int = 1, central_noise_std: float = 0.0, join_timeout: float = 300.0, evaluate_fn: EvaluateFn | None = None,
                  fit_metrics_aggregation_fn: MetricsAggregationFn | None = aggregate_client_metrics,
-                 client_level_clip: float | None = None) -> None:
+                 client_level_clip: float | None = None, aggregator: Aggregator | None = None,
+                 optimizer: ServerOptimizer | None = None) -> None:
         if server_lr <= 0:
             raise ValueError(f"server_lr={server_lr} must be > 0")
+        if aggregator is not None and central_noise_std > 0:
+            raise ValueError("a robust aggregator cannot take client-level DP noise calibrated for the sum")
         super().__init__(
             fraction_fit=clients_per_round / num_clients, fraction_evaluate=0.0,
             min_fit_clients=clients_per_round, min_evaluate_clients=0, min_available_clients=clients_per_round,
@@ -82,6 +87,8 @@ class DeltaFedAvg(FedAvg):
         self.clients_per_round, self.min_clients = clients_per_round, min_clients
         self.central_noise_std = central_noise_std  # client-level DP, central placement: std z·S on the sum
         self.join_timeout = join_timeout
+        self.aggregator = aggregator  # None: Flower's mean; else a robust aggregate of the individual updates
+        self.optimizer = optimizer  # None: global += server_lr * mean; else FedAdam/FedYogi/FedAvgM's step
         self.num_clients = num_clients
         self.last_failures: list[str] = []
         self.exhausted: set[int] = set()  # node ids whose owners said their budget allows no further round
@@ -130,10 +137,13 @@ class DeltaFedAvg(FedAvg):
             results and self.fit_metrics_aggregation_fn) else {}
         if not trained:
             return None, metrics
-        mean_params, _ = super().aggregate_fit(server_round, trained, [])
-        if mean_params is None:
-            return None, metrics
-        mean = parameters_to_ndarrays(mean_params)
+        if self.aggregator is not None:
+            mean = self.aggregator([parameters_to_ndarrays(r.parameters) for _, r in trained])
+        else:
+            mean_params, _ = super().aggregate_fit(server_round, trained, [])
+            if mean_params is None:
+                return None, metrics
+            mean = parameters_to_ndarrays(mean_params)
         if self.accountant is not None:  # the sum is released from here on, whatever happens to it below
             z = self.accountant.record_round(server_round, central_std=self.central_noise_std, noise_stds=[
                 float(r.metrics.get("noise_std", 0.0)) for _, r in trained])  # type: ignore[arg-type]
@@ -146,8 +156,11 @@ class DeltaFedAvg(FedAvg):
         if not all(np.isfinite(u).all() for u in mean):
             log.warning("round %d: the aggregate is not finite; the round is skipped", server_round)
             return None, metrics
-        self.global_arrays = [g + np.float32(self.server_lr) * u.astype(np.float32)
-                              for g, u in zip(self.global_arrays, mean, strict=True)]
+        if self.optimizer is not None:
+            self.global_arrays = self.optimizer.apply(self.global_arrays, mean)
+        else:
+            self.global_arrays = [g + np.float32(self.server_lr) * u.astype(np.float32)
+                                  for g, u in zip(self.global_arrays, mean, strict=True)]
         return ndarrays_to_parameters(self.global_arrays), metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,6 +168,8 @@ class DeltaFedAvg(FedAvg):
                                  "exhausted": sorted(self.exhausted)}
         if self.accountant is not None:
             state["client_level_accountant"] = self.accountant.state_dict()
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,6 +186,10 @@ class DeltaFedAvg(FedAvg):
             if "client_level_accountant" not in state:
                 raise KeyError("strategy state lacks the client-level accountant this run needs")
             self.accountant.load_state_dict(state["client_level_accountant"])
+        if self.optimizer is not None:
+            if "optimizer" not in state:
+                raise KeyError("strategy state lacks the server optimiser's state")
+            self.optimizer.load_state_dict(state["optimizer"])
 
 
 class _NotIn(Criterion):

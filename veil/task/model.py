@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
         init_head_from_label_names(model, load_tokenizer(cfg), labels, scale=cfg.head_init_scale)
     if cfg.lora:
         model = _with_lora(model, cfg)
+        if cfg.lora_variant == "ffa":
+            freeze_lora_a(model, seed=seed)
     else:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -120,6 +123,36 @@ def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
     )
     return get_peft_model(model, lora)  # freezes the base; head ("classifier") goes in modules_to_save
+
+
+@torch.no_grad()
+def freeze_lora_a(model: nn.Module, *, seed: int) -> int:
+    """FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024,
+    arXiv:2403.12313): every LoRA A stays at a random initialisation and only B (and the head) trains and travels.
+
+    With A fixed and shared, the mean of the clients' B updates is exactly the update of the mean adapter product
+    (plain LoRA averages A and B separately), and DP noise goes on half the adapter values. A is redrawn here
+    from a generator seeded by ``seed`` alone, in parameter-name order, with peft's own distribution
+    (Kaiming-uniform, a = sqrt(5)): the server and every client compute the same A whatever else consumed the
+    global RNG while the model was built. peft has no FFA option of its own.
+
+    Returns
+    -------
+    int
+        The number of A matrices frozen.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            fresh = torch.empty(param.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            param.copy_(fresh)
+            param.requires_grad_(False)
+            frozen += 1
+    if frozen == 0:
+        raise ModelError("model.lora_variant=ffa found no LoRA A matrix; check model.lora_targets")
+    return frozen
 
 
 def trainable_names(model: nn.Module) -> list[str]:
