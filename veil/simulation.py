@@ -98,13 +98,11 @@ def check_model(model: Any) -> None:
 
 def check_data(cfg: Any) -> list[str]:
     """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
-    from veil.task.data import encode_labels, read_examples
+    from veil.task import get_task
 
-    data = resolve_paths_and_labels(cfg, Path.cwd()).data
-    labels: list[str] = json.loads(data.labels)
-    if cfg.data.labels:  # a fixed label set: the files were not read to derive it, so read them here
-        for path in (data.train_path, data.test_path):
-            encode_labels(read_examples(path, data), labels, path=path)
+    resolved = resolve_paths_and_labels(cfg, Path.cwd())
+    labels: list[str] = json.loads(resolved.data.labels)
+    get_task(cfg.task.name).check_files(resolved)
     return labels
 
 
@@ -248,10 +246,10 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
 
 def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
     """The config every process gets: absolute data paths, the label set fixed once, the output directory."""
-    from veil.task.shards import absolute, resolve_labels
+    from veil.task.shards import absolute, run_labels
 
     data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
-    data = dataclasses.replace(data, labels=json.dumps(resolve_labels(data)))
+    data = dataclasses.replace(data, labels=json.dumps(run_labels(dataclasses.replace(cfg, data=data))))
     return dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
                                resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
 
@@ -267,16 +265,10 @@ def check_resumable(cfg: Any, flat: dict[str, Any]) -> None:
 
 
 def majority_baseline_of(cfg: Any) -> float:
-    """Accuracy of predicting the most frequent training label on the evaluation split."""
-    import numpy as np
+    """The task's trivial reference accuracy (classification: the most frequent training label)."""
+    from veil.task import get_task
 
-    from veil.server.evaluate import majority_baseline
-    from veil.task.data import encode_labels, read_examples
-
-    labels = json.loads(cfg.data.labels)
-    train = encode_labels(read_examples(cfg.data.train_path, cfg.data), labels, path=cfg.data.train_path)
-    test = encode_labels(read_examples(cfg.data.test_path, cfg.data), labels, path=cfg.data.test_path)
-    return majority_baseline(np.asarray(train), np.asarray(test))
+    return get_task(cfg.task.name).baseline(cfg)
 
 
 def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[str, Any]]:
@@ -284,12 +276,14 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[st
     import csv
     from collections import Counter
 
-    from veil.task.data import read_examples
+    from veil.task import get_task
     from veil.task.shards import simulated_partitions
 
-    labels = json.loads(cfg.data.labels)
-    examples = read_examples(cfg.data.train_path, cfg.data)
-    ids, parts = simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
+    task = get_task(cfg.task.name)
+    examples = task.read(cfg.data.train_path, cfg)
+    ids, parts = simulated_partitions(task, examples, json.loads(cfg.data.labels), dataclasses.asdict(cfg.federation),
+                                      path=cfg.data.train_path)
+    labels = task.partition_names(examples, json.loads(cfg.data.labels))
     rows = []
     for client, idx in enumerate(parts):
         counts = Counter(int(i) for i in ids[idx]).most_common()

@@ -31,11 +31,13 @@ from flwr.clientapp.typing import ClientAppCallable
 from veil.client.floor import check_round, check_run
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
-from veil.conf.runconfig import from_run_config
-from veil.conf.schema import ModelConfig, VeilConfig
+from veil.conf.runconfig import from_run_config, to_run_config
+from veil.conf.schema import VeilConfig
 from veil.errors import NodeRefusal, SecAggRangeError, VeilError
-from veil.task.model import build_model, resolve_device
-from veil.task.shards import client_shard, resolve_labels
+from veil.task import get_task
+from veil.task.base import batch_size_of
+from veil.task.model import resolve_device
+from veil.task.shards import client_shard, run_labels
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
@@ -44,8 +46,9 @@ log = logging.getLogger("veil.client")
 
 
 @functools.lru_cache(maxsize=2)
-def _template(model_json: str, labels: tuple[str, ...], seed: int) -> Any:
-    return build_model(ModelConfig(**json.loads(model_json)), list(labels), seed=seed)
+def _template(flat_json: str) -> Any:
+    cfg = from_run_config(json.loads(flat_json))
+    return get_task(cfg.task.name).build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,17 +72,17 @@ class VeilClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         cfg, settings = self.cfg, self.settings
         server_round = int(config.get("server_round", 0))
-        labels = resolve_labels(cfg.data)
-        shard = client_shard(cfg, settings, labels)
-        examples = int(shard["labels"].shape[0])
-        template = _template(json.dumps(cfg.model.__dict__, sort_keys=True), tuple(labels), cfg.federation.seed)
+        task = get_task(cfg.task.name)
+        shard = client_shard(cfg, settings)
+        examples = batch_size_of(shard)
+        template = _template(json.dumps(to_run_config(cfg), sort_keys=True))
         try:
             plan, event, ledger = self._plan(examples, server_round)
         except NodeRefusal as refusal:
             return self._refuse(parameters, refusal, server_round)
         seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)
         device = resolve_device(settings.device or cfg.device)
-        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)
+        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed, task=task)
         if cfg.privacy.enabled and cfg.privacy.level == "client":
             result = dataclasses.replace(result, update=_client_level_release(result.update, cfg, plan.noise_multiplier))
         _check_update(result.update, cfg)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from veil.privacy.dpsgd import make_private
+from veil.task.base import Task, batch_size_of
 from veil.task.model import get_trainable, set_trainable
 
 log = logging.getLogger("veil.client")
@@ -50,20 +51,21 @@ def sample_rate_for(*, batch_size: int, examples: int) -> float:
 
 
 def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str, torch.Tensor], *,
-                plan: LocalPlan, device: torch.device, seed: int) -> LocalResult:
+                plan: LocalPlan, device: torch.device, seed: int, task: Task) -> LocalResult:
     """Train a fresh copy of ``template`` from ``received`` and return the update.
 
-    ``data`` holds ``input_ids``/``attention_mask`` (N, T) and ``labels`` (N,).
+    ``data`` holds the task's (N, ...) tensors; ``task.per_example_loss`` gives the (B,) losses DP-SGD clips.
     """
     torch.manual_seed(seed)  # batch sampling and dropout; DP noise has its own OS-seeded generator
     model = copy.deepcopy(template).to(device)
     set_trainable(model, received)
     model.train()
-    dataset = TensorDataset(data["input_ids"], data["attention_mask"], data["labels"])
+    keys = sorted(data)
+    dataset = TensorDataset(*(data[k] for k in keys))
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=not plan.private)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    mean_loss = _mean
     sample_rate = 0.0
     module: nn.Module = model
     if plan.private:
@@ -71,17 +73,17 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
             module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, grad_sample_mode=plan.grad_sample_mode, device=device,
         )
-        module, optimizer, loader, criterion, sample_rate = dp.module, dp.optimizer, dp.loader, dp.criterion, dp.sample_rate
+        module, optimizer, loader, mean_loss, sample_rate = dp.module, dp.optimizer, dp.loader, dp.mean_loss, dp.sample_rate
     losses: list[float] = []
     steps = 0
-    for input_ids, attention_mask, labels in _batches(loader, plan.steps):
+    for tensors in _batches(loader, plan.steps):
+        batch = {k: t.to(device) for k, t in zip(keys, tensors, strict=True)}
         optimizer.zero_grad(set_to_none=True)
-        if labels.numel() == 0:  # an empty Poisson batch still releases noise: step on zero gradients
+        if batch_size_of(batch) == 0:  # an empty Poisson batch still releases noise: step on zero gradients
             _noise_only_step(module, optimizer)
             steps += 1
             continue
-        logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
-        loss = criterion(logits, labels.to(device))
+        loss = mean_loss(task.per_example_loss(module, batch))  # (B,) -> scalar; ghost: its two-pass tensor
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
@@ -92,6 +94,10 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         update=update, loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
         sample_rate=sample_rate, examples=len(dataset),
     )
+
+
+def _mean(per_example: torch.Tensor) -> torch.Tensor:
+    return per_example.mean()
 
 
 def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:

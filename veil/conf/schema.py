@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -31,11 +32,24 @@ class ModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
-    lora_targets: str = "query,value"  # comma-separated module names (Flower run configs reject lists)
+    # auto: peft's defaults for the model's architecture; or module names as a list ([q_proj,v_proj] on the
+    # command line) or one comma-separated string (Flower's run config carries it as a string)
+    lora_targets: Any = "auto"
     # label_names: start the head from the encoded label names (public, no privacy cost; 43% zero-shot on
     # BANKING77) instead of random weights, which DP-SGD barely moves in a few noisy steps
     head_init: str = "label_names"
     head_init_scale: float = 5.0  # logit scale of the label-name head (a temperature)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "classification"  # classification | causal_lm (veil/task/)
+    # causal_lm: wrap each prompt in the tokenizer's chat template when it has one (instruction-tuned models)
+    chat_template: bool = True
+    # causal_lm: greedy exact-match accuracy is computed when every evaluation completion has at most this many
+    # tokens (the generation budget); longer completions report loss and perplexity only
+    generate_max_tokens: int = 16
+    eval_samples: int = 3  # causal_lm: sample generations logged per round (from the coordinator's own eval file)
 
 
 @dataclass
@@ -49,6 +63,11 @@ class DataConfig:
     delimiter: str = ""  # empty: ',' for csv, '\t' for tsv
     header: bool = True  # without a header, columns are named by their 0-based index ("0", "1", ...)
     eval_max_examples: int = 0  # 0: the whole test split; >0: a fixed, seeded subset (faster rounds)
+    # causal_lm: the prompt and completion columns (loss on completion tokens only); a file with only
+    # data.text_column trains on every token. prompt_prefix is put before every prompt (an instruction).
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    prompt_prefix: str = ""
     labels: str = ""  # JSON list of label names fixing the label ids; empty: derived once at launch from the files
     description: str = "BANKING77 customer-support intents (PolyAI, CC BY 4.0)"
 
@@ -112,6 +131,7 @@ class FederationConfig:
 
 @dataclass
 class VeilConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -148,8 +168,12 @@ class VeilConfig:
         for name in ("train_path", "test_path"):
             if getattr(self.data, name) in ("", MISSING):
                 raise ConfigError(f"data.{name} is not set; give data.{name}=FILE (CSV, TSV or JSONL)")
-        if self.data.labels:
+        if self.data.labels and self.data.labels != "[]":  # "[]": a task without labels (causal_lm)
             _label_list("data.labels", self.data.labels)
+        _choice("task.name", self.task.name, ("classification", "causal_lm"))
+        if isinstance(self.task.generate_max_tokens, bool) or self.task.generate_max_tokens < 0:
+            _bad("task.generate_max_tokens", self.task.generate_max_tokens, "an integer >= 0 (0: no generation)")
+        model.lora_targets = lora_target_string(model.lora_targets)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
         _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("hooks", "ghost"))
         _choice("privacy.level", priv.level, ("sample", "client"))
@@ -181,6 +205,19 @@ class VeilConfig:
             if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= sa.quantization_range:
                 _bad("secagg.modulus_range", sa.modulus_range, f"a power of 2 above secagg.quantization_range={sa.quantization_range}")
         return self
+
+
+def lora_target_string(value: Any) -> str:
+    """``model.lora_targets`` as one comma-separated string (a list from the command line is joined)."""
+    if isinstance(value, str):
+        names = [t.strip() for t in value.split(",")]
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        names = [str(t).strip() for t in value]
+    else:
+        names = []
+    if not names or not all(names):
+        _bad("model.lora_targets", value, "auto, or module names: [q_proj,v_proj] or 'q_proj,v_proj'")
+    return ",".join(names)
 
 
 def _bad(name: str, value: object, expected: str) -> None:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
-from veil.privacy.exact import install_samplers, keep_padding_rows, make_exact
+from veil.errors import ConfigError
+from veil.privacy.exact import inexact_layer, install_samplers, keep_padding_rows, make_exact
 
 log = logging.getLogger("veil.privacy")
 
@@ -43,6 +45,16 @@ class PrivateTraining:
     criterion: nn.Module
     sample_rate: float  # Poisson rate q = 1 / len(loader)
     steps_per_epoch: int  # = len(loader): one subsampled-Gaussian release each
+    grad_sample_mode: str = "hooks"
+
+    def mean_loss(self, per_example: torch.Tensor) -> Any:
+        """The batch loss to call ``backward()`` on, from the (B,) per-example losses (the mean, as Opacus expects;
+        in ghost mode Opacus' two-pass loss tensor, which clips in between)."""
+        if self.grad_sample_mode != "ghost":
+            return per_example.mean()
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        return DPTensorFastGradientClipping(self.module, self.optimizer, per_example, "mean")  # type: ignore[arg-type]
 
 
 def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
@@ -59,6 +71,9 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
         raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
+    reason = inexact_layer(module, grad_sample_mode=grad_sample_mode)
+    if reason is not None:  # never train with per-sample gradients that are not the true ones
+        raise ConfigError(reason)
     generator = torch.Generator(device=device or "cpu")
     generator.manual_seed(secrets.randbits(63))  # noise the coordinator cannot reproduce
     engine = PrivacyEngine(accountant="prv")  # veil accounts in its own ledger; this one is unused
@@ -76,5 +91,5 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     keep_padding_rows(module, optimizer)  # no noise on rows nn.Embedding never updates (post-processing)
     return PrivateTraining(
         module=module, optimizer=optimizer, loader=loader, criterion=criterion,
-        sample_rate=1.0 / len(loader), steps_per_epoch=len(loader),
+        sample_rate=1.0 / len(loader), steps_per_epoch=len(loader), grad_sample_mode=grad_sample_mode,
     )

@@ -45,8 +45,10 @@ from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
 from veil.strategies.fedavg import DeltaFedAvg
-from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device, trainable_names
-from veil.task.shards import eval_split, resolve_labels
+from veil.task import get_task
+from veil.task.base import batch_size_of
+from veil.task.model import get_trainable, resolve_device, trainable_names
+from veil.task.shards import eval_split, run_labels
 
 log = logging.getLogger("veil.server")
 
@@ -104,6 +106,7 @@ class RunRecorder:
             "noise_multiplier_max": float(fit.get("noise_multiplier_max", 0.0)),
             "sample_rate_max": float(fit.get("sample_rate_max", 0.0)),
         }
+        row.update(outcome.eval_metrics)  # the task's other metrics (causal_lm: perplexity, sample generations)
         row["weights_sha256"] = weights_sha256(self.strategy.global_arrays)
         self.metrics.append(row)
         self.last = row
@@ -157,15 +160,15 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
     """Run all rounds and export; returns the final summary."""
     out_dir = Path(cfg.output_dir or ".").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = resolve_labels(cfg.data)
+    task = get_task(cfg.task.name)
     device = resolve_device(cfg.device)
-    template = build_model(cfg.model, labels, seed=cfg.federation.seed)
-    data = eval_split(cfg, labels)
+    template = task.build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
+    data = eval_split(cfg)
     strategy = DeltaFedAvg(
         initial=get_trainable(template), server_lr=cfg.strategy.server_lr,
         clients_per_round=cfg.federation.clients_per_round, num_clients=cfg.federation.num_clients,
         min_clients=cfg.secagg.num_shares if cfg.secagg.enabled else 1,
-        central_noise_std=_central_noise_std(cfg), evaluate_fn=make_evaluate_fn(template, data, device=device),
+        central_noise_std=_central_noise_std(cfg), evaluate_fn=make_evaluate_fn(template, data, device=device, task=task),
     )
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names)
@@ -182,11 +185,10 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig) -> dict[str, Any]:
         raise VeilError(f"no round completed: every client failed ({reason}); fix that and run again")
     summary = {
         **recorder.last, "epsilon_max": recorder.epsilon_max, "rounds_completed": recorder.rounds_completed,
-        "eval_examples": int(data["labels"].shape[0]),
+        "eval_examples": batch_size_of(data),
     }
     save_global(out_dir / "global_trainable.npz", trainable_names(template), strategy.global_arrays)
-    export_global_model(template, strategy.global_arrays, load_tokenizer(cfg.model), out_dir / "model",
-                        cfg=cfg, summary=summary)
+    export_global_model(template, strategy.global_arrays, out_dir / "model", cfg=cfg, summary=summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
     log.info("model exported to %s", out_dir / "model")
     return summary

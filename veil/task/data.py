@@ -36,6 +36,9 @@ class TextExamples:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def subset(self, idx: np.ndarray) -> TextExamples:
+        return TextExamples([self.texts[i] for i in idx], [self.labels[i] for i in idx])
+
 
 def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
     """Read ``path`` as CSV, TSV or JSONL with the text and label columns named in ``cfg``."""

@@ -1,10 +1,12 @@
 """Which examples a process works on: the run's label set, the server's evaluation split, a client's shard.
 
-Loaded once per process and cached: a simulated client's Ray worker keeps its tokenized shard across rounds.
+Loaded once per process and cached: a simulated client's Ray worker keeps its tokenized shard across rounds. What an
+example is and how it is tokenized is the task's business (:mod:`veil.task.base`); this module only selects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping
@@ -15,14 +17,16 @@ import numpy as np
 import torch
 
 from veil.client.settings import NodeSettings
-from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
+from veil.conf.runconfig import from_run_config, to_run_config
+from veil.conf.schema import DataConfig, VeilConfig
 from veil.errors import ConfigError
-from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
-from veil.task.model import load_tokenizer
+from veil.task import get_task
+from veil.task.base import Examples, Task
+from veil.task.data import label_names, partition_indices, read_examples
 
 
 def resolve_labels(cfg: DataConfig) -> list[str]:
-    """The run's label names: ``data.labels`` if set, else derived from the training and test files."""
+    """The run's label names for classification: ``data.labels`` if set, else derived from the two files."""
     if cfg.labels:
         try:
             names = json.loads(cfg.labels)
@@ -35,50 +39,51 @@ def resolve_labels(cfg: DataConfig) -> list[str]:
     return label_names(train, test, train_path=cfg.train_path, test_path=cfg.test_path)
 
 
-def _tensors(examples: TextExamples, labels: list[str], model: ModelConfig, *, path: str) -> dict[str, torch.Tensor]:
-    tok = load_tokenizer(model)
-    enc = tokenize(tok, examples.texts, max_length=model.max_length)
-    enc["labels"] = torch.as_tensor(encode_labels(examples, labels, path=path))  # (N,)
-    return enc
+def run_labels(cfg: VeilConfig) -> list[str]:
+    """The run's label set as fixed at launch (``data.labels``), or the task's own when not fixed yet."""
+    if cfg.data.labels:
+        names: list[str] = json.loads(cfg.data.labels)
+        return names
+    return get_task(cfg.task.name).labels(cfg)
+
+
+def _cfg(flat_json: str) -> VeilConfig:
+    return from_run_config(json.loads(flat_json))
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_cached(data_json: str, model_json: str, labels: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
-    data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    examples = read_examples(data.test_path, data)
-    if 0 < data.eval_max_examples < len(examples):
-        keep = np.sort(np.random.default_rng(seed).choice(len(examples), data.eval_max_examples, replace=False))
-        examples = TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
-    return _tensors(examples, list(labels), model, path=data.test_path)
+def _eval_cached(flat_json: str) -> dict[str, torch.Tensor]:
+    cfg = _cfg(flat_json)
+    task = get_task(cfg.task.name)
+    examples = task.read(cfg.data.test_path, cfg)
+    if 0 < cfg.data.eval_max_examples < len(examples):
+        rng = np.random.default_rng(cfg.federation.seed)
+        examples = examples.subset(np.sort(rng.choice(len(examples), cfg.data.eval_max_examples, replace=False)))
+    return task.tensors(examples, run_labels(cfg), cfg, path=cfg.data.test_path, evaluation=True)
 
 
-def eval_split(cfg: VeilConfig, labels: list[str]) -> dict[str, torch.Tensor]:
+def eval_split(cfg: VeilConfig) -> dict[str, torch.Tensor]:
     """The server's tokenized evaluation split (the test file, or a seeded subset of it)."""
-    return _eval_cached(_key(cfg.data), _key(cfg.model), tuple(labels), cfg.federation.seed)
+    return _eval_cached(_key(cfg))
 
 
 @functools.lru_cache(maxsize=8)
-def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_json: str, data_path: str | None,
-                  partition: int | None) -> dict[str, torch.Tensor]:
-    data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    fed = json.loads(fed_json)
+def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partition: int | None) -> dict[str, torch.Tensor]:
+    cfg = _cfg(flat_json)
+    data = DataConfig(**json.loads(data_json))
+    task, labels = get_task(cfg.task.name), run_labels(cfg)
     if data_path is None:  # simulation: this partition of the run's training file
-        examples = read_examples(data.train_path, data)
-        _ids, parts = simulated_partitions(examples, list(labels), fed, path=data.train_path)
-        idx = parts[int(partition or 0)]
-        examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
-        return _tensors(examples, list(labels), model, path=data.train_path)
-    return _tensors(read_examples(data_path, data), list(labels), model, path=data_path)
+        examples = task.read(data.train_path, cfg, data)
+        _ids, parts = simulated_partitions(task, examples, labels, dataclasses.asdict(cfg.federation), path=data.train_path)
+        return task.tensors(examples.subset(parts[int(partition or 0)]), labels, cfg, path=data.train_path)
+    return task.tensors(task.read(data_path, cfg, data), labels, cfg, path=data_path)
 
 
-_PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client")
-
-
-def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping[str, Any], *,
+def simulated_partitions(task: Task, examples: Examples, labels: list[str], fed: Mapping[str, Any], *,
                          path: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Label ids of the training file and each simulated client's example indices (the one split every process
+    """Partition ids of the training file and each simulated client's example indices (the one split every process
     computes: the clients for their shard, the launcher for its partition table)."""
-    ids = encode_labels(examples, labels, path=path)
+    ids = task.partition_ids(examples, labels, path=path)
     return ids, partition_indices(
         ids, num_partitions=int(fed["num_clients"]), partitioner=str(fed["partitioner"]), alpha=float(fed["alpha"]),
         seed=int(fed["seed"]), min_partition_size=int(fed["min_partition_size"]),
@@ -86,29 +91,23 @@ def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping
     )
 
 
-def client_shard(cfg: VeilConfig, settings: NodeSettings, labels: list[str]) -> dict[str, torch.Tensor]:
+def client_shard(cfg: VeilConfig, settings: NodeSettings) -> dict[str, torch.Tensor]:
     """The tokenized examples this node trains on: its own file, or its simulated partition."""
     data = cfg.data
     if settings.text_column or settings.label_column:
-        data = DataConfig(**{**_asdict(data), "text_column": settings.text_column or data.text_column,
-                             "label_column": settings.label_column or data.label_column})
-    fed = {k: getattr(cfg.federation, k) for k in _PARTITION_KEYS}
+        data = dataclasses.replace(data, text_column=settings.text_column or data.text_column,
+                                   label_column=settings.label_column or data.label_column)
     if settings.simulated and settings.num_partitions not in (None, cfg.federation.num_clients):
         raise ConfigError(
             f"the simulation has {settings.num_partitions} nodes but federation.num_clients={cfg.federation.num_clients}"
         )
-    return _shard_cached(_key(data), _key(cfg.model), tuple(labels), json.dumps(fed, sort_keys=True),
-                         settings.data_path, settings.partition_id)
+    return _shard_cached(_key(cfg), json.dumps(dataclasses.asdict(data), sort_keys=True), settings.data_path,
+                         settings.partition_id)
 
 
-def _asdict(obj: object) -> dict[str, object]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)  # type: ignore[call-overload, no-any-return]
-
-
-def _key(obj: object) -> str:
-    return json.dumps(_asdict(obj), sort_keys=True)
+def _key(cfg: VeilConfig) -> str:
+    """The run config as a cache key (constant over a run)."""
+    return json.dumps(to_run_config(cfg), sort_keys=True)
 
 
 def absolute(path: str) -> str:
