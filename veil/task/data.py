@@ -43,6 +43,15 @@ class TextExamples:
 def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
     """Read ``path`` as CSV, TSV or JSONL with the text and label columns named in ``cfg``."""
     p = Path(path)
+    texts, labels = _select_columns(p, read_rows(p, cfg), cfg)
+    if not texts:
+        raise DataFileError(f"data file {p} has no examples; give a file with at least one row of data")
+    return TextExamples(texts=texts, labels=labels)
+
+
+def read_rows(path: str | Path, cfg: DataConfig) -> list[dict[str, str]]:
+    """The rows of ``path`` (CSV, TSV or JSONL) as column -> value, in file order."""
+    p = Path(path)
     if p.is_dir():
         raise DataFileError(f"data file {p} is a directory; give the file's path (CSV, TSV or JSONL)")
     if not p.is_file():
@@ -54,11 +63,7 @@ def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
         raise DataFileError(f"data file {p} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from err
     except OSError as err:
         raise DataFileError(f"data file {p} cannot be read ({err.strerror}); check its permissions") from err
-    rows = _parse_jsonl(p, raw) if fmt == "jsonl" else _parse_delimited(p, raw, fmt, cfg)
-    texts, labels = _select_columns(p, rows, cfg)
-    if not texts:
-        raise DataFileError(f"data file {p} has no examples; give a file with at least one row of data")
-    return TextExamples(texts=texts, labels=labels)
+    return _parse_jsonl(p, raw) if fmt == "jsonl" else _parse_delimited(p, raw, fmt, cfg)
 
 
 def _format_from_suffix(p: Path) -> str:
