@@ -239,8 +239,10 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     # (5) report
     eps = f"epsilon {summary['epsilon_max']:.3f} (delta {cfg.privacy.delta:g})" if cfg.privacy.enabled else "no DP"
-    print(f"final accuracy {summary.get('accuracy', float('nan')):.4f} vs majority-class baseline {baseline:.4f}; "
-          f"{eps}; model in {out_dir / 'model'}", flush=True)
+    reference = f" vs majority-class baseline {baseline:.4f}" if baseline == baseline else ""  # NaN: the task has none
+    ppl = f"; perplexity {summary['perplexity']:.3f}" if "perplexity" in summary else ""
+    print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}{reference}{ppl}; {eps}; model in {out_dir / 'model'}",
+          flush=True)
     return summary
 
 

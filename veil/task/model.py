@@ -31,7 +31,10 @@ def default_model_dir() -> Path:
 
 
 def model_dir(cfg: ModelConfig) -> Path:
-    path = Path(cfg.path).expanduser().resolve() if cfg.path else default_model_dir()
+    """``model.path``, else the packaged model named by ``model.source`` (see :mod:`veil.task.packaged`)."""
+    from veil.task.packaged import source_dir
+
+    path = Path(cfg.path).expanduser().resolve() if cfg.path else source_dir(cfg.source)
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json; set model.path to a Hugging Face model directory")
     return path
