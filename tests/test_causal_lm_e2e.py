@@ -53,7 +53,8 @@ def test_causal_lm_dp_secagg_run_exports_a_generating_model(tmp_path: Path) -> N
     reference = build_causal_lm(ModelConfig(tiny=True, max_length=48, lora_r=4, lora_alpha=8, head_init="random"), seed=0)
     set_trainable(reference, load_global(run_dir / "global_trainable.npz", trainable_names(reference)))
     reference.eval()
-    ids = tokenizer(["my card was lost", "why a fee"], return_tensors="pt", padding=True)
+    enc = tokenizer(["my card was lost", "why a fee"], return_tensors="pt", padding=True)
+    ids = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     with torch.no_grad():
         torch.testing.assert_close(exported(**ids).logits, reference(**ids).logits, atol=1e-5, rtol=1e-5)
         out = exported.generate(**ids, max_new_tokens=3, do_sample=False)

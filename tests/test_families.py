@@ -7,6 +7,7 @@ every family."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,18 @@ def test_label_name_head_init(family: str) -> None:
     assert torch.equal(logits.argmax(dim=1), torch.arange(3)), f"{family}: label names not scored as themselves"
 
 
+
+
+def test_launcher_refuses_deberta_full_fine_tuning_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               small_csv: tuple[Path, Path]) -> None:
+    from veil.cli import main
+
+    model_dir = tmp_path / "deberta"
+    tiny_config("deberta-v2", num_labels=2).save_pretrained(str(model_dir))
+    run_dir = tmp_path / "run"
+    train, test = small_csv
+    code = main(["simulate", f"model.path={model_dir}", "model.lora=false", "model.head_init=random", "data=csv",
+                 f"data.train_path={train}", f"data.test_path={test}", f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "rel_embeddings" in err and "model.lora=true" in err, err
+    assert not run_dir.exists()

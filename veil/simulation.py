@@ -70,6 +70,7 @@ def preflight(overrides: list[str]) -> Any:
     veil_cfgs = [to_veil_config(cfg) for cfg in cfgs]
     for each in veil_cfgs:
         check_model(each.model)
+        check_exact(each)
     veil_cfg = veil_cfgs[0]
     if not sweeping:
         check_data(veil_cfg)
@@ -94,6 +95,19 @@ def check_model(model: Any) -> None:
         default_model_dir()
     else:
         model_dir(model)
+
+
+def check_exact(cfg: Any) -> None:
+    """Refuse, before anything starts, a model whose DP-SGD per-sample gradients cannot be exact (one line)."""
+    from veil.privacy.exact import refusal_for_model_type
+    from veil.task.model import model_dir
+
+    if cfg.model.tiny or not cfg.privacy.enabled or cfg.privacy.level != "sample":
+        return
+    config = json.loads((model_dir(cfg.model) / "config.json").read_text(encoding="utf-8"))
+    reason = refusal_for_model_type(str(config.get("model_type", "")), lora=cfg.model.lora)
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 def check_data(cfg: Any) -> list[str]:

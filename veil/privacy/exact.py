@@ -106,6 +106,17 @@ def _model_type(model: nn.Module) -> str | None:
     return None
 
 
+def refusal_for_model_type(model_type: str, *, lora: bool) -> str | None:
+    """The launcher's early form of :func:`inexact_layer`, from ``config.json``'s ``model_type`` alone."""
+    if lora:
+        return None
+    for (kind, suffix), what in _WEIGHT_READ_LAYERS.items():
+        if kind == model_type:
+            return (f"full fine-tuning of {model_type} under DP-SGD: layer {suffix} ({what}) has no exact per-sample "
+                    "gradient; use model.lora=true (LoRA)")
+    return None
+
+
 def inexact_layer(model: nn.Module, *, grad_sample_mode: str) -> str | None:
     """Why DP-SGD on ``model``'s trainable parameters would not be exact, naming the layer and what works instead
     (one line), or None when it is exact.

