@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from families import DECODERS, FAMILIES, PAD, VOCAB, tiny_config
+from families import FAMILIES, PAD, VOCAB, tiny_config
 from references import clipped_mean_gradient
 from veil.conf.schema import ModelConfig
 from veil.errors import ConfigError, ModelError
