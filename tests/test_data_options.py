@@ -37,18 +37,19 @@ def _one_file(tmp_path: Path) -> Path:
 def test_one_file_split_is_written_and_read_back(tmp_path: Path) -> None:
     data = DataConfig(train_path=str(_one_file(tmp_path)), test_path="", label_column="label",
                       split_path=str(tmp_path / "split.json"))
-    write_split(data, seed=7)
+    run = VeilConfig(data=data)
+    write_split(run, seed=7)
     saved = json.loads((tmp_path / "split.json").read_text())
     assert saved["test_rows"] == stratified_test_rows(LABELS, fraction=0.2, seed=7).tolist()
-    train, test = training_examples(data), evaluation_examples(data)
+    train, test = training_examples(run), evaluation_examples(run)
     assert len(train) + len(test) == len(LABELS) and not set(train.texts) & set(test.texts)
     assert test.texts == [f"text {i} {LABELS[i]}" for i in saved["test_rows"]]
-    write_split(data, seed=7)  # a resume keeps the split
+    write_split(run, seed=7)  # a resume keeps the split
     with pytest.raises(ConfigError, match="test_fraction=0.2 and federation.seed=7"):
-        write_split(data, seed=8)
+        write_split(run, seed=8)
     _one_file(tmp_path).write_text("text,label\nx,a\ny,b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="changed since"):
-        write_split(data, seed=7)
+        write_split(run, seed=7)
 
 
 def test_without_test_path_preflight_passes_and_too_small_files_fail(tmp_path: Path, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""A simulation worker splits and tokenizes the training file once; every client's shard is unchanged by that.
+"""A simulation worker reads and splits the training file once; every client's shard is unchanged by that.
 
 Reference: the uncached path (read the file, split it, take the client's examples, tokenize them alone with
 ``padding="longest"``), computed here from veil.task.data's functions, for every client and in a shuffled order.
@@ -10,16 +10,14 @@ import dataclasses
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, VeilConfig
-from veil.task import shards
+from veil.task import get_task, shards
 from veil.task.data import TextExamples, encode_labels, read_examples, tokenize
 from veil.task.model import load_tokenizer
-from veil.task.token_cache import TrainingSplit
 
 
 def _cfg(train: Path, test: Path, *, partitioner: str, clients: int) -> VeilConfig:
@@ -37,8 +35,8 @@ def _settings(partition: int, clients: int) -> NodeSettings:
 def _fresh_shard(cfg: VeilConfig, labels: list[str], partition: int) -> dict[str, torch.Tensor]:
     """The uncached reference: this client's examples read, split and tokenized on their own."""
     examples = read_examples(cfg.data.train_path, cfg.data)
-    _ids, parts = shards.simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation),
-                                              path=cfg.data.train_path)
+    _ids, parts = shards.simulated_partitions(get_task("classification"), examples, labels,
+                                              dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
     idx = parts[partition]
     mine = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
     enc = tokenize(load_tokenizer(cfg.model), mine.texts, max_length=cfg.model.max_length)
@@ -64,11 +62,11 @@ def test_every_cached_shard_equals_a_fresh_one(tmp_path: Path, partitioner: str)
     cfg = _cfg(*_uneven_csv(tmp_path), partitioner=partitioner, clients=clients)
     labels = shards.resolve_labels(cfg.data)
     shards._shard_cached.cache_clear()
-    shards._training_split.cache_clear()
+    shards._training_partitions.cache_clear()
     order = list(range(clients)) * 2
     random.Random(1).shuffle(order)  # the order a worker meets its clients must not matter
 
-    got = {p: shards.client_shard(cfg, _settings(p, clients), labels) for p in order}
+    got = {p: shards.client_shard(cfg, _settings(p, clients)) for p in order}
 
     for p in range(clients):
         want = _fresh_shard(cfg, labels, p)
@@ -76,28 +74,4 @@ def test_every_cached_shard_equals_a_fresh_one(tmp_path: Path, partitioner: str)
         for key in want:
             assert got[p][key].dtype == want[key].dtype, key
             assert torch.equal(got[p][key], want[key]), f"client {p}: {key} differs from a fresh tokenization"
-    assert shards._training_split.cache_info().misses == 1, "the file is split and tokenized once per process"
-
-
-def test_split_covers_the_file_once_and_pads_per_shard(banking77: Path) -> None:
-    data = DataConfig(train_path=str(banking77 / "train.csv"), test_path=str(banking77 / "test.csv"))
-    examples = read_examples(data.train_path, data)
-    texts = examples.texts[:300]
-    ids = np.arange(300) % 7
-    parts = [np.arange(i, 300, 50) for i in range(50)]  # 6 examples each, strided over the file
-    tok = load_tokenizer(ModelConfig(tiny=True))
-
-    split = TrainingSplit.build(tok, texts, ids, parts, max_length=24)
-
-    assert split.offsets[-1] == len(split.flat_ids)
-    widths = set()
-    for p in range(50):
-        want = tokenize(tok, [texts[i] for i in parts[p]], max_length=24)
-        got = split.shard(p)
-        assert torch.equal(got["input_ids"], want["input_ids"])
-        assert torch.equal(got["attention_mask"], want["attention_mask"])
-        assert got["labels"].tolist() == [int(i) % 7 for i in parts[p]]
-        widths.add(got["input_ids"].shape[1])
-    assert len(widths) > 1, "each shard pads to its own longest example, not the file's"
-    with pytest.raises(IndexError, match="partition 50"):
-        split.shard(50)
+    assert shards._training_partitions.cache_info().misses == 1, "the file is read and split once per process"

@@ -8,6 +8,7 @@ import torch
 
 from veil.client.trainer import LocalPlan, train_round
 from veil.conf.schema import ModelConfig
+from veil.task import get_task
 from veil.task.data import tokenize
 from veil.task.model import build_model, get_trainable, load_tokenizer, trainable_names
 
@@ -37,7 +38,8 @@ def test_update_is_trained_minus_received_and_moves_lora() -> None:
     enc["labels"] = torch.tensor([0, 1] * 16)
     received = get_trainable(template)
     plan = LocalPlan(steps=8, batch_size=8, lr=0.05, private=True, noise_multiplier=0.5, max_grad_norm=1.0)
-    result = train_round(template, received, enc, plan=plan, device=torch.device("cpu"), seed=1)
+    result = train_round(template, received, enc, plan=plan, device=torch.device("cpu"), seed=1,
+                         task=get_task("classification"))
     assert [u.shape for u in result.update] == [r.shape for r in received]
     names = trainable_names(template)
     moved = {n for n, u in zip(names, result.update, strict=True) if np.abs(u).max() > 0}

@@ -121,7 +121,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     if not cfg.data.test_path:  # one file: the exact held-out row ids, next to the outputs (a resume reuses them)
         from veil.task.split import write_split
 
-        write_split(cfg.data, seed=cfg.federation.seed)
+        write_split(cfg, seed=cfg.federation.seed)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
     simulated_node_configs(cfg)
@@ -145,23 +145,18 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     from veil.server.metrics import summary_epsilon
 
     eps = summary_epsilon(summary, delta=cfg.privacy.delta) if cfg.privacy.enabled else "no DP"
-    print(f"final accuracy {summary.get('accuracy', float('nan')):.4f} vs majority-class baseline {baseline:.4f}; "
-          f"{eps}; model in {out_dir / 'model'}", flush=True)
+    reference = f" vs majority-class baseline {baseline:.4f}" if baseline == baseline else ""  # NaN: the task has none
+    ppl = f"; perplexity {summary['perplexity']:.3f}" if "perplexity" in summary else ""
+    print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}{reference}{ppl}; {eps}; "
+          f"model in {out_dir / 'model'}", flush=True)
     return summary
 
 
 def majority_baseline_of(cfg: Any) -> float:
-    """Accuracy of predicting the most frequent training label on the evaluation split."""
-    import numpy as np
+    """The task's trivial reference accuracy (classification: the most frequent training label)."""
+    from veil.task import get_task
 
-    from veil.server.evaluate import majority_baseline
-    from veil.task.data import encode_labels
-    from veil.task.split import evaluation_examples, training_examples
-
-    labels = json.loads(cfg.data.labels)
-    train = encode_labels(training_examples(cfg.data), labels, path=cfg.data.train_path)
-    test = encode_labels(evaluation_examples(cfg.data), labels, path=cfg.data.test_path or cfg.data.train_path)
-    return majority_baseline(np.asarray(train), np.asarray(test))
+    return get_task(cfg.task.name).baseline(cfg)
 
 
 def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[str, Any]]:
@@ -169,12 +164,15 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[st
     import csv
     from collections import Counter
 
+    from veil.task import get_task
     from veil.task.shards import simulated_partitions
     from veil.task.split import training_examples
 
-    labels = json.loads(cfg.data.labels)
-    examples = training_examples(cfg.data)
-    ids, parts = simulated_partitions(examples, labels, dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
+    task = get_task(cfg.task.name)
+    examples = training_examples(cfg)
+    ids, parts = simulated_partitions(task, examples, json.loads(cfg.data.labels), dataclasses.asdict(cfg.federation),
+                                      path=cfg.data.train_path)
+    labels = task.partition_names(examples, json.loads(cfg.data.labels))
     rows = []
     for client, idx in enumerate(parts):
         counts = Counter(int(i) for i in ids[idx]).most_common()

@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,11 +43,13 @@ from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_pol
 from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
-from veil.conf.runconfig import from_run_config
+from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
-from veil.errors import NodeRefusal, PrivacyBudgetExhausted, VeilError
-from veil.task.model import build_model, get_trainable, resolve_device
-from veil.task.shards import client_shard, node_labels
+from veil.errors import NodeRefusal, VeilError
+from veil.task import get_task
+from veil.task.base import batch_size_of
+from veil.task.model import get_trainable, resolve_device
+from veil.task.shards import client_shard, node_labels, run_labels
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
@@ -62,8 +63,9 @@ MAX_RECEIVED_ABS = 1e4
 
 
 @functools.lru_cache(maxsize=2)
-def _template(model_json: str, labels: tuple[str, ...], seed: int) -> Any:
-    return build_model(ModelConfig(**json.loads(model_json)), list(labels), seed=seed)
+def _template(flat_json: str) -> Any:
+    cfg = from_run_config(json.loads(flat_json))
+    return get_task(cfg.task.name).build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
 
 
 @functools.lru_cache(maxsize=16)
@@ -109,12 +111,13 @@ class VeilClient(NumPyClient):
     def _fit(self, parameters: list[np.ndarray], server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         cfg, settings = self.cfg, self.settings
         check_run(settings, cfg)  # (1) the run against the owner's policy: no data read yet
-        labels = node_labels(cfg, settings)
-        model_cfg = owner_model(cfg, settings)
-        template = _template(json.dumps(model_cfg.__dict__, sort_keys=True), tuple(labels), cfg.federation.seed)
+        node_labels(cfg, settings)  # a deployed node takes the label set from the run config only
+        task = get_task(cfg.task.name)
+        own = dataclasses.replace(cfg, model=owner_model(cfg, settings))
+        template = _template(json.dumps(to_run_config(own), sort_keys=True))
         check_received(parameters, get_trainable(template))
-        shard = client_shard(cfg, settings, labels)  # (2)
-        examples = int(shard["labels"].shape[0])
+        shard = client_shard(cfg, settings)  # (2)
+        examples = batch_size_of(shard)
         delta = settings.owner_delta(examples)
         if cfg.privacy.enabled:
             check_delta(settings, run_delta=cfg.privacy.delta, owner_delta=delta)
@@ -123,7 +126,7 @@ class VeilClient(NumPyClient):
             ledger.record(event)  # booked BEFORE training: whatever happens next, this release is counted
         seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)  # dropout only
         device = resolve_device(settings.device or cfg.device)
-        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed)  # (4)
+        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed, task=task)  # (4)
         update, noise_std = result.update, 0.0
         if cfg.privacy.enabled and cfg.privacy.level == "client":
             update, noise_std = _client_level_release(update, cfg, settings, plan.noise_multiplier)
@@ -157,7 +160,7 @@ class VeilClient(NumPyClient):
 
     def _plan(self, examples: int, server_round: int,
               delta: float) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
-        cfg, fed, priv = self.cfg, self.cfg.federation, self.cfg.privacy
+        fed, priv = self.cfg.federation, self.cfg.privacy
         q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
         steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
         if not priv.enabled:  # allowed only on a node without any limit (check_run)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from veil.privacy.dpsgd import clear_captured_activations, make_private, zero_nonfinite_samples
+from veil.task.base import Task, batch_size_of
 from veil.task.model import get_trainable, set_trainable
 
 log = logging.getLogger("veil.client")
@@ -51,34 +52,36 @@ def sample_rate_for(*, batch_size: int, examples: int) -> float:
 
 
 def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str, torch.Tensor], *,
-                plan: LocalPlan, device: torch.device, seed: int) -> LocalResult:
+                plan: LocalPlan, device: torch.device, seed: int, task: Task) -> LocalResult:
     """Train a fresh copy of ``template`` from ``received`` and return the update.
 
-    ``data`` holds ``input_ids``/``attention_mask`` (N, T) and ``labels`` (N,).
+    ``data`` holds the task's (N, ...) tensors; ``task.per_example_loss`` gives the (B,) losses DP-SGD clips.
     """
     torch.manual_seed(seed)  # dropout (and plain shuffling); DP sampling and noise have OS-seeded generators
     model = copy.deepcopy(template).to(device)
     set_trainable(model, received)
     model.train()
-    dataset = TensorDataset(data["input_ids"], data["attention_mask"], data["labels"])
+    keys = sorted(data)
+    dataset = TensorDataset(*(data[k] for k in keys))
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=not plan.private)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
-    criterion: nn.Module = nn.CrossEntropyLoss()
-    sample_rate = 0.0
+    mean_loss = _mean
+    sample_rate, ghost = 0.0, False
     module: nn.Module = model
     if plan.private:
         dp = make_private(
             module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, grad_sample_mode=plan.grad_sample_mode, device=device,
         )
-        module, optimizer, loader, criterion, sample_rate = dp.module, dp.optimizer, dp.loader, dp.criterion, dp.sample_rate
+        module, optimizer, loader, mean_loss, sample_rate = dp.module, dp.optimizer, dp.loader, dp.mean_loss, dp.sample_rate
+        ghost = dp.grad_sample_mode == "ghost"  # "auto" resolved by make_private
     losses: list[float] = []
     steps = zeroed = 0
-    ghost = plan.private and plan.grad_sample_mode == "ghost"
-    for input_ids, attention_mask, labels in _batches(loader, plan.steps):
+    for tensors in _batches(loader, plan.steps):
+        batch = {k: t.to(device) for k, t in zip(keys, tensors, strict=True)}
         optimizer.zero_grad(set_to_none=True)
-        loss = _forward(module, criterion, input_ids, attention_mask, labels, device=device, ghost=ghost)
+        loss = _loss(module, task, batch, mean_loss, ghost=ghost)
         if loss is None:  # an empty Poisson batch (or nothing finite in it) still releases noise
             _noise_only_step(module, optimizer, ghost=ghost)
             steps += 1
@@ -99,6 +102,10 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
     )
 
 
+def _mean(per_example: torch.Tensor) -> torch.Tensor:
+    return per_example.mean()
+
+
 def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Exactly ``steps`` batches, passing over the loader as often as needed (a fresh Poisson draw each pass)."""
     done = 0
@@ -115,26 +122,26 @@ def steps_for(*, local_epochs: int, local_steps: int, sample_rate: float) -> int
     return local_steps if local_steps > 0 else local_epochs * round(1 / sample_rate)
 
 
-def _forward(module: nn.Module, criterion: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             labels: torch.Tensor, *, device: torch.device, ghost: bool) -> Any:
+def _loss(module: nn.Module, task: Task, batch: dict[str, torch.Tensor], mean_loss: Callable[[torch.Tensor], Any], *,
+          ghost: bool) -> Any:
     """The batch's loss, or None for an empty batch.
 
     Ghost clipping cannot zero one example's gradient after the fact (its clipping coefficients mix every example
     in the second backward), so an example whose loss is not finite is dropped from the batch before the backward:
-    a dropped example contributes a zero gradient, as :func:`veil.privacy.dpsgd.zero_nonfinite_samples` does.
+    a dropped example contributes a zero gradient, as :func:`veil.privacy.dpsgd.zero_nonfinite_samples` does in
+    hooks mode.
     """
-    if labels.numel() == 0:
+    if batch_size_of(batch) == 0:
         return None
-    logits = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, K)
-    loss = criterion(logits, labels.to(device))
-    per_sample = getattr(loss, "loss_per_sample", None)
-    if not ghost or per_sample is None or bool(torch.isfinite(per_sample).all()):
-        return loss
-    keep = torch.isfinite(per_sample.detach()).cpu()  # (B,)
+    per_example = task.per_example_loss(module, batch)  # (B,)
+    if not ghost or bool(torch.isfinite(per_example.detach()).all()):
+        return mean_loss(per_example)  # (B,) -> scalar; ghost: its two-pass tensor
+    keep = torch.isfinite(per_example.detach())  # (B,)
     clear_captured_activations(module)
     log.warning("%d example(s) of a batch have a non-finite loss and are dropped from it", int((~keep).sum()))
-    return _forward(module, criterion, input_ids[keep], attention_mask[keep], labels[keep], device=device,
-                    ghost=False) if bool(keep.any()) else None
+    if not bool(keep.any()):
+        return None
+    return _loss(module, task, {k: t[keep] for k, t in batch.items()}, mean_loss, ghost=False)
 
 
 def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer, *, ghost: bool = False) -> None:

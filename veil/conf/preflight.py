@@ -14,7 +14,7 @@ from typing import Any
 
 from veil.errors import ConfigError
 
-__all__ = ["check_data", "check_model", "check_set", "follow_defaults", "preflight", "register_schema",
+__all__ = ["check_data", "check_exact", "check_model", "check_set", "follow_defaults", "preflight", "register_schema",
            "resolve_paths_and_labels"]
 
 
@@ -70,6 +70,7 @@ def preflight(overrides: list[str]) -> Any:
     veil_cfgs = [to_veil_config(cfg) for cfg in cfgs]
     for each in veil_cfgs:
         check_model(each.model)
+        check_exact(each)
     veil_cfg = veil_cfgs[0]
     if not sweeping:
         check_data(veil_cfg)
@@ -96,29 +97,40 @@ def check_model(model: Any) -> None:
         model_dir(model)
 
 
+def check_exact(cfg: Any) -> None:
+    """Refuse, before anything starts, a model whose DP-SGD per-sample gradients cannot be exact (one line)."""
+    from veil.privacy.exact import refusal_for_model_type
+    from veil.task.model import model_dir
+
+    if cfg.model.tiny or not cfg.privacy.enabled or cfg.privacy.level != "sample":
+        return
+    config = json.loads((model_dir(cfg.model) / "config.json").read_text(encoding="utf-8"))
+    reason = refusal_for_model_type(str(config.get("model_type", "")), lora=cfg.model.lora)
+    if reason is not None:
+        raise ConfigError(reason)
+
+
 def check_data(cfg: Any) -> list[str]:
     """Read the data files once before any output exists: a bad file fails with one line and writes nothing."""
-    from veil.task.data import encode_labels, read_examples
+    from veil.task import get_task
     from veil.task.split import draw_split
 
-    data = resolve_paths_and_labels(cfg, Path.cwd()).data
-    labels: list[str] = json.loads(data.labels)
-    if cfg.data.labels:  # a fixed label set: the files were not read to derive it, so read them here
-        for path in (data.train_path, data.test_path):
-            if path:
-                encode_labels(read_examples(path, data), labels, path=path)
-    if not data.test_path:  # the split must leave something to evaluate on
-        draw_split(data, seed=cfg.federation.seed)
+    resolved = resolve_paths_and_labels(cfg, Path.cwd())
+    labels: list[str] = json.loads(resolved.data.labels)
+    get_task(cfg.task.name).check_files(resolved)
+    if not resolved.data.test_path:  # the split must leave something to evaluate on
+        draw_split(resolved, seed=cfg.federation.seed)
     return labels
 
 
 def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
     """The config every process gets: absolute data paths, the label set fixed once, the output directory."""
-    from veil.task.shards import absolute, resolve_labels
+    from veil.task.shards import absolute, run_labels
     from veil.task.split import with_split_path
 
     data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
-    data = with_split_path(dataclasses.replace(data, labels=json.dumps(resolve_labels(data))), out_dir.resolve())
+    labels = run_labels(dataclasses.replace(cfg, data=data))
+    data = with_split_path(dataclasses.replace(data, labels=json.dumps(labels)), out_dir.resolve())
     return dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
                                resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
 

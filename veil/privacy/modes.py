@@ -45,7 +45,13 @@ def pick_grad_sample_mode(module: nn.Module) -> str:
 def resolve_grad_sample_mode(mode: str, module: nn.Module) -> str:
     """``mode`` itself when it is an exact mode, :func:`pick_grad_sample_mode` for ``auto``."""
     if mode == "auto":
-        return pick_grad_sample_mode(module)
+        picked = pick_grad_sample_mode(module)
+        if picked == "ghost":
+            from veil.privacy.exact import inexact_layer
+
+            if inexact_layer(module, grad_sample_mode="ghost") is not None:  # tied weights: hooks are exact
+                return "hooks"
+        return picked
     if mode not in MODES:
         raise ValueError(f"grad_sample_mode={mode!r} must be one of {(*MODES, 'auto')}")
     return mode

@@ -52,8 +52,10 @@ from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
 from veil.strategies.factory import make_strategy
 from veil.strategies.fedavg import DeltaFedAvg
-from veil.task.model import build_model, get_trainable, load_tokenizer, resolve_device, trainable_names
-from veil.task.shards import eval_split, resolve_labels
+from veil.task import get_task
+from veil.task.base import batch_size_of
+from veil.task.model import get_trainable, resolve_device, trainable_names
+from veil.task.shards import eval_split, run_labels
 
 log = logging.getLogger("veil.server")
 
@@ -132,6 +134,7 @@ class RunRecorder:
             "seconds": outcome.seconds, "secagg": self.cfg.secagg.enabled, "completed": outcome.completed,
             **node, "weights_sha256": weights_sha256(self.strategy.global_arrays),
         }
+        row.update(outcome.eval_metrics)  # the task's other metrics (causal_lm: perplexity, sample generations)
         self.metrics.append(row)
         self.last = row
         self.tensorboard.write(row)
@@ -190,12 +193,12 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     ``<output_dir>/nodes`` (their ledgers give the ``node_*`` figures)."""
     out_dir = Path(cfg.output_dir or ".").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = resolve_labels(cfg.data)
+    task = get_task(cfg.task.name)
     device = resolve_device(cfg.device)
-    template = build_model(cfg.model, labels, seed=cfg.federation.seed)
-    data = eval_split(cfg, labels)
+    template = task.build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
+    data = eval_split(cfg)
     strategy = make_strategy(cfg, initial=get_trainable(template), central_noise_std=_central_noise_std(cfg),
-                             evaluate_fn=make_evaluate_fn(template, data, device=device))
+                             evaluate_fn=make_evaluate_fn(template, data, device=device, task=task))
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names, simulation=simulation)
     random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)
@@ -214,11 +217,10 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     summary = {
         **recorder.last, "epsilon_max": recorder.epsilon_max, "epsilon_basis": recorder.basis,
         "rounds_completed": recorder.rounds_completed, "rounds_run": recorder.rounds_run,
-        "eval_examples": int(data["labels"].shape[0]),
+        "eval_examples": batch_size_of(data),
     }
     save_global(out_dir / "global_trainable.npz", trainable_names(template), strategy.global_arrays)
-    export_global_model(template, strategy.global_arrays, load_tokenizer(cfg.model), out_dir / "model",
-                        cfg=cfg, summary=summary)
+    export_global_model(template, strategy.global_arrays, out_dir / "model", cfg=cfg, summary=summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
     log.info("model exported to %s", out_dir / "model")
     return summary

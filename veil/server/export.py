@@ -14,15 +14,16 @@ import numpy as np
 from torch import nn
 
 from veil.conf.schema import VeilConfig
-from veil.task.model import export_model, set_trainable
+from veil.task import get_task
+from veil.task.model import set_trainable
 
 
-def export_global_model(template: nn.Module, arrays: list[np.ndarray], tokenizer: object, out_dir: Path, *,
+def export_global_model(template: nn.Module, arrays: list[np.ndarray], out_dir: Path, *,
                         cfg: VeilConfig, summary: dict[str, Any]) -> Path:
-    """Write ``out_dir`` (a Hugging Face model directory) and its ``README.md`` model card."""
+    """Write ``out_dir`` (a Hugging Face model directory, written by the task) and its ``README.md`` model card."""
     model = copy.deepcopy(template).cpu()
     set_trainable(model, arrays)
-    export_model(model, tokenizer, out_dir)
+    get_task(cfg.task.name).export(model, cfg, out_dir)
     card = out_dir / "README.md"
     tmp = card.with_suffix(".md.tmp")
     tmp.write_text(model_card(cfg, summary), encoding="utf-8")
@@ -38,7 +39,7 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
     """
     priv, fed = cfg.privacy, cfg.federation
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-classification", "tags: [veil, federated-learning, differential-privacy]", "---",
+        "---", "library_name: transformers", f"pipeline_tag: {get_task(cfg.task.name).pipeline_tag}", "tags: [veil, federated-learning, differential-privacy]", "---",
         "", f"# {cfg.run_name}: federated fine-tune of {cfg.model.name}", "",
         _training_line(cfg), "", "## Privacy guarantee", "", _guarantee(cfg, summary), "",
         "| field | value |", "|---|---|",
@@ -54,13 +55,14 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         "", "## Data", "", cfg.data.description,
         "", "## Evaluation", "",
         f"Final accuracy {summary.get('accuracy', float('nan')):.4f} on the coordinator's evaluation split "
-        f"({summary.get('eval_examples', 0)} examples).",
+        f"({summary.get('eval_examples', 0)} examples)"
+        + (f"; perplexity {summary['perplexity']:.3f}." if "perplexity" in summary else "."),
         "", "## Model", "",
         f"Base model: {cfg.model.name}; "
         + (f"LoRA r={cfg.model.lora_r} on {cfg.model.lora_targets}, merged into the weights; classification head trained."
            if cfg.model.lora else "full fine-tuning.")
         + (" The head started from the encoded label names (public; no privacy cost)."
-           if cfg.model.head_init == "label_names" else ""),
+           if cfg.model.head_init == "label_names" and get_task(cfg.task.name).pipeline_tag == "text-classification" else ""),
         "",
     ]
     return "\n".join(lines)

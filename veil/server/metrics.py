@@ -52,7 +52,8 @@ def console_line(row: dict[str, Any], rounds: int) -> str:
     refused = int(row.get("refused") or 0)
     return (
         f"round {row['round']}/{rounds} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {eps_text} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
+        + (f"ppl {row['perplexity']:.2f} | " if "perplexity" in row else "")
+        + f"eps max {eps_text} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
         f"{row['seconds']:.1f} s | clients {row['clients']}" + (f" ({refused} refused)" if refused else "")
         + (" | secagg" if row.get("secagg") else "")
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import flwr.compat.common.recorddict_compat as compat
@@ -35,6 +35,7 @@ class RoundOutcome:
     loss: float
     accuracy: float
     fit_metrics: dict[str, Any]
+    eval_metrics: dict[str, Any] = field(default_factory=dict)  # the task's other metrics (e.g. perplexity)
 
 
 class RoundHooks(Protocol):
@@ -95,5 +96,6 @@ class RoundLoop:
             outcome = RoundOutcome(
                 round=rnd, seconds=time.perf_counter() - started, completed=completed, loss=float(loss),
                 accuracy=float(metrics.get("accuracy", float("nan"))), fit_metrics=fit_metrics,
+                eval_metrics={k: v for k, v in metrics.items() if k != "accuracy"},
             )
             self.hooks.after_round(outcome)

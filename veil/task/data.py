@@ -37,9 +37,21 @@ class TextExamples:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def subset(self, idx: np.ndarray) -> TextExamples:
+        return TextExamples([self.texts[i] for i in idx], [self.labels[i] for i in idx])
+
 
 def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
     """Read ``path`` as CSV, TSV or JSONL with the text and label columns named in ``cfg``."""
+    p = Path(path)
+    texts, labels = _select_columns(p, read_rows(p, cfg), cfg)
+    if not texts:
+        raise DataFileError(f"data file {p} has no examples; give a file with at least one row of data")
+    return TextExamples(texts=texts, labels=labels)
+
+
+def read_rows(path: str | Path, cfg: DataConfig) -> list[dict[str, str]]:
+    """The rows of ``path`` (CSV, TSV or JSONL) as column -> value, in file order."""
     p = Path(path)
     if str(path).startswith("package:"):  # a file shipped inside veil (veil/data/)
         from veil.data import resolve_data_path
@@ -56,11 +68,7 @@ def read_examples(path: str | Path, cfg: DataConfig) -> TextExamples:
         raise DataFileError(f"data file {p} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from err
     except OSError as err:
         raise DataFileError(f"data file {p} cannot be read ({err.strerror}); check its permissions") from err
-    rows = _parse_jsonl(p, raw) if fmt == "jsonl" else _parse_delimited(p, raw, fmt, cfg)
-    texts, labels = _select_columns(p, rows, cfg)
-    if not texts:
-        raise DataFileError(f"data file {p} has no examples; give a file with at least one row of data")
-    return TextExamples(texts=texts, labels=labels)
+    return _parse_jsonl(p, raw) if fmt == "jsonl" else _parse_delimited(p, raw, fmt, cfg)
 
 
 def _format_from_suffix(p: Path) -> str:

@@ -32,7 +32,10 @@ def default_model_dir() -> Path:
 
 
 def model_dir(cfg: ModelConfig) -> Path:
-    path = Path(cfg.path).expanduser().resolve() if cfg.path else default_model_dir()
+    """``model.path``, else the packaged model named by ``model.source`` (see :mod:`veil.task.packaged`)."""
+    from veil.task.packaged import source_dir
+
+    path = Path(cfg.path).expanduser().resolve() if cfg.path else source_dir(cfg.source)
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json; set model.path to a Hugging Face model directory")
     return path
@@ -43,9 +46,11 @@ def load_tokenizer(cfg: ModelConfig) -> object:
 
     path = default_model_dir() if cfg.tiny else model_dir(cfg)
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"no tokenizer in {path} ({str(err).splitlines()[0]}); the model directory needs its tokenizer files") from err
+    pad_token_for(tokenizer)
+    return tokenizer
 
 
 def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:
@@ -78,12 +83,12 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
             )
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load a model from {path} ({str(err).splitlines()[0]}); check model.path") from err
+    tokenizer = load_tokenizer(cfg)
+    pad_token_for(tokenizer, model)
     if cfg.head_init == "label_names":
-        init_head_from_label_names(model, load_tokenizer(cfg), labels, scale=cfg.head_init_scale)
+        init_head_from_label_names(model, tokenizer, labels, scale=cfg.head_init_scale)
     if cfg.lora:
-        model = _with_lora(model, cfg)
-        if cfg.lora_variant == "ffa":
-            freeze_lora_a(model, seed=seed)
+        model = with_lora(model, cfg, task_type="SEQ_CLS", seed=seed)
     else:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -92,37 +97,93 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
 
 @torch.no_grad()
 def init_head_from_label_names(model: nn.Module, tokenizer: object, labels: list[str], *, scale: float) -> None:
-    """Start the classifier from the label names: row k is the (centred, unit-norm, scaled) pooled encoding of
-    label k's name ("card_arrival" -> "card arrival").
+    """Start the classifier from the label names: row k is the (centred, unit-norm, scaled) feature vector that the
+    final classification layer sees for label k's name ("card_arrival" -> "card arrival").
+
+    The features are read with a forward hook on that layer, so each family's own pooling applies: BERT's pooler,
+    RoBERTa/ELECTRA's dense + activation on the first token, ModernBERT's head, and the last non-pad token's hidden
+    state for decoders (GPT-2, Llama, Qwen2).
 
     Uses only the label set, which is public (it is part of the run's configuration), never training data, so it
     costs no privacy; DP-SGD then starts from a zero-shot classifier instead of a random one (on BANKING77 with
     MiniLM-L6: 43% zero-shot accuracy against 1.3% for the majority class). Numeric or opaque label names give
     no signal; use ``model.head_init=random`` for them.
     """
-    bert = getattr(model, "bert", None)
-    head = getattr(model, "classifier", None)
-    if bert is None or not isinstance(head, nn.Linear):
-        raise ModelError("model.head_init=label_names needs a BERT-style classifier; use model.head_init=random")
+    head = _final_layer(model, len(labels))
     names = [label.replace("_", " ").replace("-", " ") for label in labels]
     enc = tokenizer(names, padding="longest", truncation=True, max_length=32, return_tensors="pt")  # type: ignore[operator]
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     was_training = model.training
     model.eval()
-    pooled = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output  # (K, H)
-    model.train(was_training)
-    centred = pooled - pooled.mean(dim=0, keepdim=True)
+    try:
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    features = seen[0]  # (K, H), or (K, T, H) where the model pools after its head (decoders)
+    if features.dim() == 3:
+        last = enc["attention_mask"].sum(dim=1) - 1  # (K,) right padding: the last real token
+        features = features[torch.arange(features.shape[0]), last]
+    centred = features - features.mean(dim=0, keepdim=True)
     head.weight.copy_(nn.functional.normalize(centred, dim=-1) * scale)
-    head.bias.zero_()
+    if head.bias is not None:
+        head.bias.zero_()
 
 
-def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def _final_layer(model: nn.Module, num_labels: int) -> nn.Linear:
+    """The last ``nn.Linear`` with ``num_labels`` outputs: the new classification layer of any HF classifier."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    if not found:
+        raise ModelError(f"model.head_init=label_names: no classification layer with {num_labels} outputs in "
+                         f"{type(model).__name__}; use model.head_init=random")
+    return found[-1]
+
+
+# peft has no defaults for these model types (peft 0.21); same choice as peft's: the query and value projections
+_EXTRA_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "modernbert": ["Wqkv"]}
+
+
+def lora_target_modules(model: nn.Module, targets: str) -> list[str]:
+    """``auto``: peft's per-architecture defaults for the model's ``model_type``; else the given names."""
+    if targets != "auto":
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    found = PEFT_DEFAULTS.get(model_type) or _EXTRA_LORA_TARGETS.get(str(model_type))
+    if not found:
+        raise ModelError(f"model.lora_targets=auto knows no LoRA targets for model type {model_type!r}; "
+                         "name them, e.g. model.lora_targets=[q_proj,v_proj]")
+    return list(found)
+
+
+def with_lora(model: nn.Module, cfg: ModelConfig, *, task_type: str, seed: int = 0) -> nn.Module:
+    """``model`` with LoRA adapters (peft); the base is frozen, a new head stays trainable (``modules_to_save``).
+    ``model.lora_variant=ffa``: every A frozen at a random init drawn from ``seed`` (:func:`freeze_lora_a`)."""
+    from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+        task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_modules(model, str(cfg.lora_targets)),
     )
-    return get_peft_model(model, lora)  # freezes the base; head ("classifier") goes in modules_to_save
+    try:
+        adapted = get_peft_model(model, lora)
+    except ValueError as err:
+        raise ModelError(f"model.lora_targets={cfg.lora_targets}: {str(err).splitlines()[0]}; "
+                         "name modules of this model, or use auto") from err
+    if cfg.lora_variant == "ffa":
+        freeze_lora_a(adapted, seed=seed)
+    return adapted
+
+
+def pad_token_for(tokenizer: object, model: nn.Module | None = None) -> None:
+    """Give a tokenizer without a pad token its end-of-sequence token as pad (GPT-2, Llama), and tell the model."""
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # type: ignore[attr-defined]
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
 
 
 @torch.no_grad()

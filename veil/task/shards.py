@@ -1,12 +1,14 @@
 """Which examples a process works on: the run's label set, the server's evaluation split, a client's shard.
 
-Loaded once per process and cached. In simulation a Ray worker reads, splits and tokenizes the run's training file
-once (:class:`veil.task.token_cache.TrainingSplit`, whatever the population size) and then assembles each sampled
-client's shard from its own examples only, so per-client work is proportional to the client's data.
+Loaded once per process and cached. In simulation a Ray worker reads and splits the run's training file once, whatever
+the population size, and then tokenizes only each sampled client's own examples, so per-client work is proportional
+to the client's data. What an example is and how it is tokenized is the task's business (:mod:`veil.task.base`);
+this module only selects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,12 +18,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
+from veil.conf.runconfig import from_run_config, to_run_config
+from veil.conf.schema import DataConfig, VeilConfig
 from veil.errors import ConfigError, DataFileError
-from veil.task.data import TextExamples, encode_labels, label_names, partition_indices, read_examples, tokenize
-from veil.task.model import load_tokenizer
+from veil.task import get_task
+from veil.task.base import Examples, Task
+from veil.task.data import TextExamples, label_names, partition_indices, read_examples
 from veil.task.split import evaluation_examples, training_examples
-from veil.task.token_cache import TrainingSplit
 
 
 class ShardSource(Protocol):
@@ -46,7 +49,7 @@ log = logging.getLogger("veil.task")
 
 
 def resolve_labels(cfg: DataConfig) -> list[str]:
-    """The run's label names: ``data.labels`` if set, else derived from the training and test files."""
+    """The run's label names for classification: ``data.labels`` if set, else derived from the two files."""
     if cfg.labels:
         try:
             names = json.loads(cfg.labels)
@@ -62,46 +65,64 @@ def resolve_labels(cfg: DataConfig) -> list[str]:
     return label_names(train, test, train_path=cfg.train_path, test_path=cfg.test_path)
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(model_json: str) -> object:
-    return load_tokenizer(ModelConfig(**json.loads(model_json)))
+def run_labels(cfg: VeilConfig) -> list[str]:
+    """The run's label set as fixed at launch (``data.labels``), or the task's own when not fixed yet."""
+    if cfg.data.labels:
+        names: list[str] = json.loads(cfg.data.labels)
+        return names
+    return get_task(cfg.task.name).labels(cfg)
 
 
-def _tensors(examples: TextExamples, labels: list[str], model: ModelConfig, *, path: str) -> dict[str, torch.Tensor]:
-    tok = _tokenizer(_key(model))
-    enc = tokenize(tok, examples.texts, max_length=model.max_length)
-    enc["labels"] = torch.as_tensor(encode_labels(examples, labels, path=path))  # (N,)
-    return enc
+def _cfg(flat_json: str) -> VeilConfig:
+    return from_run_config(json.loads(flat_json))
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_cached(data_json: str, model_json: str, labels: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
-    data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    examples = evaluation_examples(data)
-    if 0 < data.eval_max_examples < len(examples):
-        keep = np.sort(np.random.default_rng(seed).choice(len(examples), data.eval_max_examples, replace=False))
-        examples = TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
-    return _tensors(examples, list(labels), model, path=data.test_path or data.train_path)
+def _eval_cached(flat_json: str) -> dict[str, torch.Tensor]:
+    cfg = _cfg(flat_json)
+    task = get_task(cfg.task.name)
+    examples = evaluation_examples(cfg)
+    if 0 < cfg.data.eval_max_examples < len(examples):
+        rng = np.random.default_rng(cfg.federation.seed)
+        examples = examples.subset(np.sort(rng.choice(len(examples), cfg.data.eval_max_examples, replace=False)))
+    return task.tensors(examples, run_labels(cfg), cfg, path=cfg.data.test_path or cfg.data.train_path, evaluation=True)
 
 
-def eval_split(cfg: VeilConfig, labels: list[str]) -> dict[str, torch.Tensor]:
+def eval_split(cfg: VeilConfig) -> dict[str, torch.Tensor]:
     """The server's tokenized evaluation split (the test file, or a seeded subset of it)."""
-    return _eval_cached(_key(cfg.data), _key(cfg.model), tuple(labels), cfg.federation.seed)
+    return _eval_cached(_key(cfg))
 
 
 @functools.lru_cache(maxsize=8)
-def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_json: str, data_path: str | None,
-                  partition: int | None) -> dict[str, torch.Tensor]:
-    data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    if data_path is None:  # simulation: this partition of the run's training file (split and tokenized once)
-        return _training_split(data_json, model_json, labels, fed_json).shard(int(partition or 0))
-    return _tensors(known_labels_only(read_examples(data_path, data), labels, path=data_path), list(labels), model,
-                    path=data_path)
+def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partition: int | None) -> dict[str, torch.Tensor]:
+    cfg = _cfg(flat_json)
+    data = DataConfig(**json.loads(data_json))
+    task, labels = get_task(cfg.task.name), run_labels(cfg)
+    if data_path is None:  # simulation: this partition of the run's training file (read and split once per worker)
+        examples, parts = _training_partitions(flat_json, data_json)
+        return task.tensors(examples.subset(parts[int(partition or 0)]), labels, cfg, path=data.train_path)
+    return task.tensors(known_labels_only(task.read(data_path, cfg, data), labels, path=data_path), labels, cfg,
+                        path=data_path)
 
 
-def known_labels_only(examples: TextExamples, labels: tuple[str, ...] | list[str], *, path: str) -> TextExamples:
-    """The examples whose label is in the run's label set. The others are skipped and counted in the node's log
-    only: an error would tell the coordinator, who chose the label set, whether a label occurs in the file."""
+@functools.lru_cache(maxsize=2)
+def _training_partitions(flat_json: str, data_json: str) -> tuple[Examples, list[np.ndarray]]:
+    """The run's training examples and every simulated client's indices: computed once per worker process."""
+    cfg = _cfg(flat_json)
+    data = DataConfig(**json.loads(data_json))
+    task = get_task(cfg.task.name)
+    examples = training_examples(cfg, data)
+    _ids, parts = simulated_partitions(task, examples, run_labels(cfg), dataclasses.asdict(cfg.federation),
+                                       path=data.train_path)
+    return examples, parts
+
+
+def known_labels_only(examples: Examples, labels: list[str], *, path: str) -> Examples:
+    """The examples whose label is in the run's label set (a task without labels: all). The others are skipped and
+    counted in the node's log only: an error would tell the coordinator, who chose the label set, whether a label
+    occurs in the owner's file."""
+    if not labels or not isinstance(examples, TextExamples):
+        return examples
     known = set(labels)
     keep = [i for i, label in enumerate(examples.labels) if label in known]
     if len(keep) < len(examples):
@@ -109,7 +130,7 @@ def known_labels_only(examples: TextExamples, labels: tuple[str, ...] | list[str
                     len(examples) - len(keep), path)
     if not keep:  # a refusal, like any other (docs/privacy.md lists this residual bit)
         raise DataFileError(f"no example of {path} has a label in the run's label set")
-    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
+    return examples.subset(np.asarray(keep, dtype=np.int64))
 
 
 def node_labels(cfg: VeilConfig, settings: ShardSource) -> list[str]:
@@ -117,25 +138,14 @@ def node_labels(cfg: VeilConfig, settings: ShardSource) -> list[str]:
     opens a file the run config names); a simulated node may derive them from the run's files."""
     if not settings.simulated and not cfg.data.labels:
         raise ConfigError("the run config carries no data.labels; a deployed node does not read the run's files")
-    return resolve_labels(cfg.data)
+    return run_labels(cfg)
 
 
-@functools.lru_cache(maxsize=2)
-def _training_split(data_json: str, model_json: str, labels: tuple[str, ...], fed_json: str) -> TrainingSplit:
-    data, model = DataConfig(**json.loads(data_json)), ModelConfig(**json.loads(model_json))
-    examples = training_examples(data)
-    ids, parts = simulated_partitions(examples, list(labels), json.loads(fed_json), path=data.train_path)
-    return TrainingSplit.build(_tokenizer(model_json), examples.texts, ids, parts, max_length=model.max_length)
-
-
-_PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client")
-
-
-def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping[str, Any], *,
+def simulated_partitions(task: Task, examples: Examples, labels: list[str], fed: Mapping[str, Any], *,
                          path: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Label ids of the training file and each simulated client's example indices (the one split every process
+    """Partition ids of the training file and each simulated client's example indices (the one split every process
     computes: the clients for their shard, the launcher for its partition table)."""
-    ids = encode_labels(examples, labels, path=path)
+    ids = task.partition_ids(examples, labels, path=path)
     return ids, partition_indices(
         ids, num_partitions=int(fed["num_clients"]), partitioner=str(fed["partitioner"]), alpha=float(fed["alpha"]),
         seed=int(fed["seed"]), min_partition_size=int(fed["min_partition_size"]),
@@ -143,29 +153,23 @@ def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping
     )
 
 
-def client_shard(cfg: VeilConfig, settings: ShardSource, labels: list[str]) -> dict[str, torch.Tensor]:
+def client_shard(cfg: VeilConfig, settings: ShardSource) -> dict[str, torch.Tensor]:
     """The tokenized examples this node trains on: its own file, or its simulated partition."""
     data = cfg.data
     if settings.text_column or settings.label_column:
-        data = DataConfig(**{**_asdict(data), "text_column": settings.text_column or data.text_column,
-                             "label_column": settings.label_column or data.label_column})
-    fed = {k: getattr(cfg.federation, k) for k in _PARTITION_KEYS}
+        data = dataclasses.replace(data, text_column=settings.text_column or data.text_column,
+                                   label_column=settings.label_column or data.label_column)
     if settings.simulated and settings.num_partitions not in (None, cfg.federation.num_clients):
         raise ConfigError(
             f"the simulation has {settings.num_partitions} nodes but federation.num_clients={cfg.federation.num_clients}"
         )
-    return _shard_cached(_key(data), _key(cfg.model), tuple(labels), json.dumps(fed, sort_keys=True),
-                         settings.data_path, settings.partition_id)
+    return _shard_cached(_key(cfg), json.dumps(dataclasses.asdict(data), sort_keys=True), settings.data_path,
+                         settings.partition_id)
 
 
-def _asdict(obj: object) -> dict[str, object]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)  # type: ignore[call-overload, no-any-return]
-
-
-def _key(obj: object) -> str:
-    return json.dumps(_asdict(obj), sort_keys=True)
+def _key(cfg: VeilConfig) -> str:
+    """The run config as a cache key (constant over a run)."""
+    return json.dumps(to_run_config(cfg), sort_keys=True)
 
 
 def absolute(path: str) -> str:

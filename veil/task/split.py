@@ -1,4 +1,5 @@
-"""One labelled file is enough: without ``data.test_path``, a seeded split of the training file stratified by label.
+"""One file is enough: without ``data.test_path``, a seeded split of the training file (stratified by label for a
+task with labels; a plain seeded draw otherwise).
 
 The launcher draws the split once (:func:`write_split`) and writes the exact row ids into the run directory
 (``split.json``, with the file's sha256), and every process of the run (the server's evaluation, each simulated
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from veil.conf.schema import DataConfig
+from veil.conf.schema import DataConfig, VeilConfig
 from veil.errors import ConfigError, DataFileError
-from veil.task.data import TextExamples, read_examples
+from veil.task.base import Examples
 
 __all__ = ["SPLIT_FILE", "draw_split", "evaluation_examples", "split_examples", "stratified_test_rows",
            "training_examples", "with_split_path", "write_split"]
@@ -47,18 +48,33 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def draw_split(data: DataConfig, *, seed: int) -> tuple[TextExamples, np.ndarray]:
+def _read_train(cfg: VeilConfig, data: DataConfig | None = None) -> Examples:
+    from veil.task import get_task
+
+    data = data or cfg.data
+    return get_task(cfg.task.name).read(data.train_path, cfg, data)
+
+
+def _strata(examples: Examples) -> list[str]:
+    """What the split is stratified by: the label of each example, or one stratum for a task without labels."""
+    labels = getattr(examples, "labels", None)
+    return list(labels) if labels is not None else [""] * len(examples)
+
+
+def draw_split(cfg: VeilConfig, *, seed: int) -> tuple[Examples, np.ndarray]:
     """The training file's examples and the test row ids a run with ``seed`` holds out (nothing written)."""
-    examples = read_examples(data.train_path, data)
-    rows = stratified_test_rows(examples.labels, fraction=data.test_fraction, seed=seed)
+    data = cfg.data
+    examples = _read_train(cfg)
+    rows = stratified_test_rows(_strata(examples), fraction=data.test_fraction, seed=seed)
     if len(rows) == 0:
         raise DataFileError(f"data file {data.train_path} is too small to split off data.test_fraction="
                             f"{data.test_fraction}; give data.test_path=FILE or raise data.test_fraction")
     return examples, rows
 
 
-def write_split(data: DataConfig, *, seed: int) -> Path:
+def write_split(cfg: VeilConfig, *, seed: int) -> Path:
     """Write (or, when resuming, check) ``data.split_path`` for ``data.train_path``; returns its path."""
+    data = cfg.data
     path = Path(data.split_path)
     digest = _sha256(data.train_path)
     if path.is_file():  # a resumed run keeps its split
@@ -69,7 +85,7 @@ def write_split(data: DataConfig, *, seed: int) -> Path:
             raise ConfigError(f"{path} holds a split with data.test_fraction={saved['test_fraction']} and "
                               f"federation.seed={saved['seed']}; resume with those values")
         return path
-    examples, rows = draw_split(data, seed=seed)
+    examples, rows = draw_split(cfg, seed=seed)
     record = {"file": data.train_path, "sha256": digest, "seed": seed, "test_fraction": data.test_fraction,
               "rows": len(examples), "test_rows": rows.tolist()}
     tmp = path.with_name(path.name + ".tmp")
@@ -78,31 +94,33 @@ def write_split(data: DataConfig, *, seed: int) -> Path:
     return path
 
 
-def split_examples(data: DataConfig) -> tuple[TextExamples, TextExamples]:
+def split_examples(cfg: VeilConfig, data: DataConfig | None = None) -> tuple[Examples, Examples]:
     """(train, test) of ``data.train_path`` by the ids in ``data.split_path``."""
+    data = data or cfg.data
     if not data.split_path or not Path(data.split_path).is_file():
         raise ConfigError("data.test_path is not set and the run has no split file; give data.test_path=FILE")
     saved = json.loads(Path(data.split_path).read_text(encoding="utf-8"))
-    examples = read_examples(data.train_path, data)
+    examples = _read_train(cfg, data)
     if len(examples) != saved["rows"]:
         raise ConfigError(f"{data.train_path} changed since {data.split_path} was written; run again with that file")
-    test = set(saved["test_rows"])
-
-    def pick(keep: bool) -> TextExamples:
-        idx = [i for i in range(len(examples)) if (i in test) == keep]
-        return TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
-
-    return pick(False), pick(True)
+    test = np.zeros(len(examples), dtype=bool)
+    test[np.asarray(saved["test_rows"], dtype=np.int64)] = True
+    return examples.subset(np.flatnonzero(~test)), examples.subset(np.flatnonzero(test))
 
 
-def training_examples(data: DataConfig) -> TextExamples:
+def training_examples(cfg: VeilConfig, data: DataConfig | None = None) -> Examples:
     """The run's training examples: the training file, less the split's test rows when there is no test file."""
-    return split_examples(data)[0] if not data.test_path else read_examples(data.train_path, data)
+    data = data or cfg.data
+    return split_examples(cfg, data)[0] if not data.test_path else _read_train(cfg, data)
 
 
-def evaluation_examples(data: DataConfig) -> TextExamples:
+def evaluation_examples(cfg: VeilConfig) -> Examples:
     """The run's evaluation examples: the test file, or the split's test rows of the training file."""
-    return split_examples(data)[1] if not data.test_path else read_examples(data.test_path, data)
+    from veil.task import get_task
+
+    if not cfg.data.test_path:
+        return split_examples(cfg)[1]
+    return get_task(cfg.task.name).read(cfg.data.test_path, cfg)
 
 
 def with_split_path(data: DataConfig, run_dir: Path) -> DataConfig:

@@ -1,0 +1,249 @@
+"""Causal language modelling (instruction tuning) under DP-SGD.
+
+Data: rows with ``data.prompt_column`` and ``data.completion_column`` (loss on the completion tokens only; the
+prompt goes through the tokenizer's chat template when it has one and ``task.chat_template`` is on), or rows with
+only ``data.text_column`` (loss on every token). CSV, TSV or JSONL, read by :mod:`veil.task.data`.
+
+The per-example loss is the mean cross-entropy over that example's counted tokens (completion tokens plus the end
+token), so DP-SGD's per-sample clipping bounds each *example*'s contribution by C whatever its length; prompt and
+padding tokens carry label -100 and never contribute. The server evaluates the token-weighted held-out loss, its
+perplexity, and, when every completion is short (``task.generate_max_tokens``), the exact-match accuracy of greedy
+generation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
+from veil.errors import DataFileError, ModelError
+from veil.task.data import read_rows
+from veil.task.model import export_model, load_tokenizer, model_dir, pad_token_for, with_lora
+
+IGNORE = -100  # label of a token that is not counted (prompt, padding)
+
+
+@dataclass(frozen=True)
+class PromptExamples:
+    """Prompts and completions in file order; a text-only file has empty prompts (every token counted)."""
+
+    prompts: list[str]
+    completions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def subset(self, idx: np.ndarray) -> PromptExamples:
+        return PromptExamples([self.prompts[i] for i in idx], [self.completions[i] for i in idx])
+
+
+def read_prompts(path: str, data: DataConfig) -> PromptExamples:
+    """Prompt/completion rows, or text rows, of one data file."""
+    rows = read_rows(path, data)
+    if not rows:
+        raise DataFileError(f"data file {path} has no examples; give a file with at least one row of data")
+    columns = set(rows[0])
+    if {data.prompt_column, data.completion_column} <= columns:
+        prompts = [data.prompt_prefix + r.get(data.prompt_column, "").strip() for r in rows]
+        completions = [r.get(data.completion_column, "").strip() for r in rows]
+    elif data.text_column in columns:
+        prompts, completions = [""] * len(rows), [r.get(data.text_column, "").strip() for r in rows]
+    else:
+        raise DataFileError(
+            f"data file {path} has neither {data.prompt_column!r}+{data.completion_column!r} nor {data.text_column!r} "
+            f"columns (columns: {', '.join(sorted(columns))}); set data.prompt_column/data.completion_column or "
+            "data.text_column"
+        )
+    for i, completion in enumerate(completions, start=1):
+        if not completion:
+            raise DataFileError(f"data file {path} row {i} has an empty completion/text; fill it or drop the row")
+    return PromptExamples(prompts, completions)
+
+
+def _ids(out: object) -> list[int]:
+    ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out  # type: ignore[index]
+    return [int(i) for i in ids]
+
+
+def _end_id(tokenizer: object) -> int | None:
+    for attr in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def encode_prompt(tokenizer: object, prompt: str, *, chat: bool) -> list[int]:
+    """The prompt's token ids, ending where the model's answer starts (chat template: the assistant turn)."""
+    if not prompt:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return [int(bos)] if bos is not None else []
+    if chat and getattr(tokenizer, "chat_template", None):
+        return _ids(tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([int(bos)] if bos is not None else []) + _ids(tokenizer(prompt + "\n", add_special_tokens=False))  # type: ignore[operator]
+
+
+def encode_completion(tokenizer: object, completion: str) -> list[int]:
+    end = _end_id(tokenizer)
+    return _ids(tokenizer(completion, add_special_tokens=False)) + ([end] if end is not None else [])  # type: ignore[operator]
+
+
+def _pad(rows: list[list[int]], value: int, *, left: bool = False) -> torch.Tensor:
+    width = max(1, max(map(len, rows)))
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+
+
+def tokenize_examples(tokenizer: object, examples: PromptExamples, *, max_length: int, chat: bool,
+                      generate_max_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """``input_ids``/``attention_mask``/``labels`` (N, T), right-padded, labels -100 on prompt and pad tokens.
+
+    With ``generate_max_tokens`` > 0 and every completion that short, also ``gen_ids``/``gen_mask`` (N, P): the
+    prompts left-padded for batched greedy generation, and ``target_ids`` (N, L): the completions (-100 padded).
+    """
+    pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
+    seqs, labels, prompts, targets = [], [], [], []
+    for prompt, completion in zip(examples.prompts, examples.completions, strict=True):
+        p, c = encode_prompt(tokenizer, prompt, chat=chat), encode_completion(tokenizer, completion)
+        c = c[:max_length]
+        p = p[max(0, len(p) - (max_length - len(c))):] if max_length > len(c) else []  # keep the prompt's end
+        seqs.append(p + c)
+        labels.append([IGNORE] * len(p) + c)
+        prompts.append(p)
+        targets.append(c[:-1] if _end_id(tokenizer) is not None else c)
+    ids = _pad(seqs, pad)
+    out = {"input_ids": ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0), "labels": _pad(labels, IGNORE)}
+    if generate_max_tokens > 0 and all(examples.prompts) and max(map(len, targets)) <= generate_max_tokens:
+        out["gen_ids"], out["gen_mask"] = _pad(prompts, pad, left=True), _pad([[1] * len(p) for p in prompts], 0, left=True)
+        out["target_ids"] = _pad(targets, IGNORE)
+    return out
+
+
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example sums of next-token cross-entropy over counted tokens, and the counts; both (B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE,
+                                      reduction="none")  # (B, T-1), 0 where ignored
+    counted = (targets != IGNORE).to(nll.dtype)
+    return (nll * counted).sum(dim=1), counted.sum(dim=1)
+
+
+class CausalLMTask:
+    """See :class:`veil.task.base.Task`."""
+
+    name = "causal_lm"
+    pipeline_tag = "text-generation"
+
+    def labels(self, cfg: VeilConfig) -> list[str]:
+        return []
+
+    def read(self, path: str, cfg: VeilConfig, data: DataConfig | None = None) -> PromptExamples:
+        return read_prompts(path, data or cfg.data)
+
+    def partition_names(self, examples: PromptExamples, labels: list[str]) -> list[str]:  # type: ignore[override]
+        return sorted(set(examples.completions))
+
+    def partition_ids(self, examples: PromptExamples, labels: list[str], *, path: str) -> np.ndarray:  # type: ignore[override]
+        """The completion's index among the distinct completions (short answers such as intents skew by it)."""
+        index = {name: i for i, name in enumerate(sorted(set(examples.completions)))}
+        return np.array([index[c] for c in examples.completions], dtype=np.int64)
+
+    def tensors(self, examples: PromptExamples, labels: list[str], cfg: VeilConfig, *,  # type: ignore[override]
+                path: str, evaluation: bool = False) -> dict[str, torch.Tensor]:
+        return tokenize_examples(load_tokenizer(cfg.model), examples, max_length=cfg.model.max_length,
+                                 chat=cfg.task.chat_template,
+                                 generate_max_tokens=cfg.task.generate_max_tokens if evaluation else 0)
+
+    def build_model(self, cfg: VeilConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:
+        return build_causal_lm(cfg.model, seed=seed)
+
+    def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        total, count = token_losses(model, batch)
+        return total / count.clamp(min=1)  # (B,): mean over each example's own counted tokens
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device,
+                 batch_size: int = 32) -> dict[str, float]:
+        model.eval()
+        n = int(data["input_ids"].shape[0])
+        nll, tokens, correct = 0.0, 0.0, 0
+        for start in range(0, n, batch_size):
+            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+            total, count = token_losses(model, batch)
+            nll, tokens = nll + float(total.sum()), tokens + float(count.sum())
+            if "gen_ids" in batch:
+                correct += exact_matches(model, batch)
+        loss = nll / max(tokens, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "accuracy": correct / max(n, 1) if "gen_ids" in data else float("nan")}
+
+    def export(self, model: nn.Module, cfg: VeilConfig, out_dir: Path) -> Path:
+        return export_model(model, load_tokenizer(cfg.model), out_dir)
+
+    def baseline(self, cfg: VeilConfig) -> float:
+        return float("nan")
+
+    def check_files(self, cfg: VeilConfig) -> None:
+        for path in (cfg.data.train_path, cfg.data.test_path):
+            if path:  # no test file: the split's test rows come from the training file
+                read_prompts(path, cfg.data)
+
+
+def exact_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """How many greedy generations from ``gen_ids`` start with exactly ``target_ids`` and then stop."""
+    targets = batch["target_ids"]  # (B, L), -100 padded
+    width = int(targets.shape[1])
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    out = model.generate(input_ids=batch["gen_ids"], attention_mask=batch["gen_mask"], max_new_tokens=width + 1,
+                         do_sample=False, pad_token_id=pad)  # type: ignore[operator]
+    new = out[:, batch["gen_ids"].shape[1]:]  # (B, <= L+1)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = set(eos if isinstance(eos, list) else [eos]) | {pad}
+    hits = 0
+    for row, target in zip(new.tolist(), targets.tolist(), strict=True):
+        want = [t for t in target if t != IGNORE]
+        hits += int(row[:len(want)] == want and (len(row) == len(want) or row[len(want)] in ends))
+    return hits
+
+
+def build_causal_lm(cfg: ModelConfig, *, seed: int) -> nn.Module:
+    """``AutoModelForCausalLM`` from ``model.path`` (or a tiny Llama for tests), with LoRA when ``model.lora``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(seed)
+    if cfg.tiny:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,  # type: ignore[arg-type]
+                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_id(tokenizer),  # type: ignore[attr-defined]
+                             bos_token_id=getattr(tokenizer, "bos_token_id", None), tie_word_embeddings=True)
+        model: nn.Module = LlamaForCausalLM(config)
+        model.generation_config.eos_token_id = _end_id(tokenizer)
+    else:
+        path = model_dir(cfg)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load a causal LM from {path} ({str(err).splitlines()[0]}); task=causal_lm needs "
+                             "a decoder such as GPT-2, Llama or Qwen2 in model.path") from err
+    pad_token_for(tokenizer, model)
+    if cfg.lora:
+        return with_lora(model, cfg, task_type="CAUSAL_LM", seed=seed)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+TASK = CausalLMTask()
