@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ from helpers import write_small_csv
 from veil.cli import quiet_environment
 
 quiet_environment()  # offline, no telemetry: the same environment the `veil` command sets
+# A deployed node keeps its ledgers under $XDG_STATE_HOME/veil/ledgers: never the tester's own
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="veil-test-state-")
 
 ROOT = Path(__file__).resolve().parents[1]
 BANKING77 = ROOT / "veil" / "data" / "banking77"  # shipped inside the package

@@ -176,7 +176,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         started = {}
         for name, extra in bad.items():
             proc, lines = _veil(f"refused-{name}", ["client", "--superlink", f"127.0.0.1:{port}", "--data",
-                                                    str(node_files[0]), "--node-dir", str(root / name), *extra],
+                                                    str(node_files[0]), "--node-dir", str(root / name),
+                                                    "--max-epsilon", "100", *extra],
                                 root / "logs")
             procs.append(proc)
             started[name] = (proc, lines, time.monotonic())
@@ -298,7 +299,8 @@ def test_client_refuses_bad_local_files_before_connecting(tmp_path: Path) -> Non
     key.write_text("not a key\n")
     certs = tmp_path / "certs"
     assert run_veil(["certs", "--out", str(certs), "--nodes", "1"], timeout=60).returncode == 0
-    base = ["client", "--superlink", "127.0.0.1:9", "--root-cert", str(certs / "ca.crt"), "--node-dir", str(tmp_path / "n")]
+    base = ["client", "--superlink", "127.0.0.1:9", "--root-cert", str(certs / "ca.crt"), "--node-dir", str(tmp_path / "n"),
+            "--max-epsilon", "8"]
     cases = {
         "does not exist": [*base, "--key", str(certs / "node-1.key"), "--data", str(tmp_path / "missing.csv")],
         "no label column 'label'": [*base, "--key", str(certs / "node-1.key"), "--data", str(data)],
@@ -337,7 +339,7 @@ def test_floor_checks() -> None:
         check_round(owner, noise_multiplier=0.49, sample_rate=0.01)
     with pytest.raises(PrivacyBudgetExhausted, match="max-sample-rate"):
         check_round(owner, noise_multiplier=1.0, sample_rate=0.11)
-    off = SimpleNamespace(privacy=SimpleNamespace(enabled=False))
+    off = SimpleNamespace(privacy=SimpleNamespace(enabled=False), secagg=SimpleNamespace(enabled=True))
     with pytest.raises(PrivacyFloorError, match="DP-SGD off"):
         check_run(owner, off)
     check_run(SimpleNamespace(max_epsilon=float("inf"), min_noise_multiplier=0.0, max_sample_rate=1.0), off)

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from veil.client.app import _template
 from veil.client.trainer import LocalPlan, train_round
-from veil.conf.schema import ModelConfig
+from veil.conf.runconfig import to_run_config
+from veil.conf.schema import ModelConfig, VeilConfig
+from veil.task import get_task
 from veil.task.data import tokenize
 from veil.task.model import build_model, get_trainable, load_tokenizer, trainable_names
 
@@ -46,10 +48,13 @@ def test_frozen_a_is_identical_at_the_server_and_every_client_and_stays_fixed() 
     server = build_model(FFA, LABELS, seed=3)
     torch.manual_seed(12345)
     torch.rand(1000)  # a client process has used the global RNG for other things first
+    run = VeilConfig(model=FFA)
+    run.data.train_path, run.data.labels, run.federation.seed = "train.csv", json.dumps(LABELS), 3
+    key = json.dumps(to_run_config(run.validate()), sort_keys=True)  # what a client builds its template from
     _template.cache_clear()
-    clients = [_template(json.dumps(asdict(FFA)), tuple(LABELS), 3) for _ in range(2)]
+    clients = [_template(key) for _ in range(2)]
     _template.cache_clear()
-    clients.append(_template(json.dumps(asdict(FFA)), tuple(LABELS), 3))
+    clients.append(_template(key))
     reference = _lora_a(server)
     assert len(reference) == 2 * 2  # 2 layers x (query, value)
     for name, a in reference.items():
@@ -66,7 +71,8 @@ def test_frozen_a_is_identical_at_the_server_and_every_client_and_stays_fixed() 
     enc["labels"] = torch.tensor([0, 1, 2, 1] * 8)
     received = get_trainable(server)
     plan = LocalPlan(steps=4, batch_size=8, lr=0.05, private=True, noise_multiplier=0.5, max_grad_norm=1.0)
-    result = train_round(clients[0], received, enc, plan=plan, device=torch.device("cpu"), seed=1)
+    result = train_round(clients[0], received, enc, plan=plan, device=torch.device("cpu"), seed=1,
+                         task=get_task("classification"))
     assert [u.shape for u in result.update] == [r.shape for r in received]
     moved = {n for n, u in zip(trainable_names(server), result.update, strict=True) if np.abs(u).max() > 0}
     assert any("lora_B" in n for n in moved) and any("classifier" in n for n in moved)

@@ -133,6 +133,7 @@ def test_client_level_noise_share_comes_from_the_owner_cohort_not_the_run(
     cfg = _cfg(level="client", noise_placement="distributed", max_grad_norm=1e3, noise_multiplier=2.0)
     cfg.federation.num_clients = cfg.federation.clients_per_round = clients_per_round
     cfg.secagg.clipping_range = 1e5  # room for the noise, so the release is not scaled into the range
+    cfg.secagg.modulus_range = 2**40  # room for the sum of 10,000 quantized updates (schema rule)
     settings = _settings(files["big"], tmp_path / str(clients_per_round), min_cohort=4)
     update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
     share = 2.0 * 1e3 / np.sqrt(4)  # z·S/sqrt(min-cohort), whatever the run's clients_per_round
