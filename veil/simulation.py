@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,12 @@ def _remove_if_empty(out_dir: Path) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
-    """Run one simulated federation into ``out_dir``; returns the final summary."""
+def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run one simulated federation into ``out_dir``; returns the final summary.
+
+    ``client_mods``: extra Flower mods around every simulated ClientApp (Python callers only, never from a
+    config: the tests' deliberately broken mechanism for ``veil audit`` enters here).
+    """
     from omegaconf import OmegaConf
 
     from veil.conf.runconfig import to_run_config, to_veil_config
@@ -232,7 +237,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
     # (4) simulate
-    _run_flower(cfg, flat, out_dir)
+    _run_flower(cfg, flat, out_dir, client_mods=client_mods)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
@@ -322,10 +327,11 @@ def simulated_node_configs(fed: Any) -> dict[int, dict[str, Any]]:
         ) from err
 
 
-def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
+def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: Sequence[Any] = ()) -> None:
+    from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
-    from veil.client.app import make_client_app
+    from veil.client.app import make_client_app, make_client_fn, secagg_when_asked
     from veil.server.app import make_server_app
 
     fed = cfg.federation
@@ -339,7 +345,10 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
             run_simulation(
                 server_app=make_server_app(flat),
                 client_app=make_client_app(flat, simulation_root=out_dir / "nodes",
-                                           simulated_nodes=simulated_node_configs(fed)),
+                                           simulated_nodes=simulated_node_configs(fed)) if not client_mods else
+                ClientApp(client_fn=make_client_fn(flat, simulation_root=out_dir / "nodes",
+                                                   simulated_nodes=simulated_node_configs(fed)),
+                          mods=[secagg_when_asked, *client_mods]),
                 num_supernodes=fed.num_clients, backend_config=backend,
             )
         except VeilError:

@@ -67,11 +67,30 @@ def _shard_cached(data_json: str, model_json: str, labels: tuple[str, ...], fed_
         _ids, parts = simulated_partitions(examples, list(labels), fed, path=data.train_path)
         idx = parts[int(partition or 0)]
         examples = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
+        if fed.get("planted_examples"):
+            examples = with_planted(examples, str(fed["planted_examples"]), partition=int(partition or 0))
         return _tensors(examples, list(labels), model, path=data.train_path)
     return _tensors(read_examples(data_path, data), list(labels), model, path=data_path)
 
 
-_PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client")
+_PARTITION_KEYS = ("num_clients", "partitioner", "alpha", "seed", "min_partition_size", "classes_per_client",
+                   "planted_examples")
+
+
+def with_planted(examples: TextExamples, path: str, *, partition: int) -> TextExamples:
+    """The seam for ``veil audit`` (simulation only): this partition's examples plus the ones planted for it in
+    ``path`` (JSONL of ``{"partition", "text", "label"}``), shuffled together in an order drawn from OS entropy,
+    so the training code sees one list of examples and cannot tell a planted one by its place."""
+    import secrets
+
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        planted = [(str(r["text"]), str(r["label"])) for r in rows if int(r["partition"]) == partition]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"federation.planted_examples={path} is not a readable JSONL of planted examples ({err})") from err
+    texts, labels = [*examples.texts, *(t for t, _ in planted)], [*examples.labels, *(lab for _, lab in planted)]
+    order = np.random.default_rng(secrets.randbits(128)).permutation(len(texts))
+    return TextExamples([texts[i] for i in order], [labels[i] for i in order])
 
 
 def simulated_partitions(examples: TextExamples, labels: list[str], fed: Mapping[str, Any], *,
