@@ -328,10 +328,8 @@ def simulated_node_configs(fed: Any) -> dict[int, dict[str, Any]]:
 
 
 def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: Sequence[Any] = ()) -> None:
-    from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
-    from veil.client.app import make_client_app, make_client_fn, secagg_when_asked
     from veil.server.app import make_server_app
 
     fed = cfg.federation
@@ -339,16 +337,13 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: S
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
+    client_app = _simulated_client_app(flat, out_dir, simulated_node_configs(fed), client_mods)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice: `flwr run` needs a SuperLink
         try:
             run_simulation(
                 server_app=make_server_app(flat),
-                client_app=make_client_app(flat, simulation_root=out_dir / "nodes",
-                                           simulated_nodes=simulated_node_configs(fed)) if not client_mods else
-                ClientApp(client_fn=make_client_fn(flat, simulation_root=out_dir / "nodes",
-                                                   simulated_nodes=simulated_node_configs(fed)),
-                          mods=[secagg_when_asked, *client_mods]),
+                client_app=client_app,
                 num_supernodes=fed.num_clients, backend_config=backend,
             )
         except VeilError:
@@ -358,3 +353,16 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: S
             if isinstance(cause, VeilError):
                 raise cause from None
             raise VeilError(f"the simulation failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from err
+
+
+def _simulated_client_app(flat: dict[str, Any], out_dir: Path, nodes: dict[int, dict[str, Any]],
+                          client_mods: Sequence[Any]) -> Any:
+    """The veil ClientApp for the simulated nodes; with ``client_mods`` (tests only), those mods around it too."""
+    from flwr.clientapp import ClientApp
+
+    from veil.client.app import make_client_app, make_client_fn, secagg_when_asked
+
+    if not client_mods:
+        return make_client_app(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    client_fn = make_client_fn(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    return ClientApp(client_fn=client_fn, mods=[secagg_when_asked, *client_mods])
