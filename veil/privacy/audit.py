@@ -149,9 +149,10 @@ class AuditResult:
         return doc
 
     def lines(self) -> list[str]:
-        claimed = "∞ (no DP)" if math.isinf(self.claimed_epsilon) else f"{self.claimed_epsilon:.3f}"
+        claimed = ("∞ (DP off)" if math.isinf(self.claimed_epsilon)
+                   else f"{self.claimed_epsilon:.3f} (delta {self.delta:g}, {self.privacy})")
         return [
-            f"claimed epsilon {claimed} (delta {self.delta:g}, {self.privacy})",
+            f"claimed epsilon {claimed}",
             f"empirical lower bound {self.lower_bound:.3f} at {self.confidence:.0%} confidence",
             f"canaries {self.canaries} ({self.included} included), guesses {self.guesses}, right {self.correct}",
             f"score {self.score}",
