@@ -1,4 +1,5 @@
-"""The one-run audit bound (arXiv:2305.08846) against independent computations: exact rational binomial tails,
+"""The one-run audit bound (arXiv:2305.08846) against the paper's printed figures and independent computations:
+exact rational binomial tails,
 the closed form for all-correct guesses, the definition of the bound, and its coverage on an exactly ε-DP
 mechanism (randomized response)."""
 
@@ -13,8 +14,16 @@ import pytest
 from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom, p_value
 
 
+@pytest.mark.parametrize("m,r,v,delta,published", [
+    (1000, 100, 75, 1e-4, 0.673),  # arXiv:2305.08846v1, Appendix D, p. 46
+    (100_000, 1510, 1439, 1e-5, 2.675),  # arXiv:2305.08846v1, Section 7, p. 28
+])
+def test_bound_reproduces_the_papers_figures(m: int, r: int, v: int, delta: float, published: float) -> None:
+    assert epsilon_lower_bound(m=m, r=r, v=v, delta=delta, beta=0.05) == pytest.approx(published, abs=1e-3)
+
+
 def _p_value_exact(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """Theorem 3's right-hand side term by term with exact binomial sums (math.comb), no scipy."""
+    """The p-value's formula term by term with exact binomial sums (math.comb), no scipy."""
     q = Fraction(1) / (1 + Fraction(math.exp(-epsilon)))
 
     def tail(w: int) -> Fraction:  # P[Binomial(r, q) >= w]

@@ -3,14 +3,14 @@
 Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023 (arXiv:2305.08846).
 Setting: m canaries, each included in the training data independently with probability 1/2 (S_i ∈ {−1, +1});
 after one training run the auditor guesses "in" (+1), "out" (−1) or abstains (0) for each; r guesses, v of them
-right. If training is (ε, δ)-DP, the paper's main theorem for approximate DP (Theorem 3 in arXiv v1; Theorem 1 is
-its δ = 0 case) bounds the chance of v or more right guesses:
+right. If training is (ε, δ)-DP, the paper's analysis for approximate DP bounds the chance of v or more right
+guesses by its p-value (Corollary 5.4 of arXiv:2305.08846v1; ``p_value_DP_audit`` in its Appendix D):
 
     P[W ≥ v] ≤ f(v) + 2·m·δ · max_{i=1..v} (f(v − i) − f(v)) / i,      f(w) = P[Binomial(r, e^ε / (1 + e^ε)) ≥ w]
 
 (f(v − i) − f(v) = P[v − i ≤ Binomial < v]). This right-hand side is the p-value of the hypothesis "training is
 (ε, δ)-DP" given the observed (r, v); it grows with ε, and the empirical lower bound at confidence 1 − β is the
-largest ε whose p-value is still below β (the paper's Algorithm 2 searches it the same way). Every (ε, δ)-DP
+largest ε whose p-value is still below β (Appendix D's ``get_eps_audit`` searches it the same way). Every (ε, δ)-DP
 algorithm yields a bound above its ε with probability at most β.
 
 Written here, not taken from a library: the formula is a few lines over ``scipy.stats.binom`` and the one library
@@ -48,7 +48,7 @@ def _check_counts(m: int, r: int, v: int) -> None:
 
 
 def p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """P-value of "(ε, δ)-DP" after ``v`` right guesses out of ``r`` on ``m`` canaries (Theorem 3, see module)."""
+    """P-value of "(ε, δ)-DP" after ``v`` right guesses out of ``r`` on ``m`` canaries (see the module docstring)."""
     _check_counts(m, r, v)
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon} must be >= 0")
