@@ -109,8 +109,8 @@ class FederationConfig:
     # Empty: no budget. A real node sets --max-epsilon itself.
     node_max_epsilon: str = ""
     # Simulation only, written by `veil audit`: a JSONL file of extra examples ({"partition", "text", "label"})
-    # that each simulated client adds to its partition (the audit's canaries). Empty: none. A real node reads
-    # only its own data file; this never reaches it.
+    # that each simulated client adds to its partition (the audit's canaries). Empty: none. A real node trains
+    # on its own data file only and ignores it.
     planted_examples: str = ""
 
 
