@@ -26,7 +26,7 @@ from veil.errors import VeilError
 log = logging.getLogger("veil")
 
 # Keys that differ between any two runs without being a factor of the study.
-_NOT_FACTORS = {"output_dir", "resume", "data.labels"}
+_NOT_FACTORS = {"output_dir", "resume", "data.labels", "federation.planted_examples"}  # the last: each audit's own file
 # The privacy axis of the privacy–utility curve: not a line of its own.
 _PRIVACY_AXIS = {"privacy.enabled", "privacy.name", "privacy.target_epsilon", "privacy.noise_multiplier"}
 _PLOTS = {  # file -> (metrics key, y label, title)
@@ -47,6 +47,7 @@ class Run:
     rows: list[dict[str, Any]]
     config: dict[str, Any]  # flattened: "privacy.target_epsilon" -> 4.0
     summary: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] = field(default_factory=dict)  # audit.json of `veil audit`, when the run was audited
 
     @property
     def last(self) -> dict[str, Any]:
@@ -105,7 +106,9 @@ def load_run(path: Path) -> Run:
     config = _flatten(OmegaConf.to_container(OmegaConf.load(config_path), resolve=True))
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    return Run(path=path, rows=rows, config=config, summary=summary)
+    audit_path = path / "audit.json"
+    audit = json.loads(audit_path.read_text(encoding="utf-8")) if audit_path.is_file() else {}
+    return Run(path=path, rows=rows, config=config, summary=summary, audit=audit)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -247,6 +250,22 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _audit_lines(runs: list[Run], factors: list[str]) -> list[str]:
+    """The claimed ε beside the empirical lower bound of `veil audit`, for the runs that were audited."""
+    audited = [r for r in runs if r.audit]
+    if not audited:
+        return []
+    lines = ["", "Privacy audit (one run, arXiv:2305.08846): a lower bound above the claimed ε is a bug; below it "
+             "proves nothing.", "", "| run | claimed ε | empirical lower bound on ε | confidence | guesses (right) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for r in audited:
+        a = r.audit
+        claimed = "∞ (no DP)" if a.get("claimed_epsilon") is None else f"{a['claimed_epsilon']:.3f}"
+        lines.append(f"| {run_label(r, factors)} | {claimed} | {a['lower_bound']:.3f} | {a['confidence']:.0%} "
+                     f"| {a['guesses']} ({a['correct']}) | {a['verdict']} |")
+    return lines
+
+
 def write_markdown(runs: list[Run], factors: list[str], path: Path, *, plots: list[str]) -> Path:
     lines = ["# veil report", "", f"{len(runs)} run(s); factors that differ: "
              + (", ".join(f"`{k}`" for k in factors) or "none"), "",
@@ -258,6 +277,7 @@ def write_markdown(runs: list[Run], factors: list[str], path: Path, *, plots: li
     baselines = sorted({r.summary["majority_baseline"] for r in runs if "majority_baseline" in r.summary})
     if baselines:
         lines += ["", "Majority-class baseline: " + ", ".join(f"{b:.4f}" for b in baselines) + "."]
+    lines += _audit_lines(runs, factors)
     lines += ["", "Per-run tables: `summary.csv` (factors and each run's last metrics line)."]
     for name in plots:
         lines += ["", f"![{name[:-4].replace('_', ' ')}]({name})"]

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,12 @@ def _remove_if_empty(out_dir: Path) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
-    """Run one simulated federation into ``out_dir``; returns the final summary."""
+def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run one simulated federation into ``out_dir``; returns the final summary.
+
+    ``client_mods``: extra Flower mods around every simulated ClientApp (Python callers only, never from a
+    config: the tests' deliberately broken mechanism for ``veil audit`` enters here).
+    """
     from omegaconf import OmegaConf
 
     from veil.conf.runconfig import to_run_config, to_veil_config
@@ -134,7 +138,7 @@ def simulate(dict_cfg: Any, out_dir: Path) -> dict[str, Any]:
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
     # (4) simulate
-    _run_flower(cfg, flat, out_dir)
+    _run_flower(cfg, flat, out_dir, client_mods=client_mods)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
@@ -228,10 +232,9 @@ def ray_init_args(address: str) -> dict[str, Any]:
     return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
 
 
-def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
+def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: Sequence[Any] = ()) -> None:
     from flwr.simulation import run_simulation
 
-    from veil.client.app import make_client_app
     from veil.server.app import make_server_app
 
     fed = cfg.federation
@@ -239,7 +242,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path) -> None:
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": ray_init_args(fed.ray_address),
     }
-    client_app = make_client_app(flat, simulation_root=out_dir / "nodes", simulated_nodes=simulated_node_configs(cfg))
+    client_app = _simulated_client_app(flat, out_dir, simulated_node_configs(cfg), client_mods)
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
     with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,3 +324,18 @@ def _flower_log(path: Path) -> Iterator[None]:
         for handler in consoles:
             handler.removeFilter(quiet)
         to_file.close()
+
+
+def _simulated_client_app(flat: dict[str, Any], out_dir: Path, nodes: dict[int, dict[str, Any]],
+                          client_mods: Sequence[Any]) -> Any:
+    """The veil ClientApp for the simulated nodes; with ``client_mods`` (tests only), those mods inside the node's
+    SecAgg+ guard (so they see the update before it is masked)."""
+    from flwr.clientapp import ClientApp
+
+    from veil.client.app import make_client_app, make_client_fn, make_secagg_mod
+
+    if not client_mods:
+        return make_client_app(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    client_fn = make_client_fn(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    guard = make_secagg_mod(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
+    return ClientApp(client_fn=client_fn, mods=[guard, *client_mods])

@@ -154,6 +154,10 @@ class FederationConfig:
     # every node, or "ID:EPS,ID:EPS" by partition id (quote it on the command line: '0:1.5,3:2').
     # Empty: no budget. A real node sets --max-epsilon itself.
     node_max_epsilon: str = ""
+    # Simulation only, written by `veil audit`: a JSONL file of extra examples ({"partition", "text", "label"})
+    # that each simulated client adds to its partition (the audit's canaries). Empty: none. A real node trains
+    # on its own data file only and ignores it.
+    planted_examples: str = ""
 
 
 @dataclass

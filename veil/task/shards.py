@@ -100,7 +100,10 @@ def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partiti
     task, labels = get_task(cfg.task.name), run_labels(cfg)
     if data_path is None:  # simulation: this partition of the run's training file (read and split once per worker)
         examples, parts = _training_partitions(flat_json, data_json)
-        return task.tensors(examples.subset(parts[int(partition or 0)]), labels, cfg, path=data.train_path)
+        mine = examples.subset(parts[int(partition or 0)])
+        if cfg.federation.planted_examples:  # veil audit's canaries (simulation only)
+            mine = with_planted(mine, cfg.federation.planted_examples, partition=int(partition or 0))
+        return task.tensors(mine, labels, cfg, path=data.train_path)
     return task.tensors(known_labels_only(task.read(data_path, cfg, data), labels, path=data_path), labels, cfg,
                         path=data_path)
 
@@ -115,6 +118,25 @@ def _training_partitions(flat_json: str, data_json: str) -> tuple[Examples, list
     _ids, parts = simulated_partitions(task, examples, run_labels(cfg), dataclasses.asdict(cfg.federation),
                                        path=data.train_path)
     return examples, parts
+
+
+def with_planted(examples: Examples, path: str, *, partition: int) -> TextExamples:
+    """The seam for ``veil audit`` (simulation only): this partition's examples plus the ones planted for it in
+    ``path`` (JSONL of ``{"partition", "text", "label"}``), shuffled together in an order drawn from OS entropy,
+    so the training code sees one list of examples and cannot tell a planted one by its place."""
+    import secrets
+    from pathlib import Path
+
+    if not isinstance(examples, TextExamples):
+        raise ConfigError("federation.planted_examples needs task=classification (veil audit plants labelled texts)")
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        planted = [(str(r["text"]), str(r["label"])) for r in rows if int(r["partition"]) == partition]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"federation.planted_examples={path} is not a readable JSONL of planted examples ({err})") from err
+    texts, labels = [*examples.texts, *(t for t, _ in planted)], [*examples.labels, *(lab for _, lab in planted)]
+    order = np.random.default_rng(secrets.randbits(128)).permutation(len(texts))
+    return TextExamples([texts[i] for i in order], [labels[i] for i in order])
 
 
 def known_labels_only(examples: Examples, labels: list[str], *, path: str) -> Examples:

@@ -1,0 +1,94 @@
+"""The one-run privacy audit (issue 13; Steinke, Nasr, Jagielski, arXiv:2305.08846): the empirical lower bound on ε
+from ``veil audit`` beside the claimed ε, for target ε ∈ {1, 4, 8} and without DP, on the tiny BERT (CPU).
+
+Every configuration is one real ``veil audit`` command (subprocess), one after the other, on the same synthetic
+4-class file, with the audit design the CI tests use (random-word canaries with random labels, full-batch local
+steps so that an included canary is in every step, black-box loss score, k guessed in and k out). The table also
+gives the ceiling: the bound that k + k guesses, all right, would give; no run can show more than that.
+
+    python -m benchmarks.audit                        # 256 canaries; appends to docs/benchmarks.md
+    python -m benchmarks.audit --quick --no-record    # 64 canaries, 1 round (for the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import add_output_args, machine_info, now, pick_device, report  # noqa: E402
+from veil.privacy.audit_bound import epsilon_lower_bound  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
+          "pin": "i forgot my pin code"}
+
+
+def write_data(folder: Path) -> list[str]:
+    """A 4-class train/test pair (60 / 12 texts), as `veil simulate` overrides."""
+    train = ["text,label"] + [f"{text} {i},{label}" for label, text in _WORDS.items() for i in range(15)]
+    test = ["text,label"] + [f"{text} again {i},{label}" for label, text in _WORDS.items() for i in range(3)]
+    (folder / "train.csv").write_text("\n".join(train) + "\n", encoding="utf-8")
+    (folder / "test.csv").write_text("\n".join(test) + "\n", encoding="utf-8")
+    return ["data=csv", f"data.train_path={folder / 'train.csv'}", f"data.test_path={folder / 'test.csv'}"]
+
+
+def run_one(name: str, audit_args: list[str], overrides: list[str], out: Path) -> dict[str, float | None]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "veil", "audit", *audit_args, *overrides, f"hydra.run.dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    if not (out / "audit.json").is_file():
+        raise SystemExit(f"{name} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    doc = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    return {**doc, "seconds": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--canaries", type=int, default=None, help="m (default 256; --quick 64)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 3; --quick 1")
+    ap.add_argument("--steps", type=int, default=40, help="full-batch local steps per round")
+    ap.add_argument("--epsilons", default="1,4,8,inf", help="target ε values; inf: DP off")
+    add_output_args(ap, quick="64 canaries, 1 round, ε ∈ {8, inf} (for the test)", root=ROOT)
+    args = ap.parse_args(argv)
+    m = args.canaries or (64 if args.quick else 256)
+    k = m // 8
+    rounds = args.rounds or (1 if args.quick else 3)
+    epsilons = ["8", "inf"] if args.quick else [e.strip() for e in args.epsilons.split(",")]
+    base = ["model=tiny_bert", f"federation.batch_size={4 * m}", "federation.lr=0.05", "federation.partitioner=iid",
+            f"federation.local_steps={args.steps}", "federation.num_clients=2", "federation.clients_per_round=2",
+            f"federation.rounds={rounds}", "secagg=off", "federation.seed=0"]
+    info = machine_info(pick_device())
+    started = now()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="veil-audit-") as tmp:
+        data = write_data(Path(tmp))
+        for eps in epsilons:
+            privacy = ["privacy=none"] if eps == "inf" else ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+            name = "no DP" if eps == "inf" else f"DP, target ε={eps}"
+            r = run_one(name, ["--canaries", str(m), "--guesses", str(k)], [*base, *privacy, *data], Path(tmp) / eps)
+            claimed = "∞" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f}"
+            rows.append([name, claimed, f"{r['lower_bound']:.3f}", f"{r['correct']}/{r['guesses']}",
+                         str(r["verdict"]), f"{r['seconds']:.0f}"])
+    ceiling = epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=1e-5, beta=0.05)
+    settings = (f"tiny BERT + LoRA r=4, 2 clients (IID share of a 60-text 4-class file), {rounds} rounds × "
+                f"{args.steps} full-batch local steps (q = 1), lr 0.05, SecAgg+ off, δ = 1e-5; {m} canaries "
+                f"(8 random words, random label), {k} guessed in + {k} out by the final model's loss; 95% confidence")
+    notes = [f"ceiling: {2 * k} right guesses out of {2 * k} would give ε ≥ {ceiling:.3f}; no run of this size can "
+             "show more, whatever its true ε",
+             "black-box, one run, CPU scale: a bound far below the claim is the expected outcome and proves nothing "
+             "about privacy; a bound above the claim would be a bug (the tests plant one and see it flagged)"]
+    report("audit", args, argv, info, settings=settings,
+           headers=["configuration", "claimed ε", "lower bound (95%)", "right guesses", "verdict", "seconds"],
+           rows=rows, notes=notes, elapsed=now() - started, extra_versions=("flwr",))
+
+
+if __name__ == "__main__":
+    main()

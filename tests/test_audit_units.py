@@ -1,0 +1,76 @@
+"""Parts of `veil audit` without a federation: canaries drawn from OS entropy, the planted-examples seam of the
+simulated shards, the verdict, and `veil report` showing the audit beside the claimed ε."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_report import fake_run
+from veil.errors import ConfigError
+from veil.privacy.audit import AuditResult, Canaries, make_canaries, write_planted
+from veil.task.data import TextExamples
+from veil.task.shards import with_planted
+
+VOCAB = [f"word{i}" for i in range(5000)]
+
+
+def test_canaries_are_fresh_random_records() -> None:
+    a = make_canaries(count=400, labels=["x", "y", "z"], vocabulary=VOCAB, num_clients=3)
+    b = make_canaries(count=400, labels=["x", "y", "z"], vocabulary=VOCAB, num_clients=3)
+    assert not np.array_equal(a.included, b.included), "inclusion comes from OS entropy, not a seed"
+    assert 140 < int(a.included.sum()) < 260  # Binomial(400, 1/2): 6 standard deviations either side
+    words = [w for t in a.texts for w in t.split()]
+    assert len(words) == 400 * 8 and len(set(words)) == len(words), "no word shared between canaries"
+    assert set(a.labels) <= {"x", "y", "z"} and set(a.partition.tolist()) == {0, 1, 2}
+
+
+def test_planted_file_holds_only_included_canaries_and_the_shard_takes_its_own(tmp_path: Path) -> None:
+    canaries = Canaries(texts=["c0", "c1", "c2", "c3"], labels=["x", "y", "x", "y"],
+                        included=np.array([True, False, True, True]), partition=np.array([0, 0, 1, 0]))
+    path = tmp_path / "planted.jsonl"
+    assert write_planted(canaries, path) == 3
+    assert "c1" not in path.read_text(), "an excluded canary never reaches a client"
+    own = TextExamples(["a", "b"], ["x", "y"])
+    merged = with_planted(own, str(path), partition=0)
+    assert sorted(zip(merged.texts, merged.labels, strict=True)) == [("a", "x"), ("b", "y"), ("c0", "x"), ("c3", "y")]
+    assert sorted(with_planted(own, str(path), partition=1).texts) == ["a", "b", "c2"]
+    orders = {tuple(with_planted(TextExamples([str(i) for i in range(20)], ["x"] * 20), str(path), partition=0).texts)
+              for _ in range(5)}
+    assert len(orders) > 1, "planted examples are mixed in, not appended at a fixed place"
+
+
+def test_unreadable_planted_file_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no partition"}\n')
+    with pytest.raises(ConfigError, match="planted_examples"):
+        with_planted(TextExamples(["a"], ["x"]), str(bad), partition=0)
+
+
+def _result(claimed: float, bound: float) -> AuditResult:
+    return AuditResult(claimed_epsilon=claimed, delta=1e-5, lower_bound=bound, confidence=0.95, canaries=100,
+                       included=50, guesses=20, correct=15, score="s", privacy="p")
+
+
+def test_verdict() -> None:
+    assert _result(1.0, 0.4).verdict == "consistent"
+    assert _result(1.0, 1.2).verdict == "VIOLATION"
+    assert _result(math.inf, 3.0).verdict == "consistent" and _result(math.inf, 3.0).to_json()["claimed_epsilon"] is None
+
+
+def test_report_shows_the_audit_beside_the_claim(tmp_path: Path) -> None:
+    from veil.report import find_runs, load_run, write_report
+
+    fake_run(tmp_path / "a", eps=1.0, clients=3)
+    fake_run(tmp_path / "b", eps=8.0, clients=3)
+    (tmp_path / "a" / "audit.json").write_text(json.dumps(_result(0.998, 1.234).to_json()))
+    runs = [load_run(p) for p in find_runs([tmp_path])]
+    write_report(runs, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if "VIOLATION" in line)
+    assert "0.998" in row and "1.234" in row and "95%" in row
+    assert text.count("VIOLATION") == 1, "only the audited run has an audit row"

@@ -1,0 +1,272 @@
+"""``veil audit``: an empirical lower bound on ε from one simulated federation, next to the claimed ε.
+
+The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846), black-box: (1) make m canary
+records (random words, random labels) and decide from OS entropy, independently with probability 1/2, which are
+included, each in a random client's data; (2) run the federation with the included canaries planted into the
+simulated clients' shards (``federation.planted_examples``; the node code sees one list of examples, so it cannot
+treat a canary differently); (3) score every canary by the final published model's loss on it (lower loss: more
+likely trained on); (4) guess "in" for the k lowest losses, "out" for the k highest, abstain otherwise; (5) turn the
+number of right guesses into the bound of :mod:`veil.privacy.audit_bound` at confidence 1 − β and compare it with
+the ε the nodes' ledgers claim (the largest over nodes). A bound above the claim means the run leaked more than
+its accounting says: a bug. A bound below it proves nothing about privacy: the audit is one weak attack.
+
+The audit sees only what the coordinator publishes (the final model), so it runs the same with SecAgg+ on or off.
+Sample-level DP only; a client-level audit (whole canary clients) is not implemented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.errors import ConfigError, VeilError
+
+log = logging.getLogger("veil.audit")
+
+_REFERENCE = "Steinke, Nasr, Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 (arXiv:2305.08846)"
+SCORE = "black-box: the final model's loss on each canary (lower: guessed in)"
+VIOLATION_EXIT = 3
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """m canary records; ``included`` (m,) and ``partition`` (m,) are decided from OS entropy."""
+
+    texts: list[str]
+    labels: list[str]
+    included: np.ndarray  # (m,) bool
+    partition: np.ndarray  # (m,) int: the simulated client an included canary is planted in
+
+
+def make_canaries(*, count: int, labels: Sequence[str], vocabulary: Sequence[str], num_clients: int,
+                  words: int = 8, rng: np.random.Generator | None = None) -> Canaries:
+    """``count`` canaries of ``words`` random vocabulary words with random labels, each included with probability
+    1/2. ``rng`` defaults to a generator seeded from OS entropy, never from the run's seed (the run config is
+    known to the nodes; an inclusion they could recompute would be no secret)."""
+    if count < 2:
+        raise ConfigError(f"--canaries={count} is invalid: expected at least 2 (the paper uses about 1,000)")
+    rng = rng or np.random.default_rng(secrets.randbits(128))
+    pool = sorted(vocabulary)
+    distinct = count * words <= len(pool)  # unique words per canary while the vocabulary lasts
+    picks = rng.choice(len(pool), size=count * words, replace=not distinct).reshape(count, words)  # (m, words)
+    return Canaries(
+        texts=[" ".join(pool[j] for j in row) for row in picks],
+        labels=[str(labels[i]) for i in rng.integers(0, len(labels), size=count)],
+        included=rng.random(count) < 0.5,
+        partition=rng.integers(0, num_clients, size=count),
+    )
+
+
+def write_planted(canaries: Canaries, path: Path) -> int:
+    """The included canaries, one JSONL line each, for :func:`veil.task.shards.with_planted`; returns the count."""
+    rows = [json.dumps({"partition": int(p), "text": t, "label": lab})
+            for t, lab, inc, p in zip(canaries.texts, canaries.labels, canaries.included, canaries.partition, strict=True)
+            if inc]
+    _write_atomic(path, "\n".join(rows) + "\n")
+    return len(rows)
+
+
+def canary_vocabulary(cfg: Any) -> list[str]:
+    """Whole-word entries of the model's tokenizer vocabulary (letters only, three or more)."""
+    from veil.task.model import load_tokenizer
+
+    vocab = load_tokenizer(cfg.model).get_vocab()  # type: ignore[attr-defined]
+    return [w for w in vocab if w.isascii() and w.isalpha() and len(w) >= 3]
+
+
+def canary_losses(cfg: Any, labels: list[str], out_dir: Path, canaries: Canaries, *, batch: int = 256) -> np.ndarray:
+    """Loss of the run's final global model on every canary, (m,)."""
+    import torch
+
+    from veil.server.app import load_global
+    from veil.task.data import TextExamples, encode_labels, tokenize
+    from veil.task.model import build_model, load_tokenizer, resolve_device, set_trainable, trainable_names
+
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, labels, seed=cfg.federation.seed)
+    set_trainable(model, load_global(out_dir / "global_trainable.npz", trainable_names(model)))
+    model.to(device).eval()
+    tok = load_tokenizer(cfg.model)
+    ids = torch.as_tensor(encode_labels(TextExamples(canaries.texts, canaries.labels), labels, path="canaries"))
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(canaries.texts), batch):
+            enc = tokenize(tok, canaries.texts[start:start + batch], max_length=cfg.model.max_length)
+            logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+            out.append(torch.nn.functional.cross_entropy(logits, ids[start:start + batch].to(device), reduction="none"))
+    return torch.cat(out).float().cpu().numpy()  # (m,)
+
+
+def claimed_epsilon(cfg: Any, out_dir: Path) -> float:
+    """The ε the simulated nodes' ledgers book for this run at the run's δ (the largest over nodes); ∞ without DP."""
+    from veil.client.settings import PARTITION_ID, node_settings
+    from veil.privacy.ledger import PrivacyLedger
+
+    if not cfg.privacy.enabled:
+        return math.inf
+    worst = 0.0
+    for partition in range(cfg.federation.num_clients):
+        path = node_settings({PARTITION_ID: partition}, simulation_root=out_dir / "nodes").ledger_path
+        if path.exists():
+            ledger = PrivacyLedger.open(path, create=False)
+            worst = max(worst, ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant).epsilon)
+    return worst
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    claimed_epsilon: float
+    delta: float
+    lower_bound: float
+    confidence: float
+    canaries: int
+    included: int
+    guesses: int
+    correct: int
+    score: str
+    privacy: str
+
+    @property
+    def verdict(self) -> str:
+        return "consistent" if self.lower_bound <= self.claimed_epsilon else "VIOLATION"
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {**dataclasses.asdict(self), "verdict": self.verdict, "reference": _REFERENCE}
+        doc["claimed_epsilon"] = None if math.isinf(self.claimed_epsilon) else self.claimed_epsilon  # JSON has no ∞
+        return doc
+
+    def lines(self) -> list[str]:
+        claimed = ("∞ (DP off)" if math.isinf(self.claimed_epsilon)
+                   else f"{self.claimed_epsilon:.3f} (delta {self.delta:g}, {self.privacy})")
+        return [
+            f"claimed epsilon {claimed}",
+            f"empirical lower bound {self.lower_bound:.3f} at {self.confidence:.0%} confidence",
+            f"canaries {self.canaries} ({self.included} included), guesses {self.guesses}, right {self.correct}",
+            f"score {self.score}",
+            f"verdict {self.verdict}",
+        ]
+
+
+def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float = 0.95,
+              client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> AuditResult:
+    """Plant canaries, run one simulated federation into ``out_dir``, score, bound; writes audit.json/audit.md.
+
+    ``guesses``: k, the canaries guessed "in" (and as many "out"), fixed before any score is seen.
+    ``client_mods`` and ``rng`` are for tests (a broken mechanism, a fixed draw); no config reaches them.
+    """
+    from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
+    from veil.simulation import resolve_paths_and_labels, simulate
+
+    _check(cfg, canaries=canaries, guesses=guesses, confidence=confidence)
+    cfg = resolve_paths_and_labels(cfg, out_dir)
+    labels: list[str] = json.loads(cfg.data.labels)
+    drawn = make_canaries(count=canaries, labels=labels, vocabulary=canary_vocabulary(cfg),
+                          num_clients=cfg.federation.num_clients, rng=rng)
+    planted = out_dir / "audit" / "planted.jsonl"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    write_planted(drawn, planted)
+    run_cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, planted_examples=str(planted)))
+    log.info("audit: %d canaries, %d planted in %d clients' data", canaries, int(drawn.included.sum()),
+             cfg.federation.num_clients)
+    simulate(run_cfg, out_dir, client_mods=client_mods)
+    losses = canary_losses(cfg, labels, out_dir, drawn)
+    result = guess_top_bottom(-losses, drawn.included, k_in=guesses, k_out=guesses)
+    bound = epsilon_lower_bound(m=result.m, r=result.r, v=result.v, delta=cfg.privacy.delta, beta=1 - confidence)
+    audit = AuditResult(
+        claimed_epsilon=claimed_epsilon(cfg, out_dir), delta=cfg.privacy.delta, lower_bound=bound,
+        confidence=confidence, canaries=canaries, included=int(drawn.included.sum()), guesses=result.r,
+        correct=result.v, score=SCORE, privacy="sample-level DP-SGD" if cfg.privacy.enabled else "DP off",
+    )
+    _write_outputs(out_dir, audit, drawn, losses)
+    return audit
+
+
+def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float) -> None:
+    if cfg.privacy.enabled and cfg.privacy.level != "sample":
+        raise ConfigError("veil audit supports sample-level DP only (privacy.level=sample); "
+                          "a client-level audit (whole canary clients) is not implemented")
+    if cfg.resume:
+        raise ConfigError("veil audit runs a fresh federation; drop resume=")
+    if not 0 < 2 * guesses <= canaries:
+        raise ConfigError(f"--guesses={guesses} is invalid: expected 1..{canaries // 2} (half of --canaries={canaries})")
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"--confidence={confidence} is invalid: expected a number in [0.5, 1), e.g. 0.95")
+
+
+def _write_outputs(out_dir: Path, audit: AuditResult, canaries: Canaries, losses: np.ndarray) -> None:
+    rows = [json.dumps({"text": t, "label": lab, "included": bool(inc), "loss": float(loss)})
+            for t, lab, inc, loss in zip(canaries.texts, canaries.labels, canaries.included, losses, strict=True)]
+    _write_atomic(out_dir / "audit" / "canaries.jsonl", "\n".join(rows) + "\n")
+    claimed = "∞ (no DP)" if math.isinf(audit.claimed_epsilon) else f"{audit.claimed_epsilon:.3f}"
+    md = ["# Privacy audit (one run)", "", "| | |", "|---|---|",
+          f"| claimed ε (δ = {audit.delta:g}) | {claimed} ({audit.privacy}) |",
+          f"| empirical lower bound on ε | {audit.lower_bound:.3f} at {audit.confidence:.0%} confidence |",
+          f"| canaries (included) | {audit.canaries} ({audit.included}) |",
+          f"| guesses (right) | {audit.guesses} ({audit.correct}) |",
+          f"| score | {audit.score} |", f"| verdict | **{audit.verdict}** |", "",
+          "A lower bound from one attack: above the claimed ε it shows a bug; below it, it proves nothing about",
+          "privacy (docs/privacy.md, \"The empirical audit\").", "", f"Method: {_REFERENCE}.", ""]
+    _write_atomic(out_dir / "audit.md", "\n".join(md))
+    _write_atomic(out_dir / "audit.json", json.dumps(audit.to_json(), indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--canaries", type=int, default=1000, help="canary records m (default 1000)")
+    parser.add_argument("--guesses", type=int, default=0,
+                        help="k: canaries guessed in, and as many guessed out (default m/10)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="the run's `veil simulate` overrides, e.g. model=tiny_bert privacy.target_epsilon=8")
+
+
+def run(args: argparse.Namespace) -> int:
+    from veil.simulation import preflight
+
+    overrides = list(args.overrides)
+    if any(o in ("-m", "--multirun") for o in overrides):
+        raise ConfigError("veil audit runs one federation; drop -m (run one audit per setting)")
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    out_dir = Path(given[-1] if given else time.strftime("outputs/audit/%Y-%m-%d/%H-%M-%S")).expanduser().resolve()
+    if (out_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{out_dir} already holds a run; give a new hydra.run.dir")
+    cfg = preflight(overrides)
+    guesses = args.guesses or max(1, args.canaries // 10)
+    try:
+        audit = run_audit(cfg, out_dir, canaries=args.canaries, guesses=guesses, confidence=args.confidence)
+    except VeilError:
+        if not (out_dir / "metrics.jsonl").exists():
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    for line in audit.lines():
+        print(line)
+    print(f"written to {out_dir / 'audit.json'} and {out_dir / 'audit.md'}", flush=True)
+    if audit.verdict != "consistent":
+        print(f"veil: error: the empirical lower bound {audit.lower_bound:.3f} exceeds the claimed epsilon "
+              f"{audit.claimed_epsilon:.3f}: the run leaks more than its accounting says; report this as a bug",
+              file=sys.stderr)
+        return VIOLATION_EXIT
+    return 0
