@@ -344,3 +344,91 @@ def test_calibration_fits_the_run_into_what_the_ledger_leaves(files: dict[str, P
     sigmas = {e.noise_multiplier for e in _events(settings) if e.run_id == "2"}
     assert min(sigmas) > client_app._calibrated_sigma(target_epsilon=3.0, delta=1e-5, sample_rate=0.2, steps=6,
                                                        accountant="prv")
+
+
+# (a) through the whole node: the real ClientApp (guard + Flower's SecAgg+ mod + VeilClient), every stage ------------
+def test_every_message_a_node_sends_in_a_secagg_round_is_data_independent(files: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """Three deployed-style nodes (own files of 40, 12 and 16 examples; the third over its budget, so it refuses)
+    run one SecAgg+ round driven stage by stage as Flower's workflow drives it (tests/test_secagg_guard.py's
+    ``Round``). Reference: what each node sends at each stage, with the random parts (keys, ciphertexts, shares,
+    the masked vector) reduced to their sizes, is the same for every node, trained or refused."""
+    from flwr.app import ConfigRecord
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.compat.common import recorddict_compat as compat
+    from test_secagg_guard import NODES, Round, _incoming
+
+    from veil.client.app import make_client_app
+    from veil.conf.runconfig import to_run_config
+
+    cfg = _cfg()
+    flat = to_run_config(cfg)
+    node_app = make_client_app()
+    configs = {NODES[0]: (files["big"], 50.0), NODES[1]: (files["small"], 50.0), NODES[2]: (files["with_target"], 1e-3)}
+    rnd = Round(mod=lambda msg, context, _app: node_app(msg, context))
+    for node, (data, budget) in configs.items():
+        rnd.contexts[node] = dataclasses.replace(rnd.contexts[node], run_config=flat, node_config={
+            "data-path": str(data), "max-epsilon": budget, "ledger-path": str(tmp_path / f"{node}.json"),
+            "device": "cpu"})
+    weights = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(_weights(cfg)), {"server_round": 1}),
+                                          keep_input=True)
+    sent: dict[int, list[Any]] = {n: [] for n in NODES}
+    original_send = rnd.send
+
+    def send(node: int, stage_configs: dict[str, Any], with_fitins: bool = False) -> Any:
+        if with_fitins:  # the real model's trainable weights, as DeltaFedAvg sends them
+            content = compat.fitins_to_recorddict(compat.recorddict_to_fitins(weights, keep_input=True),
+                                                  keep_input=True)
+            content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(stage_configs)
+            reply = rnd.mod(_incoming(node, content), rnd.contexts[node], rnd.app)
+        else:
+            reply = original_send(node, stage_configs)
+        sent[node].append(_shape_of(reply))
+        return reply
+
+    rnd.send = send  # type: ignore[method-assign]
+    rnd.to_collect()
+    for n in NODES:
+        rnd.unmask(n, list(NODES), [])
+    assert not any(m[0] == "error" for m in sent[NODES[0]]), sent[NODES[0]]
+    assert sent[NODES[0]] == sent[NODES[1]], "a trained node's messages depend on its data"
+    # a refusal differs only in the documented bits (docs/privacy.md, "What leaves a node"): weight, refused,
+    # can_train_next; the update is zeros, masked like any other
+    assert [_without_refusal_bits(m) for m in sent[NODES[2]]] == [_without_refusal_bits(m) for m in sent[NODES[0]]]
+    collect = dict(sent[NODES[0]][2][3])
+    assert {k.split(".")[-1] for k in collect if k.startswith("fitres.metrics.")} == set(REPLY_KEYS)
+    assert collect["fitres.metrics.refused"] == 0 and dict(sent[NODES[2]][2][3])["fitres.metrics.refused"] == 1
+    assert len(_events_at(tmp_path / f"{NODES[2]}.json")) == 0 and len(_events_at(tmp_path / f"{NODES[0]}.json")) == 1
+
+
+def _without_refusal_bits(shape: tuple[Any, ...]) -> tuple[Any, ...]:
+    if shape[0] != "ok":
+        return shape
+    bits = ("fitres.metrics.refused", "fitres.metrics.can_train_next")
+    configs = tuple((k, None if k in bits else v) for k, v in shape[3])
+    return (shape[0], shape[1], tuple((k, None) for k, _ in shape[2]), configs, shape[4])
+
+
+def _events_at(path: Path) -> list[Any]:
+    return list(PrivacyLedger.open(path, create=False).events) if path.exists() else []
+
+
+def _shape_of(reply: Any) -> tuple[Any, ...]:
+    """A reply with its random or masked parts reduced to sizes; everything else kept as sent."""
+    if reply.has_error():
+        return ("error", reply.error.code, reply.error.reason)
+    content = reply.content
+    metrics = tuple(sorted(k for rec in content.metric_records.values() for k in rec))
+    values = tuple(sorted((k, v) for rec in content.metric_records.values() for k, v in rec.items()
+                          if k != "can_train_next"))
+    configs = {}
+    for name, rec in content.config_records.items():
+        for key, value in rec.items():
+            if isinstance(value, (bytes, list)):
+                configs[f"{name}.{key}"] = ("sizes", tuple(len(v) if isinstance(v, bytes) else 0 for v in value)
+                                            if isinstance(value, list) else len(value))
+            else:
+                configs[f"{name}.{key}"] = value
+    arrays = tuple(sorted(content.array_records))
+    return ("ok", metrics, values, tuple(sorted(configs.items(), key=lambda kv: kv[0])), arrays)
