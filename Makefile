@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-bench clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,13 @@ demo: setup
 	$(VENV)/bin/veil simulate
 
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not bench"
 
 test-fast: setup
-	$(PY) -m pytest -q --durations=15 -m "not slow"
+	$(PY) -m pytest -q --durations=15 -m "not slow and not bench"
+
+test-bench: setup  # the benchmark scripts end to end at their --quick sizes (a loopback deployment: minutes)
+	$(PY) -m pytest -q --durations=15 -m bench
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -73,6 +73,7 @@ def test_federation_benchmark_quick_prints_table(module: str, needles: list[str]
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_deploy_overhead_quick_prints_table() -> None:
     """A real loopback deployment (SuperLink + 3 SuperNodes, TLS, SecAgg+): about two minutes on two cores."""
     proc = _run_quick("deploy_overhead", timeout=600)
@@ -81,6 +82,7 @@ def test_deploy_overhead_quick_prints_table() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_sim_scale_quick_prints_table() -> None:
     """A 20-client simulation with SecAgg+ through `veil simulate` (about a minute on two cores)."""
     proc = _run_quick("sim_scale", timeout=600)
