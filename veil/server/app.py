@@ -198,7 +198,7 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     template = task.build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
     data = eval_split(cfg)
     strategy = make_strategy(cfg, initial=get_trainable(template), central_noise_std=_central_noise_std(cfg),
-                             evaluate_fn=make_evaluate_fn(template, data, device=device, task=task))
+                             evaluate_fn=make_evaluate_fn(template, data, device=device, task=task, cfg=cfg))
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names, simulation=simulation)
     random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)

@@ -179,8 +179,8 @@ def client_shard(cfg: VeilConfig, settings: ShardSource) -> dict[str, torch.Tens
     """The tokenized examples this node trains on: its own file, or its simulated partition."""
     data = cfg.data
     if settings.text_column or settings.label_column:
-        data = dataclasses.replace(data, text_column=settings.text_column or data.text_column,
-                                   label_column=settings.label_column or data.label_column)
+        data = get_task(cfg.task.name).node_data(data, text_column=settings.text_column,
+                                                 label_column=settings.label_column)
     if settings.simulated and settings.num_partitions not in (None, cfg.federation.num_clients):
         raise ConfigError(
             f"the simulation has {settings.num_partitions} nodes but federation.num_clients={cfg.federation.num_clients}"
