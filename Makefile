@@ -32,8 +32,8 @@ demo: setup
 # The generative demo (docs/demo.md): SmolLM2-135M-Instruct + LoRA learns BANKING77 intents as instructions across
 # 5 banks (Dirichlet), DP-SGD + SecAgg+; sized for <= 15 minutes on 2 CPU cores (the first use also dequantises
 # the model once, a few minutes). Evaluation: held-out perplexity and greedy exact match on 32 test queries.
-LLM_DEMO := task=causal_lm model=smollm2 data=banking77_instructions federation.rounds=3 federation.local_steps=2 \
-	federation.batch_size=8 federation.lr=3e-3 model.max_length=64 data.eval_max_examples=32
+LLM_DEMO := task=causal_lm model=smollm2 data=banking77_instructions federation.rounds=3 federation.local_steps=3 \
+	federation.batch_size=8 federation.lr=1e-2 model.max_length=64 data.eval_max_examples=32
 demo-llm: setup
 	$(VENV)/bin/veil simulate $(LLM_DEMO)
 

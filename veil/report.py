@@ -306,6 +306,9 @@ def _generation_lines(run: Run, factors: list[str]) -> list[str]:
     rows = [row for row in run.rows if "perplexity" in row]
     if not rows:
         return []
+    before = run.summary.get("before_training") or {}
+    if "perplexity" in before:  # task.evaluate_before: the starting model, as round 0
+        rows = [{**before, "round": "0 (before training)", "epsilon_max": 0.0}, *rows]
     lines = ["", f"## Generations: {run_label(run, factors)}", "",
              "| round | held-out loss | perplexity | exact match | ε max |", "|---|---|---|---|---|"]
     for row in rows:
