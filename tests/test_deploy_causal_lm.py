@@ -23,8 +23,8 @@ NODE = [("where is my new card", "card arrival"), ("i was charged twice", "doubl
 
 
 def _server_cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
-    test = tmp_path / "eval.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in EVAL), encoding="utf-8")
+    test = tmp_path / "eval.csv"
+    test.write_text("prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in EVAL), encoding="utf-8")
     # what `veil server` composes: a coordinator without training data reads its evaluation file for the checks
     cfg = preflight(["task=causal_lm", "model=tiny_llama", "data=csv", f"data.test_path={test}",
                      "data.train_path=${data.test_path}", "data.prompt_prefix=Intent? ", *extra])
@@ -39,7 +39,7 @@ def _node_cfg(resolved):  # type: ignore[no-untyped-def]
 def test_server_resolves_a_causal_lm_run_config(tmp_path: Path) -> None:
     resolved = _server_cfg(tmp_path)
     assert resolved.data.labels == "[]" and resolved.data.train_path == NODE_LOCAL
-    assert resolved.data.test_path == str((tmp_path / "eval.jsonl").resolve())
+    assert resolved.data.test_path == str((tmp_path / "eval.csv").resolve())
     assert resolved.output_dir == str(tmp_path / "run")
     node = _node_cfg(resolved)
     assert node.task.name == "causal_lm" and node.data.labels == "[]"
@@ -70,8 +70,8 @@ def test_a_deployed_node_reads_its_own_columns_as_prompt_and_completion(tmp_path
 def test_a_deployed_node_with_a_text_only_file_learns_every_token(tmp_path: Path) -> None:
     node_file = tmp_path / "notes.jsonl"
     node_file.write_text("".join(json.dumps({"body": q}) + "\n" for q, _ in NODE), encoding="utf-8")
-    node = _node_cfg(_server_cfg(tmp_path))
-    shard = client_shard(node, _settings(tmp_path, node_file, **{"text-column": "body", "label-column": "label"}))
+    node = _node_cfg(_server_cfg(tmp_path, "data.format=csv"))  # the operator's format is not the node's (JSONL)
+    shard = client_shard(node, _settings(tmp_path, node_file, **{"text-column": "body", "label-column": ""}))
     tok = load_tokenizer(node.model)
     for row, (query, _) in enumerate(NODE):
         counted = shard["labels"][row][shard["labels"][row] != IGNORE].tolist()
@@ -87,7 +87,7 @@ def _client_args(tmp_path: Path, data: Path, *flags: str) -> argparse.Namespace:
                               "--ledger", str(tmp_path / "ledger.json"), *flags])
 
 
-def test_node_start_up_check_accepts_causal_lm_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_node_start_up_check_accepts_causal_lm_files(tmp_path: Path) -> None:
     from veil.client.node import preflight as node_preflight
 
     pairs = tmp_path / "pairs.jsonl"
@@ -97,9 +97,12 @@ def test_node_start_up_check_accepts_causal_lm_files(tmp_path: Path, capsys: pyt
     assert args.owner_delta == pytest.approx(min(1e-5, 1 / (10 * len(NODE))))
     text_only = tmp_path / "text.jsonl"
     text_only.write_text("".join(json.dumps({"text": q}) + "\n" for q, _ in NODE), encoding="utf-8")
-    node_preflight(_client_args(tmp_path, text_only))
-    assert "task=causal_lm runs only" in capsys.readouterr().err
-    from veil.errors import DataFileError
+    node_preflight(_client_args(tmp_path, text_only, "--label-column", ""))  # text only: said explicitly
+    from veil.errors import ConfigError, DataFileError
 
-    with pytest.raises(DataFileError, match="text"):  # neither column: still refused in one line
+    with pytest.raises(DataFileError, match="no label column 'label'"):  # a forgotten --label-column: still refused
+        node_preflight(_client_args(tmp_path, text_only))
+    with pytest.raises(DataFileError, match="text"):
         node_preflight(_client_args(tmp_path, pairs))
+    with pytest.raises(ConfigError, match="no text column 'text'"):
+        node_preflight(_client_args(tmp_path, pairs, "--label-column", ""))

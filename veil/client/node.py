@@ -57,7 +57,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="text column of --data (default: text); in task=causal_lm runs the prompt column, or "
                              "the only column of a text-only file")
     parser.add_argument("--label-column", default="label",
-                        help="label column of --data (default: label); in task=causal_lm runs the completion column")
+                        help="label column of --data (default: label); in task=causal_lm runs the completion column; "
+                             "'' for a text-only file (causal-LM runs only, every token learned)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-epsilon", type=float, help="the owner's ε budget over all runs (required)")
     budget.add_argument("--no-budget", action="store_true",
@@ -104,11 +105,13 @@ def preflight(args: argparse.Namespace) -> None:
     from veil.privacy.ledger_home import bind_ledger, data_fingerprint
 
     data = DataConfig(text_column=args.text_column, label_column=args.label_column)
-    rows = read_rows(args.data, data)
-    if rows and args.text_column in rows[0] and args.label_column not in rows[0]:  # text only: causal-LM runs only
-        examples: Sized = rows
-        print(f"note: {args.data} has a {args.text_column!r} column and no {args.label_column!r} column: this node "
-              "can join task=causal_lm runs only (every token of the text is learned)", file=sys.stderr, flush=True)
+    examples: Sized
+    if args.label_column == "":  # a text-only file (--label-column ''): task=causal_lm runs only
+        examples = read_rows(args.data, data)
+        if not examples or args.text_column not in examples[0]:
+            columns = ", ".join(sorted(examples[0])) if examples else "none"
+            raise ConfigError(f"data file {args.data} has no text column {args.text_column!r} (columns: {columns}); "
+                              "set --text-column")
     else:
         examples = read_examples(args.data, data)  # one line naming a missing column or an empty field
     if args.model is not None and not (args.model / "config.json").is_file():
