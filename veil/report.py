@@ -200,10 +200,13 @@ def plot_per_round(runs: list[Run], factors: list[str], *, key: str, ylabel: str
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
-        points = [(row["round"], row[key]) for row in r.rows if row.get(key) is not None]
+        before = r.summary.get("before_training") or {}  # task.evaluate_before: the starting model as round 0
+        points = [(0, before[key])] if _finite(before.get(key)) else []
+        points += [(row["round"], row[key]) for row in r.rows if row.get(key) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run_label(r, factors),
                 linestyle="-" if r.private else "--")
-    ax.set(title=title, xlabel="round", ylabel=ylabel)
+    ax.set(title=title, xlabel="round (0: before training)" if any(r.summary.get("before_training") for r in runs)
+           else "round", ylabel=ylabel, yscale="log" if key == "perplexity" else "linear")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
