@@ -122,3 +122,33 @@ def test_evaluate_loss_perplexity_exact_match() -> None:
     assert math.isclose(got["loss"], loss2, rel_tol=1e-5) and math.isclose(got["perplexity"], math.exp(loss2), rel_tol=1e-5)
     assert loss > 0
     assert got["accuracy"] == pytest.approx(0.5 if greedy[1] == model.generation_config.eos_token_id else 0.0)
+
+
+def test_evaluate_samples_are_each_prompts_own_greedy_generation() -> None:
+    """The per-round samples: prompt and expected completion as written, and the greedy generation of that prompt
+    alone (unpadded, one at a time), cut at the end token; at most ``task.eval_samples`` of them."""
+    from dataclasses import replace
+
+    from veil.conf.schema import TaskConfig, VeilConfig
+    from veil.task.model import load_tokenizer
+
+    cfg = VeilConfig(task=TaskConfig(name="causal_lm", eval_samples=2), model=ModelConfig(tiny=True, lora=False))
+    model = TASK.build_model(cfg, [], seed=0).eval()
+    tok = load_tokenizer(cfg.model)
+    prompts, completions = ["my card is lost", "atm ate my cash", "where is my refund"], ["lost card", "cash", "refund"]
+    data = tokenize_examples(tok, PromptExamples(prompts, completions), max_length=32, chat=True, generate_max_tokens=4)
+    got = TASK.evaluate(model, data, device=torch.device("cpu"), cfg=cfg)["samples"]
+    width = int(data["target_ids"].shape[1])
+    end = {model.generation_config.eos_token_id, model.config.pad_token_id}
+    want = []
+    for i in range(2):
+        ids = data["gen_ids"][i][data["gen_mask"][i] == 1][None]
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, max_new_tokens=width + 1, do_sample=False,
+                                 pad_token_id=model.config.pad_token_id)[0, ids.shape[1]:].tolist()
+        new = new[:next((j for j, t in enumerate(new) if t in end), len(new))]
+        want.append({"prompt": prompts[i], "generated": tok.decode(new, skip_special_tokens=True).strip(),
+                     "expected": completions[i]})
+    assert got == want
+    none = TASK.evaluate(model, data, device=torch.device("cpu"), cfg=replace(cfg, task=replace(cfg.task, eval_samples=0)))
+    assert "samples" not in none and "samples" not in TASK.evaluate(model, data, device=torch.device("cpu"))

@@ -40,6 +40,14 @@ def test_causal_lm_dp_secagg_run_exports_a_generating_model(tmp_path: Path) -> N
     assert all(math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-6) for r in rows)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows), "completions are short: exact match is computed"
     assert "perplexity" in proc.stdout
+    for r in rows:  # the first eval_samples (3) held-out prompts, as written, with the global model's generation
+        assert [s["expected"] for s in r["samples"]] == [json.loads(line)["completion"]
+                                                         for line in test.read_text().splitlines()[:3]]
+        assert all(s["prompt"].endswith(f"again {i}") for i, s in enumerate(r["samples"]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before = summary["before_training"]  # task.evaluate_before: the starting model (LoRA B = 0: the base model)
+    assert math.isclose(before["perplexity"], math.exp(before["loss"]), rel_tol=1e-6) and len(before["samples"]) == 3
+    assert "before training" in proc.stdout + proc.stderr
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,6 +61,15 @@ def test_causal_lm_dp_secagg_run_exports_a_generating_model(tmp_path: Path) -> N
     reference = build_causal_lm(ModelConfig(tiny=True, max_length=48, lora_r=4, lora_alpha=8, head_init="random"), seed=0)
     set_trainable(reference, load_global(run_dir / "global_trainable.npz", trainable_names(reference)))
     reference.eval()
+    from veil.task import get_task
+    from veil.task.causal_lm import PromptExamples, tokenize_examples
+
+    start = build_causal_lm(ModelConfig(tiny=True, max_length=48, lora_r=4, lora_alpha=8, head_init="random"), seed=0)
+    pairs = [json.loads(line) for line in test.read_text().splitlines()]
+    held_out = tokenize_examples(tokenizer, PromptExamples([p["prompt"] for p in pairs], [p["completion"] for p in pairs]),
+                                 max_length=48, chat=True)
+    want = get_task("causal_lm").evaluate(start, held_out, device=torch.device("cpu"))["loss"]
+    assert math.isclose(before["loss"], want, rel_tol=1e-5), (before["loss"], want)
     enc = tokenizer(["my card was lost", "why a fee"], return_tensors="pt", padding=True)
     ids = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     with torch.no_grad():

@@ -4,6 +4,7 @@ line, valid PNGs, TensorBoard event files read back record by record, a sweep th
 from __future__ import annotations
 
 import csv
+import math
 import json
 import struct
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from helpers import TINY, data_overrides, metrics, run_veil
+from veil.report import load_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNGS = ["accuracy_per_round.png", "loss_per_round.png", "epsilon_per_round.png", "privacy_utility.png"]
@@ -150,3 +152,36 @@ def test_sweep_with_a_failing_member_then_report(small_csv: tuple[Path, Path], t
         data = (report / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, name
     assert "privacy.target_epsilon" in (report / "report.md").read_text()
+
+
+def test_report_of_a_causal_lm_run_shows_perplexity_and_generations(tmp_path: Path) -> None:
+    """A hand-made causal_lm metrics.jsonl: report.md holds each round's loss, perplexity, exact match and ε and
+    every sample generation (pipes escaped), the perplexity plot is drawn, summary.csv keeps the samples as JSON."""
+    run_dir = tmp_path / "llm"
+    fake_run(run_dir, eps=2.0, clients=5)
+    samples = [[{"prompt": f"query {r}.{i} | card", "generated": f"card_arrival {r}{i}", "expected": "card_arrival"}
+                for i in range(2)] for r in (1, 2)]
+    rows = [{"round": r, "accuracy": 0.25 * r, "loss": 3.0 / r, "perplexity": math.exp(3.0 / r), "epsilon_max": 1.5 * r,
+             "secagg": True, "completed": True, "clients": 5, "samples": samples[r - 1]} for r in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {"loss": 5.0, "perplexity": math.exp(5.0), "accuracy": 0.0,
+              "samples": [{"prompt": "query 0", "generated": "I can help", "expected": "card_arrival"}]}
+    (run_dir / "summary.json").write_text(json.dumps({**rows[-1], "before_training": before}))
+    write_report([load_run(run_dir)], run_dir / "report")
+    report = (run_dir / "report" / "report.md").read_text(encoding="utf-8")
+    assert f"| 0 (before training) | 5.0000 | {math.exp(5.0):.2f} | 0.0000 | 0.000 |" in report
+    assert "| 0 (before training) | query 0 | I can help | card_arrival |" in report
+    for r in (1, 2):
+        assert f"| {r} | {3.0 / r:.4f} | {math.exp(3.0 / r):.2f} | {0.25 * r:.4f} | {1.5 * r:.3f} |" in report
+        for i in range(2):
+            assert f"| {r} | query {r}.{i} \\| card | card_arrival {r}{i} | card_arrival |" in report
+    assert (run_dir / "report" / "perplexity_per_round.png").read_bytes().startswith(PNG_MAGIC)
+    row = csv_rows(run_dir / "report" / "summary.csv")[0]
+    assert json.loads(row["samples"]) == samples[1] and float(row["perplexity"]) == pytest.approx(math.exp(1.5))
+
+
+def test_report_of_classification_runs_has_no_generation_section(tmp_path: Path) -> None:
+    fake_run(tmp_path / "cls", eps=2.0, clients=5)
+    write_report([load_run(tmp_path / "cls")], tmp_path / "cls" / "report")
+    assert "Generations" not in (tmp_path / "cls" / "report" / "report.md").read_text(encoding="utf-8")
+    assert not (tmp_path / "cls" / "report" / "perplexity_per_round.png").exists()

@@ -5,7 +5,8 @@ sweep (``multirun/DATE/TIME``): every directory below it holding a ``metrics.jso
 ``config.resolved.yaml`` tells which settings differ between the runs (the swept factors).
 
 Written to ``--out`` (default: ``<first RUN_DIR>/report``): ``summary.csv`` (one row per run: its factors and its
-last metrics line), ``report.md``, and PNG plots: accuracy, loss and ε per round (one line per run) and the
+last metrics line), ``report.md``, and PNG plots: accuracy, loss and ε per round (one line per run; perplexity too for
+``task=causal_lm`` runs, whose per-round table and sample generations go into ``report.md``) and the
 privacy–utility curve (final accuracy against final ε; one line per value of the other swept factors; non-private
 runs as dashed reference lines, the majority-class baseline dotted).
 """
@@ -34,6 +35,10 @@ _PLOTS = {  # file -> (metrics key, y label, title)
     "loss_per_round.png": ("loss", "test loss (cross-entropy, nats)", "Test loss per round"),
     "epsilon_per_round.png": ("epsilon_max", "ε (the run's stated bound, see its model card)", "Privacy spent per round"),
 }
+# Plotted only when some run's rows hold the key (task=causal_lm).
+_TASK_PLOTS = {"perplexity_per_round.png": ("perplexity", "held-out perplexity (exp of the token loss)",
+                                            "Held-out perplexity per round")}
+SAMPLES_KEY = "samples"  # causal_lm rows: the global model's greedy generations for the first held-out prompts
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
 
 
@@ -156,7 +161,9 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     factors = swept_factors(runs)
     written = [write_csv(runs, factors, out / "summary.csv")]
-    for name, (key, ylabel, title) in _PLOTS.items():
+    plots = {**_PLOTS, **{name: spec for name, spec in _TASK_PLOTS.items()
+                          if any(spec[0] in row for r in runs for row in r.rows)}}
+    for name, (key, ylabel, title) in plots.items():
         shown = [r for r in runs if r.private] if key == "epsilon_max" else runs
         written.append(plot_per_round(shown or runs, factors, key=key, ylabel=ylabel, title=title, path=out / name))
     written.append(plot_privacy_utility(runs, factors, out / PRIVACY_UTILITY_PNG))
@@ -174,6 +181,7 @@ def write_csv(runs: list[Run], factors: list[str], path: Path) -> Path:
         for r in runs:
             status = "complete" if r.complete else "incomplete"
             values = [r.config.get(k) for k in factors] + [r.last.get(k) for k in metric_keys]
+            values = [json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values]
             writer.writerow([str(r.path), status, *("" if v is None else v for v in values),
                              r.summary.get("majority_baseline", "")])
     return path
@@ -192,10 +200,13 @@ def plot_per_round(runs: list[Run], factors: list[str], *, key: str, ylabel: str
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
-        points = [(row["round"], row[key]) for row in r.rows if row.get(key) is not None]
+        before = r.summary.get("before_training") or {}  # task.evaluate_before: the starting model as round 0
+        points = [(0, before[key])] if _finite(before.get(key)) else []
+        points += [(row["round"], row[key]) for row in r.rows if row.get(key) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run_label(r, factors),
                 linestyle="-" if r.private else "--")
-    ax.set(title=title, xlabel="round", ylabel=ylabel)
+    ax.set(title=title, xlabel="round (0: before training)" if any(r.summary.get("before_training") for r in runs)
+           else "round", ylabel=ylabel, yscale="log" if key == "perplexity" else "linear")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
@@ -278,8 +289,39 @@ def write_markdown(runs: list[Run], factors: list[str], path: Path, *, plots: li
     if baselines:
         lines += ["", "Majority-class baseline: " + ", ".join(f"{b:.4f}" for b in baselines) + "."]
     lines += _audit_lines(runs, factors)
+    for r in runs:
+        lines += _generation_lines(r, factors)
     lines += ["", "Per-run tables: `summary.csv` (factors and each run's last metrics line)."]
     for name in plots:
         lines += ["", f"![{name[:-4].replace('_', ' ')}]({name})"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _cell(text: Any, limit: int = 120) -> str:
+    """``text`` as one Markdown table cell: one line, pipes escaped, at most ``limit`` characters."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+def _generation_lines(run: Run, factors: list[str]) -> list[str]:
+    """Per round: held-out loss, perplexity, exact match and ε, then the sample generations (causal_lm runs)."""
+    rows = [row for row in run.rows if "perplexity" in row]
+    if not rows:
+        return []
+    before = run.summary.get("before_training") or {}
+    if "perplexity" in before:  # task.evaluate_before: the starting model, as round 0
+        rows = [{**before, "round": "0 (before training)", "epsilon_max": 0.0}, *rows]
+    lines = ["", f"## Generations: {run_label(run, factors)}", "",
+             "| round | held-out loss | perplexity | exact match | ε max |", "|---|---|---|---|---|"]
+    for row in rows:
+        eps = f"{row['epsilon_max']:.3f}" if run.private and _finite(row.get("epsilon_max")) else "–"
+        match = f"{row['accuracy']:.4f}" if _finite(row.get("accuracy")) else "n/a"
+        lines.append(f"| {row['round']} | {row['loss']:.4f} | {row['perplexity']:.2f} | {match} | {eps} |")
+    samples = [(row["round"], s) for row in rows for s in row.get(SAMPLES_KEY) or []]
+    if samples:
+        lines += ["", "Sample generations of the global model (greedy, the coordinator's own held-out prompts):", "",
+                  "| round | prompt | generated | expected |", "|---|---|---|---|"]
+        lines += [f"| {rnd} | {_cell(s.get('prompt', ''))} | {_cell(s.get('generated', ''))} "
+                  f"| {_cell(s.get('expected', ''))} |" for rnd, s in samples]
+    return lines

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sized
 from pathlib import Path
 
 from veil.client.supernode_polling import DEFAULT_POLL_INTERVAL
@@ -52,8 +53,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root-cert", type=Path, help="the deployment's CA certificate (ca.crt)")
     parser.add_argument("--key", type=Path, help="this node's private key (node-<i>.key from `veil certs`)")
     parser.add_argument("--data", type=Path, required=True, help="this node's private CSV/TSV/JSONL training file")
-    parser.add_argument("--text-column", default="text", help="text column of --data (default: text)")
-    parser.add_argument("--label-column", default="label", help="label column of --data (default: label)")
+    parser.add_argument("--text-column", default="text",
+                        help="text column of --data (default: text); in task=causal_lm runs the prompt column, or "
+                             "the only column of a text-only file")
+    parser.add_argument("--label-column", default="label",
+                        help="label column of --data (default: label); in task=causal_lm runs the completion column; "
+                             "'' for a text-only file (causal-LM runs only, every token learned)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-epsilon", type=float, help="the owner's ε budget over all runs (required)")
     budget.add_argument("--no-budget", action="store_true",
@@ -95,11 +100,20 @@ def preflight(args: argparse.Namespace) -> None:
     from veil.client.settings import node_settings
     from veil.conf.schema import DataConfig
     from veil.security.credentials import check_ca_certificate, check_node_private_key
-    from veil.task.data import read_examples
+    from veil.task.data import read_examples, read_rows
 
     from veil.privacy.ledger_home import bind_ledger, data_fingerprint
 
-    examples = read_examples(args.data, DataConfig(text_column=args.text_column, label_column=args.label_column))
+    data = DataConfig(text_column=args.text_column, label_column=args.label_column)
+    examples: Sized
+    if args.label_column == "":  # a text-only file (--label-column ''): task=causal_lm runs only
+        examples = read_rows(args.data, data)
+        if not examples or args.text_column not in examples[0]:
+            columns = ", ".join(sorted(examples[0])) if examples else "none"
+            raise ConfigError(f"data file {args.data} has no text column {args.text_column!r} (columns: {columns}); "
+                              "set --text-column")
+    else:
+        examples = read_examples(args.data, data)  # one line naming a missing column or an empty field
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not a Hugging Face model directory (no config.json); "
                           "give the directory holding config.json and the weights")

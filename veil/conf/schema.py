@@ -56,6 +56,8 @@ class TaskConfig:
     # tokens (the generation budget); longer completions report loss and perplexity only
     generate_max_tokens: int = 16
     eval_samples: int = 3  # causal_lm: sample generations logged per round (from the coordinator's own eval file)
+    # evaluate the starting model once before round 1 (console, summary.json "before_training", veil report)
+    evaluate_before: bool = False
 
 
 @dataclass

@@ -86,6 +86,7 @@ class RunRecorder:
         self.epsilon_max = 0.0
         self.tensorboard = TensorBoardHook(out_dir / "tensorboard")
         self.progress: RoundProgress | None = None  # made at the first round seen (a resumed run starts later)
+        self.initial: dict[str, Any] = {}  # the starting model's evaluation (task.evaluate_before)
 
     @property
     def basis(self) -> str:
@@ -116,6 +117,12 @@ class RunRecorder:
         if basis == "simulated_ledgers":
             return node.get("node_epsilon_max", 0.0)
         return coordinator_epsilon(self.cfg, basis=basis, rounds_run=self.rounds_run)
+
+    def before_training(self, loss: float, metrics: dict[str, Any]) -> None:
+        """The starting model's evaluation (``task.evaluate_before``): logged, and kept for summary.json."""
+        self.initial = {"loss": loss, **metrics}
+        ppl = f" | ppl {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""
+        log.info("before training | acc %.4f | loss %.4f%s", metrics.get("accuracy", float("nan")), loss, ppl)
 
     def after_round(self, outcome: RoundOutcome) -> None:
         fit = outcome.fit_metrics
@@ -198,7 +205,7 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     template = task.build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
     data = eval_split(cfg)
     strategy = make_strategy(cfg, initial=get_trainable(template), central_noise_std=_central_noise_std(cfg),
-                             evaluate_fn=make_evaluate_fn(template, data, device=device, task=task))
+                             evaluate_fn=make_evaluate_fn(template, data, device=device, task=task, cfg=cfg))
     names = trainable_names(template)
     recorder = RunRecorder(cfg, out_dir, strategy, names, simulation=simulation)
     random.seed(cfg.federation.seed)  # client sampling (Flower samples with Python's `random`)
@@ -208,7 +215,8 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
     try:
         if start <= cfg.federation.rounds:
-            RoundLoop(fit_workflow_for(cfg), recorder, start_round=start)(grid, legacy)
+            RoundLoop(fit_workflow_for(cfg), recorder, start_round=start,
+                      on_initial=recorder.before_training if cfg.task.evaluate_before else None)(grid, legacy)
     finally:
         recorder.close()
     if recorder.rounds_completed == 0 and start <= cfg.federation.rounds:
@@ -217,7 +225,7 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     summary = {
         **recorder.last, "epsilon_max": recorder.epsilon_max, "epsilon_basis": recorder.basis,
         "rounds_completed": recorder.rounds_completed, "rounds_run": recorder.rounds_run,
-        "eval_examples": batch_size_of(data),
+        "eval_examples": batch_size_of(data), **({"before_training": recorder.initial} if recorder.initial else {}),
     }
     save_global(out_dir / "global_trainable.npz", trainable_names(template), strategy.global_arrays)
     export_global_model(template, strategy.global_arrays, out_dir / "model", cfg=cfg, summary=summary)

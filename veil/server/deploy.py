@@ -87,18 +87,15 @@ def _node_keys(args: argparse.Namespace) -> list[Path]:
 
 def resolve_config(cfg: Any, run_dir: Path) -> Any:
     """Absolute evaluation path, a fixed label set, the output directory; every path is the operator's."""
-    from veil.task.data import read_examples
-    from veil.task.shards import absolute, resolve_labels
+    from veil.task import get_task
+    from veil.task.shards import absolute
 
     data = dataclasses.replace(cfg.data, test_path=absolute(cfg.data.test_path))
-    if not data.labels:
+    if not data.labels:  # the task's label set (causal_lm: none, "[]"), from the operator's files only
         train = absolute(data.train_path) if data.train_path not in ("", "???", NODE_LOCAL) else ""
-        if train and Path(train).is_file():
-            labels = resolve_labels(dataclasses.replace(data, train_path=train))
-        else:  # a coordinator usually has no training data: the labels of its evaluation file
-            labels = sorted(set(read_examples(data.test_path, data).labels))
-            if len(labels) < 2:
-                raise ConfigError(f"data.test_path {data.test_path} has fewer than two labels; set data.labels")
+        if not (train and Path(train).is_file()):  # a coordinator usually has no training data: its evaluation file
+            train = data.test_path
+        labels = get_task(cfg.task.name).labels(dataclasses.replace(cfg, data=dataclasses.replace(data, train_path=train)))
         data = dataclasses.replace(data, labels=json.dumps(labels))
     data = dataclasses.replace(data, train_path=NODE_LOCAL)  # nodes train on their own --data file only
     return dataclasses.replace(cfg, data=data, output_dir=str(run_dir))

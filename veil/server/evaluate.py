@@ -10,18 +10,19 @@ import torch
 from flwr.common import NDArrays, Scalar
 from torch import nn
 
+from veil.conf.schema import VeilConfig
 from veil.task.base import Task
 from veil.task.model import set_trainable
 
 
-def make_evaluate_fn(template: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device,
-                     task: Task) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
+def make_evaluate_fn(template: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device, task: Task,
+                     cfg: VeilConfig | None = None) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
     """A Flower ``evaluate_fn`` that loads the global trainable tensors into a copy of ``template``."""
     model = copy.deepcopy(template).to(device)
 
     def evaluate(server_round: int, arrays: NDArrays, config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
         set_trainable(model, [np.asarray(a) for a in arrays])
-        metrics = task.evaluate(model, data, device=device)
+        metrics = task.evaluate(model, data, device=device, cfg=cfg)
         return metrics.pop("loss"), metrics
 
     return evaluate

@@ -18,6 +18,7 @@ log = logging.getLogger("veil.server")
 SCALARS: dict[str, str] = {
     "accuracy": "eval/accuracy",
     "loss": "eval/loss",
+    "perplexity": "eval/perplexity",  # task=causal_lm
     "epsilon_max": "privacy/epsilon_max",
     "upload_bytes_per_client": "cost/upload_bytes_per_client",
     "seconds": "cost/seconds",

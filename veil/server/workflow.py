@@ -49,8 +49,11 @@ def _fit_rows(context: LegacyContext) -> int:
 class RoundLoop:
     """Runs rounds ``start_round..num_rounds`` with ``fit_workflow`` and central evaluation."""
 
-    def __init__(self, fit_workflow: Workflow, hooks: RoundHooks, *, start_round: int = 1) -> None:
-        self.fit_workflow, self.hooks, self.start_round = fit_workflow, hooks, start_round
+    def __init__(self, fit_workflow: Workflow, hooks: RoundHooks, *, start_round: int = 1,
+                 on_initial: Callable[[float, dict[str, Any]], None] | None = None) -> None:
+        """``on_initial``: called with the central evaluation (loss, metrics) of the starting weights before round 1
+        (not when resuming)."""
+        self.fit_workflow, self.hooks, self.start_round, self.on_initial = fit_workflow, hooks, start_round, on_initial
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         if not isinstance(context, LegacyContext):
@@ -76,6 +79,10 @@ class RoundLoop:
         cfg = ConfigRecord()
         cfg[Key.START_TIME] = time.perf_counter()
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        if self.on_initial is not None and self.start_round == 1:
+            res = strategy.evaluate(0, parameters=params)
+            if res is not None:
+                self.on_initial(float(res[0]), dict(res[1]))
         for rnd in range(self.start_round, context.config.num_rounds + 1):
             if getattr(strategy, "stop_reason", ""):
                 log.warning("stopping before round %d: %s", rnd, strategy.stop_reason)

@@ -43,6 +43,11 @@ class Task(Protocol):
         """Read one data file (``data`` overrides ``cfg.data``, e.g. a node's own column names)."""
         ...
 
+    def node_data(self, data: DataConfig, *, text_column: str | None, label_column: str | None) -> DataConfig:
+        """How a deployed node reads its own file: the owner's column names (``veil client --text-column
+        --label-column``) in place of the run's."""
+        ...
+
     def partition_ids(self, examples: Examples, labels: list[str], *, path: str) -> np.ndarray:
         """One integer per example that the label-skew partitioners split on (int64, (N,))."""
         ...
@@ -64,8 +69,10 @@ class Task(Protocol):
         """One loss per example of ``batch``, shape (B,); the training loss is their mean."""
         ...
 
-    def evaluate(self, model: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device) -> dict[str, float]:
-        """Central evaluation: at least ``loss`` and ``accuracy``."""
+    def evaluate(self, model: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device,
+                 cfg: VeilConfig | None = None) -> dict[str, Any]:
+        """Central evaluation: at least ``loss`` and ``accuracy`` (floats); other keys go into the metrics row
+        as they are (JSON values, e.g. causal_lm's ``perplexity`` and sample generations when ``cfg`` is given)."""
         ...
 
     def export(self, model: nn.Module, cfg: VeilConfig, out_dir: Path) -> Path:

@@ -13,9 +13,11 @@ generation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,7 +108,8 @@ def tokenize_examples(tokenizer: object, examples: PromptExamples, *, max_length
     """``input_ids``/``attention_mask``/``labels`` (N, T), right-padded, labels -100 on prompt and pad tokens.
 
     With ``generate_max_tokens`` > 0 and every completion that short, also ``gen_ids``/``gen_mask`` (N, P): the
-    prompts left-padded for batched greedy generation, and ``target_ids`` (N, L): the completions (-100 padded).
+    prompts left-padded for batched greedy generation, ``target_ids`` (N, L): the completions (-100 padded), and
+    ``prompt_text_ids`` (N, Q): the prompts' own tokens without chat template (-100 padded), to show samples.
     """
     pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
     seqs, labels, prompts, targets = [], [], [], []
@@ -123,6 +126,8 @@ def tokenize_examples(tokenizer: object, examples: PromptExamples, *, max_length
     if generate_max_tokens > 0 and all(examples.prompts) and max(map(len, targets)) <= generate_max_tokens:
         out["gen_ids"], out["gen_mask"] = _pad(prompts, pad, left=True), _pad([[1] * len(p) for p in prompts], 0, left=True)
         out["target_ids"] = _pad(targets, IGNORE)
+        out["prompt_text_ids"] = _pad([_ids(tokenizer(p, add_special_tokens=False))  # type: ignore[operator]
+                                       for p in examples.prompts], IGNORE)
     return out
 
 
@@ -148,6 +153,13 @@ class CausalLMTask:
     def read(self, path: str, cfg: VeilConfig, data: DataConfig | None = None) -> PromptExamples:
         return read_prompts(path, data or cfg.data)
 
+    def node_data(self, data: DataConfig, *, text_column: str | None, label_column: str | None) -> DataConfig:
+        """A node names its file's columns with ``--text-column`` (the prompt, or the only column of a text-only
+        file) and ``--label-column`` (the completion): one file of queries and intents serves both tasks."""
+        return dataclasses.replace(data, prompt_column=text_column or data.prompt_column,
+                                   completion_column=label_column or data.completion_column,
+                                   text_column=text_column or data.text_column)
+
     def partition_names(self, examples: PromptExamples, labels: list[str]) -> list[str]:  # type: ignore[override]
         return sorted(set(examples.completions))
 
@@ -171,19 +183,25 @@ class CausalLMTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device,
-                 batch_size: int = 32) -> dict[str, float]:
+                 cfg: VeilConfig | None = None, batch_size: int = 32) -> dict[str, Any]:
+        """Token-weighted loss, perplexity, greedy exact match; with ``cfg``, ``samples``: the greedy generations
+        for the first ``cfg.task.eval_samples`` held-out prompts (the coordinator's own data, not a node's)."""
         model.eval()
         n = int(data["input_ids"].shape[0])
-        nll, tokens, correct = 0.0, 0.0, 0
+        nll, tokens, correct, generated = 0.0, 0.0, 0, []
         for start in range(0, n, batch_size):
             batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
             total, count = token_losses(model, batch)
             nll, tokens = nll + float(total.sum()), tokens + float(count.sum())
             if "gen_ids" in batch:
-                correct += exact_matches(model, batch)
+                rows = greedy_completions(model, batch)
+                correct, generated = correct + _hits(rows, batch["target_ids"]), generated + rows
         loss = nll / max(tokens, 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                "accuracy": correct / max(n, 1) if "gen_ids" in data else float("nan")}
+        out: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                               "accuracy": correct / max(n, 1) if "gen_ids" in data else float("nan")}
+        if cfg is not None and cfg.task.eval_samples > 0 and generated:
+            out["samples"] = sample_generations(load_tokenizer(cfg.model), data, generated[:cfg.task.eval_samples])
+        return out
 
     def export(self, model: nn.Module, cfg: VeilConfig, out_dir: Path) -> Path:
         return export_model(model, load_tokenizer(cfg.model), out_dir)
@@ -197,22 +215,39 @@ class CausalLMTask:
                 read_prompts(path, cfg.data)
 
 
-def exact_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """How many greedy generations from ``gen_ids`` start with exactly ``target_ids`` and then stop."""
-    targets = batch["target_ids"]  # (B, L), -100 padded
-    width = int(targets.shape[1])
+def greedy_completions(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each prompt's greedy generation from ``gen_ids`` (at most one token past the longest target), cut before
+    the first end or pad token; a row equal to its ``target_ids`` (without -100) is an exact match."""
+    width = int(batch["target_ids"].shape[1])
     config = getattr(model, "config", None)
     pad = getattr(config, "pad_token_id", None)
     out = model.generate(input_ids=batch["gen_ids"], attention_mask=batch["gen_mask"], max_new_tokens=width + 1,
                          do_sample=False, pad_token_id=pad)  # type: ignore[operator]
-    new = out[:, batch["gen_ids"].shape[1]:]  # (B, <= L+1)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ends = set(eos if isinstance(eos, list) else [eos]) | {pad}
-    hits = 0
-    for row, target in zip(new.tolist(), targets.tolist(), strict=True):
-        want = [t for t in target if t != IGNORE]
-        hits += int(row[:len(want)] == want and (len(row) == len(want) or row[len(want)] in ends))
-    return hits
+    rows = []
+    for row in out[:, batch["gen_ids"].shape[1]:].tolist():  # (B, <= L+1) new tokens
+        stop = next((i for i, t in enumerate(row) if t in ends), None)
+        rows.append(row[:stop] if stop is not None else row + [IGNORE])  # no end within L+1 tokens: never a match
+    return rows
+
+
+def exact_matches(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """How many greedy generations from ``gen_ids`` are exactly ``target_ids`` and then stop."""
+    return _hits(greedy_completions(model, batch), batch["target_ids"])
+
+
+def _hits(rows: list[list[int]], targets: torch.Tensor) -> int:
+    return sum(r == [t for t in want if t != IGNORE] for r, want in zip(rows, targets.tolist(), strict=True))
+
+
+def sample_generations(tokenizer: object, data: dict[str, torch.Tensor], rows: list[list[int]]) -> list[dict[str, str]]:
+    """``{"prompt", "generated", "expected"}`` text of the first ``len(rows)`` evaluation examples."""
+    def text(ids: list[int]) -> str:
+        return str(tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True)).strip()  # type: ignore[attr-defined]
+
+    return [{"prompt": text(data["prompt_text_ids"][i].tolist()), "generated": text(row),
+             "expected": text(data["target_ids"][i].tolist())} for i, row in enumerate(rows)]
 
 
 def build_causal_lm(cfg: ModelConfig, *, seed: int) -> nn.Module:

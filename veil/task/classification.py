@@ -6,6 +6,7 @@ that code behind the :class:`veil.task.base.Task` interface.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,10 @@ class ClassificationTask:
     def read(self, path: str, cfg: VeilConfig, data: DataConfig | None = None) -> TextExamples:
         return read_examples(path, data or cfg.data)
 
+    def node_data(self, data: DataConfig, *, text_column: str | None, label_column: str | None) -> DataConfig:
+        return dataclasses.replace(data, text_column=text_column or data.text_column,
+                                   label_column=label_column or data.label_column)
+
     def partition_ids(self, examples: TextExamples, labels: list[str], *, path: str) -> np.ndarray:  # type: ignore[override]
         return encode_labels(examples, labels, path=path)
 
@@ -53,7 +58,7 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, torch.Tensor], *, device: torch.device,
-                 batch_size: int = 256) -> dict[str, float]:
+                 cfg: VeilConfig | None = None, batch_size: int = 256) -> dict[str, float]:
         model.eval()
         n = int(data["labels"].shape[0])
         loss_sum, correct = 0.0, 0

@@ -178,9 +178,13 @@ def simulated_partitions(task: Task, examples: Examples, labels: list[str], fed:
 def client_shard(cfg: VeilConfig, settings: ShardSource) -> dict[str, torch.Tensor]:
     """The tokenized examples this node trains on: its own file, or its simulated partition."""
     data = cfg.data
+    if settings.data_path is not None:  # the owner's file, read as its start-up check read it (`veil client`)
+        plain = DataConfig(train_path=settings.data_path)
+        data = dataclasses.replace(data, format=plain.format, delimiter=plain.delimiter, quoting=plain.quoting,
+                                   header=plain.header)
     if settings.text_column or settings.label_column:
-        data = dataclasses.replace(data, text_column=settings.text_column or data.text_column,
-                                   label_column=settings.label_column or data.label_column)
+        data = get_task(cfg.task.name).node_data(data, text_column=settings.text_column,
+                                                 label_column=settings.label_column)
     if settings.simulated and settings.num_partitions not in (None, cfg.federation.num_clients):
         raise ConfigError(
             f"the simulation has {settings.num_partitions} nodes but federation.num_clients={cfg.federation.num_clients}"
