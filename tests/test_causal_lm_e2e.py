@@ -78,3 +78,44 @@ def test_causal_lm_dp_secagg_run_exports_a_generating_model(tmp_path: Path) -> N
     assert out.shape[1] > ids["input_ids"].shape[1], "the exported model generates"
     card = (run_dir / "model" / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "δ" in card
+
+
+def test_causal_lm_run_on_a_local_gpt2_directory(tmp_path: Path) -> None:
+    """Any local decoder directory, here a 2-layer GPT-2 (learned positions, Conv1D, tied LM head) saved with
+    MiniLM's tokenizer: LoRA targets found automatically, one DP + SecAgg+ round, and the exported model gives the
+    global weights' logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from veil.conf.schema import ModelConfig
+    from veil.server.app import load_global
+    from veil.task.causal_lm import build_causal_lm
+    from veil.task.model import default_model_dir, set_trainable, trainable_names
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    gpt2_dir = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                               bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(gpt2_dir)
+    tokenizer.save_pretrained(gpt2_dir)
+    train, test = _jsonl(tmp_path / "train.jsonl", 10, ""), _jsonl(tmp_path / "test.jsonl", 2, "again ")
+    run_dir = tmp_path / "run"
+    proc = run_veil(["simulate", "task=causal_lm", "model=tiny_llama", "model.tiny=false", f"model.path={gpt2_dir}",
+                     "data=csv", f"data.train_path={train}", f"data.test_path={test}", "federation.num_clients=3",
+                     "federation.rounds=1", "federation.batch_size=8", "federation.local_steps=2",
+                     "federation.partitioner=iid", "privacy=dp_sgd", "secagg=secaggplus", f"hydra.run.dir={run_dir}"],
+                    timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = metrics(run_dir)
+    assert row["clients"] == 3 and row["epsilon_max"] > 0 and math.isclose(row["perplexity"], math.exp(row["loss"]),
+                                                                           rel_tol=1e-6)
+    reference = build_causal_lm(ModelConfig(tiny=False, path=str(gpt2_dir), max_length=48, lora_r=4, lora_alpha=8,
+                                            head_init="random"), seed=0)
+    names = trainable_names(reference)
+    assert any("c_attn" in n for n in names), "lora_targets=auto picks GPT-2's attention projection"
+    set_trainable(reference, load_global(run_dir / "global_trainable.npz", names))
+    exported = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"), local_files_only=True).eval()
+    enc = tokenizer(["my card was lost", "why a fee"], return_tensors="pt", padding=True)
+    ids = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**ids).logits, reference.eval()(**ids).logits, atol=1e-5, rtol=1e-5)
