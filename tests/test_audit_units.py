@@ -74,3 +74,18 @@ def test_report_shows_the_audit_beside_the_claim(tmp_path: Path) -> None:
     row = next(line for line in text.splitlines() if "VIOLATION" in line)
     assert "0.998" in row and "1.234" in row and "95%" in row
     assert text.count("VIOLATION") == 1, "only the audited run has an audit row"
+
+
+def test_audit_refuses_an_unknown_score_and_a_task_without_labels() -> None:
+    import dataclasses
+
+    from veil.conf.schema import DataConfig, VeilConfig
+    from veil.privacy.audit import _check
+
+    cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"))
+    _check(cfg, canaries=100, guesses=10, confidence=0.95, score="gradient")  # accepted
+    with pytest.raises(ConfigError, match="--score=hessian"):
+        _check(cfg, canaries=100, guesses=10, confidence=0.95, score="hessian")
+    lm = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="causal_lm"))
+    with pytest.raises(ConfigError, match="task=classification"):
+        _check(lm, canaries=100, guesses=10, confidence=0.95, score="loss")

@@ -95,7 +95,7 @@ def test_round_weights_reads_every_round_and_refuses_a_gap(tmp_path: Path) -> No
 def test_tiny_bert_rounds_rank_their_own_canaries_first(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
     """Three rounds of AdamW steps on half of 16 random-word canaries (random labels), saved as the run's
     checkpoints: the audit's white-box score (model rebuilt at the run's seed as w_0, weights read back) guesses the
-    top 4 "in" and the bottom 4 "out" with at most one mistake (8 right with draws 1-6 when written)."""
+    top 4 "in" and the bottom 4 "out" with at most one mistake (it passed with draws 1-6 when written)."""
     cfg = resolve_paths_and_labels(preflight(["model=tiny_bert", *data_overrides(*small_csv), "secagg=off",
                                               "privacy=none"]), tmp_path)
     labels = json.loads(cfg.data.labels)
