@@ -3,7 +3,8 @@
 An auditor who sees every round's global trainable weights w_0, w_1, …, w_R (the coordinator does: it computes
 them; with SecAgg+ it still sees each round's aggregate) scores canary i by
 
-    s_i = Σ_r ⟨w_{r−1} − w_r, clip(g_i(w_{r−1}))⟩ / ‖clip(g_i(w_{r−1}))‖ = Σ_r ⟨−Δ_r, g_i(w_{r−1}) / ‖g_i(w_{r−1})‖⟩
+    s_i = Σ_r ⟨w_{r−1} − w_r, clip(g_i(w_{r−1}))⟩ / ‖clip(g_i(w_{r−1}))‖
+        = Σ_r ⟨−Δ_r, g_i(w_{r−1}) / ‖g_i(w_{r−1})‖⟩
 
 where g_i(w) is the gradient of canary i's loss with respect to the trainable tensors at w (dropout off) and
 Δ_r = w_r − w_{r−1} is round r's global update. Clipping scales a gradient without turning it, so the clipping
@@ -11,16 +12,18 @@ norm drops out of the normalised direction. Training moves the weights against t
 trains on, so an included canary tends to score high: it is guessed "in" for the highest scores.
 
 This follows the white-box audit of Steinke, Nasr and Jagielski (arXiv:2305.08846), whose score sums, over the
-training steps, the model update's inner product with the canary's gradient direction, adapted in two ways: the canaries are records
-(input space), not crafted gradients, so the direction is the record's own gradient at the step's starting weights;
-and a step is a federated round, the finest grain the coordinator observes (each client takes many local DP-SGD
-steps inside one round). Stronger than the final model's loss, still not the paper's strongest (Dirac gradient
-canaries inserted into every step), so the bound stays a lower bound.
+training steps, the model update's inner product with the canary's gradient direction, adapted in two ways: the
+canaries are records (input space), not crafted gradients, so the direction is the record's own gradient at the
+step's starting weights; and a step is a federated round, the finest grain the coordinator observes (each client
+takes many local DP-SGD steps inside one round). Far from the paper's strongest white-box setting (Dirac gradient
+canaries inserted into every step), so the bound stays a loose lower bound.
 
 The weights come from the run's own per-round checkpoints (:mod:`veil.server.checkpoint`, written by every run
 anyway) and w_0 from the model built at the run's seed, as the coordinator builds it: the audit makes a normal run
 write nothing more. Gradients are taken one canary at a time with plain autograd (m · R backward passes): the
-direct definition, with no per-sample-gradient machinery to get wrong; at audit sizes it is a few seconds on CPU.
+direct definition, with no per-sample-gradient machinery to get wrong (``torch.func.vmap`` cannot batch them:
+transformers' attention-mask code branches on the data). 128 canaries × 3 rounds of the tiny BERT: about a minute
+on a loaded 2-core CPU.
 """
 
 from __future__ import annotations
