@@ -1,6 +1,6 @@
 """The white-box score of `veil audit --score gradient` without a federation: hand-checked values on a one-layer
 model trained by plain SGD, the run's checkpoints read back as the sequence of global weights, and the score on the
-tiny BERT ranking the canaries a round really trained on first."""
+tiny BERT ranking the canaries that three rounds of training really used first."""
 
 from __future__ import annotations
 
