@@ -3,11 +3,14 @@ from ``veil audit`` beside the claimed ε, for target ε ∈ {1, 4, 8} and witho
 
 Every configuration is one real ``veil audit`` command (subprocess), one after the other, on the same synthetic
 4-class file, with the audit design the CI tests use (random-word canaries with random labels, full-batch local
-steps so that an included canary is in every step, black-box loss score, k guessed in and k out). The table also
-gives the ceiling: the bound that k + k guesses, all right, would give; no run can show more than that.
+steps so that an included canary is in every step, k guessed in and k out), scored black-box (the final model's
+loss, the default) or white-box (``--score gradient``: every round's global update against each canary's gradient
+direction). The table also gives the ceiling: the bound that k + k guesses, all right, would give; no run can show
+more than that.
 
-    python -m benchmarks.audit                        # 256 canaries; appends to docs/benchmarks.md
-    python -m benchmarks.audit --quick --no-record    # 64 canaries, 1 round (for the test)
+    python -m benchmarks.audit                                            # 256 canaries; appends to docs/benchmarks.md
+    python -m benchmarks.audit --score gradient --epsilons 8,inf          # the white-box score
+    python -m benchmarks.audit --quick --no-record                        # 64 canaries, 1 round (for the test)
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from benchmarks.common import add_output_args, machine_info, now, pick_device, r
 from veil.privacy.audit_bound import epsilon_lower_bound  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+_SCORED = {"loss": "the final model's loss (black-box)",
+           "gradient": "Σ over rounds of the global update against each canary's gradient direction (white-box)"}
 _WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
           "pin": "i forgot my pin code"}
 
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default 3; --quick 1")
     ap.add_argument("--steps", type=int, default=40, help="full-batch local steps per round")
     ap.add_argument("--epsilons", default="1,4,8,inf", help="target ε values; inf: DP off")
+    ap.add_argument("--score", choices=("loss", "gradient"), default="loss",
+                    help="loss: black-box (final model's loss); gradient: white-box (each round's update)")
     add_output_args(ap, quick="64 canaries, 1 round, ε ∈ {8, inf} (for the test)", root=ROOT)
     args = ap.parse_args(argv)
     m = args.canaries or (64 if args.quick else 256)
@@ -73,17 +80,18 @@ def main(argv: list[str] | None = None) -> None:
         for eps in epsilons:
             privacy = ["privacy=none"] if eps == "inf" else ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
             name = "no DP" if eps == "inf" else f"DP, target ε={eps}"
-            r = run_one(name, ["--canaries", str(m), "--guesses", str(k)], [*base, *privacy, *data], Path(tmp) / eps)
+            r = run_one(name, ["--canaries", str(m), "--guesses", str(k), "--score", args.score],
+                        [*base, *privacy, *data], Path(tmp) / eps)
             claimed = "∞" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f}"
             rows.append([name, claimed, f"{r['lower_bound']:.3f}", f"{r['correct']}/{r['guesses']}",
                          str(r["verdict"]), f"{r['seconds']:.0f}"])
     ceiling = epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=1e-5, beta=0.05)
     settings = (f"tiny BERT + LoRA r=4, 2 clients (IID share of a 60-text 4-class file), {rounds} rounds × "
                 f"{args.steps} full-batch local steps (q = 1), lr 0.05, SecAgg+ off, δ = 1e-5; {m} canaries "
-                f"(8 random words, random label), {k} guessed in + {k} out by the final model's loss; 95% confidence")
+                f"(8 random words, random label), {k} guessed in + {k} out by {_SCORED[args.score]}; 95% confidence")
     notes = [f"ceiling: {2 * k} right guesses out of {2 * k} would give ε ≥ {ceiling:.3f}; no run of this size can "
              "show more, whatever its true ε",
-             "black-box, one run, CPU scale: a bound far below the claim is the expected outcome and proves nothing "
+             f"{args.score} score, one run, CPU scale: a bound far below the claim is the expected outcome and proves nothing "
              "about privacy; a bound above the claim would be a bug (the tests plant one and see it flagged)"]
     report("audit", args, argv, info, settings=settings,
            headers=["configuration", "claimed ε", "lower bound (95%)", "right guesses", "verdict", "seconds"],

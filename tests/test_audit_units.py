@@ -12,7 +12,7 @@ import pytest
 
 from test_report import fake_run
 from veil.errors import ConfigError
-from veil.privacy.audit import AuditResult, Canaries, make_canaries, write_planted
+from veil.privacy.audit import SCORES, AuditResult, Canaries, make_canaries, write_planted
 from veil.task.data import TextExamples
 from veil.task.shards import with_planted
 
@@ -53,7 +53,7 @@ def test_unreadable_planted_file_is_one_clear_error(tmp_path: Path) -> None:
 
 def _result(claimed: float, bound: float) -> AuditResult:
     return AuditResult(claimed_epsilon=claimed, delta=1e-5, lower_bound=bound, confidence=0.95, canaries=100,
-                       included=50, guesses=20, correct=15, score="s", privacy="p")
+                       included=50, guesses=20, correct=15, score=SCORES["gradient"], privacy="p")
 
 
 def test_verdict() -> None:
@@ -72,5 +72,20 @@ def test_report_shows_the_audit_beside_the_claim(tmp_path: Path) -> None:
     write_report(runs, tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     row = next(line for line in text.splitlines() if "VIOLATION" in line)
-    assert "0.998" in row and "1.234" in row and "95%" in row
+    assert "0.998" in row and "1.234" in row and "95%" in row and "| white-box |" in row
     assert text.count("VIOLATION") == 1, "only the audited run has an audit row"
+
+
+def test_audit_refuses_an_unknown_score_and_a_task_without_labels() -> None:
+    import dataclasses
+
+    from veil.conf.schema import DataConfig, VeilConfig
+    from veil.privacy.audit import _check
+
+    cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"))
+    _check(cfg, canaries=100, guesses=10, confidence=0.95, score="gradient")  # accepted
+    with pytest.raises(ConfigError, match="--score=hessian"):
+        _check(cfg, canaries=100, guesses=10, confidence=0.95, score="hessian")
+    lm = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="causal_lm"))
+    with pytest.raises(ConfigError, match="task=classification"):
+        _check(lm, canaries=100, guesses=10, confidence=0.95, score="loss")

@@ -267,13 +267,13 @@ def _audit_lines(runs: list[Run], factors: list[str]) -> list[str]:
     if not audited:
         return []
     lines = ["", "Privacy audit (one run, arXiv:2305.08846): a lower bound above the claimed ε is a bug; below it "
-             "proves nothing.", "", "| run | claimed ε | empirical lower bound on ε | confidence | guesses (right) | verdict |",
-             "|---|---|---|---|---|---|"]
+             "proves nothing.", "", "| run | claimed ε | empirical lower bound on ε | confidence | guesses (right) | score "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
     for r in audited:
         a = r.audit
         claimed = "∞ (no DP)" if a.get("claimed_epsilon") is None else f"{a['claimed_epsilon']:.3f}"
         lines.append(f"| {run_label(r, factors)} | {claimed} | {a['lower_bound']:.3f} | {a['confidence']:.0%} "
-                     f"| {a['guesses']} ({a['correct']}) | {a['verdict']} |")
+                     f"| {a['guesses']} ({a['correct']}) | {str(a.get('score', '')).split(':')[0]} | {a['verdict']} |")
     return lines
 
 

@@ -1,17 +1,21 @@
 """``veil audit``: an empirical lower bound on ε from one simulated federation, next to the claimed ε.
 
-The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846), black-box: (1) make m canary
+The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846): (1) make m canary
 records (random words, random labels) and decide from OS entropy, independently with probability 1/2, which are
 included, each in a random client's data; (2) run the federation with the included canaries planted into the
 simulated clients' shards (``federation.planted_examples``; the node code sees one list of examples, so it cannot
-treat a canary differently); (3) score every canary by the final published model's loss on it (lower loss: more
-likely trained on); (4) guess "in" for the k lowest losses, "out" for the k highest, abstain otherwise; (5) turn the
+treat a canary differently); (3) score every canary, black-box by the final published model's loss on it (lower
+loss: more likely trained on; ``--score loss``, the default) or white-box by each round's global update against the
+canary's gradient (:mod:`veil.privacy.audit_whitebox`; ``--score gradient``); (4) guess "in" for the k highest
+scores, "out" for the k lowest, abstain otherwise; (5) turn the
 number of right guesses into the bound of :mod:`veil.privacy.audit_bound` at confidence 1 − β and compare it with
 the ε the nodes' ledgers claim (the largest over nodes). A bound above the claim means the run leaked more than
 its accounting says: a bug. A bound below it proves nothing about privacy: the audit is one weak attack.
 
-The audit sees only what the coordinator publishes (the final model), so it runs the same with SecAgg+ on or off.
-Sample-level DP only; a client-level audit (whole canary clients) is not implemented.
+Both scores read only what the coordinator holds (the final model; every round's aggregate), so the audit runs the
+same with SecAgg+ on or off. One score per audit: the bound holds at its confidence for the score chosen before the
+run; taking the larger of two bounds from one run would need a correction for the two tries. Sample-level DP only;
+a client-level audit (whole canary clients) is not implemented (docs/privacy.md says why).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from veil.errors import ConfigError, VeilError
 log = logging.getLogger("veil.audit")
 
 _REFERENCE = "Steinke, Nasr, Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 (arXiv:2305.08846)"
-SCORE = "black-box: the final model's loss on each canary (lower: guessed in)"
+SCORES = {"loss": "black-box: the final model's loss on each canary (lower: guessed in)",
+          "gradient": "white-box: each round's global update against the canary's gradient direction (higher: guessed in)"}
 VIOLATION_EXIT = 3
 
 
@@ -160,17 +165,18 @@ class AuditResult:
         ]
 
 
-def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float = 0.95,
+def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float = 0.95, score: str = "loss",
               client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> AuditResult:
     """Plant canaries, run one simulated federation into ``out_dir``, score, bound; writes audit.json/audit.md.
 
     ``guesses``: k, the canaries guessed "in" (and as many "out"), fixed before any score is seen.
+    ``score``: "loss" (black-box) or "gradient" (white-box), see :data:`SCORES`.
     ``client_mods`` and ``rng`` are for tests (a broken mechanism, a fixed draw); no config reaches them.
     """
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.simulation import resolve_paths_and_labels, simulate
 
-    _check(cfg, canaries=canaries, guesses=guesses, confidence=confidence)
+    _check(cfg, canaries=canaries, guesses=guesses, confidence=confidence, score=score)
     cfg = resolve_paths_and_labels(cfg, out_dir)
     labels: list[str] = json.loads(cfg.data.labels)
     drawn = make_canaries(count=canaries, labels=labels, vocabulary=canary_vocabulary(cfg),
@@ -183,18 +189,27 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
              cfg.federation.num_clients)
     simulate(run_cfg, out_dir, client_mods=client_mods)
     losses = canary_losses(cfg, labels, out_dir, drawn)
-    result = guess_top_bottom(-losses, drawn.included, k_in=guesses, k_out=guesses)
+    scores = -losses
+    if score == "gradient":
+        from veil.privacy.audit_whitebox import gradient_scores
+
+        scores = gradient_scores(cfg, labels, out_dir, drawn.texts, drawn.labels)
+    result = guess_top_bottom(scores, drawn.included, k_in=guesses, k_out=guesses)
     bound = epsilon_lower_bound(m=result.m, r=result.r, v=result.v, delta=cfg.privacy.delta, beta=1 - confidence)
     audit = AuditResult(
         claimed_epsilon=claimed_epsilon(cfg, out_dir), delta=cfg.privacy.delta, lower_bound=bound,
         confidence=confidence, canaries=canaries, included=int(drawn.included.sum()), guesses=result.r,
-        correct=result.v, score=SCORE, privacy="sample-level DP-SGD" if cfg.privacy.enabled else "DP off",
+        correct=result.v, score=SCORES[score], privacy="sample-level DP-SGD" if cfg.privacy.enabled else "DP off",
     )
-    _write_outputs(out_dir, audit, drawn, losses)
+    _write_outputs(out_dir, audit, drawn, losses, scores)
     return audit
 
 
-def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float) -> None:
+def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: str) -> None:
+    if cfg.task.name != "classification":
+        raise ConfigError(f"veil audit plants labelled canary records: it needs task=classification, not {cfg.task.name}")
+    if score not in SCORES:
+        raise ConfigError(f"--score={score} is invalid: expected one of {', '.join(SCORES)}")
     if cfg.privacy.enabled and cfg.privacy.level != "sample":
         raise ConfigError("veil audit supports sample-level DP only (privacy.level=sample); "
                           "a client-level audit (whole canary clients) is not implemented")
@@ -206,9 +221,11 @@ def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float) -> None:
         raise ConfigError(f"--confidence={confidence} is invalid: expected a number in [0.5, 1), e.g. 0.95")
 
 
-def _write_outputs(out_dir: Path, audit: AuditResult, canaries: Canaries, losses: np.ndarray) -> None:
-    rows = [json.dumps({"text": t, "label": lab, "included": bool(inc), "loss": float(loss)})
-            for t, lab, inc, loss in zip(canaries.texts, canaries.labels, canaries.included, losses, strict=True)]
+def _write_outputs(out_dir: Path, audit: AuditResult, canaries: Canaries, losses: np.ndarray,
+                   scores: np.ndarray) -> None:
+    rows = [json.dumps({"text": t, "label": lab, "included": bool(inc), "loss": float(loss), "score": float(s)})
+            for t, lab, inc, loss, s in zip(canaries.texts, canaries.labels, canaries.included, losses, scores,
+                                            strict=True)]
     _write_atomic(out_dir / "audit" / "canaries.jsonl", "\n".join(rows) + "\n")
     claimed = "∞ (no DP)" if math.isinf(audit.claimed_epsilon) else f"{audit.claimed_epsilon:.3f}"
     md = ["# Privacy audit (one run)", "", "| | |", "|---|---|",
@@ -237,6 +254,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guesses", type=int, default=0,
                         help="k: canaries guessed in, and as many guessed out (default m/10)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
+    parser.add_argument("--score", choices=sorted(SCORES), default="loss",
+                        help="loss: the final model's loss (black-box, default); gradient: every round's global update "
+                             "against each canary's gradient (white-box)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="the run's `veil simulate` overrides, e.g. model=tiny_bert privacy.target_epsilon=8")
 
@@ -254,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = preflight(overrides)
     guesses = args.guesses or max(1, args.canaries // 10)
     try:
-        audit = run_audit(cfg, out_dir, canaries=args.canaries, guesses=guesses, confidence=args.confidence)
+        audit = run_audit(cfg, out_dir, canaries=args.canaries, guesses=guesses, confidence=args.confidence,
+                          score=args.score)
     except VeilError:
         if not (out_dir / "metrics.jsonl").exists():
             import shutil

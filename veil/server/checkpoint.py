@@ -74,21 +74,29 @@ def save_checkpoint(run_dir: Path, *, round: int, names: list[str], arrays: list
     return path
 
 
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The complete checkpoints in ``run_dir``, oldest round first (temp files from a crash are ignored)."""
+    return sorted((run_dir / CHECKPOINT_DIR).glob("round-*.npz"))
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The last complete checkpoint in ``run_dir`` (temp files from a crash are ignored), or None."""
-    files = sorted((run_dir / CHECKPOINT_DIR).glob("round-*.npz"))
-    if not files:
-        return None
+    """The last complete checkpoint in ``run_dir``, or None."""
+    files = checkpoint_files(run_dir)
+    return read_checkpoint(files[-1]) if files else None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """One checkpoint file, its checksum verified."""
     try:
-        with np.load(files[-1]) as data:
+        with np.load(path) as data:
             meta = json.loads(bytes(data["__meta__"]).decode("utf-8"))
             arrays = [np.array(data[f"param/{n}"]) for n in meta["names"]]
             state_arrays: list[np.ndarray] = []
             meta["strategy"] = _join_arrays(meta["strategy"], data, state_arrays)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"checkpoint {files[-1]} is unreadable ({err}); resume from an intact run directory") from err
+        raise ConfigError(f"checkpoint {path} is unreadable ({err}); resume from an intact run directory") from err
     if weights_sha256(arrays + state_arrays) != meta["weights_sha256"]:
-        raise ConfigError(f"checkpoint {files[-1]} fails its checksum; resume from an intact run directory")
+        raise ConfigError(f"checkpoint {path} fails its checksum; resume from an intact run directory")
     return Checkpoint(round=int(meta["round"]), names=list(meta["names"]), arrays=arrays, meta=meta)
 
 
