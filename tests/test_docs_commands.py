@@ -35,7 +35,9 @@ def documented_commands() -> list[tuple[str, list[str], str]]:
                 if assign:
                     env[assign.group(1)] = " ".join(shlex.split(assign.group(2), comments=True))
                     continue
-                words = shlex.split(line, comments=True) if line else []
+                if "veil" not in line:  # output shown in the block (may hold an apostrophe), not a command
+                    continue
+                words = shlex.split(line, comments=True)
                 words = [w for w in words if w != "&"]
                 for k, word in enumerate(words):  # `.venv/bin/veil simulate`, `for ...; do veil client ...`
                     if word.endswith("veil") and word in ("veil", ".venv/bin/veil") and k + 1 < len(words):
