@@ -29,8 +29,8 @@ from benchmarks.common import machine_info, now, pick_device, report
 from veil.client.trainer import LocalPlan, sample_rate_for, train_round
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, StrategyConfig, VeilConfig
 from veil.privacy.calibration import calibrate_noise_multiplier
-from veil.server.evaluate import evaluate_model
 from veil.strategies.factory import make_strategy
+from veil.task import get_task
 from veil.task.data import encode_labels, read_examples, tokenize
 from veil.task.model import build_model, get_trainable, load_tokenizer, set_trainable
 from veil.task.shards import resolve_labels, simulated_partitions
@@ -39,13 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
 
 # arm name -> (private, strategy name, lora variant)
-ARMS = {
-    "no DP, fedavg, lora": (False, "fedavg", "lora"),
-    "ε=8, fedavg, lora": (True, "fedavg", "lora"),
-    "ε=8, fedavg, ffa": (True, "fedavg", "ffa"),
-    "ε=8, fedavgm, lora": (True, "fedavgm", "lora"),
-    "ε=8, fedadam, lora": (True, "fedadam", "lora"),
-    "ε=8, fedadam, ffa": (True, "fedadam", "ffa"),
+ARMS = {  # arm -> (target ε or None for no DP, strategy, LoRA variant)
+    "no DP, fedavg, lora": (None, "fedavg", "lora"),
+    "ε=8, fedavg, lora": (8.0, "fedavg", "lora"),
+    "ε=8, fedavg, ffa": (8.0, "fedavg", "ffa"),
+    "ε=8, fedavgm, lora": (8.0, "fedavgm", "lora"),
+    "ε=8, fedadam, lora": (8.0, "fedadam", "lora"),
+    "ε=8, fedadam, ffa": (8.0, "fedadam", "ffa"),
+    "ε=3, fedavg, lora": (3.0, "fedavg", "lora"),
+    "ε=1, fedavg, lora": (1.0, "fedavg", "lora"),
 }
 
 
@@ -70,14 +72,15 @@ def carve_validation(train: Path, out_dir: Path, *, per_class: int, seed: int = 
 
 
 def arm_config(base: VeilConfig, arm: str, *, fedadam_lr: float, fedavgm_lr: float) -> VeilConfig:
-    private, strategy, variant = ARMS[arm]
+    epsilon, strategy, variant = ARMS[arm]
     st = StrategyConfig(name=strategy)
     if strategy == "fedadam":
         st = replace(st, server_lr=fedadam_lr)
     if strategy == "fedavgm":
         st = replace(st, server_lr=fedavgm_lr, server_momentum=0.9)
     return replace(base, strategy=st, model=replace(base.model, lora_variant=variant),
-                   privacy=replace(base.privacy, enabled=private)).validate()
+                   privacy=replace(base.privacy, enabled=epsilon is not None,
+                                   target_epsilon=epsilon or base.privacy.target_epsilon)).validate()
 
 
 def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], val: dict[str, torch.Tensor],
@@ -98,13 +101,13 @@ def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], val: dict[st
             plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, private=priv.enabled,
                              noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm)
             res = train_round(template, strategy.global_arrays, shard, plan=plan, device=device,
-                              seed=fed.seed * 100_003 + rnd * 1_009 + cid)
+                              seed=fed.seed * 100_003 + rnd * 1_009 + cid, task=get_task("classification"))
             results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
         strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
     model = copy.deepcopy(template)
     set_trainable(model, strategy.global_arrays)
-    loss, acc = evaluate_model(model, val, device=device)
-    return {"accuracy": acc, "loss": loss, "sigma_mean": float(np.mean(sigmas))}
+    scores = get_task("classification").evaluate(model, val, device=device)
+    return {"accuracy": scores["accuracy"], "loss": scores["loss"], "sigma_mean": float(np.mean(sigmas))}
 
 
 def study(args: argparse.Namespace, argv: list[str] | None) -> None:
@@ -123,7 +126,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
         labels = resolve_labels(base.data)
         tok = load_tokenizer(base.model)
         examples = read_examples(train, base.data)
-        _ids, parts = simulated_partitions(examples, labels, {**base.federation.__dict__}, path=str(train))
+        _ids, parts = simulated_partitions(get_task("classification"), examples, labels, {**base.federation.__dict__},
+                                           path=str(train))
         shards = []
         for idx in parts:
             enc = tokenize(tok, [examples.texts[i] for i in idx], max_length=base.model.max_length)
@@ -147,7 +151,7 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
     sizes = [int(s["labels"].shape[0]) for s in shards]
     settings = (f"{args.clients} clients (Dirichlet α=0.5, shards {min(sizes)}-{max(sizes)} texts), MiniLM-L6 + LoRA "
                 f"r=8 on query/value, head from label names, {args.rounds} rounds × {args.steps} DP steps × expected "
-                f"batch {args.batch_size} for every arm, client lr 1e-2, C=1; ε=8 (δ=1e-5, PRV) over the planned steps; "
+                f"batch {args.batch_size} for every arm, client lr 1e-2, C=1; each arm's ε (δ=1e-5, PRV) over the planned steps; "
                 f"fedadam server_lr={args.fedadam_lr} (β 0.9/0.99, τ 1e-3), fedavgm server_lr={args.fedavgm_lr} "
                 f"momentum 0.9; validation: {len(held.texts)} training texts ({args.val_per_class} per intent, seed 0) "
                 f"held out of every shard; the test split is not read; in-process federation (no transport)")
