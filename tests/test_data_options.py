@@ -111,3 +111,16 @@ def test_num_clients_alone_passes_the_checks_from_any_directory(tmp_path: Path, 
     assert (cfg.federation.num_clients, cfg.federation.clients_per_round) == (3, 3)
     assert absolute(cfg.data.train_path) == str(Path(veil.__file__).parent / "data" / "banking77" / "train.csv")
     assert absolute("mine.csv") == str(tmp_path / "mine.csv")  # a user's relative path: the launch directory
+
+
+@pytest.mark.parametrize(("group", "task"), [("banking77", "classification"),
+                                             ("banking77_instructions", "causal_lm")])
+def test_every_shipped_data_group_works_from_any_directory(tmp_path: Path, monkeypatch, group: str,
+                                                           task: str) -> None:
+    """A shipped data group names files inside the package, never a path relative to a checkout."""
+    from veil.conf.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    model = "tiny_bert" if task == "classification" else "tiny_llama"
+    cfg = preflight([f"data={group}", f"task={task}", f"model={model}"])  # reads both files: raises if missing
+    assert cfg.data.train_path.startswith("package:") and cfg.data.test_path.startswith("package:")
