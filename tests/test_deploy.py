@@ -165,7 +165,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             proc, _ = _veil(f"node-{n}", [
                 "client", "--superlink", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"),
                 "--key", str(certs / f"node-{n}.key"), "--data", str(node_files[n - 1]), "--node-dir", str(node_dir),
-                "--max-epsilon", "100", "--min-noise-multiplier", min_sigma, "--max-sample-rate", max_q], root / "logs")
+                "--max-epsilon", "100", "--min-noise-multiplier", min_sigma, "--max-sample-rate", max_q,
+                # standing nodes (docs/deployment.md): they must outlive the coordinator's restart for the resume
+                # below; the default 5 retries can be spent by Flower's jittered back-off within ~6 s
+                "--max-retries", "0", "--max-wait-time", "240"], root / "logs")
             nodes.append(proc)
             scenario.node_logs.append(node_dir / "executor.log")
         procs += nodes
