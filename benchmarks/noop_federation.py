@@ -42,9 +42,9 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from veil.client.secagg_guard import make_secagg_guard, secagg_policy
+from veil.server.polling import DelegatingGrid
 from veil.conf.schema import SecAggConfig, VeilConfig
 from veil.server.app import fit_workflow_for
 from veil.server.workflow import RoundLoop, RoundOutcome
@@ -78,35 +78,15 @@ class RoundRecord:
     exchanges: list[Exchange]
 
 
-class TimedGrid(Grid):
+class TimedGrid(DelegatingGrid):
     """Delegates to Flower's grid; records every exchange; optionally polls with its own interval."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.poll_interval: float | None = None
         self.round = 0
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

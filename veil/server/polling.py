@@ -22,13 +22,11 @@ from flwr.serverapp import Grid
 PULL_INTERVAL = 0.05  # seconds between pulls for replies (Flower: 3 s deployed, 0.1 s simulated)
 
 
-class PollingGrid(Grid):
-    """Delegates to ``inner``; ``send_and_receive`` pulls every ``interval`` seconds."""
+class DelegatingGrid(Grid):
+    """A ``Grid`` that hands every call to ``inner``; subclasses override what they change."""
 
-    def __init__(self, inner: Grid, *, interval: float = PULL_INTERVAL) -> None:
-        if not interval > 0:
-            raise ValueError(f"interval must be > 0 seconds, got {interval}")
-        self.inner, self.interval = inner, interval
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -49,6 +47,19 @@ class PollingGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class PollingGrid(DelegatingGrid):
+    """Delegates to ``inner``; ``send_and_receive`` pulls every ``interval`` seconds."""
+
+    def __init__(self, inner: Grid, *, interval: float = PULL_INTERVAL) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval}")
+        super().__init__(inner)
+        self.interval = interval
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull until every reply is in or ``timeout`` seconds pass (None: no limit)."""
