@@ -64,7 +64,7 @@ def _weights(cfg: VeilConfig) -> list[np.ndarray]:
 
 
 def _events(settings: NodeSettings) -> list[Any]:
-    return list(PrivacyLedger.open(settings.ledger_path, create=False).events) if settings.ledger_path.exists() else []
+    return _events_at(settings.ledger_path)
 
 
 @pytest.fixture(scope="module")
