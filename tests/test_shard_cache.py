@@ -7,6 +7,7 @@ Reference: the uncached path (read the file, split it, take the client's example
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from pathlib import Path
 
@@ -75,3 +76,18 @@ def test_every_cached_shard_equals_a_fresh_one(tmp_path: Path, partitioner: str)
             assert got[p][key].dtype == want[key].dtype, key
             assert torch.equal(got[p][key], want[key]), f"client {p}: {key} differs from a fresh tokenization"
     assert shards._training_partitions.cache_info().misses == 1, "the file is read and split once per process"
+
+
+def test_a_worker_computes_only_the_partitions_it_is_sampled_for(tmp_path: Path) -> None:
+    clients = 6
+    cfg = _cfg(*_uneven_csv(tmp_path), partitioner="dirichlet", clients=clients)
+    shards._shard_cached.cache_clear()
+    shards._training_partitions.cache_clear()
+
+    for p in (4, 1, 4):
+        shards.client_shard(cfg, _settings(p, clients))
+
+    (_examples, parts), = [shards._training_partitions(shards._key(cfg), json.dumps(
+        dataclasses.asdict(cfg.data), sort_keys=True))]
+    assert shards._training_partitions.cache_info().misses == 1
+    assert parts.loaded == 3, "client 0 (the partitioner's one-off draw and check) and the two sampled clients"

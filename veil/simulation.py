@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +163,13 @@ def majority_baseline_of(cfg: Any) -> float:
     return get_task(cfg.task.name).baseline(cfg)
 
 
-def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[str, Any]]:
-    """Each simulated client's size and label mix, from the very split the clients make; printed and saved as CSV."""
+def write_partition_table(cfg: Any, path: Path, *, top: int = 3, shown: int = 20) -> list[dict[str, Any]]:
+    """Each simulated client's size and label mix, from the very split the clients make; saved as CSV, and the first
+    ``shown`` rows printed (a population of thousands is read in the file, not on the console)."""
     import csv
     from collections import Counter
+
+    import numpy as np
 
     from veil.task import get_task
     from veil.task.shards import simulated_partitions
@@ -188,12 +191,17 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3) -> list[dict[st
         writer.writerows(rows)
     print(f"partitions ({cfg.federation.partitioner}, {len(labels)} labels in all; saved to {path}):")
     print(f"{'client':>6} {'examples':>8} {'labels':>6}  top labels (count)")
-    for row in rows:
-        print(f"{row['client']:>6} {row['examples']:>8} {row['labels']:>6}  {row['top_labels']}", flush=True)
+    for row in rows[:shown]:
+        print(f"{row['client']:>6} {row['examples']:>8} {row['labels']:>6}  {row['top_labels']}")
+    if len(rows) > shown:
+        sizes = [int(r["examples"]) for r in rows]
+        print(f"   ... {len(rows) - shown} more clients in {path.name} (examples per client: min {min(sizes)}, "
+              f"median {int(np.median(sizes))}, max {max(sizes)})")
+    sys.stdout.flush()
     return rows
 
 
-def simulated_node_configs(cfg: Any) -> dict[int, dict[str, Any]]:
+def simulated_node_configs(cfg: Any) -> SimulatedNodes:
     """Per-partition node config of the simulated owners.
 
     In a simulation the researcher is every owner: each simulated node accepts the run's own choices (its δ, plain
@@ -206,22 +214,47 @@ def simulated_node_configs(cfg: Any) -> dict[int, dict[str, Any]]:
         "allow-central-noise": priv.noise_placement == "central",
         "min-cohort": int(getattr(fed, "clients_per_round", 0) or fed.num_clients),
     }
-    nodes = {i: dict(policy) for i in range(fed.num_clients)}
     spec = fed.node_max_epsilon.strip()
-    if not spec:
-        return nodes
     try:
-        if ":" not in spec:
-            budgets = {i: float(spec) for i in range(fed.num_clients)}
-        else:
-            budgets = {int(i): float(eps) for i, eps in (item.split(":") for item in spec.split(","))}
+        if not spec or ":" not in spec:
+            return SimulatedNodes(fed.num_clients, policy, every=float(spec) if spec else None)
+        budgets = {int(i): float(eps) for i, eps in (item.split(":") for item in spec.split(","))}
     except ValueError as err:
         raise ConfigError(
             f"federation.node_max_epsilon={spec!r} is invalid: expected a number or 'ID:EPS,ID:EPS'"
         ) from err
-    for i, eps in budgets.items():
-        nodes.setdefault(i, dict(policy))["max-epsilon"] = eps
-    return nodes
+    return SimulatedNodes(fed.num_clients, policy, budgets=budgets)
+
+
+class SimulatedNodes(Mapping[int, dict[str, Any]]):
+    """Partition id -> that simulated owner's node config: one shared policy, plus an ε budget for every node
+    (``every``) or for some (``budgets``).
+
+    Reads like a dict with one entry per node, but its size does not grow with the population: it is pickled into
+    the ClientApp that travels to every Ray worker, and the population may be 10,000 (issue 14).
+    """
+
+    def __init__(self, size: int, policy: Mapping[str, Any], *, every: float | None = None,
+                 budgets: Mapping[int, float] | None = None) -> None:
+        self.size, self.policy, self.every = int(size), dict(policy), every
+        self.budgets = dict(budgets or {})
+
+    def __getitem__(self, node: int) -> dict[str, Any]:
+        i = int(node)
+        if not (0 <= i < self.size or i in self.budgets):
+            raise KeyError(node)
+        out = dict(self.policy)
+        eps = self.budgets.get(i, self.every)
+        if eps is not None:
+            out["max-epsilon"] = eps
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(self.size)
+        yield from sorted(i for i in self.budgets if not 0 <= i < self.size)
+
+    def __len__(self) -> int:
+        return self.size + sum(1 for i in self.budgets if not 0 <= i < self.size)
 
 
 def ray_init_args(address: str) -> dict[str, Any]:

@@ -296,10 +296,11 @@ def make_client_fn(defaults: Mapping[str, Any] | None = None, *, simulation_root
     """The ClientApp's ``client_fn``.
 
     ``defaults`` is the flattened run config a simulation launcher provides; ``simulated_nodes`` adds node-config
-    entries per partition id, standing in for each simulated owner's own node config.
+    entries per partition id (int keys), standing in for each simulated owner's own node config; it is read per
+    message, never copied per node (a population of 10,000 shares one ``veil.simulation.SimulatedNodes``).
     """
     base = dict(defaults or {})
-    per_node = {int(k): dict(v) for k, v in (simulated_nodes or {}).items()}
+    per_node = simulated_nodes if simulated_nodes is not None else {}  # kept as given: it may be a compact mapping
 
     def client_fn(context: Context) -> Client:
         cfg, settings = node_view(context, base, per_node, simulation_root=simulation_root)
@@ -323,7 +324,7 @@ def make_secagg_mod(defaults: Mapping[str, Any] | None = None, *, simulation_roo
     """The node's SecAgg+ guard (:mod:`veil.client.secagg_guard`) with the policy of this node's owner and the
     run's ``secagg.*`` settings, read from each message's context."""
     base = dict(defaults or {})
-    per_node = {int(k): dict(v) for k, v in (simulated_nodes or {}).items()}
+    per_node = simulated_nodes if simulated_nodes is not None else {}  # kept as given: it may be a compact mapping
 
     def policy_for(context: Context) -> SecAggPolicy:
         cfg, settings = node_view(context, base, per_node, simulation_root=simulation_root)

@@ -3,7 +3,7 @@
 Files are parsed with Python's ``csv`` module (quoted fields, CRLF line endings as in BANKING77) or ``json`` for
 JSONL. Tab-separated files are read with literal quotes unless they are consistently CSV-quoted (``data.quoting``).
 Every way a data owner's file can be wrong ends in :class:`veil.errors.DataFileError` naming the file, the problem
-and the fix. Splits use flwr-datasets partitioners (IID, Dirichlet over labels, k labels per client).
+and the fix. Splits across simulated clients live in :mod:`veil.task.partition`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from veil.conf.schema import DataConfig
-from veil.errors import ConfigError, DataFileError
+from veil.errors import DataFileError
 
 log = logging.getLogger("veil.task")
 
@@ -236,58 +236,6 @@ def encode_labels(examples: TextExamples, names: list[str], *, path: str) -> np.
         raise DataFileError(
             f"data file {path} has label {err.args[0]!r} outside the run's label set; remove it or add it to data.labels"
         ) from err
-
-
-def partition_indices(labels: np.ndarray, *, num_partitions: int, partitioner: str, alpha: float, seed: int,
-                      min_partition_size: int, classes_per_client: int = 2) -> list[np.ndarray]:
-    """Split example indices across ``num_partitions`` clients with a flwr-datasets partitioner.
-
-    ``iid``: a seeded shuffle cut in equal parts; ``dirichlet``: label shares drawn from Dir(alpha);
-    ``pathological``: exactly ``classes_per_client`` labels per client (Li et al., arXiv:2102.02079).
-    Deterministic for a seed; every index lands in exactly one partition (for ``pathological``: every index of a
-    label that some client holds).
-    """
-    from datasets import Dataset  # heavy import, only where a split is made
-
-    if num_partitions > len(labels):
-        raise ConfigError(
-            f"federation.num_clients={num_partitions} is invalid: only {len(labels)} training examples to split"
-        )
-    dataset = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
-    if partitioner == "iid":
-        dataset = dataset.shuffle(seed=seed)
-    part = _partitioner(partitioner, num_partitions=num_partitions, alpha=alpha, seed=seed,
-                        min_size=min(min_partition_size, len(labels) // num_partitions),
-                        classes_per_client=classes_per_client, num_labels=len(np.unique(labels)))
-    part.dataset = dataset
-    try:
-        return [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_partitions)]
-    except ValueError as err:
-        raise ConfigError(
-            f"federation.alpha={alpha} cannot give {num_partitions} clients at least {min_partition_size} examples "
-            f"each ({str(err).splitlines()[0]}); raise federation.alpha or lower federation.min_partition_size"
-        ) from err
-
-
-def _partitioner(name: str, *, num_partitions: int, alpha: float, seed: int, min_size: int, classes_per_client: int,
-                 num_labels: int) -> Any:
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-
-    if name == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if name == "pathological":
-        if classes_per_client > num_labels:
-            raise ConfigError(
-                f"federation.classes_per_client={classes_per_client} is invalid: the training file has only "
-                f"{num_labels} labels; give at most {num_labels}"
-            )
-        # first-deterministic (the paper's mode): client i holds label i mod L, so every label is used when
-        # there are at least as many clients as labels; the other labels are drawn with the seed
-        return PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
-                                       num_classes_per_partition=classes_per_client,
-                                       class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
-    return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
-                                min_partition_size=min_size, self_balancing=False, seed=seed)
 
 
 def tokenize(tokenizer: object, texts: list[str], *, max_length: int) -> dict[str, torch.Tensor]:

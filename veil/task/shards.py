@@ -23,7 +23,8 @@ from veil.conf.schema import DataConfig, VeilConfig
 from veil.errors import ConfigError, DataFileError
 from veil.task import get_task
 from veil.task.base import Examples, Task
-from veil.task.data import TextExamples, label_names, partition_indices, read_examples
+from veil.task.data import TextExamples, label_names, read_examples
+from veil.task.partition import Partitions, partition_indices
 from veil.task.split import evaluation_examples, training_examples
 
 
@@ -109,8 +110,9 @@ def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partiti
 
 
 @functools.lru_cache(maxsize=2)
-def _training_partitions(flat_json: str, data_json: str) -> tuple[Examples, list[np.ndarray]]:
-    """The run's training examples and every simulated client's indices: computed once per worker process."""
+def _training_partitions(flat_json: str, data_json: str) -> tuple[Examples, Partitions]:
+    """The run's training examples and every simulated client's indices, split once per worker process (each client's
+    indices computed when that client is first sampled here: :mod:`veil.task.partition`)."""
     cfg = _cfg(flat_json)
     data = DataConfig(**json.loads(data_json))
     task = get_task(cfg.task.name)
@@ -164,7 +166,7 @@ def node_labels(cfg: VeilConfig, settings: ShardSource) -> list[str]:
 
 
 def simulated_partitions(task: Task, examples: Examples, labels: list[str], fed: Mapping[str, Any], *,
-                         path: str) -> tuple[np.ndarray, list[np.ndarray]]:
+                         path: str) -> tuple[np.ndarray, Partitions]:
     """Partition ids of the training file and each simulated client's example indices (the one split every process
     computes: the clients for their shard, the launcher for its partition table)."""
     ids = task.partition_ids(examples, labels, path=path)
