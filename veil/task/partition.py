@@ -97,7 +97,7 @@ def partition_indices(labels: np.ndarray, *, num_partitions: int, partitioner: s
         )
     dataset = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     if partitioner == "iid":  # IidPartitioner's shards of the shuffled dataset, cut in one go (module docstring)
-        order = np.asarray(dataset.shuffle(seed=seed).with_format("numpy")["idx"], dtype=np.int64)
+        order = np.asarray(dataset.shuffle(seed=seed).with_format("numpy")[:]["idx"], dtype=np.int64)  # one batch
         shards = np.array_split(order, num_partitions)
         return Partitions(shards.__getitem__, num_partitions)
     part = _partitioner(partitioner, num_partitions=num_partitions, alpha=alpha, seed=seed,
@@ -106,7 +106,7 @@ def partition_indices(labels: np.ndarray, *, num_partitions: int, partitioner: s
     part.dataset = dataset
 
     def load(i: int) -> np.ndarray:
-        return np.asarray(part.load_partition(i).with_format("numpy")["idx"])
+        return np.asarray(part.load_partition(i).with_format("numpy")[:]["idx"])
 
     out = Partitions(load, num_partitions)
     try:
