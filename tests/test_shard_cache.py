@@ -18,6 +18,7 @@ from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, VeilConfig
 from veil.task import get_task, shards
 from veil.task.data import TextExamples, encode_labels, read_examples, tokenize
+from veil.task import model as task_model
 from veil.task.model import load_tokenizer
 
 
@@ -40,7 +41,8 @@ def _fresh_shard(cfg: VeilConfig, labels: list[str], partition: int) -> dict[str
                                               dataclasses.asdict(cfg.federation), path=cfg.data.train_path)
     idx = parts[partition]
     mine = TextExamples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
-    enc = tokenize(load_tokenizer(cfg.model), mine.texts, max_length=cfg.model.max_length)
+    fresh = task_model._tokenizer_at.__wrapped__(str(task_model.default_model_dir()))  # not the process' cached one
+    enc = tokenize(fresh, mine.texts, max_length=cfg.model.max_length)
     enc["labels"] = torch.as_tensor(encode_labels(mine, labels, path=cfg.data.train_path))
     return enc
 
@@ -91,3 +93,16 @@ def test_a_worker_computes_only_the_partitions_it_is_sampled_for(tmp_path: Path)
         dataclasses.asdict(cfg.data), sort_keys=True))]
     assert shards._training_partitions.cache_info().misses == 1
     assert parts.loaded == 3, "client 0 (the partitioner's one-off draw and check) and the two sampled clients"
+
+
+def test_the_tokenizer_is_loaded_once_per_process_and_encodes_like_a_fresh_one() -> None:
+    cfg = ModelConfig(name="tiny_bert", path="", tiny=True, max_length=8)
+    fresh = task_model._tokenizer_at.__wrapped__(str(task_model.default_model_dir()))
+    texts = ["my card was lost at the atm", "why is there a fee", "pin"]
+
+    first, second = load_tokenizer(cfg), load_tokenizer(cfg)
+
+    assert first is second, "one tokenizer per process and model directory"
+    for tok, batch, length in ((first, texts, 8), (second, texts[:1], 4), (first, texts, 8)):  # no state carried over
+        got, want = tokenize(tok, batch, max_length=length), tokenize(fresh, batch, max_length=length)
+        assert all(torch.equal(got[k], want[k]) for k in want)

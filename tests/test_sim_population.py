@@ -70,3 +70,22 @@ def test_node_configs_do_not_grow_with_the_population() -> None:
 def test_a_malformed_budget_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="federation.node_max_epsilon"):
         simulated_node_configs(_cfg(3, "0:a"))
+
+
+def test_a_remembered_prv_epsilon_equals_a_fresh_one() -> None:
+    """Clients with equal ledgers share one PRV computation per process; the answer is the uncached one's."""
+    from veil.privacy import accounting
+
+    history = [(1.1, 0.25, 6), (0.9, 0.5, 2)]
+    accounting._prv_epsilon_cached.cache_clear()
+    fresh = accounting._prv_epsilon(accounting._coalesce(history), 1e-5,
+                                    accounting._rdp_epsilon(accounting._coalesce(history), 1e-5))
+
+    first = accounting.compute_epsilon(history, delta=1e-5, accountant="prv")
+    again = accounting.compute_epsilon([tuple(e) for e in history], delta=1e-5, accountant="prv")
+    other = accounting.compute_epsilon([(1.1, 0.25, 7), (0.9, 0.5, 2)], delta=1e-5, accountant="prv")
+
+    assert fresh[0] is not None and first.accountant == "prv"
+    assert first.epsilon == again.epsilon == fresh[0]
+    assert accounting._prv_epsilon_cached.cache_info().hits == 1, "the second client's equal history is remembered"
+    assert other.epsilon > first.epsilon, "one more step is a new history, not a cache hit"
