@@ -182,7 +182,7 @@ def flower_sweep_seconds(population: int, *, pending: int = 10) -> float:
     """One pass of Flower's simulation engine over its node registry (``add_messages_to_queue``: one
     ``get_message_ins(node_id, limit=1)`` per node, every 0.1 s) with ``pending`` messages in the in-memory
     LinkState, as during a round. Built with Flower's own start-up functions (``_register_nodes``, ``InMemoryGrid``)."""
-    from flwr.app import RecordDict
+    from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
     from flwr.server.superlink.linkstate import LinkStateFactory
@@ -204,7 +204,7 @@ def flower_sweep_seconds(population: int, *, pending: int = 10) -> float:
     nodes = list(_register_nodes(population, factory))
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
-    grid.push_messages([grid.create_message(RecordDict(), "train", nodes[-1 - i], "sweep") for i in range(pending)])
+    grid.push_messages([Message(RecordDict(), nodes[-1 - i], "train", group_id="sweep") for i in range(pending)])
     start = now()
     for node in nodes:
         state.get_message_ins(node_id=node, limit=1)

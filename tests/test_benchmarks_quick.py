@@ -87,5 +87,5 @@ def test_sim_scale_quick_prints_table() -> None:
     """A 20-client simulation with SecAgg+ through `veil simulate` (about a minute on two cores)."""
     proc = _run_quick("sim_scale", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "s/round after the first" in proc.stdout and "coordinator MiB" in proc.stdout
+    assert "s/round after the first" in proc.stdout and "coordinator peak MiB" in proc.stdout
     assert "exit" not in proc.stdout.split("code", 1)[-1], f"the simulation failed:\n{proc.stdout}"
