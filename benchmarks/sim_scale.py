@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks.common import add_output_args, machine_info, now, pick_device, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "banking77"
+DATA = ROOT / "veil" / "data" / "banking77"  # the packaged BANKING77 (a fresh clone has no ../shared)
 TARGET = 3.0  # s per round after the first, issue 14 item 2
 
 
@@ -181,7 +181,18 @@ HEADERS = ["code", "clients", "round s (1 / 2 / ...)", "s/round after the first"
 def flower_sweep_seconds(population: int, *, pending: int = 10) -> float:
     """One pass of Flower's simulation engine over its node registry (``add_messages_to_queue``: one
     ``get_message_ins(node_id, limit=1)`` per node, every 0.1 s) with ``pending`` messages in the in-memory
-    LinkState, as during a round. Built with Flower's own start-up functions (``_register_nodes``, ``InMemoryGrid``)."""
+    LinkState, as during a round."""
+    state, nodes = engine_state(population, list(range(pending)))
+    start = now()
+    for node in nodes:
+        state.get_message_ins(node_id=node, limit=1)
+    return now() - start
+
+
+def engine_state(population: int, addressed: list[int]) -> tuple[Any, list[int]]:
+    """The in-memory LinkState of a simulation of ``population`` nodes holding one "train" message for each entry
+    of ``addressed`` (an index counted from the last node; repeats give a node several messages). Built with
+    Flower's own start-up functions (``_register_nodes``, ``InMemoryGrid``)."""
     from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
@@ -204,11 +215,8 @@ def flower_sweep_seconds(population: int, *, pending: int = 10) -> float:
     nodes = list(_register_nodes(population, factory))
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
-    grid.push_messages([Message(RecordDict(), nodes[-1 - i], "train", group_id="sweep") for i in range(pending)])
-    start = now()
-    for node in nodes:
-        state.get_message_ins(node_id=node, limit=1)
-    return now() - start
+    grid.push_messages([Message(RecordDict(), nodes[-1 - i], "train", group_id="sweep") for i in addressed])
+    return state, nodes
 
 
 def client_app_bytes(population: int) -> int:

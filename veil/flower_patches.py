@@ -1,7 +1,9 @@
-"""The only module in veil that patches Flower: two hard-coded waits of Flower 1.41's deployment transport (issue 14).
+"""The only module in veil that patches Flower: two hard-coded waits of Flower 1.41's deployment transport and the
+simulation engine's sweep over every node (issue 14).
 
-Why patches: neither wait is a setting of ``flower-supernode``, the SuperLink or the ServerApp, and together they are
-most of a deployed round's wall time (docs/benchmarks.md, deploy_overhead, with the timeline that found them).
+Why patches: none of the three is a setting of ``flower-supernode``, the SuperLink, the ServerApp or
+``run_simulation``; the waits are most of a deployed round's wall time and the sweep most of a round of a
+10,000-client simulation (docs/benchmarks.md, deploy_overhead and sim_scale, with the traces that found them).
 
 1. **The SuperNode loop's sleeps** (``flwr/supernode/start_client_internal.py``): ``time.sleep(3)`` whenever a pull
    finds no message and ``time.sleep(0.5)`` while it waits for the ClientApp's reply. A SecAgg+ round is four or
@@ -17,6 +19,15 @@ most of a deployed round's wall time (docs/benchmarks.md, deploy_overhead, with 
    a message with model weights. :func:`shorten_object_pull_backoff` makes the first retry wait
    :data:`PULL_BACKOFF` seconds and caps the back-off at :data:`PULL_BACKOFF_CAP` (the retry count and total-time
    limits stay Flower's). The bindings patched are the three through which Flower 1.41 calls ``pull_objects``.
+
+3. **The simulation engine's node sweep** (``flwr/server/superlink/fleet/vce/vce_api.py``,
+   ``add_messages_to_queue``): every 0.1 s it calls ``get_message_ins(node_id, limit=1)`` for *every* simulated
+   node, and each call scans the whole message store: O(nodes x messages) per pass, 14 / 96 / 974 ms at 100 /
+   1,000 / 10,000 nodes, so at 10,000 it runs almost continuously and starves the ServerApp's thread.
+   :func:`sweep_only_addressed_nodes` replaces it with the same loop over only the nodes that have an undelivered
+   message (one scan of the in-memory store per pass, under the state's lock), calling Flower's own
+   ``get_message_ins`` for each of them exactly as before (so delivery marks, TTL checks and the one-message-per-
+   node-per-pass order are Flower's). Other LinkStates keep Flower's loop.
 
 Each patch checks that the code it patches is still there and fails with one line otherwise; it changes nothing
 else, and the processes it runs in are veil's own (the node's SuperNode and executor, the ServerApp of a
@@ -93,6 +104,43 @@ def shorten_object_pull_backoff(first: float = PULL_BACKOFF, cap: float = PULL_B
                 is not original:
             raise RuntimeError(f"{name} no longer calls flwr's pull_objects; this patch is for flwr 1.41")
         module.pull_objects = _with_short_backoff(original, first, cap)  # type: ignore[attr-defined]
+
+
+_ENGINE = "flwr.server.superlink.fleet.vce.vce_api"
+
+
+def _addressed_nodes(state: Any, nodes: Any) -> list[int] | None:
+    """Ids in ``nodes`` with an undelivered message in ``state``'s in-memory store; None when the state has none."""
+    store = getattr(state, "message_ins_store", None)
+    lock = getattr(state, "lock", None)
+    if not isinstance(store, dict) or lock is None:
+        return None
+    with lock:
+        pending = {m.metadata.dst_node_id for m in list(store.values()) if m.metadata.delivered_at == ""}
+    return [node_id for node_id in pending if node_id in nodes]
+
+
+def sweep_only_addressed_nodes() -> Callable[..., Any]:
+    """Make the simulation engine poll only the nodes that have a message waiting (idempotent); returns the sweep."""
+    engine = importlib.import_module(_ENGINE)
+    flower_sweep = getattr(engine.add_messages_to_queue, "__wrapped__", engine.add_messages_to_queue)
+    code = getattr(flower_sweep, "__code__", None)
+    if code is None or code.co_varnames[:4] != ("state", "queue", "nodes_mapping", "f_stop"):
+        raise RuntimeError(f"{_ENGINE}.add_messages_to_queue changed; this patch is for flwr 1.41")
+
+    @functools.wraps(flower_sweep)
+    def sweep(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        if _addressed_nodes(state, nodes_mapping) is None:  # not the in-memory state: Flower's own loop
+            flower_sweep(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            for node_id in _addressed_nodes(state, nodes_mapping) or ():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(0.1)
+
+    engine.add_messages_to_queue = sweep
+    return sweep
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -268,6 +268,7 @@ def ray_init_args(address: str) -> dict[str, Any]:
 def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: Sequence[Any] = ()) -> None:
     from flwr.simulation import run_simulation
 
+    from veil.flower_patches import sweep_only_addressed_nodes
     from veil.server.app import make_server_app
 
     fed = cfg.federation
@@ -276,6 +277,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: S
         "init_args": ray_init_args(fed.ray_address),
     }
     client_app = _simulated_client_app(flat, out_dir, simulated_node_configs(cfg), client_mods)
+    sweep_only_addressed_nodes()  # Flower's engine polls only nodes with a message, not all N (veil.flower_patches)
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
     with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():
         warnings.simplefilter("ignore")
