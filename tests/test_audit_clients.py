@@ -166,3 +166,18 @@ def test_canary_node_runs_the_ordinary_release(small_csv: tuple[Path, Path], tmp
     assert np.std(sent - expected) == pytest.approx(share, rel=0.1) and abs(np.mean(sent - expected)) < 0.05
     ledger = PrivacyLedger.open(root / "node-3" / "privacy_ledger.json", create=False)
     assert [e.noise_multiplier for e in ledger.events] == [0.5], "booked like any client-level node: z/2 per record"
+
+
+def test_report_shows_the_client_level_audit(tmp_path: Path) -> None:
+    from test_report import fake_run
+
+    from veil.privacy.audit import SCORES, AuditResult
+    from veil.report import find_runs, load_run, write_report
+
+    fake_run(tmp_path / "a", eps=0.98, clients=43)
+    audit = AuditResult(claimed_epsilon=0.983, delta=1e-5, lower_bound=1.821, confidence=0.95, canaries=40,
+                        included=24, guesses=20, correct=20, score=SCORES["direction"], privacy="p", unit="client")
+    (tmp_path / "a" / "audit.json").write_text(json.dumps(audit.to_json()))
+    write_report([load_run(p) for p in find_runs([tmp_path])], tmp_path / "report")
+    row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if "VIOLATION" in line)
+    assert "0.983" in row and "1.821" in row and "| white-box, canary clients |" in row and "20 (20)" in row
