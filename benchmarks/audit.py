@@ -77,6 +77,34 @@ def _plan(args: argparse.Namespace) -> tuple[int, int, int, int, str, list[str]]
     return m, m // 8, rounds, steps, args.score or "loss", base
 
 
+def ideal_bound(*, m: int, k: int, mu: float, draws: int = 400, seed: int = 0) -> float:
+    """Median bound of the ideal attack at this audit's size: canary i scores μ·[included] + N(0, 1), which is how a
+    canary client's score is distributed when only the Gaussian noise of the sum hides it (μ = sqrt(rounds)/z: S per
+    round against noise z·S). The reference for what any score could show with m canaries and k + k guesses."""
+    import numpy as np
+
+    from veil.privacy.audit_bound import guess_top_bottom
+
+    rng = np.random.default_rng(seed)
+    bounds = []
+    for _ in range(draws):
+        included = rng.random(m) < 0.5
+        scores = (mu * included if np.isfinite(mu) else 1e9 * included) + rng.standard_normal(m)
+        g = guess_top_bottom(scores, included, k_in=k, k_out=k)
+        bounds.append(epsilon_lower_bound(m=m, r=g.r, v=g.v, delta=1e-5, beta=0.05))
+    return float(np.median(bounds))
+
+
+def _ideal(level: str, eps: str, *, m: int, k: int, rounds: int) -> str:
+    if level != "client":
+        return "–"
+    from veil.privacy.client_level import calibrate_client_level
+
+    mu = float("inf") if eps == "inf" else rounds ** 0.5 / calibrate_client_level(
+        target_epsilon=float(eps), delta=1e-5, client_rate=1.0, rounds=rounds)
+    return f"{ideal_bound(m=m, k=k, mu=mu):.3f}"
+
+
 def _privacy(level: str, eps: str) -> list[str]:
     if level == "client":
         return ["privacy=none", "privacy.level=client"] if eps == "inf" else [
@@ -109,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             r = run_one(name, ["--canaries", str(m), "--guesses", str(k), "--score", score],
                         [*base, *_privacy(args.level, eps), *data], Path(tmp) / eps)
             claimed = "∞" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f}"
-            rows.append([name, claimed, f"{r['lower_bound']:.3f}", f"{r['correct']}/{r['guesses']}",
-                         str(r["verdict"]), f"{r['seconds']:.0f}"])
+            rows.append([name, claimed, f"{r['lower_bound']:.3f}", _ideal(args.level, eps, m=m, k=k, rounds=rounds),
+                         f"{r['correct']}/{r['guesses']}", str(r["verdict"]), f"{r['seconds']:.0f}"])
     ceiling = epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=1e-5, beta=0.05)
     if args.level == "client":
         settings = (f"client level: tiny BERT + LoRA r=4, 3 data owners (IID share of a 60-text 4-class file) and {m} "
@@ -126,8 +154,13 @@ def main(argv: list[str] | None = None) -> None:
              "show more, whatever its true ε",
              f"{score} score, one run, CPU scale: a bound far below the claim proves nothing about privacy; a bound "
              "above the claim would be a bug (the tests plant one and see it flagged)"]
+    if args.level == "client":
+        notes.append("ideal attack: the median bound (400 simulated draws) of scores μ·[included] + N(0, 1), μ = "
+                     "sqrt(rounds)/z, i.e. the best any score can do against the Gaussian noise of the sum at this m "
+                     "and k (benchmarks/audit.py, ideal_bound)")
     report("audit", args, argv, info, settings=settings,
-           headers=["configuration", "claimed ε", "lower bound (95%)", "right guesses", "verdict", "seconds"],
+           headers=["configuration", "claimed ε", "lower bound (95%)", "ideal attack (median)", "right guesses",
+                    "verdict", "seconds"],
            rows=rows, notes=notes, elapsed=now() - started, extra_versions=("flwr",))
 
 
