@@ -51,7 +51,9 @@ from typing import Any
 import numpy as np
 
 from veil.client.app import VeilClient
+from veil.client.settings import NodeSettings
 from veil.client.trainer import LocalPlan, LocalResult
+from veil.conf.schema import VeilConfig
 from veil.errors import ConfigError
 
 log = logging.getLogger("veil.audit")
@@ -115,7 +117,7 @@ class CanaryClient(VeilClient):
     client-level clip and this node's noise share, the reply, and (outside the client) the SecAgg+ guard and mod.
     """
 
-    def __init__(self, cfg: Any, settings: Any, run_id: int, *, seed: int, included: bool) -> None:
+    def __init__(self, cfg: VeilConfig, settings: NodeSettings, run_id: int, *, seed: int, included: bool) -> None:
         super().__init__(cfg, settings, run_id)
         self.seed, self.included = seed, included
 
@@ -143,7 +145,7 @@ def direction_scores(initial: Sequence[np.ndarray], final: Sequence[np.ndarray],
     return np.array([float(change @ np.asarray(u, np.float64)) for u in directions])
 
 
-def published_scores(cfg: Any, labels: list[str], out_dir: Path, seeds: Sequence[int]) -> np.ndarray:
+def published_scores(cfg: VeilConfig, labels: list[str], out_dir: Path, seeds: Sequence[int]) -> np.ndarray:
     """The scores on the finished run in ``out_dir``: w_0 built from the run's seed as the coordinator builds it,
     w_R the published global trainable tensors."""
     from veil.server.app import load_global
@@ -157,7 +159,7 @@ def published_scores(cfg: Any, labels: list[str], out_dir: Path, seeds: Sequence
     return direction_scores(initial, final, (canary_direction(s, size) for s in seeds))
 
 
-def canary_run_config(cfg: Any, count: int) -> Any:
+def canary_run_config(cfg: VeilConfig, count: int) -> VeilConfig:
     """The audited run: the data owners plus ``count`` canary clients, sampled at the owners' rate.
 
     ``clients_per_round`` grows in proportion (all when it was all), so a canary is sampled as often as an owner
@@ -176,7 +178,7 @@ def canary_run_config(cfg: Any, count: int) -> Any:
     return dataclasses.replace(cfg, federation=fed, secagg=sa).validate()
 
 
-def claimed_client_epsilon(cfg: Any, out_dir: Path) -> float:
+def claimed_client_epsilon(cfg: VeilConfig, out_dir: Path) -> float:
     """The coordinator's client-level ε for the run (``summary.json``, basis ``client_level``); ∞ without DP."""
     if not cfg.privacy.enabled:
         return math.inf
