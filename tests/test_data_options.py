@@ -124,3 +124,37 @@ def test_every_shipped_data_group_works_from_any_directory(tmp_path: Path, monke
     model = "tiny_bert" if task == "classification" else "tiny_llama"
     cfg = preflight([f"data={group}", f"task={task}", f"model={model}"])  # reads both files: raises if missing
     assert cfg.data.train_path.startswith("package:") and cfg.data.test_path.startswith("package:")
+
+
+ROWS = [('my card, the blue one, was lost', "card"), ("the atm kept my cash; twice", "cash"), ('a "fee"?', "fee")]
+
+
+@pytest.mark.parametrize(("name", "delimiter"), [("export.csv", ";"), ("export.txt", "\t"), ("export.dat", "|"),
+                                                 ("export.csv", ",")])
+def test_the_delimiter_of_a_file_is_found_from_the_file(tmp_path: Path, name: str, delimiter: str) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    csv.writer(buf, delimiter=delimiter, lineterminator="\r\n").writerows([("Text", "Intent"), *ROWS])
+    path = tmp_path / name
+    path.write_text(buf.getvalue(), encoding="utf-8-sig")  # a BOM and CRLF, as spreadsheets write them
+    got = read_examples(path, DataConfig(name="csv", train_path=str(path), text_column="Text", label_column="Intent"))
+    assert (got.texts, got.labels) == ([t for t, _ in ROWS], [lab for _, lab in ROWS])
+
+
+def test_a_tab_separated_txt_with_a_lone_quote_and_no_header(tmp_path: Path) -> None:
+    path = tmp_path / "intents.txt"
+    path.write_text('card\tmy "card\ncash\tthe atm; kept it\n', encoding="utf-8")
+    got = read_examples(path, DataConfig(name="csv", train_path=str(path), text_column="1", label_column="0",
+                                         header=False))
+    assert (got.texts, got.labels) == (['my "card', "the atm; kept it"], ["card", "cash"])
+
+
+def test_an_explicit_format_or_delimiter_is_not_second_guessed(tmp_path: Path) -> None:
+    path = tmp_path / "semi.csv"
+    path.write_text("text;label\nhello;a\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match="no text column 'text'"):  # format=csv means commas
+        read_examples(path, DataConfig(name="csv", train_path=str(path), label_column="label", format="csv"))
+    got = read_examples(path, DataConfig(name="csv", train_path=str(path), label_column="label", delimiter=";"))
+    assert (got.texts, got.labels) == (["hello"], ["a"])

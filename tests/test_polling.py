@@ -1,5 +1,6 @@
-"""Shorter waits for replies: the ServerApp's PollingGrid keeps Flower's send_and_receive contract, and the one
-Flower patch (veil.client.supernode_polling) caps only the SuperNode loop's sleeps."""
+"""Shorter waits for replies: the ServerApp's PollingGrid keeps Flower's send_and_receive contract, and veil's one
+module of Flower patches (veil.flower_patches) caps only the SuperNode loop's sleeps and shortens only the back-off
+of Flower's object pulls."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from veil.client import supernode_polling
+from veil import flower_patches as supernode_polling
 from veil.server.polling import PollingGrid
 
 
@@ -78,3 +79,58 @@ def test_supernode_patch_caps_only_the_loops_sleeps(monkeypatch: pytest.MonkeyPa
     assert sys.modules["time"] is time is supernode_polling._time, "the global time module is not replaced"
     with pytest.raises(ValueError, match="poll interval"):
         supernode_polling.cap_supernode_sleeps(0)
+
+
+_PULL_BINDINGS = ("flwr.supercore.inflatable.inflatable_utils", "flwr.superlink.grid.http_grid",
+                  "flwr.supernode.start_client_internal")
+
+
+@pytest.fixture
+def restored_pull_bindings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _PULL_BINDINGS]
+    for module in modules:
+        monkeypatch.setattr(module, "pull_objects", module.pull_objects)  # restored after the test
+    return modules
+
+
+def test_object_pull_backoff_starts_short_at_every_flower_binding(restored_pull_bindings: Any) -> None:
+    original = restored_pull_bindings[0].pull_objects
+    supernode_polling.shorten_object_pull_backoff(0.02, 0.5)
+    supernode_polling.shorten_object_pull_backoff(0.02, 0.5)  # idempotent: wraps Flower's function, not a wrapper
+    for module in restored_pull_bindings:
+        assert module.pull_objects is not original and module.pull_objects.__wrapped__ is original, module.__name__
+
+
+def test_object_pull_backoff_passes_the_shorter_waits_and_keeps_the_rest() -> None:
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    pull = supernode_polling._with_short_backoff(lambda *a, **k: calls.append((a, k)) or "done", 0.02, 0.5)
+    assert pull(["id"], "fn", max_time=7) == "done"
+    pull(["id"], "fn", initial_backoff=0.01, backoff_cap=10.0)  # a caller's shorter wait wins, a longer cap not
+    assert calls == [((["id"], "fn"), {"initial_backoff": 0.02, "backoff_cap": 0.5, "max_time": 7}),
+                     ((["id"], "fn"), {"initial_backoff": 0.01, "backoff_cap": 0.5})]
+    with pytest.raises(ValueError, match="first"):
+        supernode_polling.shorten_object_pull_backoff(1.0, 0.5)
+
+
+def test_patched_pull_still_waits_for_an_object_being_pushed(restored_pull_bindings: Any) -> None:
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    supernode_polling.shorten_object_pull_backoff(0.001, 0.002)
+    tries: list[str] = []
+
+    def pull_one(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) < 4:  # unavailable three times: the sender is still pushing it
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    got = restored_pull_bindings[0].pull_objects(["obj"], pull_one, max_tries_per_object=10)
+    assert got == {"obj": b"content"} and tries == ["obj"] * 4
+
+
+def test_pull_patch_refuses_a_flower_that_changed(restored_pull_bindings: Any) -> None:
+    restored_pull_bindings[1].pull_objects = lambda *a, **k: None  # http_grid no longer calls Flower's function
+    with pytest.raises(RuntimeError, match="http_grid no longer calls"):
+        supernode_polling.shorten_object_pull_backoff()

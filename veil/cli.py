@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from veil.errors import VeilError
 
@@ -38,6 +39,13 @@ def quiet_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``veil: error:`` line naming the problem and where the options are."""
+
+    def error(self, message: str) -> NoReturn:
+        raise VeilError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``veil`` console script; returns the process exit status."""
     quiet_environment()
@@ -51,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args_list else 2
     name, rest = args_list[0], args_list[1:]
     if name not in _COMMANDS:
-        parser.print_usage(sys.stderr)
         print(f"veil: error: unknown command {name!r}; choose one of {', '.join(_COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -59,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database migrations
     try:
         module = importlib.import_module(_COMMANDS[name][0])
-        sub_parser = argparse.ArgumentParser(prog=f"veil {name}", description=_COMMANDS[name][1])
+        sub_parser = _OneLineParser(prog=f"veil {name}", description=_COMMANDS[name][1])
         module.configure_parser(sub_parser)
         args = sub_parser.parse_args(rest)
         return int(module.run(args))

@@ -178,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from veil.client.app import quiet_worker
+    from veil.flower_patches import shorten_object_pull_backoff
     from veil.security.bundle import fab_hash
 
     quiet_worker()
+    shorten_object_pull_backoff()  # a task's objects: first retry after 0.02 s, not 1 s
     stop = threading.Event()
     if args.supernode_pid is not None:
         _watch_process(args.supernode_pid, stop)

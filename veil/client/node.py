@@ -16,7 +16,7 @@ import time
 from collections.abc import Sized
 from pathlib import Path
 
-from veil.client.supernode_polling import DEFAULT_POLL_INTERVAL
+from veil.flower_patches import DEFAULT_POLL_INTERVAL
 from veil.errors import ConfigError, VeilError
 from veil.supervise import Supervised, flower_env, free_port, stop_on_signals
 
@@ -179,7 +179,7 @@ def node_config_arg(config: dict[str, object]) -> str:
 
 def _supernode_argv(args: argparse.Namespace, runtime_port: int) -> list[str]:
     # Flower's own flower-supernode, run through veil's one Flower patch: it polls every --poll-interval s, not 3 s
-    argv = [sys.executable, "-m", "veil.client.supernode_polling", "--poll-interval", str(args.poll_interval), "--",
+    argv = [sys.executable, "-m", "veil.flower_patches", "--poll-interval", str(args.poll_interval), "--",
             "--superlink", args.superlink, "--isolation", "process",
             "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config_arg(_node_config(args))]
     if args.max_retries > 0:

@@ -70,7 +70,7 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "category"
     format: str = "auto"  # auto (from the suffix) | csv | tsv | jsonl
-    delimiter: str = ""  # empty: ',' for csv, '\t' for tsv
+    delimiter: str = ""  # empty: '\t' for tsv, ',' for format=csv; format=auto finds , ; tab | from the file
     # auto: CSV quoting for comma-separated files; tab-separated ones keep quotes as text unless consistently
     # CSV-quoted. csv: always CSV quoting. none: quotes are plain text (a field cannot hold the delimiter).
     quoting: str = "auto"

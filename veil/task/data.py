@@ -80,8 +80,36 @@ def _format_from_suffix(p: Path) -> str:
     return "csv"
 
 
+_DELIMITERS = (",", "\t", ";", "|")  # what data.format=auto recognises in a file that is not .tsv/.jsonl
+_SNIFF_RECORDS = 50
+
+
+def sniff_delimiter(raw: str) -> str:
+    """The delimiter of a delimited text whose suffix does not say (``.csv``, ``.txt``, none): the first of
+    :data:`_DELIMITERS` that splits the first records into the same number (>= 2) of fields; ``,`` if none does.
+
+    Hand-written because ``csv.Sniffer`` guesses from character frequencies and picks a letter or a space in short
+    texts; splitting a sample the way the file will be read is what decides here.
+    """
+    sample = "\n".join(raw.splitlines()[:_SNIFF_RECORDS])
+    for delimiter in _DELIMITERS:
+        for quoted in (True, False):  # CSV quoting, or quotes as plain text (a TSV export with a lone '"')
+            try:
+                widths = {len(row) for _line, row in _table(sample, delimiter, quoted=quoted)}
+            except csv.Error:
+                continue
+            if len(widths) == 1 and widths.pop() >= 2:
+                return delimiter
+    return ","
+
+
 def _parse_delimited(p: Path, raw: str, fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
-    delimiter = cfg.delimiter or ("\t" if fmt == "tsv" else ",")
+    if cfg.delimiter:
+        delimiter = cfg.delimiter
+    elif fmt == "tsv":
+        delimiter = "\t"
+    else:  # data.format=auto on a file that is not .tsv, or csv without data.delimiter: as the file is written
+        delimiter = sniff_delimiter(raw) if cfg.format == "auto" else ","
     csv.field_size_limit(_MAX_FIELD)
     quoting = cfg.quoting if cfg.quoting != "auto" else ("auto" if delimiter == "\t" else "csv")
     if quoting == "auto":  # TSV as people export it: literal quotes, unless the file is consistently CSV-quoted

@@ -1,0 +1,115 @@
+"""The only module in veil that patches Flower: two hard-coded waits of Flower 1.41's deployment transport (issue 14).
+
+Why patches: neither wait is a setting of ``flower-supernode``, the SuperLink or the ServerApp, and together they are
+most of a deployed round's wall time (docs/benchmarks.md, deploy_overhead, with the timeline that found them).
+
+1. **The SuperNode loop's sleeps** (``flwr/supernode/start_client_internal.py``): ``time.sleep(3)`` whenever a pull
+   finds no message and ``time.sleep(0.5)`` while it waits for the ClientApp's reply. A SecAgg+ round is four or
+   five message exchanges, so a node idled up to ~3.5 s per exchange. :func:`cap_supernode_sleeps` replaces that
+   module's reference to ``time`` by a proxy whose ``sleep`` waits at most ``--poll-interval`` seconds (every other
+   attribute is the real ``time``). Cost: an idle node sends one ``PullMessages`` per interval (default 0.25 s)
+   instead of one per 3 s; raise it for federations of hundreds of nodes.
+2. **The object-pull back-off** (``flwr/supercore/inflatable/inflatable_utils.py``, ``pull_objects``): a message
+   travels as a list of ids first and its objects (arrays, records) after; whoever pulls a message whose objects
+   are still being pushed gets ``ObjectUnavailableError`` and waits ``PULL_INITIAL_BACKOFF`` = 1 s, doubling to
+   10 s. That happens on every hop of every exchange (ServerApp <- SuperLink for replies, SuperNode <- SuperLink and
+   executor <- SuperNode for instructions): ~1.2 s of the ~2 s an exchange took on a quiet machine, and 1 + 2 s on
+   a message with model weights. :func:`shorten_object_pull_backoff` makes the first retry wait
+   :data:`PULL_BACKOFF` seconds and caps the back-off at :data:`PULL_BACKOFF_CAP` (the retry count and total-time
+   limits stay Flower's). The bindings patched are the three through which Flower 1.41 calls ``pull_objects``.
+
+Each patch checks that the code it patches is still there and fails with one line otherwise; it changes nothing
+else, and the processes it runs in are veil's own (the node's SuperNode and executor, the ServerApp of a
+deployment). The upstream proposal (a ``--poll-interval`` on ``flower-supernode``, a ``pull_interval`` on the grid,
+and a first object-pull retry in tens of milliseconds or a long-poll ``PullObject``) is in docs/benchmarks.md.
+
+    python -m veil.flower_patches --poll-interval 0.25 -- --superlink HOST:PORT ...   # a patched flower-supernode
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import time as _time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+DEFAULT_POLL_INTERVAL = 0.25  # seconds; Flower's own: 3 s between empty pulls, 0.5 s while awaiting a reply
+PULL_BACKOFF = 0.02  # seconds before the first retry of an object still being pushed (Flower: 1 s)
+PULL_BACKOFF_CAP = 0.5  # seconds at most between retries (Flower: 10 s)
+_SUPERNODE_LOOP = "flwr.supernode.start_client_internal"
+_PULL_OBJECTS = "flwr.supercore.inflatable.inflatable_utils"
+_PULL_CALLERS = (_PULL_OBJECTS, "flwr.superlink.grid.http_grid", _SUPERNODE_LOOP)
+
+
+class _CappedSleepTime(ModuleType):
+    """The ``time`` module with ``sleep`` capped at ``limit`` seconds."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__("time")
+        self.limit = limit
+
+    def sleep(self, seconds: float) -> None:
+        _time.sleep(min(float(seconds), self.limit))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+
+def cap_supernode_sleeps(limit: float) -> ModuleType:
+    """Make Flower's SuperNode loop wait at most ``limit`` seconds between polls; returns the patched module."""
+    if not limit > 0:
+        raise ValueError(f"poll interval must be > 0 seconds, got {limit}")
+    module = importlib.import_module(_SUPERNODE_LOOP)
+    if not hasattr(module, "time") or getattr(module.time, "sleep", None) is None:
+        raise RuntimeError(f"{_SUPERNODE_LOOP} no longer uses time.sleep; this patch is for flwr 1.41")
+    module.time = _CappedSleepTime(limit)  # type: ignore[attr-defined]
+    return module
+
+
+def _with_short_backoff(pull_objects: Callable[..., Any], first: float, cap: float) -> Callable[..., Any]:
+    """``pull_objects`` whose retries start at ``first`` s and never wait more than ``cap`` s (or the caller's)."""
+
+    @functools.wraps(pull_objects)
+    def pull(*args: Any, initial_backoff: float = first, backoff_cap: float = cap, **kwargs: Any) -> Any:
+        return pull_objects(*args, initial_backoff=min(initial_backoff, first), backoff_cap=min(backoff_cap, cap),
+                            **kwargs)
+
+    pull.veil_short_backoff = True  # type: ignore[attr-defined]
+    return pull
+
+
+def shorten_object_pull_backoff(first: float = PULL_BACKOFF, cap: float = PULL_BACKOFF_CAP) -> None:
+    """Make Flower's object pulls retry after ``first`` s, at most ``cap`` s apart (idempotent)."""
+    if not 0 < first <= cap:
+        raise ValueError(f"need 0 < first <= cap seconds, got first={first}, cap={cap}")
+    original = importlib.import_module(_PULL_OBJECTS).pull_objects
+    original = getattr(original, "__wrapped__", original)
+    for name in _PULL_CALLERS:
+        module = importlib.import_module(name)
+        if getattr(getattr(module, "pull_objects", None), "__wrapped__", getattr(module, "pull_objects", None)) \
+                is not original:
+            raise RuntimeError(f"{name} no longer calls flwr's pull_objects; this patch is for flwr 1.41")
+        module.pull_objects = _with_short_backoff(original, first, cap)  # type: ignore[attr-defined]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``--poll-interval S`` then ``flower-supernode``'s own arguments (after an optional ``--``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    limit = DEFAULT_POLL_INTERVAL
+    if args[:1] == ["--poll-interval"]:
+        limit, args = float(args[1]), args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    cap_supernode_sleeps(limit)
+    shorten_object_pull_backoff()
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
