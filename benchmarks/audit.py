@@ -8,8 +8,13 @@ loss, the default) or white-box (``--score gradient``: every round's global upda
 direction). The table also gives the ceiling: the bound that k + k guesses, all right, would give; no run can show
 more than that.
 
+``--level client`` audits client-level DP instead (``privacy=client_dp``, distributed noise shares under SecAgg+;
+``privacy=none privacy.level=client`` for ∞): m canary clients beside 3 data owners, each sending a random direction
+at the clip norm or, when not included, a zero update, scored by the published model's change along its direction.
+
     python -m benchmarks.audit                                            # 256 canaries; appends to docs/benchmarks.md
     python -m benchmarks.audit --score gradient --epsilons 8,inf          # the white-box score
+    python -m benchmarks.audit --level client                             # 200 canary clients, 2 rounds
     python -m benchmarks.audit --quick --no-record                        # 64 canaries, 1 round (for the test)
 """
 
@@ -31,7 +36,8 @@ from veil.privacy.audit_bound import epsilon_lower_bound  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 _SCORED = {"loss": "the final model's loss (black-box)",
-           "gradient": "Σ over rounds of the global update against each canary's gradient direction (white-box)"}
+           "gradient": "Σ over rounds of the global update against each canary's gradient direction (white-box)",
+           "direction": "the published model's change w_R − w_0 against each canary client's direction (white-box)"}
 _WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
           "pin": "i forgot my pin code"}
 
@@ -55,46 +61,106 @@ def run_one(name: str, audit_args: list[str], overrides: list[str], out: Path) -
     return {**doc, "seconds": time.perf_counter() - started}
 
 
+def _plan(args: argparse.Namespace) -> tuple[int, int, int, int, str, list[str]]:
+    """m, k, rounds, local steps, score and the runs' shared overrides for ``args.level``."""
+    if args.level == "client":
+        m = args.canaries or (24 if args.quick else 200)
+        rounds, steps = args.rounds or (1 if args.quick else 2), args.steps or 2
+        base = ["model=tiny_bert", "federation.batch_size=64", "federation.partitioner=iid", "federation.num_clients=3",
+                f"federation.local_steps={steps}", f"federation.rounds={rounds}", "federation.seed=0"]
+        return m, m // 4, rounds, steps, "direction", base
+    m = args.canaries or (64 if args.quick else 256)
+    rounds, steps = args.rounds or (1 if args.quick else 3), args.steps or 40
+    base = ["model=tiny_bert", f"federation.batch_size={4 * m}", "federation.lr=0.05", "federation.partitioner=iid",
+            f"federation.local_steps={steps}", "federation.num_clients=2", "federation.clients_per_round=2",
+            f"federation.rounds={rounds}", "secagg=off", "federation.seed=0"]
+    return m, m // 8, rounds, steps, args.score or "loss", base
+
+
+def ideal_bound(*, m: int, k: int, mu: float, draws: int = 400, seed: int = 0) -> float:
+    """Median bound of the ideal attack at this audit's size: canary i scores μ·[included] + N(0, 1), which is how a
+    canary client's score is distributed when only the Gaussian noise of the sum hides it (μ = sqrt(rounds)/z: S per
+    round against noise z·S). The reference for what any score could show with m canaries and k + k guesses."""
+    import numpy as np
+
+    from veil.privacy.audit_bound import guess_top_bottom
+
+    rng = np.random.default_rng(seed)
+    bounds = []
+    for _ in range(draws):
+        included = rng.random(m) < 0.5
+        scores = (mu * included if np.isfinite(mu) else 1e9 * included) + rng.standard_normal(m)
+        g = guess_top_bottom(scores, included, k_in=k, k_out=k)
+        bounds.append(epsilon_lower_bound(m=m, r=g.r, v=g.v, delta=1e-5, beta=0.05))
+    return float(np.median(bounds))
+
+
+def _ideal(level: str, eps: str, *, m: int, k: int, rounds: int) -> str:
+    if level != "client":
+        return "–"
+    from veil.privacy.client_level import calibrate_client_level
+
+    mu = float("inf") if eps == "inf" else rounds ** 0.5 / calibrate_client_level(
+        target_epsilon=float(eps), delta=1e-5, client_rate=1.0, rounds=rounds)
+    return f"{ideal_bound(m=m, k=k, mu=mu):.3f}"
+
+
+def _privacy(level: str, eps: str) -> list[str]:
+    if level == "client":
+        return ["privacy=none", "privacy.level=client"] if eps == "inf" else [
+            "privacy=client_dp", f"privacy.target_epsilon={eps}"]
+    return ["privacy=none"] if eps == "inf" else ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--canaries", type=int, default=None, help="m (default 256; --quick 64)")
-    ap.add_argument("--rounds", type=int, default=None, help="default 3; --quick 1")
-    ap.add_argument("--steps", type=int, default=40, help="full-batch local steps per round")
+    ap.add_argument("--level", choices=("sample", "client"), default="sample",
+                    help="sample: canary records, DP-SGD (default); client: canary clients, client-level DP")
+    ap.add_argument("--canaries", type=int, default=None, help="m (default 256, client level 200; --quick 64 / 24)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 3, client level 2; --quick 1")
+    ap.add_argument("--steps", type=int, default=None, help="local steps per round (default 40, client level 2)")
     ap.add_argument("--epsilons", default="1,4,8,inf", help="target ε values; inf: DP off")
-    ap.add_argument("--score", choices=("loss", "gradient"), default="loss",
-                    help="loss: black-box (final model's loss); gradient: white-box (each round's update)")
-    add_output_args(ap, quick="64 canaries, 1 round, ε ∈ {8, inf} (for the test)", root=ROOT)
+    ap.add_argument("--score", choices=("loss", "gradient"), default=None,
+                    help="sample level: loss, black-box (final model's loss, default); gradient: white-box (each "
+                         "round's update). Client level always scores the canary clients' directions")
+    add_output_args(ap, quick="64 canaries (24 canary clients), 1 round, ε ∈ {8, inf} (for the test)", root=ROOT)
     args = ap.parse_args(argv)
-    m = args.canaries or (64 if args.quick else 256)
-    k = m // 8
-    rounds = args.rounds or (1 if args.quick else 3)
+    m, k, rounds, steps, score, base = _plan(args)
     epsilons = ["8", "inf"] if args.quick else [e.strip() for e in args.epsilons.split(",")]
-    base = ["model=tiny_bert", f"federation.batch_size={4 * m}", "federation.lr=0.05", "federation.partitioner=iid",
-            f"federation.local_steps={args.steps}", "federation.num_clients=2", "federation.clients_per_round=2",
-            f"federation.rounds={rounds}", "secagg=off", "federation.seed=0"]
     info = machine_info(pick_device())
     started = now()
     rows = []
     with tempfile.TemporaryDirectory(prefix="veil-audit-") as tmp:
         data = write_data(Path(tmp))
         for eps in epsilons:
-            privacy = ["privacy=none"] if eps == "inf" else ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
             name = "no DP" if eps == "inf" else f"DP, target ε={eps}"
-            r = run_one(name, ["--canaries", str(m), "--guesses", str(k), "--score", args.score],
-                        [*base, *privacy, *data], Path(tmp) / eps)
+            r = run_one(name, ["--canaries", str(m), "--guesses", str(k), "--score", score],
+                        [*base, *_privacy(args.level, eps), *data], Path(tmp) / eps)
             claimed = "∞" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f}"
-            rows.append([name, claimed, f"{r['lower_bound']:.3f}", f"{r['correct']}/{r['guesses']}",
-                         str(r["verdict"]), f"{r['seconds']:.0f}"])
+            rows.append([name, claimed, f"{r['lower_bound']:.3f}", _ideal(args.level, eps, m=m, k=k, rounds=rounds),
+                         f"{r['correct']}/{r['guesses']}", str(r["verdict"]), f"{r['seconds']:.0f}"])
     ceiling = epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=1e-5, beta=0.05)
-    settings = (f"tiny BERT + LoRA r=4, 2 clients (IID share of a 60-text 4-class file), {rounds} rounds × "
-                f"{args.steps} full-batch local steps (q = 1), lr 0.05, SecAgg+ off, δ = 1e-5; {m} canaries "
-                f"(8 random words, random label), {k} guessed in + {k} out by {_SCORED[args.score]}; 95% confidence")
+    if args.level == "client":
+        settings = (f"client level: tiny BERT + LoRA r=4, 3 data owners (IID share of a 60-text 4-class file) and {m} "
+                    f"canary clients, every client in each of {rounds} rounds ({steps} local steps for the owners), "
+                    f"client_dp (clip S = 0.5, distributed noise shares, z calibrated to the target over {rounds} "
+                    f"rounds with q = 1) under SecAgg+, no DP: privacy=none; δ = 1e-5; {k} guessed in + {k} out by "
+                    f"{_SCORED[score]}; 95% confidence")
+    else:
+        settings = (f"tiny BERT + LoRA r=4, 2 clients (IID share of a 60-text 4-class file), {rounds} rounds × "
+                    f"{steps} full-batch local steps (q = 1), lr 0.05, SecAgg+ off, δ = 1e-5; {m} canaries "
+                    f"(8 random words, random label), {k} guessed in + {k} out by {_SCORED[score]}; 95% confidence")
     notes = [f"ceiling: {2 * k} right guesses out of {2 * k} would give ε ≥ {ceiling:.3f}; no run of this size can "
              "show more, whatever its true ε",
-             f"{args.score} score, one run, CPU scale: a bound far below the claim is the expected outcome and proves nothing "
-             "about privacy; a bound above the claim would be a bug (the tests plant one and see it flagged)"]
+             f"{score} score, one run, CPU scale: a bound far below the claim proves nothing about privacy; a bound "
+             "above the claim would be a bug (the tests plant one and see it flagged)"]
+    if args.level == "client":
+        notes.append("ideal attack: the median bound (400 simulated draws) of scores μ·[included] + N(0, 1), μ = "
+                     "sqrt(rounds)/z, i.e. the best any score can do against the Gaussian noise of the sum at this m "
+                     "and k (benchmarks/audit.py, ideal_bound)")
     report("audit", args, argv, info, settings=settings,
-           headers=["configuration", "claimed ε", "lower bound (95%)", "right guesses", "verdict", "seconds"],
+           headers=["configuration", "claimed ε", "lower bound (95%)", "ideal attack (median)", "right guesses",
+                    "verdict", "seconds"],
            rows=rows, notes=notes, elapsed=now() - started, extra_versions=("flwr",))
 
 

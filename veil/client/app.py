@@ -42,7 +42,7 @@ from veil.client.floor import check_delta, check_round, check_run
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
-from veil.client.trainer import LocalPlan, sample_rate_for, steps_for, train_round
+from veil.client.trainer import LocalPlan, LocalResult, sample_rate_for, steps_for, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
 from veil.errors import NodeRefusal, VeilError
@@ -112,11 +112,10 @@ class VeilClient(NumPyClient):
         cfg, settings = self.cfg, self.settings
         check_run(settings, cfg)  # (1) the run against the owner's policy: no data read yet
         node_labels(cfg, settings)  # a deployed node takes the label set from the run config only
-        task = get_task(cfg.task.name)
         own = dataclasses.replace(cfg, model=owner_model(cfg, settings))
         template = _template(json.dumps(to_run_config(own), sort_keys=True))
         check_received(parameters, get_trainable(template))
-        shard = client_shard(cfg, settings)  # (2)
+        shard = self._shard()  # (2)
         examples = batch_size_of(shard)
         delta = settings.owner_delta(examples)
         if cfg.privacy.enabled:
@@ -126,7 +125,7 @@ class VeilClient(NumPyClient):
             ledger.record(event)  # booked BEFORE training: whatever happens next, this release is counted
         seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)  # dropout only
         device = resolve_device(settings.device or cfg.device)
-        result = train_round(template, parameters, shard, plan=plan, device=device, seed=seed, task=task)  # (4)
+        result = self._train(template, parameters, shard, plan=plan, device=device, seed=seed)  # (4)
         update, noise_std = result.update, 0.0
         if cfg.privacy.enabled and cfg.privacy.level == "client":
             update, noise_std = _client_level_release(update, cfg, settings, plan.noise_multiplier)
@@ -143,6 +142,17 @@ class VeilClient(NumPyClient):
         # Weight 1 for every client: SecAgg+ scales each vector by weight/max_weight (max_weight=1 keeps full
         # quantisation precision) and a size weight would tell the server each owner's data size.
         return update, 1, self._reply(update, can_train_next=can_train_next, refused=False, noise_std=noise_std)
+
+    def _shard(self) -> dict[str, Any]:
+        """This node's tokenized examples (step 2)."""
+        return client_shard(self.cfg, self.settings)
+
+    def _train(self, template: Any, parameters: list[np.ndarray], shard: dict[str, Any], *, plan: LocalPlan,
+               device: Any, seed: int) -> LocalResult:
+        """The round's local training (step 4); the release and the reply follow in :meth:`_fit`. The audit's
+        canary clients (:mod:`veil.privacy.audit_clients`, simulation only) replace this step and :meth:`_shard`."""
+        return train_round(template, parameters, shard, plan=plan, device=device, seed=seed,
+                           task=get_task(self.cfg.task.name))
 
     def _reply(self, update: list[np.ndarray], *, can_train_next: bool, refused: bool,
                noise_std: float) -> dict[str, Any]:

@@ -160,6 +160,10 @@ class FederationConfig:
     # that each simulated client adds to its partition (the audit's canaries). Empty: none. A real node trains
     # on its own data file only and ignores it.
     planted_examples: str = ""
+    # Simulation only, written by `veil audit` at client level: the last canary_clients of the num_clients simulated
+    # nodes are the audit's canary clients (veil/privacy/audit_clients.py), not data owners; the training file is
+    # split among the first num_clients - canary_clients. 0: none. `veil simulate` refuses it without `veil audit`.
+    canary_clients: int = 0
 
 
 @dataclass
@@ -196,6 +200,10 @@ class VeilConfig:
         _positive_int("federation.batch_size", fed.batch_size)
         _positive_int("model.max_length", model.max_length)
         _positive_int("model.lora_r", model.lora_r)
+        if isinstance(fed.canary_clients, bool) or not isinstance(fed.canary_clients, int) or not (
+                0 <= fed.canary_clients < fed.num_clients):
+            _bad("federation.canary_clients", fed.canary_clients, f"an integer in [0, federation.num_clients="
+                 f"{fed.num_clients}) (set by veil audit only)")
         if fed.clients_per_round > fed.num_clients:
             _bad("federation.clients_per_round", fed.clients_per_round, f"at most federation.num_clients={fed.num_clients}")
         _positive_float("federation.lr", fed.lr)

@@ -14,8 +14,9 @@ its accounting says: a bug. A bound below it proves nothing about privacy: the a
 
 Both scores read only what the coordinator holds (the final model; every round's aggregate), so the audit runs the
 same with SecAgg+ on or off. One score per audit: the bound holds at its confidence for the score chosen before the
-run; taking the larger of two bounds from one run would need a correction for the two tries. Sample-level DP only;
-a client-level audit (whole canary clients) is not implemented (docs/privacy.md says why).
+run; taking the larger of two bounds from one run would need a correction for the two tries. The canaries follow the
+run's unit of privacy (``privacy.level``): records at sample level (this module), whole canary clients at client
+level (:mod:`veil.privacy.audit_clients`, score ``direction``, claimed ε the coordinator's client-level accountant).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ log = logging.getLogger("veil.audit")
 
 _REFERENCE = "Steinke, Nasr, Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 (arXiv:2305.08846)"
 SCORES = {"loss": "black-box: the final model's loss on each canary (lower: guessed in)",
-          "gradient": "white-box: each round's global update against the canary's gradient direction (higher: guessed in)"}
+          "gradient": "white-box: each round's global update against the canary's gradient direction (higher: guessed in)",
+          "direction": "white-box, canary clients: the published model's change against each canary client's "
+                       "direction (higher: guessed in)"}
+LEVEL_SCORES = {"sample": ("loss", "gradient"), "client": ("direction",)}  # the scores of each unit of privacy
 VIOLATION_EXIT = 3
 
 
@@ -143,6 +147,7 @@ class AuditResult:
     correct: int
     score: str
     privacy: str
+    unit: str = "record"  # what a canary is: a record (sample level) or a client (client level)
 
     @property
     def verdict(self) -> str:
@@ -159,25 +164,33 @@ class AuditResult:
         return [
             f"claimed epsilon {claimed}",
             f"empirical lower bound {self.lower_bound:.3f} at {self.confidence:.0%} confidence",
-            f"canaries {self.canaries} ({self.included} included), guesses {self.guesses}, right {self.correct}",
+            f"canary {self.unit}s {self.canaries} ({self.included} included), guesses {self.guesses}, "
+            f"right {self.correct}",
             f"score {self.score}",
             f"verdict {self.verdict}",
         ]
 
 
-def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float = 0.95, score: str = "loss",
-              client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> AuditResult:
+def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float = 0.95,
+              score: str | None = None, client_mods: Sequence[Any] = (),
+              rng: np.random.Generator | None = None) -> AuditResult:
     """Plant canaries, run one simulated federation into ``out_dir``, score, bound; writes audit.json/audit.md.
 
     ``guesses``: k, the canaries guessed "in" (and as many "out"), fixed before any score is seen.
-    ``score``: "loss" (black-box) or "gradient" (white-box), see :data:`SCORES`.
+    ``score``: one of :data:`LEVEL_SCORES` for the run's ``privacy.level`` (default its first), see :data:`SCORES`.
     ``client_mods`` and ``rng`` are for tests (a broken mechanism, a fixed draw); no config reaches them.
     """
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.simulation import resolve_paths_and_labels, simulate
 
+    score = score or LEVEL_SCORES[cfg.privacy.level][0]
     _check(cfg, canaries=canaries, guesses=guesses, confidence=confidence, score=score)
     cfg = resolve_paths_and_labels(cfg, out_dir)
+    if cfg.privacy.level == "client":
+        from veil.privacy.audit_clients import run_client_audit
+
+        return run_client_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
+                                client_mods=client_mods, rng=rng)
     labels: list[str] = json.loads(cfg.data.labels)
     drawn = make_canaries(count=canaries, labels=labels, vocabulary=canary_vocabulary(cfg),
                           num_clients=cfg.federation.num_clients, rng=rng)
@@ -201,18 +214,23 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
         confidence=confidence, canaries=canaries, included=int(drawn.included.sum()), guesses=result.r,
         correct=result.v, score=SCORES[score], privacy="sample-level DP-SGD" if cfg.privacy.enabled else "DP off",
     )
-    _write_outputs(out_dir, audit, drawn, losses, scores)
+    write_outputs(out_dir, audit, [
+        {"text": t, "label": lab, "included": bool(inc), "loss": float(loss), "score": float(s)}
+        for t, lab, inc, loss, s in zip(drawn.texts, drawn.labels, drawn.included, losses, scores, strict=True)])
     return audit
 
 
 def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: str) -> None:
-    if cfg.task.name != "classification":
-        raise ConfigError(f"veil audit plants labelled canary records: it needs task=classification, not {cfg.task.name}")
-    if score not in SCORES:
-        raise ConfigError(f"--score={score} is invalid: expected one of {', '.join(SCORES)}")
-    if cfg.privacy.enabled and cfg.privacy.level != "sample":
-        raise ConfigError("veil audit supports sample-level DP only (privacy.level=sample); "
-                          "a client-level audit (whole canary clients) is not implemented")
+    level = cfg.privacy.level
+    if level == "sample" and cfg.task.name != "classification":
+        raise ConfigError(f"veil audit plants labelled canary records: it needs task=classification, not "
+                          f"{cfg.task.name} (or privacy.level=client: canary clients fit any task)")
+    if score not in LEVEL_SCORES.get(level, ()):
+        raise ConfigError(f"--score={score} is invalid for privacy.level={level}: expected "
+                          f"{' or '.join(LEVEL_SCORES.get(level, ()))}")
+    if cfg.federation.planted_examples or cfg.federation.canary_clients:
+        raise ConfigError("federation.planted_examples and federation.canary_clients are written by veil audit; "
+                          "drop them from the overrides")
     if cfg.resume:
         raise ConfigError("veil audit runs a fresh federation; drop resume=")
     if not 0 < 2 * guesses <= canaries:
@@ -221,17 +239,15 @@ def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: s
         raise ConfigError(f"--confidence={confidence} is invalid: expected a number in [0.5, 1), e.g. 0.95")
 
 
-def _write_outputs(out_dir: Path, audit: AuditResult, canaries: Canaries, losses: np.ndarray,
-                   scores: np.ndarray) -> None:
-    rows = [json.dumps({"text": t, "label": lab, "included": bool(inc), "loss": float(loss), "score": float(s)})
-            for t, lab, inc, loss, s in zip(canaries.texts, canaries.labels, canaries.included, losses, scores,
-                                            strict=True)]
-    _write_atomic(out_dir / "audit" / "canaries.jsonl", "\n".join(rows) + "\n")
+def write_outputs(out_dir: Path, audit: AuditResult, rows: list[dict[str, Any]]) -> None:
+    """audit.json, audit.md, and ``rows`` (one per canary: its truth and score) as audit/canaries.jsonl."""
+    (out_dir / "audit").mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "audit" / "canaries.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     claimed = "∞ (no DP)" if math.isinf(audit.claimed_epsilon) else f"{audit.claimed_epsilon:.3f}"
     md = ["# Privacy audit (one run)", "", "| | |", "|---|---|",
           f"| claimed ε (δ = {audit.delta:g}) | {claimed} ({audit.privacy}) |",
           f"| empirical lower bound on ε | {audit.lower_bound:.3f} at {audit.confidence:.0%} confidence |",
-          f"| canaries (included) | {audit.canaries} ({audit.included}) |",
+          f"| canary {audit.unit}s (included) | {audit.canaries} ({audit.included}) |",
           f"| guesses (right) | {audit.guesses} ({audit.correct}) |",
           f"| score | {audit.score} |", f"| verdict | **{audit.verdict}** |", "",
           "A lower bound from one attack: above the claimed ε it shows a bug; below it, it proves nothing about",
@@ -250,13 +266,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--canaries", type=int, default=1000, help="canary records m (default 1000)")
+    parser.add_argument("--canaries", type=int, default=1000,
+                        help="canaries m (default 1000): records at sample level, clients at privacy.level=client")
     parser.add_argument("--guesses", type=int, default=0,
                         help="k: canaries guessed in, and as many guessed out (default m/10)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
-    parser.add_argument("--score", choices=sorted(SCORES), default="loss",
-                        help="loss: the final model's loss (black-box, default); gradient: every round's global update "
-                             "against each canary's gradient (white-box)")
+    parser.add_argument("--score", choices=sorted(SCORES), default=None,
+                        help="sample level: loss, the final model's loss (black-box, default), or gradient, every "
+                             "round's global update against each canary's gradient (white-box); client level: "
+                             "direction (the default and only one), the published model's change against each "
+                             "canary client's direction")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="the run's `veil simulate` overrides, e.g. model=tiny_bert privacy.target_epsilon=8")
 

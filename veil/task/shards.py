@@ -168,10 +168,11 @@ def node_labels(cfg: VeilConfig, settings: ShardSource) -> list[str]:
 def simulated_partitions(task: Task, examples: Examples, labels: list[str], fed: Mapping[str, Any], *,
                          path: str) -> tuple[np.ndarray, Partitions]:
     """Partition ids of the training file and each simulated client's example indices (the one split every process
-    computes: the clients for their shard, the launcher for its partition table)."""
+    computes: the clients for their shard, the launcher for its partition table). The audit's canary clients
+    (``canary_clients``, the last nodes) hold no data: the file is split among the others."""
     ids = task.partition_ids(examples, labels, path=path)
     return ids, partition_indices(
-        ids, num_partitions=int(fed["num_clients"]), partitioner=str(fed["partitioner"]), alpha=float(fed["alpha"]),
+        ids, num_partitions=int(fed["num_clients"]) - int(fed.get("canary_clients", 0)), partitioner=str(fed["partitioner"]), alpha=float(fed["alpha"]),
         seed=int(fed["seed"]), min_partition_size=int(fed["min_partition_size"]),
         classes_per_client=int(fed.get("classes_per_client", 2)),
     )
