@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="--study: clipping norms C to cross every DP arm without C= with")
     ap.add_argument("--test", action="store_true",
                     help="--study: also score on the BANKING77 test split (only arms chosen on validation)")
+    ap.add_argument("--sealed", type=Path, metavar="JSON",
+                    help="--study: write each arm's test accuracy to JSON only (table and log show validation), "
+                         "to open for the arms chosen on validation once the choice is made")
     ap.add_argument("--val-per-class", type=int, default=10, help="--study: validation texts per intent")
     ap.add_argument("--fedadam-lr", type=float, default=0.01, help="--study: FedAdam's server learning rate")
     ap.add_argument("--fedavgm-lr", type=float, default=1.0, help="--study: FedAvgM's server learning rate")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import random
 import tempfile
 import sys
@@ -185,16 +186,22 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             enc["labels"] = torch.as_tensor(_ids[idx])
             shards.append(enc)
         splits = {"validation": _encoded(val_path, base, tok, labels)}
-        if args.test:  # only for arms already chosen on the validation split
+        if args.test or args.sealed:  # only for arms already chosen on validation, or sealed until chosen
             splits["test"] = _encoded(TEST, base, tok, labels)
         results: dict[str, dict[str, float]] = {}
+        sealed: dict[str, float] = {}
         for arm in arms:
             t0 = now()
             cfg = arm_config(base, arm, fedadam_lr=args.fedadam_lr, fedavgm_lr=args.fedavgm_lr)
             results[arm.name] = {**run_arm(cfg, shards, splits, labels), "seconds": now() - t0}
-            print(f"{arm.name}: " + ", ".join(f"{k} accuracy {results[arm.name][k]:.4f}" for k in splits)
+            if args.sealed:  # test figures go to the sealed file only, opened after choosing on validation
+                sealed[arm.name] = results[arm.name].pop("test")
+                args.sealed.write_text(json.dumps(sealed, ensure_ascii=False, indent=1))
+            print(f"{arm.name}: " + ", ".join(f"{k} accuracy {results[arm.name][k]:.4f}" for k in splits
+                                               if k in results[arm.name])
                   + f" ({results[arm.name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    rows, notes = _table(arms, results, list(splits))
+    shown = [k for k in splits if not (args.sealed and k == "test")]
+    rows, notes = _table(arms, results, shown)
     sizes = [int(s["labels"].shape[0]) for s in shards]
     settings = (f"{args.clients} clients (Dirichlet α=0.5, shards {min(sizes)}-{max(sizes)} texts), MiniLM-L6 + LoRA "
                 f"r=8 on query/value, head from label names, {args.rounds} rounds × {args.steps} DP steps × expected "
@@ -204,9 +211,10 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
                 f"momentum 0.9; validation: {int(splits['validation']['labels'].shape[0])} training texts "
                 f"({args.val_per_class} per intent, seed 0) held out of every shard; "
                 + ("test: all BANKING77 test texts, read only for arms chosen on validation beforehand"
-                   if args.test else "the test split is not read") + "; in-process federation (no transport)")
+                   if "test" in shown else f"test accuracies sealed in {args.sealed.name}, not shown here"
+                   if args.sealed else "the test split is not read") + "; in-process federation (no transport)")
     report("utility_banking77 --study", args, argv, info, settings=settings,
-           headers=["arm", "val. accuracy", *(["test accuracy"] if args.test else []), "Δ val. vs best no DP (points)",
+           headers=["arm", "val. accuracy", *(["test accuracy"] if "test" in shown else []), "Δ val. vs best no DP (points)",
                     "mean σ", "seconds"],
            rows=rows, notes=notes, elapsed=now() - started, extra_versions=("flwr",))
 
