@@ -8,6 +8,11 @@ run in one process without Flower's transport: each round every simulated client
 steps) on its Dirichlet shard (``veil.task.shards.simulated_partitions``), and the run's strategy
 (``veil.strategies.factory.make_strategy``) aggregates the updates with weight 1 each, as SecAgg+'s unmasked sum
 would (up to its 2^-22 quantisation). DP noise is drawn from OS entropy, as on a node: a rerun differs by noise.
+
+Per-ε tuning: an arm may set the client lr and the clipping norm C (``"ε=8, fedavg, lora, lr=3e-2, C=0.1"``), and
+``--lr-grid`` / ``--clip-grid`` cross the given arms with a grid. ``--test`` adds the test split as a column (for arms
+already chosen on validation); ``--sealed FILE`` scores it for every arm into FILE only, to be opened once the choice
+is made, so a sweep need not be re-run to report its chosen arms' test figures.
 """
 
 from __future__ import annotations
