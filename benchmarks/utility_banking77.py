@@ -64,7 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     add_output_args(ap, quick="tiny BERT on a 4-class file, 1 round (for the test)", root=ROOT)
     ap.add_argument("--data", nargs=2, type=Path, metavar=("TRAIN", "TEST"), help="--quick: the train/test CSV pair")
     ap.add_argument("--study", action="store_true", help="strategy/adapter arms scored on a validation split")
-    ap.add_argument("--arms", nargs="+", help="--study: the arms to run (default: all; see utility_study.ARMS)")
+    ap.add_argument("--arms", nargs="+", help="--study: the arms to run, e.g. 'ε=8, fedavg, lora, lr=3e-2, C=0.1' "
+                    "(default: utility_study.ARMS)")
+    ap.add_argument("--lr-grid", nargs="+", type=float, help="--study: client lrs to cross every arm without lr= with")
+    ap.add_argument("--clip-grid", nargs="+", type=float,
+                    help="--study: clipping norms C to cross every DP arm without C= with")
+    ap.add_argument("--test", action="store_true",
+                    help="--study: also score on the BANKING77 test split (only arms chosen on validation)")
+    ap.add_argument("--sealed", type=Path, metavar="JSON",
+                    help="--study: write each arm's test accuracy to JSON only (table and log show validation), "
+                         "to open for the arms chosen on validation once the choice is made")
     ap.add_argument("--val-per-class", type=int, default=10, help="--study: validation texts per intent")
     ap.add_argument("--fedadam-lr", type=float, default=0.01, help="--study: FedAdam's server learning rate")
     ap.add_argument("--fedavgm-lr", type=float, default=1.0, help="--study: FedAvgM's server learning rate")

@@ -8,6 +8,11 @@ run in one process without Flower's transport: each round every simulated client
 steps) on its Dirichlet shard (``veil.task.shards.simulated_partitions``), and the run's strategy
 (``veil.strategies.factory.make_strategy``) aggregates the updates with weight 1 each, as SecAgg+'s unmasked sum
 would (up to its 2^-22 quantisation). DP noise is drawn from OS entropy, as on a node: a rerun differs by noise.
+
+Per-ε tuning: an arm may set the client lr and the clipping norm C (``"ε=8, fedavg, lora, lr=3e-2, C=0.1"``), and
+``--lr-grid`` / ``--clip-grid`` cross the given arms with a grid. ``--test`` adds the test split as a column (for arms
+already chosen on validation); ``--sealed FILE`` scores it for every arm into FILE only, to be opened once the choice
+is made, so a sweep need not be re-run to report its chosen arms' test figures.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import random
 import tempfile
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +42,60 @@ from veil.task.model import build_model, get_trainable, load_tokenizer, set_trai
 from veil.task.shards import resolve_labels, simulated_partitions
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
+DATA = ROOT / "veil" / "data" / "banking77"  # the packaged BANKING77 (data=banking77)
+TRAIN, TEST = DATA / "train.csv", DATA / "test.csv"
 
-# arm name -> (private, strategy name, lora variant)
-ARMS = {  # arm -> (target ε or None for no DP, strategy, LoRA variant)
-    "no DP, fedavg, lora": (None, "fedavg", "lora"),
-    "ε=8, fedavg, lora": (8.0, "fedavg", "lora"),
-    "ε=8, fedavg, ffa": (8.0, "fedavg", "ffa"),
-    "ε=8, fedavgm, lora": (8.0, "fedavgm", "lora"),
-    "ε=8, fedadam, lora": (8.0, "fedadam", "lora"),
-    "ε=8, fedadam, ffa": (8.0, "fedadam", "ffa"),
-    "ε=3, fedavg, lora": (3.0, "fedavg", "lora"),
-    "ε=1, fedavg, lora": (1.0, "fedavg", "lora"),
-}
+# The default arms. An arm is written "<no DP | ε=E>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S]": lr is the
+# client's AdamW learning rate (default federation.lr), C the per-sample clipping norm (default privacy.max_grad_norm),
+# slr the server learning rate of fedadam/fedavgm (default --fedadam-lr / --fedavgm-lr).
+ARMS = ("no DP, fedavg, lora", "ε=8, fedavg, lora", "ε=8, fedavg, ffa", "ε=8, fedavgm, lora", "ε=8, fedadam, lora",
+        "ε=8, fedadam, ffa", "ε=3, fedavg, lora", "ε=1, fedavg, lora")
+_KEYS = {"lr": "lr", "C": "clip", "slr": "server_lr"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One study arm; ``None`` fields take the study's defaults."""
+
+    epsilon: float | None  # None: no DP
+    strategy: str
+    variant: str
+    lr: float | None = None
+    clip: float | None = None
+    server_lr: float | None = None
+
+    @property
+    def name(self) -> str:
+        head = ["no DP" if self.epsilon is None else f"ε={self.epsilon:g}", self.strategy, self.variant]
+        extra = [f"{key}={getattr(self, field):g}" for key, field in _KEYS.items() if getattr(self, field) is not None]
+        return ", ".join(head + extra)
+
+
+def parse_arm(text: str) -> Arm:
+    """``"ε=8, fedavg, lora, lr=3e-2, C=0.1"`` -> :class:`Arm` (see ``ARMS`` for the grammar)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) < 3:
+        raise SystemExit(f"arm {text!r}: write '<no DP | ε=E>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S]'")
+    privacy, strategy, variant, *rest = parts
+    epsilon = None if privacy.lower() == "no dp" else float(privacy.split("=", 1)[1])
+    fields: dict[str, float] = {}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key.strip() not in _KEYS or not value:
+            raise SystemExit(f"arm {text!r}: unknown setting {item!r}; use lr=, C= or slr=")
+        fields[_KEYS[key.strip()]] = float(value)
+    return Arm(epsilon, strategy, variant, **fields)
+
+
+def expand_arms(texts: list[str], *, lrs: list[float] | None, clips: list[float] | None) -> list[Arm]:
+    """The arms to run: each given arm, crossed with the ``lrs`` grid where it sets no lr and (DP arms only)
+    with the ``clips`` grid where it sets no C."""
+    arms = []
+    for arm in map(parse_arm, texts):
+        for lr in ([arm.lr] if arm.lr is not None or not lrs else lrs):
+            for clip in ([arm.clip] if arm.clip is not None or arm.epsilon is None or not clips else clips):
+                arms.append(replace(arm, lr=lr, clip=clip))
+    return list(dict.fromkeys(arms))
 
 
 def carve_validation(train: Path, out_dir: Path, *, per_class: int, seed: int = 0) -> tuple[Path, Path]:
@@ -71,21 +118,22 @@ def carve_validation(train: Path, out_dir: Path, *, per_class: int, seed: int = 
     return paths
 
 
-def arm_config(base: VeilConfig, arm: str, *, fedadam_lr: float, fedavgm_lr: float) -> VeilConfig:
-    epsilon, strategy, variant = ARMS[arm]
-    st = StrategyConfig(name=strategy)
-    if strategy == "fedadam":
-        st = replace(st, server_lr=fedadam_lr)
-    if strategy == "fedavgm":
-        st = replace(st, server_lr=fedavgm_lr, server_momentum=0.9)
-    return replace(base, strategy=st, model=replace(base.model, lora_variant=variant),
-                   privacy=replace(base.privacy, enabled=epsilon is not None,
-                                   target_epsilon=epsilon or base.privacy.target_epsilon)).validate()
+def arm_config(base: VeilConfig, arm: Arm, *, fedadam_lr: float, fedavgm_lr: float) -> VeilConfig:
+    st = StrategyConfig(name=arm.strategy)
+    if arm.strategy == "fedadam":
+        st = replace(st, server_lr=arm.server_lr or fedadam_lr)
+    if arm.strategy == "fedavgm":
+        st = replace(st, server_lr=arm.server_lr or fedavgm_lr, server_momentum=0.9)
+    priv = replace(base.privacy, enabled=arm.epsilon is not None,
+                   target_epsilon=arm.epsilon or base.privacy.target_epsilon,
+                   max_grad_norm=arm.clip or base.privacy.max_grad_norm)
+    return replace(base, strategy=st, model=replace(base.model, lora_variant=arm.variant), privacy=priv,
+                   federation=replace(base.federation, lr=arm.lr or base.federation.lr)).validate()
 
 
-def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], val: dict[str, torch.Tensor],
+def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], splits: dict[str, dict[str, torch.Tensor]],
             labels: list[str]) -> dict[str, float]:
-    """Train the federation of ``cfg`` for its rounds; the global model's validation accuracy."""
+    """Train the federation of ``cfg`` for its rounds; the global model's accuracy on each of ``splits``."""
     fed, priv = cfg.federation, cfg.privacy
     device = torch.device("cpu")
     template = build_model(cfg.model, labels, seed=fed.seed)
@@ -106,14 +154,23 @@ def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], val: dict[st
         strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
     model = copy.deepcopy(template)
     set_trainable(model, strategy.global_arrays)
-    scores = get_task("classification").evaluate(model, val, device=device)
-    return {"accuracy": scores["accuracy"], "loss": scores["loss"], "sigma_mean": float(np.mean(sigmas))}
+    task = get_task("classification")
+    scores = {name: task.evaluate(model, split, device=device)["accuracy"] for name, split in splits.items()}
+    return {**scores, "sigma_mean": float(np.mean(sigmas))}
+
+
+def _encoded(path: Path, base: VeilConfig, tok: object, labels: list[str]) -> dict[str, torch.Tensor]:
+    held = read_examples(path, base.data)
+    enc = tokenize(tok, held.texts, max_length=base.model.max_length)
+    enc["labels"] = torch.as_tensor(encode_labels(held, labels, path=str(path)))
+    return enc
 
 
 def study(args: argparse.Namespace, argv: list[str] | None) -> None:
     """All requested arms at the same compute; one table row each."""
     info = machine_info(pick_device())
     started = now()
+    arms = expand_arms(args.arms or list(ARMS), lrs=args.lr_grid, clips=args.clip_grid)
     with tempfile.TemporaryDirectory(prefix="veil-study-") as tmp:
         train, val_path = carve_validation(TRAIN, Path(tmp), per_class=args.val_per_class)
         base = VeilConfig(
@@ -133,29 +190,51 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             enc = tokenize(tok, [examples.texts[i] for i in idx], max_length=base.model.max_length)
             enc["labels"] = torch.as_tensor(_ids[idx])
             shards.append(enc)
-        held = read_examples(val_path, base.data)
-        val = tokenize(tok, held.texts, max_length=base.model.max_length)
-        val["labels"] = torch.as_tensor(encode_labels(held, labels, path=str(val_path)))
+        splits = {"validation": _encoded(val_path, base, tok, labels)}
+        if args.test or args.sealed:  # only for arms already chosen on validation, or sealed until chosen
+            splits["test"] = _encoded(TEST, base, tok, labels)
         results: dict[str, dict[str, float]] = {}
-        for arm in args.arms or list(ARMS):
+        sealed: dict[str, float] = {}
+        for arm in arms:
             t0 = now()
             cfg = arm_config(base, arm, fedadam_lr=args.fedadam_lr, fedavgm_lr=args.fedavgm_lr)
-            results[arm] = {**run_arm(cfg, shards, val, labels), "seconds": now() - t0}
-            print(f"{arm}: validation accuracy {results[arm]['accuracy']:.4f} ({results[arm]['seconds']:.0f} s)",
-                  file=sys.stderr, flush=True)
-    base_acc = results.get("ε=8, fedavg, lora", {}).get("accuracy", float("nan"))
-    ref = results.get("no DP, fedavg, lora", {}).get("accuracy", float("nan"))
-    rows = [[arm, f"{r['accuracy']:.4f}", f"{100 * (r['accuracy'] - base_acc):+.1f}",
-             f"{100 * (r['accuracy'] - ref):+.1f}", f"{r['sigma_mean']:.2f}" if r["sigma_mean"] else "–",
-             f"{r['seconds']:.0f}"] for arm, r in results.items()]
+            results[arm.name] = {**run_arm(cfg, shards, splits, labels), "seconds": now() - t0}
+            if args.sealed:  # test figures go to the sealed file only, opened after choosing on validation
+                sealed[arm.name] = results[arm.name].pop("test")
+                args.sealed.write_text(json.dumps(sealed, ensure_ascii=False, indent=1))
+            print(f"{arm.name}: " + ", ".join(f"{k} accuracy {results[arm.name][k]:.4f}" for k in splits
+                                               if k in results[arm.name])
+                  + f" ({results[arm.name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    shown = [k for k in splits if not (args.sealed and k == "test")]
+    rows, notes = _table(arms, results, shown)
     sizes = [int(s["labels"].shape[0]) for s in shards]
     settings = (f"{args.clients} clients (Dirichlet α=0.5, shards {min(sizes)}-{max(sizes)} texts), MiniLM-L6 + LoRA "
                 f"r=8 on query/value, head from label names, {args.rounds} rounds × {args.steps} DP steps × expected "
-                f"batch {args.batch_size} for every arm, client lr 1e-2, C=1; each arm's ε (δ=1e-5, PRV) over the planned steps; "
-                f"fedadam server_lr={args.fedadam_lr} (β 0.9/0.99, τ 1e-3), fedavgm server_lr={args.fedavgm_lr} "
-                f"momentum 0.9; validation: {len(held.texts)} training texts ({args.val_per_class} per intent, seed 0) "
-                f"held out of every shard; the test split is not read; in-process federation (no transport)")
+                f"batch {args.batch_size} for every arm; client AdamW lr and clipping norm C per arm (unset: lr "
+                f"{base.federation.lr:g}, C={base.privacy.max_grad_norm:g}); each arm's ε (δ=1e-5, PRV) over the planned "
+                f"steps; fedadam server_lr={args.fedadam_lr} (β 0.9/0.99, τ 1e-3), fedavgm server_lr={args.fedavgm_lr} "
+                f"momentum 0.9; validation: {int(splits['validation']['labels'].shape[0])} training texts "
+                f"({args.val_per_class} per intent, seed 0) held out of every shard; "
+                + ("test: all BANKING77 test texts, read only for arms chosen on validation beforehand"
+                   if "test" in shown else f"test accuracies sealed in {args.sealed.name}, not shown here"
+                   if args.sealed else "the test split is not read") + "; in-process federation (no transport)")
     report("utility_banking77 --study", args, argv, info, settings=settings,
-           headers=["arm", "val. accuracy", "Δ vs ε=8 fedavg lora (points)", "Δ vs no DP (points)", "mean σ",
-                    "seconds"],
-           rows=rows, notes=[], elapsed=now() - started, extra_versions=("flwr",))
+           headers=["arm", "val. accuracy", *(["test accuracy"] if "test" in shown else []), "Δ val. vs best no DP (points)",
+                    "mean σ", "seconds"],
+           rows=rows, notes=notes, elapsed=now() - started, extra_versions=("flwr",))
+
+
+def _table(arms: list[Arm], results: dict[str, dict[str, float]], splits: list[str]) -> tuple[list[list[str]], list[str]]:
+    """One row per arm; the gap is measured to the best non-private arm on validation (the fair reference)."""
+    private = [a.name for a in arms if a.epsilon is None]
+    ref = max(private, key=lambda n: results[n]["validation"]) if private else None
+    ref_acc = results[ref]["validation"] if ref else float("nan")
+    rows = [[name, *(f"{r[k]:.4f}" for k in splits), f"{100 * (r['validation'] - ref_acc):+.1f}",
+             f"{r['sigma_mean']:.2f}" if r["sigma_mean"] else "–", f"{r['seconds']:.0f}"] for name, r in results.items()]
+    notes = [f"reference for the gap: {ref} (the best non-private arm of this run on validation)"] if ref else []
+    for eps in sorted({a.epsilon for a in arms if a.epsilon is not None}, reverse=True):
+        best = max((a.name for a in arms if a.epsilon == eps), key=lambda n: results[n]["validation"])
+        gaps = ", ".join(f"{k} {100 * (results[ref][k] - results[best][k]):.1f}" for k in splits) if ref else "–"
+        notes.append(f"ε={eps:g}: best arm on validation {best} ({results[best]['validation']:.4f}); "
+                     f"gap to the reference in points: {gaps} (target: within 3)")
+    return rows, notes
