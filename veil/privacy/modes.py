@@ -24,7 +24,7 @@ from torch import nn
 
 log = logging.getLogger("veil.privacy")
 
-MODES = ("hooks", "ghost")  # the exact modes; "auto" picks one of them
+MODES = ("hooks", "ghost", "bk")  # the exact modes; "auto" picks one of them
 HOOKS_MAX_TRAINABLE_SHARE = 0.10  # LoRA + head is 0.5% of MiniLM-L6 (hooks fastest); full fine-tuning 100% (ghost)
 
 
@@ -36,7 +36,7 @@ def pick_grad_sample_mode(module: nn.Module) -> str:
         trainable += p.numel() if p.requires_grad else 0
     embedding_trains = any(isinstance(m, nn.Embedding) and m.weight.requires_grad for m in module.modules())
     share = trainable / total if total else 0.0
-    mode = "ghost" if embedding_trains or share > HOOKS_MAX_TRAINABLE_SHARE else "hooks"
+    mode = "bk" if embedding_trains or share > HOOKS_MAX_TRAINABLE_SHARE else "hooks"
     log.debug("grad_sample_mode=auto: %s (%.2f%% of parameters train, embedding trains: %s)",
               mode, 100 * share, embedding_trains)
     return mode
@@ -46,6 +46,14 @@ def resolve_grad_sample_mode(mode: str, module: nn.Module) -> str:
     """``mode`` itself when it is an exact mode, :func:`pick_grad_sample_mode` for ``auto``."""
     if mode == "auto":
         picked = pick_grad_sample_mode(module)
+        if picked == "bk":
+            from veil.privacy.bookkeeping import unsupported_layer
+
+            reason = unsupported_layer(module)
+            if reason is None:
+                return picked
+            log.debug("grad_sample_mode=auto: not bk (%s)", reason)
+            picked = "ghost"
         if picked == "ghost":
             from veil.privacy.exact import inexact_layer
 

@@ -1,0 +1,303 @@
+"""``privacy.grad_sample_mode=bk``: book-keeping per-sample clipping in ONE backward pass (Bu, Mao, Xu, "Differentially
+Private Optimization on Large Model at Small Cost", ICML 2023, arXiv:2210.00038).
+
+Why hand-written: Opacus 1.6 offers per-sample gradients ("hooks") and fast gradient / ghost clipping ("ghost"),
+which runs a first backward to get per-sample norms and a *second* full backward on the re-weighted loss. It has no
+single-pass mode. Book-keeping keeps, for every trainable layer, its input activations ``a`` (B, T, d) and output
+gradients ``g`` (B, T, p) from one backward in which no weight gradient is computed (the parameters do not require
+gradients during the forward; backpropagation still flows because each trainable layer's output is made to require
+a gradient when nothing upstream does). Then:
+
+* per-sample squared norms per layer: Linear (and GPT-2's Conv1D) by the ghost norm
+  ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` or, when ``2 T^2 > d p``, from the instantiated per-sample gradient ("mixed");
+  Embedding by veil's padding-aware masked Gram norm (:func:`veil.privacy.exact.embedding_norm_sample`); any other
+  layer (LayerNorm, RMSNorm: a few parameters) by Opacus' grad samplers (veil's LayerNorm one, torch.func otherwise);
+* clip factors ``c_i = min(1, C / (||g_i|| + 1e-6))`` over all layers, as Opacus computes them; an example whose
+  norm is not finite gets ``c_i = 0`` and its rows are zeroed (:func:`veil.privacy.dpsgd.zero_nonfinite_samples`'s
+  rule);
+* each parameter's clipped *summed* gradient directly: Linear ``sum_i c_i a_i^T g_i`` (one matmul, the cost of the
+  usual weight gradient), bias ``sum_i c_i sum_t g_it``, Embedding rows by ``index_add`` of ``c_i g_it`` (padding
+  positions skipped), small layers from their per-sample gradients.
+
+The result lands in ``p.grad``; Opacus' ``DPOptimizerFastGradientClipping`` then adds the Gaussian noise (std
+``sigma C``, veil's OS-seeded generator) and divides by the expected batch size, and Opacus' ``DPDataLoader`` does the
+Poisson sampling, exactly as in ghost mode. :func:`unsupported_layer` refuses what is not exact here (tied parameters,
+embeddings with ``max_norm``/``scale_grad_by_freq``/``sparse``, layers with buffers and no Opacus sampler);
+``auto`` then falls back to ghost or hooks. ``tests/test_dp_exact_full.py`` and ``tests/test_families.py`` check the
+clipped gradients against a per-example loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from torch import nn
+
+from veil.privacy.exact import embedding_norm_sample, layer_norm_grad_sample
+
+log = logging.getLogger("veil.privacy")
+
+try:  # GPT-2's linear layer with a transposed (in, out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.LayerNorm: layer_norm_grad_sample}
+
+
+def _linear_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "conv1d"
+    return None
+
+
+def _own_trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def unsupported_layer(model: nn.Module) -> str | None:
+    """Why book-keeping cannot clip ``model``'s trainable parameters exactly (one line), or None when it can."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        own = _own_trainable(module)
+        if not own:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) in owners:
+                return (f"parameter {name}.{pname} is tied to {owners[id(param)]}, which book-keeping does not "
+                        "support; use privacy.grad_sample_mode=hooks")
+            owners[id(param)] = f"{name}.{pname}"
+        if isinstance(module, nn.Embedding):
+            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+                return (f"embedding {name} uses max_norm, scale_grad_by_freq or sparse gradients, which book-keeping "
+                        "does not support; use privacy.grad_sample_mode=hooks")
+            continue
+        if _linear_kind(module) is not None:
+            continue
+        if any(p.requires_grad for c in module.children() for p in c.parameters()):
+            return (f"layer {name} ({type(module).__name__}) holds trainable parameters and trainable sub-layers, "
+                    "which book-keeping does not support; use privacy.grad_sample_mode=ghost or hooks")
+        if type(module) not in _SAMPLERS and any(True for _ in module.buffers()):
+            return (f"layer {name} ({type(module).__name__}) has buffers and no Opacus grad sampler, which "
+                    "book-keeping does not support; use privacy.grad_sample_mode=ghost or hooks")
+    return None
+
+
+class BookKeeping:
+    """Hooks on ``model`` that turn one backward of the per-example losses into clipped summed gradients.
+
+    Parameters
+    ----------
+    model
+        The model called by the training loop (veil's :class:`~veil.privacy.exact.ExplicitIds` wrapper for full
+        fine-tuning); checked with :func:`unsupported_layer` first.
+    max_grad_norm
+        The clipping norm C.
+    """
+
+    def __init__(self, model: nn.Module, *, max_grad_norm: float) -> None:
+        self.clip = float(max_grad_norm)
+        self.layers = {m: _own_trainable(m) for m in model.modules() if _own_trainable(m)}
+        self.params = [p for ps in self.layers.values() for p in ps]
+        self.records: dict[nn.Module, list[list[Any]]] = {m: [] for m in self.layers}
+        self.zeroed = 0  # examples whose gradient was not finite, since the last take_zeroed()
+        model.register_forward_pre_hook(self._begin)
+        model.register_forward_hook(self._end, always_call=True)
+        for module in self.layers:
+            module.register_forward_hook(self._capture)
+
+    def _begin(self, _module: nn.Module, _args: Any) -> None:
+        for recs in self.records.values():
+            recs.clear()  # a forward not followed by a backward leaves nothing behind
+        if torch.is_grad_enabled():
+            for p in self.params:  # no weight gradient in autograd: book-keeping computes the clipped one
+                p.requires_grad_(False)
+
+    def _end(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return None
+        replaced = not output.requires_grad
+        if replaced:  # nothing upstream trains: backpropagation starts here
+            output = output.detach().requires_grad_(True)
+        inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        record = [inputs, None, [a._version for a in args if isinstance(a, torch.Tensor)]]
+        self.records[module].append(record)
+        output.register_hook(partial(_store_backprop, record))
+        return output if replaced else None
+
+    def backward(self, per_example: torch.Tensor) -> None:
+        """One backward of ``per_example.sum()`` (B,), then ``p.grad`` = the clipped summed gradient."""
+        try:
+            per_example.sum().backward()
+            self._clipped_sum(int(per_example.shape[0]), per_example.device)
+        finally:
+            for recs in self.records.values():
+                recs.clear()
+
+    def take_zeroed(self) -> int:
+        """How many examples had a non-finite gradient (zeroed) since the last call; for the node's own log."""
+        zeroed, self.zeroed = self.zeroed, 0
+        return zeroed
+
+    def _clipped_sum(self, batch: int, device: torch.device) -> None:
+        layers = []
+        for module, recs in self.records.items():
+            done = [r for r in recs if r[1] is not None]
+            for r in done:
+                if [a._version for a in r[0] if isinstance(a, torch.Tensor)] != r[2]:
+                    raise RuntimeError(f"the input of {type(module).__name__} was modified in place; "
+                                       "use privacy.grad_sample_mode=ghost or hooks")
+            if done:
+                layers.append(_Layer(module, self.layers[module], done))
+        sq = torch.zeros(batch, dtype=torch.float64, device=device)
+        for layer in layers:
+            sq += layer.norm_sq().to(torch.float64)
+        bad = ~torch.isfinite(sq)
+        factor = (self.clip / (sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
+        factor = torch.where(bad, torch.zeros_like(factor), factor)
+        self.zeroed += int(bad.sum())
+        grads: dict[nn.Parameter, torch.Tensor] = {}
+        for layer in layers:
+            if bool(bad.any()):
+                layer.zero_rows(bad)
+            grads.update(layer.clipped(factor))
+        for p in self.params:
+            g = grads.get(p)
+            g = torch.zeros_like(p) if g is None else g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+
+
+def _store_backprop(record: list[Any], grad: torch.Tensor) -> None:
+    record[1] = grad.detach()
+
+
+class _Layer:
+    """One trainable layer's activations and output gradients of a batch (several calls joined along tokens)."""
+
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], records: list[list[Any]]) -> None:
+        self.module, self.params = module, params
+        self.kind = "embedding" if isinstance(module, nn.Embedding) else _linear_kind(module) or "other"
+        self.per_sample: dict[nn.Parameter, torch.Tensor] | None = None
+        if self.kind == "other":
+            self.calls = [(r[0], r[1]) for r in records]
+            return
+        batch = records[0][1].shape[0]
+        width = records[0][1].shape[-1]
+        self.g = torch.cat([r[1].reshape(batch, -1, width) for r in records], dim=1)  # (B, T, p)
+        if self.kind == "embedding":
+            self.a = torch.cat([r[0][0].reshape(batch, -1) for r in records], dim=1)  # (B, T) ids
+        else:
+            d = records[0][0][0].shape[-1]
+            self.a = torch.cat([r[0][0].reshape(batch, -1, d) for r in records], dim=1).to(self.g.dtype)  # (B, T, d)
+
+    def norm_sq(self) -> torch.Tensor:
+        """(B,) squared norms of each example's gradient of this layer's trainable parameters."""
+        m = self.module
+        if self.kind == "embedding":
+            return embedding_norm_sample(m, [self.a], self.g)[m.weight] ** 2  # type: ignore[arg-type]
+        if self.kind == "other":
+            self.per_sample = {}
+            for inputs, g in self.calls:
+                sampler = _SAMPLERS.get(type(m), ft_compute_per_sample_gradient)
+                for p, gs in sampler(m, inputs, g).items():
+                    if p.requires_grad:
+                        self.per_sample[p] = gs if p not in self.per_sample else self.per_sample[p] + gs
+            g0 = self.calls[0][1]
+            sq = torch.zeros(g0.shape[0], dtype=g0.dtype, device=g0.device)
+            for gs in self.per_sample.values():
+                sq = sq + gs.reshape(gs.shape[0], -1).pow(2).sum(dim=1)
+            return sq
+        a, g = self.a, self.g  # (B, T, d), (B, T, p)
+        sq = torch.zeros(a.shape[0], dtype=g.dtype, device=g.device)
+        if m.weight.requires_grad:
+            t, d, p = a.shape[1], a.shape[2], g.shape[2]
+            if 2 * t * t <= d * p:  # ghost norm: Gram matrices (B, T, T)
+                sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+            else:  # instantiate (B, p, d) per-sample gradients: cheaper than the Gram matrices
+                self.per_sample = {m.weight: torch.einsum("btp,btd->bpd", g, a)}
+                sq = sq + self.per_sample[m.weight].pow(2).sum(dim=(1, 2))
+        if getattr(m, "bias", None) is not None and m.bias.requires_grad:
+            sq = sq + g.sum(dim=1).pow(2).sum(dim=1)
+        return sq
+
+    def zero_rows(self, bad: torch.Tensor) -> None:
+        """Drop the examples whose gradient is not finite (a zero clip factor would still give 0 * nan)."""
+        if self.per_sample:
+            self.per_sample = {p: torch.where(_rows(bad, gs), torch.zeros_like(gs), gs)
+                               for p, gs in self.per_sample.items()}
+        if self.kind == "other":
+            return
+        self.g = torch.where(_rows(bad, self.g), torch.zeros_like(self.g), self.g)
+        if self.kind != "embedding":
+            self.a = torch.where(_rows(bad, self.a), torch.zeros_like(self.a), self.a)
+
+    def clipped(self, factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """``sum_i factor_i * grad_i`` of each trainable parameter, from the kept activations and gradients."""
+        m = self.module
+        if self.kind == "other" or (self.per_sample and self.kind != "embedding"):
+            out = {p: torch.einsum("b,b...->...", factor.to(gs.dtype), gs) for p, gs in (self.per_sample or {}).items()}
+            if self.kind == "other":
+                return out
+        else:
+            out = {}
+        scaled = self.g * factor.to(self.g.dtype).view(-1, 1, 1)  # (B, T, p)
+        if self.kind == "embedding":
+            ids, rows = self.a.reshape(-1), scaled.reshape(-1, scaled.shape[-1])
+            if m.padding_idx is not None:  # nn.Embedding never updates the padding row
+                keep = ids != m.padding_idx
+                ids, rows = ids[keep], rows[keep]
+            grad = torch.zeros_like(m.weight, dtype=rows.dtype)
+            return {m.weight: grad.index_add_(0, ids, rows)}
+        flat_g = scaled.reshape(-1, scaled.shape[-1])  # (B*T, p)
+        if m.weight.requires_grad and m.weight not in out:
+            flat_a = self.a.reshape(-1, self.a.shape[-1])  # (B*T, d)
+            out[m.weight] = flat_g.T @ flat_a if self.kind == "linear" else flat_a.T @ flat_g
+        elif self.kind == "conv1d" and m.weight in out:
+            out[m.weight] = out[m.weight].T  # (p, d) per-sample layout -> Conv1D's (d, p)
+        if getattr(m, "bias", None) is not None and m.bias.requires_grad:
+            out[m.bias] = flat_g.sum(dim=0)
+        return out
+
+
+def _rows(bad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return bad.view(-1, *([1] * (t.dim() - 1)))
+
+
+class BookKeepingLoss:
+    """The batch loss the training loop calls ``backward()`` on: the mean of the per-example losses for logging,
+    book-keeping's one backward of their sum (clipping is per example's own loss) for ``backward()``."""
+
+    def __init__(self, bookkeeping: BookKeeping, per_example: torch.Tensor) -> None:
+        self.bookkeeping, self.per_example = bookkeeping, per_example  # (B,)
+
+    def detach(self) -> torch.Tensor:
+        return self.per_example.detach().mean()
+
+    def item(self) -> float:
+        return float(self.detach())
+
+    def backward(self) -> None:
+        self.bookkeeping.backward(self.per_example)
+
+
+class BookKeepingCriterion(nn.Module):
+    """Cross-entropy of logits and labels as a :class:`BookKeepingLoss` (Opacus' ghost criterion's counterpart)."""
+
+    def __init__(self, bookkeeping: BookKeeping) -> None:
+        super().__init__()
+        self.bookkeeping = bookkeeping
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> BookKeepingLoss:  # type: ignore[override]
+        per_example = nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
+        return BookKeepingLoss(self.bookkeeping, per_example)
