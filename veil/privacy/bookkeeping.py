@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from veil.privacy.exact import embedding_norm_sample, layer_norm_grad_sample
@@ -161,8 +163,10 @@ class BookKeeping:
             if done:
                 layers.append(_Layer(module, self.layers[module], done))
         sq = torch.zeros(batch, dtype=torch.float64, device=device)
+        grams: dict[tuple[Any, ...], torch.Tensor] = {}
         for layer in layers:
-            sq += layer.norm_sq().to(torch.float64)
+            sq += layer.norm_sq(grams).to(torch.float64)
+        del grams
         bad = ~torch.isfinite(sq)
         factor = (self.clip / (sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
         factor = torch.where(bad, torch.zeros_like(factor), factor)
@@ -194,15 +198,16 @@ class _Layer:
             return
         batch = records[0][1].shape[0]
         width = records[0][1].shape[-1]
-        self.g = torch.cat([r[1].reshape(batch, -1, width) for r in records], dim=1)  # (B, T, p)
+        self.g = _join([r[1].reshape(batch, -1, width) for r in records])  # (B, T, p)
         if self.kind == "embedding":
-            self.a = torch.cat([r[0][0].reshape(batch, -1) for r in records], dim=1)  # (B, T) ids
+            self.a = _join([r[0][0].reshape(batch, -1) for r in records])  # (B, T) ids
         else:
             d = records[0][0][0].shape[-1]
-            self.a = torch.cat([r[0][0].reshape(batch, -1, d) for r in records], dim=1).to(self.g.dtype)  # (B, T, d)
+            self.a = _join([r[0][0].reshape(batch, -1, d) for r in records]).to(self.g.dtype)  # (B, T, d)
 
-    def norm_sq(self) -> torch.Tensor:
-        """(B,) squared norms of each example's gradient of this layer's trainable parameters."""
+    def norm_sq(self, grams: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
+        """(B,) squared norms of each example's gradient of this layer's trainable parameters. ``grams`` caches the
+        activations' Gram matrices of this step: layers that read the same input (query, key, value) share one."""
         m = self.module
         if self.kind == "embedding":
             return embedding_norm_sample(m, [self.a], self.g)[m.weight] ** 2  # type: ignore[arg-type]
@@ -223,7 +228,10 @@ class _Layer:
         if m.weight.requires_grad:
             t, d, p = a.shape[1], a.shape[2], g.shape[2]
             if 2 * t * t <= d * p:  # ghost norm: Gram matrices (B, T, T)
-                sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+                key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
+                if key not in grams:
+                    grams[key] = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
+                sq = sq + (grams[key] * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
             else:  # instantiate (B, p, d) per-sample gradients: cheaper than the Gram matrices
                 self.per_sample = {m.weight: torch.einsum("btp,btd->bpd", g, a)}
                 sq = sq + self.per_sample[m.weight].pow(2).sum(dim=(1, 2))
@@ -270,6 +278,11 @@ class _Layer:
         return out
 
 
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The calls of one layer joined along the token dimension (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _rows(bad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return bad.view(-1, *([1] * (t.dim() - 1)))
 
@@ -301,3 +314,23 @@ class BookKeepingCriterion(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> BookKeepingLoss:  # type: ignore[override]
         per_example = nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
         return BookKeepingLoss(self.bookkeeping, per_example)
+
+
+class BookKeepingOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for gradients already clipped and summed in ``p.grad`` (the one ghost clipping uses: noise
+    of std ``sigma C``, then division by the expected batch size), noising ``p.grad`` in place instead of copying it
+    twice per step (MiniLM, 22.7M parameters, 1 CPU thread: 0.43 s -> 0.26 s a step). Same distribution, same
+    generator (veil's OS-seeded one)."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad.add_(p.grad)
+
+    def add_noise(self) -> None:
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            if std > 0:
+                p.summed_grad.add_(torch.empty_like(p.summed_grad).normal_(0.0, std, generator=self.generator))
+            p.grad = p.summed_grad.view_as(p)
+            _mark_as_processed(p.summed_grad)

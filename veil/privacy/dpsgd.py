@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
 from veil.errors import ConfigError
-from veil.privacy.bookkeeping import BookKeeping, BookKeepingCriterion, BookKeepingLoss, unsupported_layer
+from veil.privacy.bookkeeping import (
+    BookKeeping, BookKeepingCriterion, BookKeepingLoss, BookKeepingOptimizer, unsupported_layer,
+)
 from veil.privacy.exact import inexact_layer, install_samplers, keep_padding_rows, make_exact
 from veil.privacy.modes import resolve_grad_sample_mode
 
@@ -120,13 +121,13 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
 
 def _make_bookkeeping(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                       generator: torch.Generator, noise_multiplier: float, max_grad_norm: float) -> PrivateTraining:
-    """Book-keeping with Opacus' Poisson loader and its noise-and-average optimizer (the one ghost clipping uses:
-    it adds N(0, (sigma C)^2) to the clipped sum in ``p.grad`` and divides by the expected batch size)."""
+    """Book-keeping with Opacus' Poisson loader and its noise-and-average optimizer (ghost clipping's, noising in
+    place: N(0, (sigma C)^2) added to the clipped sum in ``p.grad``, then division by the expected batch size)."""
     wrapped = make_exact(module)
     bookkeeping = BookKeeping(wrapped, max_grad_norm=max_grad_norm)
     loader = DPDataLoader.from_data_loader(loader)  # the loader's OS-seeded generator draws the batches
     sample_rate = 1.0 / len(loader)
-    optimizer = DPOptimizerFastGradientClipping(
+    optimizer = BookKeepingOptimizer(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",  # type: ignore[arg-type]
         generator=generator,
