@@ -44,7 +44,8 @@ MODES = ("none", "hooks", "ghost", "bk")
 TUNINGS = ("lora", "full")
 NUM_LABELS = 77  # BANKING77
 MB = 1024 * 1024
-TARGETS = {("lora", "hooks"): 0.95, ("lora", "ghost"): 0.95, ("full", "ghost"): 0.8, ("full", "bk"): 0.8}  # throughput ratio, issue 7
+TARGETS = {("lora", "hooks"): 0.95, ("lora", "ghost"): 0.95,  # throughput ratio, issues 7 and 14
+           ("full", "ghost"): 0.8, ("full", "bk"): 0.8}
 MEMORY_TARGET = 1.2  # DP peak memory <= 1.2x non-private
 
 

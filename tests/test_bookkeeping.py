@@ -80,6 +80,42 @@ def test_a_non_finite_example_is_zeroed_and_the_rest_is_the_loop() -> None:
         torch.testing.assert_close(g.double(), r.double(), atol=1e-6, rtol=1e-5)
 
 
+class _Narrow(nn.Module):
+    """Narrow layers over many tokens (2 T^2 > d p: bk instantiates their per-sample gradients, "mixed"), GPT-2's
+    Conv1D, a LayerNorm, and one Linear called twice (its calls are joined along the tokens)."""
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = nn.Embedding(30, 4, padding_idx=0)
+        self.conv, self.norm, self.twice = Conv1D(3, 4), nn.LayerNorm(3), nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        from types import SimpleNamespace
+
+        h = self.twice(torch.tanh(self.twice(self.norm(self.conv(self.emb(input_ids))))))  # (B, T, 3)
+        pooled = (h * attention_mask.unsqueeze(-1)).sum(dim=1)  # (B, 3)
+        return SimpleNamespace(logits=self.head(pooled))
+
+
+def test_mixed_conv1d_and_repeated_layers_match_the_loop() -> None:
+    torch.manual_seed(0)
+    model = _Narrow()
+    ids = torch.randint(1, 30, (3, 12))
+    mask = torch.ones_like(ids)
+    ids[0, 8:], mask[0, 8:] = 0, 0  # pad tokens
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+    reference = clipped_mean_gradient(copy.deepcopy(model), batch, clip=0.01)
+    dp = _private(model, sigma=0.0, clip=0.01, n=3, batch=3)
+    dp.criterion(dp.module(input_ids=ids, attention_mask=mask).logits, batch["labels"]).backward()
+    dp.optimizer.pre_step()
+    for g, r in zip([p.grad for p in model.parameters()], reference, strict=True):
+        torch.testing.assert_close(g.double(), r.double(), atol=1e-7, rtol=1e-5)
+    assert float(model.emb.weight.grad[0].abs().max()) == 0.0 and float(model.conv.weight.grad.abs().max()) > 0
+
+
 def test_what_bk_cannot_do_exactly_is_refused_in_one_line() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -90,7 +126,8 @@ def test_what_bk_cannot_do_exactly_is_refused_in_one_line() -> None:
     assert "\n" not in str(err.value) and "grad_sample_mode=hooks" in str(err.value)
     clipped = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2))
     assert "max_norm" in (unsupported_layer(clipped) or "")
-    assert unsupported_layer(nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.LayerNorm(4), nn.Linear(4, 2))) is None
+    supported = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.LayerNorm(4), nn.Linear(4, 2))
+    assert unsupported_layer(supported) is None
 
 
 def test_trainer_runs_bk_full_fine_tuning() -> None:
