@@ -40,6 +40,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from veil.errors import ModelError
 from veil.privacy.exact import embedding_norm_sample, layer_norm_grad_sample
 
 log = logging.getLogger("veil.privacy")
@@ -102,6 +103,9 @@ class BookKeeping:
         fine-tuning); checked with :func:`unsupported_layer` first.
     max_grad_norm
         The clipping norm C.
+
+    Each forward is expected to be followed by one backward (the training loop's step); a new forward drops what
+    the previous one captured.
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float) -> None:
@@ -158,8 +162,8 @@ class BookKeeping:
             done = [r for r in recs if r[1] is not None]
             for r in done:
                 if [a._version for a in r[0] if isinstance(a, torch.Tensor)] != r[2]:
-                    raise RuntimeError(f"the input of {type(module).__name__} was modified in place; "
-                                       "use privacy.grad_sample_mode=ghost or hooks")
+                    raise ModelError(f"the model modifies the input of a {type(module).__name__} in place, so "
+                                     "book-keeping cannot clip it exactly; use privacy.grad_sample_mode=ghost")
             if done:
                 layers.append(_Layer(module, self.layers[module], done))
         sq = torch.zeros(batch, dtype=torch.float64, device=device)
