@@ -176,10 +176,13 @@ class BookKeeping:
         factor = torch.where(bad, torch.zeros_like(factor), factor)
         self.zeroed += int(bad.sum())
         grads: dict[nn.Parameter, torch.Tensor] = {}
-        for layer in layers:
+        while layers:  # each layer's activations and output gradients are freed once its gradient is built
+            layer = layers.pop()
             if bool(bad.any()):
                 layer.zero_rows(bad)
             grads.update(layer.clipped(factor))
+            self.records[layer.module].clear()
+            del layer
         for p in self.params:
             g = grads.get(p)
             g = torch.zeros_like(p) if g is None else g.to(p.dtype)
@@ -263,22 +266,24 @@ class _Layer:
                 return out
         else:
             out = {}
-        scaled = self.g * factor.to(self.g.dtype).view(-1, 1, 1)  # (B, T, p)
+        c = factor.to(self.g.dtype).view(-1, 1, 1)  # (B, 1, 1)
         if self.kind == "embedding":
-            ids, rows = self.a.reshape(-1), scaled.reshape(-1, scaled.shape[-1])
+            ids, rows = self.a.reshape(-1), (self.g * c).reshape(-1, self.g.shape[-1])
             if m.padding_idx is not None:  # nn.Embedding never updates the padding row
                 keep = ids != m.padding_idx
                 ids, rows = ids[keep], rows[keep]
             grad = torch.zeros_like(m.weight, dtype=rows.dtype)
             return {m.weight: grad.index_add_(0, ids, rows)}
-        flat_g = scaled.reshape(-1, scaled.shape[-1])  # (B*T, p)
         if m.weight.requires_grad and m.weight not in out:
-            flat_a = self.a.reshape(-1, self.a.shape[-1])  # (B*T, d)
-            out[m.weight] = flat_g.T @ flat_a if self.kind == "linear" else flat_a.T @ flat_g
+            d, p = self.a.shape[-1], self.g.shape[-1]
+            a, g = (self.a * c, self.g) if d <= p else (self.a, self.g * c)  # scale the narrower operand
+            fa, fg = a.reshape(-1, d), g.reshape(-1, p)  # (B*T, d), (B*T, p)
+            w = fa.T @ fg if d <= p else (fg.T @ fa).T  # (d, p); the narrower operand transposed on the left
+            out[m.weight] = (w.T if self.kind == "linear" else w).contiguous()
         elif self.kind == "conv1d" and m.weight in out:
-            out[m.weight] = out[m.weight].T  # (p, d) per-sample layout -> Conv1D's (d, p)
+            out[m.weight] = out[m.weight].T.contiguous()  # (p, d) per-sample layout -> Conv1D's (d, p)
         if getattr(m, "bias", None) is not None and m.bias.requires_grad:
-            out[m.bias] = flat_g.sum(dim=0)
+            out[m.bias] = (self.g.sum(dim=1) * c.view(-1, 1)).sum(dim=0)  # sum_i c_i sum_t g_it
         return out
 
 
