@@ -61,6 +61,10 @@ def _linear_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _kind(module: nn.Module) -> str:
+    return "embedding" if isinstance(module, nn.Embedding) else _linear_kind(module) or "other"
+
+
 def _own_trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
@@ -114,6 +118,10 @@ class BookKeeping:
         self.params = [p for ps in self.layers.values() for p in ps]
         self.records: dict[nn.Module, list[list[Any]]] = {m: [] for m in self.layers}
         self.zeroed = 0  # examples whose gradient was not finite, since the last take_zeroed()
+        self._sq: torch.Tensor | None = None  # (B,) float64 squared norms of the layers done in this backward
+        self._done: list[_Layer] = []
+        self._gram: list[Any] = [None, None]  # the last activation whose Gram matrix was taken, and that matrix
+        self._packed: list[Any] = [None, None, None]  # the last activation packed, its live tokens, the copy
         model.register_forward_pre_hook(self._begin)
         model.register_forward_hook(self._end, always_call=True)
         for module in self.layers:
@@ -139,38 +147,58 @@ class BookKeeping:
         inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
         record = [inputs, None, [a._version for a in args if isinstance(a, torch.Tensor)]]
         self.records[module].append(record)
-        output.register_hook(partial(_store_backprop, record))
+        output.register_hook(partial(self._on_backprop, module, record))
         return output if replaced else None
+
+    def _on_backprop(self, module: nn.Module, record: list[Any], grad: torch.Tensor) -> None:
+        """Store ``grad``; once every call of ``module`` has its gradient, take its norms now and keep only the tokens
+        with a non-zero output gradient (pads behind an attention mask), so the backward frees the rest as it goes."""
+        record[1] = grad.detach()
+        recs = self.records[module]
+        if any(r[1] is None for r in recs) or _kind(module) == "other":  # small layers: after the backward
+            return
+        layer = self._layer(module, recs)
+        sq = layer.norm_sq(self._gram).to(torch.float64)
+        self._sq = sq if self._sq is None else self._sq + sq
+        layer.pack(self._packed)
+        self._done.append(layer)
+        recs.clear()
 
     def backward(self, per_example: torch.Tensor) -> None:
         """One backward of ``per_example.sum()`` (B,), then ``p.grad`` = the clipped summed gradient."""
         try:
+            self._sq, self._done, self._gram, self._packed = None, [], [None, None], [None, None, None]
             per_example.sum().backward()
             self._clipped_sum(int(per_example.shape[0]), per_example.device)
         finally:
             for recs in self.records.values():
                 recs.clear()
+            self._sq, self._done, self._gram, self._packed = None, [], [None, None], [None, None, None]
 
     def take_zeroed(self) -> int:
         """How many examples had a non-finite gradient (zeroed) since the last call; for the node's own log."""
         zeroed, self.zeroed = self.zeroed, 0
         return zeroed
 
+    def _layer(self, module: nn.Module, records: list[list[Any]]) -> _Layer:
+        for r in records:
+            if [a._version for a in r[0] if isinstance(a, torch.Tensor)] != r[2]:
+                raise ModelError(f"the model modifies the input of a {type(module).__name__} in place, so "
+                                 "book-keeping cannot clip it exactly; use privacy.grad_sample_mode=ghost")
+        return _Layer(module, self.layers[module], records)
+
     def _clipped_sum(self, batch: int, device: torch.device) -> None:
-        layers = []
-        for module, recs in self.records.items():
-            done = [r for r in recs if r[1] is not None]
-            for r in done:
-                if [a._version for a in r[0] if isinstance(a, torch.Tensor)] != r[2]:
-                    raise ModelError(f"the model modifies the input of a {type(module).__name__} in place, so "
-                                     "book-keeping cannot clip it exactly; use privacy.grad_sample_mode=ghost")
-            if done:
-                layers.append(_Layer(module, self.layers[module], done))
+        layers = self._done
         sq = torch.zeros(batch, dtype=torch.float64, device=device)
-        grams: dict[tuple[Any, ...], torch.Tensor] = {}
-        for layer in layers:
-            sq += layer.norm_sq(grams).to(torch.float64)
-        del grams
+        if self._sq is not None:
+            sq += self._sq.to(torch.float64)
+        for module, recs in self.records.items():  # layers with a call whose output the loss did not use
+            done = [r for r in recs if r[1] is not None]
+            if done:
+                layers.append(self._layer(module, done))
+                sq += layers[-1].norm_sq(self._gram).to(torch.float64)
+                layers[-1].pack(self._packed)
+        self._gram, self._packed = [None, None], [None, None, None]
         bad = ~torch.isfinite(sq)
         factor = (self.clip / (sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
         factor = torch.where(bad, torch.zeros_like(factor), factor)
@@ -181,7 +209,6 @@ class BookKeeping:
             if bool(bad.any()):
                 layer.zero_rows(bad)
             grads.update(layer.clipped(factor))
-            self.records[layer.module].clear()
             del layer
         for p in self.params:
             g = grads.get(p)
@@ -189,16 +216,12 @@ class BookKeeping:
             p.grad = g if p.grad is None else p.grad + g
 
 
-def _store_backprop(record: list[Any], grad: torch.Tensor) -> None:
-    record[1] = grad.detach()
-
-
 class _Layer:
     """One trainable layer's activations and output gradients of a batch (several calls joined along tokens)."""
 
     def __init__(self, module: nn.Module, params: list[nn.Parameter], records: list[list[Any]]) -> None:
         self.module, self.params = module, params
-        self.kind = "embedding" if isinstance(module, nn.Embedding) else _linear_kind(module) or "other"
+        self.kind = _kind(module)
         self.per_sample: dict[nn.Parameter, torch.Tensor] | None = None
         if self.kind == "other":
             self.calls = [(r[0], r[1]) for r in records]
@@ -212,9 +235,10 @@ class _Layer:
             d = records[0][0][0].shape[-1]
             self.a = _join([r[0][0].reshape(batch, -1, d) for r in records]).to(self.g.dtype)  # (B, T, d)
 
-    def norm_sq(self, grams: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
-        """(B,) squared norms of each example's gradient of this layer's trainable parameters. ``grams`` caches the
-        activations' Gram matrices of this step: layers that read the same input (query, key, value) share one."""
+    def norm_sq(self, grams: list[Any]) -> torch.Tensor:
+        """(B,) squared norms of each example's gradient of this layer's trainable parameters. ``grams`` holds the
+        last input whose Gram matrix was taken and that matrix: layers that read one input (query, key, value),
+        whose gradients arrive one after the other, share it."""
         m = self.module
         if self.kind == "embedding":
             return embedding_norm_sample(m, [self.a], self.g)[m.weight] ** 2  # type: ignore[arg-type]
@@ -235,16 +259,37 @@ class _Layer:
         if m.weight.requires_grad:
             t, d, p = a.shape[1], a.shape[2], g.shape[2]
             if 2 * t * t <= d * p:  # ghost norm: Gram matrices (B, T, T)
-                key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
-                if key not in grams:
-                    grams[key] = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
-                sq = sq + (grams[key] * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+                if not _same(grams[0], a):
+                    grams[0], grams[1] = a, torch.bmm(a, a.transpose(1, 2))  # (B, T, T), kept with its input
+                sq = sq + (grams[1] * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
             else:  # instantiate (B, p, d) per-sample gradients: cheaper than the Gram matrices
                 self.per_sample = {m.weight: torch.einsum("btp,btd->bpd", g, a)}
                 sq = sq + self.per_sample[m.weight].pow(2).sum(dim=(1, 2))
         if getattr(m, "bias", None) is not None and m.bias.requires_grad:
             sq = sq + g.sum(dim=1).pow(2).sum(dim=1)
         return sq
+
+    def pack(self, shared: list[Any]) -> None:
+        """Keep only the tokens whose output gradient is not zero (the others add nothing to any gradient: pads
+        behind an attention mask), flattened with the example each belongs to; drop what the norms alone needed.
+        ``shared`` holds the last packed input: layers that read one input (query, key, value) share its copy."""
+        if self.kind == "other":
+            self.calls = []
+            return
+        b, t = self.g.shape[0], self.g.shape[1]
+        live = (self.g != 0).any(dim=-1).reshape(-1)  # (B*T,) nan counts as live
+        self.idx = torch.arange(b, device=self.g.device).repeat_interleave(t)[live]  # (N,) example of each token
+        self.g = self.g.reshape(b * t, -1)[live]  # (N, p)
+        if self.kind == "embedding":
+            self.a = self.a.reshape(-1)[live]  # (N,) ids
+        elif self.per_sample:
+            self.a = None  # the weight's per-sample gradient is instantiated
+        elif _same(shared[0], self.a) and torch.equal(shared[1], live):
+            self.a = shared[2]
+        else:
+            packed = self.a.reshape(b * t, -1)[live]  # (N, d)
+            shared[:] = [self.a, live, packed]
+            self.a = packed
 
     def zero_rows(self, bad: torch.Tensor) -> None:
         """Drop the examples whose gradient is not finite (a zero clip factor would still give 0 * nan)."""
@@ -253,22 +298,20 @@ class _Layer:
                                for p, gs in self.per_sample.items()}
         if self.kind == "other":
             return
-        self.g = torch.where(_rows(bad, self.g), torch.zeros_like(self.g), self.g)
-        if self.kind != "embedding":
-            self.a = torch.where(_rows(bad, self.a), torch.zeros_like(self.a), self.a)
+        tokens = bad[self.idx]  # (N,)
+        self.g = torch.where(_rows(tokens, self.g), torch.zeros_like(self.g), self.g)
+        if self.kind != "embedding" and self.a is not None:
+            self.a = torch.where(_rows(tokens, self.a), torch.zeros_like(self.a), self.a)
 
     def clipped(self, factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """``sum_i factor_i * grad_i`` of each trainable parameter, from the kept activations and gradients."""
         m = self.module
-        if self.kind == "other" or (self.per_sample and self.kind != "embedding"):
-            out = {p: torch.einsum("b,b...->...", factor.to(gs.dtype), gs) for p, gs in (self.per_sample or {}).items()}
-            if self.kind == "other":
-                return out
-        else:
-            out = {}
-        c = factor.to(self.g.dtype).view(-1, 1, 1)  # (B, 1, 1)
+        out = {p: torch.einsum("b,b...->...", factor.to(gs.dtype), gs) for p, gs in (self.per_sample or {}).items()}
+        if self.kind == "other":
+            return out
+        c = factor.to(self.g.dtype)[self.idx].unsqueeze(1)  # (N, 1): each token's clip factor
         if self.kind == "embedding":
-            ids, rows = self.a.reshape(-1), (self.g * c).reshape(-1, self.g.shape[-1])
+            ids, rows = self.a, self.g * c
             if m.padding_idx is not None:  # nn.Embedding never updates the padding row
                 keep = ids != m.padding_idx
                 ids, rows = ids[keep], rows[keep]
@@ -277,14 +320,19 @@ class _Layer:
         if m.weight.requires_grad and m.weight not in out:
             d, p = self.a.shape[-1], self.g.shape[-1]
             a, g = (self.a * c, self.g) if d <= p else (self.a, self.g * c)  # scale the narrower operand
-            fa, fg = a.reshape(-1, d), g.reshape(-1, p)  # (B*T, d), (B*T, p)
-            w = fa.T @ fg if d <= p else (fg.T @ fa).T  # (d, p); the narrower operand transposed on the left
+            w = a.T @ g if d <= p else (g.T @ a).T  # (d, p); the narrower operand transposed on the left
             out[m.weight] = (w.T if self.kind == "linear" else w).contiguous()
         elif self.kind == "conv1d" and m.weight in out:
             out[m.weight] = out[m.weight].T.contiguous()  # (p, d) per-sample layout -> Conv1D's (d, p)
         if getattr(m, "bias", None) is not None and m.bias.requires_grad:
-            out[m.bias] = (self.g.sum(dim=1) * c.view(-1, 1)).sum(dim=0)  # sum_i c_i sum_t g_it
+            out[m.bias] = (self.g * c).sum(dim=0)  # sum_i c_i sum_t g_it
         return out
+
+
+def _same(kept: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of the same memory as ``kept`` (held alive, so the same values) in the same layout."""
+    return (kept is not None and kept.data_ptr() == t.data_ptr() and kept.shape == t.shape
+            and kept.stride() == t.stride() and kept.dtype == t.dtype)
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
