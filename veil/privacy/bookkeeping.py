@@ -19,6 +19,12 @@ a gradient when nothing upstream does). Then:
   usual weight gradient), bias ``sum_i c_i sum_t g_it``, Embedding rows by ``index_add`` of ``c_i g_it`` (padding
   positions skipped), small layers from their per-sample gradients.
 
+The norms of Linear, Conv1D and Embedding layers are taken in the backward, as each layer's output gradient arrives;
+then only the tokens whose output gradient is not zero are kept (pads behind an attention mask add nothing to any
+gradient, so dropping them is exact), which cuts both the memory held until the clip factors are known and the final
+matmuls. The cost: those kept inputs and output gradients of every trainable layer live until the end of the backward
+(docs/benchmarks.md measures the peak memory). Per-layer work is in :mod:`veil.privacy.bookkeeping_layers`.
+
 The result lands in ``p.grad``; Opacus' ``DPOptimizerFastGradientClipping`` then adds the Gaussian noise (std
 ``sigma C``, veil's OS-seeded generator) and divides by the expected batch size, and Opacus' ``DPDataLoader`` does the
 Poisson sampling, exactly as in ghost mode. :func:`unsupported_layer` refuses what is not exact here (tied parameters,
@@ -34,35 +40,14 @@ from functools import partial
 from typing import Any
 
 import torch
-from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from veil.errors import ModelError
-from veil.privacy.exact import embedding_norm_sample, layer_norm_grad_sample
+from veil.privacy.bookkeeping_layers import SAMPLERS, LayerRecord, kind_of, linear_kind
 
 log = logging.getLogger("veil.privacy")
-
-try:  # GPT-2's linear layer with a transposed (in, out) weight
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None  # type: ignore[assignment,misc]
-
-_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.LayerNorm: layer_norm_grad_sample}
-
-
-def _linear_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if Conv1D is not None and isinstance(module, Conv1D):
-        return "conv1d"
-    return None
-
-
-def _kind(module: nn.Module) -> str:
-    return "embedding" if isinstance(module, nn.Embedding) else _linear_kind(module) or "other"
 
 
 def _own_trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -86,12 +71,12 @@ def unsupported_layer(model: nn.Module) -> str | None:
                 return (f"embedding {name} uses max_norm, scale_grad_by_freq or sparse gradients, which book-keeping "
                         "does not support; use privacy.grad_sample_mode=hooks")
             continue
-        if _linear_kind(module) is not None:
+        if linear_kind(module) is not None:
             continue
         if any(p.requires_grad for c in module.children() for p in c.parameters()):
             return (f"layer {name} ({type(module).__name__}) holds trainable parameters and trainable sub-layers, "
                     "which book-keeping does not support; use privacy.grad_sample_mode=ghost or hooks")
-        if type(module) not in _SAMPLERS and any(True for _ in module.buffers()):
+        if type(module) not in SAMPLERS and any(True for _ in module.buffers()):
             return (f"layer {name} ({type(module).__name__}) has buffers and no Opacus grad sampler, which "
                     "book-keeping does not support; use privacy.grad_sample_mode=ghost or hooks")
     return None
@@ -119,7 +104,7 @@ class BookKeeping:
         self.records: dict[nn.Module, list[list[Any]]] = {m: [] for m in self.layers}
         self.zeroed = 0  # examples whose gradient was not finite, since the last take_zeroed()
         self._sq: torch.Tensor | None = None  # (B,) float64 squared norms of the layers done in this backward
-        self._done: list[_Layer] = []
+        self._done: list[LayerRecord] = []
         self._gram: list[Any] = [None, None]  # the last activation whose Gram matrix was taken, and that matrix
         self._packed: list[Any] = [None, None, None]  # the last activation packed, its live tokens, the copy
         model.register_forward_pre_hook(self._begin)
@@ -155,7 +140,7 @@ class BookKeeping:
         with a non-zero output gradient (pads behind an attention mask), so the backward frees the rest as it goes."""
         record[1] = grad.detach()
         recs = self.records[module]
-        if any(r[1] is None for r in recs) or _kind(module) == "other":  # small layers: after the backward
+        if any(r[1] is None for r in recs) or kind_of(module) == "other":  # small layers: after the backward
             return
         layer = self._layer(module, recs)
         sq = layer.norm_sq(self._gram).to(torch.float64)
@@ -180,12 +165,12 @@ class BookKeeping:
         zeroed, self.zeroed = self.zeroed, 0
         return zeroed
 
-    def _layer(self, module: nn.Module, records: list[list[Any]]) -> _Layer:
+    def _layer(self, module: nn.Module, records: list[list[Any]]) -> LayerRecord:
         for r in records:
             if [a._version for a in r[0] if isinstance(a, torch.Tensor)] != r[2]:
                 raise ModelError(f"the model modifies the input of a {type(module).__name__} in place, so "
                                  "book-keeping cannot clip it exactly; use privacy.grad_sample_mode=ghost")
-        return _Layer(module, self.layers[module], records)
+        return LayerRecord(module, self.layers[module], records)
 
     def _clipped_sum(self, batch: int, device: torch.device) -> None:
         layers = self._done
@@ -214,134 +199,6 @@ class BookKeeping:
             g = grads.get(p)
             g = torch.zeros_like(p) if g is None else g.to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
-
-
-class _Layer:
-    """One trainable layer's activations and output gradients of a batch (several calls joined along tokens)."""
-
-    def __init__(self, module: nn.Module, params: list[nn.Parameter], records: list[list[Any]]) -> None:
-        self.module, self.params = module, params
-        self.kind = _kind(module)
-        self.per_sample: dict[nn.Parameter, torch.Tensor] | None = None
-        if self.kind == "other":
-            self.calls = [(r[0], r[1]) for r in records]
-            return
-        batch = records[0][1].shape[0]
-        width = records[0][1].shape[-1]
-        self.g = _join([r[1].reshape(batch, -1, width) for r in records])  # (B, T, p)
-        if self.kind == "embedding":
-            self.a = _join([r[0][0].reshape(batch, -1) for r in records])  # (B, T) ids
-        else:
-            d = records[0][0][0].shape[-1]
-            self.a = _join([r[0][0].reshape(batch, -1, d) for r in records]).to(self.g.dtype)  # (B, T, d)
-
-    def norm_sq(self, grams: list[Any]) -> torch.Tensor:
-        """(B,) squared norms of each example's gradient of this layer's trainable parameters. ``grams`` holds the
-        last input whose Gram matrix was taken and that matrix: layers that read one input (query, key, value),
-        whose gradients arrive one after the other, share it."""
-        m = self.module
-        if self.kind == "embedding":
-            return embedding_norm_sample(m, [self.a], self.g)[m.weight] ** 2  # type: ignore[arg-type]
-        if self.kind == "other":
-            self.per_sample = {}
-            for inputs, g in self.calls:
-                sampler = _SAMPLERS.get(type(m), ft_compute_per_sample_gradient)
-                for p, gs in sampler(m, inputs, g).items():
-                    if p.requires_grad:
-                        self.per_sample[p] = gs if p not in self.per_sample else self.per_sample[p] + gs
-            g0 = self.calls[0][1]
-            sq = torch.zeros(g0.shape[0], dtype=g0.dtype, device=g0.device)
-            for gs in self.per_sample.values():
-                sq = sq + gs.reshape(gs.shape[0], -1).pow(2).sum(dim=1)
-            return sq
-        a, g = self.a, self.g  # (B, T, d), (B, T, p)
-        sq = torch.zeros(a.shape[0], dtype=g.dtype, device=g.device)
-        if m.weight.requires_grad:
-            t, d, p = a.shape[1], a.shape[2], g.shape[2]
-            if 2 * t * t <= d * p:  # ghost norm: Gram matrices (B, T, T)
-                if not _same(grams[0], a):
-                    grams[0], grams[1] = a, torch.bmm(a, a.transpose(1, 2))  # (B, T, T), kept with its input
-                sq = sq + (grams[1] * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
-            else:  # instantiate (B, p, d) per-sample gradients: cheaper than the Gram matrices
-                self.per_sample = {m.weight: torch.einsum("btp,btd->bpd", g, a)}
-                sq = sq + self.per_sample[m.weight].pow(2).sum(dim=(1, 2))
-        if getattr(m, "bias", None) is not None and m.bias.requires_grad:
-            sq = sq + g.sum(dim=1).pow(2).sum(dim=1)
-        return sq
-
-    def pack(self, shared: list[Any]) -> None:
-        """Keep only the tokens whose output gradient is not zero (the others add nothing to any gradient: pads
-        behind an attention mask), flattened with the example each belongs to; drop what the norms alone needed.
-        ``shared`` holds the last packed input: layers that read one input (query, key, value) share its copy."""
-        if self.kind == "other":
-            self.calls = []
-            return
-        b, t = self.g.shape[0], self.g.shape[1]
-        live = (self.g != 0).any(dim=-1).reshape(-1)  # (B*T,) nan counts as live
-        self.idx = torch.arange(b, device=self.g.device).repeat_interleave(t)[live]  # (N,) example of each token
-        self.g = self.g.reshape(b * t, -1)[live]  # (N, p)
-        if self.kind == "embedding":
-            self.a = self.a.reshape(-1)[live]  # (N,) ids
-        elif self.per_sample:
-            self.a = None  # the weight's per-sample gradient is instantiated
-        elif _same(shared[0], self.a) and torch.equal(shared[1], live):
-            self.a = shared[2]
-        else:
-            packed = self.a.reshape(b * t, -1)[live]  # (N, d)
-            shared[:] = [self.a, live, packed]
-            self.a = packed
-
-    def zero_rows(self, bad: torch.Tensor) -> None:
-        """Drop the examples whose gradient is not finite (a zero clip factor would still give 0 * nan)."""
-        if self.per_sample:
-            self.per_sample = {p: torch.where(_rows(bad, gs), torch.zeros_like(gs), gs)
-                               for p, gs in self.per_sample.items()}
-        if self.kind == "other":
-            return
-        tokens = bad[self.idx]  # (N,)
-        self.g = torch.where(_rows(tokens, self.g), torch.zeros_like(self.g), self.g)
-        if self.kind != "embedding" and self.a is not None:
-            self.a = torch.where(_rows(tokens, self.a), torch.zeros_like(self.a), self.a)
-
-    def clipped(self, factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        """``sum_i factor_i * grad_i`` of each trainable parameter, from the kept activations and gradients."""
-        m = self.module
-        out = {p: torch.einsum("b,b...->...", factor.to(gs.dtype), gs) for p, gs in (self.per_sample or {}).items()}
-        if self.kind == "other":
-            return out
-        c = factor.to(self.g.dtype)[self.idx].unsqueeze(1)  # (N, 1): each token's clip factor
-        if self.kind == "embedding":
-            ids, rows = self.a, self.g * c
-            if m.padding_idx is not None:  # nn.Embedding never updates the padding row
-                keep = ids != m.padding_idx
-                ids, rows = ids[keep], rows[keep]
-            grad = torch.zeros_like(m.weight, dtype=rows.dtype)
-            return {m.weight: grad.index_add_(0, ids, rows)}
-        if m.weight.requires_grad and m.weight not in out:
-            d, p = self.a.shape[-1], self.g.shape[-1]
-            a, g = (self.a * c, self.g) if d <= p else (self.a, self.g * c)  # scale the narrower operand
-            w = a.T @ g if d <= p else (g.T @ a).T  # (d, p); the narrower operand transposed on the left
-            out[m.weight] = (w.T if self.kind == "linear" else w).contiguous()
-        elif self.kind == "conv1d" and m.weight in out:
-            out[m.weight] = out[m.weight].T.contiguous()  # (p, d) per-sample layout -> Conv1D's (d, p)
-        if getattr(m, "bias", None) is not None and m.bias.requires_grad:
-            out[m.bias] = (self.g * c).sum(dim=0)  # sum_i c_i sum_t g_it
-        return out
-
-
-def _same(kept: torch.Tensor | None, t: torch.Tensor) -> bool:
-    """Whether ``t`` is a view of the same memory as ``kept`` (held alive, so the same values) in the same layout."""
-    return (kept is not None and kept.data_ptr() == t.data_ptr() and kept.shape == t.shape
-            and kept.stride() == t.stride() and kept.dtype == t.dtype)
-
-
-def _join(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The calls of one layer joined along the token dimension (no copy for the usual single call)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _rows(bad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return bad.view(-1, *([1] * (t.dim() - 1)))
 
 
 class BookKeepingLoss:
