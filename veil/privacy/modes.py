@@ -8,11 +8,13 @@ tests/test_families.py); they differ only in cost (docs/benchmarks.md, dp_overhe
   backward runs through the whole frozen base again (0.69x).
 * ``ghost`` (Opacus' fast gradient clipping, Li et al., arXiv:2110.05679) computes per-sample norms without
   per-sample gradients, then a second backward. With full fine-tuning the word-embedding per-sample gradient alone is
-  B x vocabulary x hidden (1.5 GB at B=32 for MiniLM): hooks runs at 0.17-0.21x and 8.5x memory, ghost at
-  0.31-0.48x and 1.15x.
+  B x vocabulary x hidden (1.5 GB at B=32 for MiniLM): hooks runs at 0.17-0.32x and 8.3-8.5x memory, ghost at
+  0.31-0.53x and 1.12-1.17x.
 * ``bk`` (book-keeping, Bu et al., arXiv:2210.00038; :mod:`veil.privacy.bookkeeping`) needs one backward, without
   weight gradients, and builds the clipped summed gradients from each layer's inputs and output gradients: for full
-  fine-tuning it is the fastest of the three (docs/benchmarks.md, the bk section at the end).
+  fine-tuning it is the fastest of the three, 0.91x at 1.50x memory in the last run (docs/benchmarks.md), as it
+  holds every trainable layer's inputs and output gradients until the clip factors are known; with a memory limit,
+  choose ``ghost``.
 
 The rule: ``hooks`` when the trainable parameters are a small share of the model and no embedding table trains;
 otherwise ``bk`` when every trainable layer is one it clips exactly
