@@ -29,7 +29,7 @@ def test_dp_overhead_quick_prints_table(tmp_path: Path) -> None:
     for name in ("lora non-private", "lora hooks", "lora ghost", "full non-private", "full hooks", "full ghost"):
         assert name in out, f"row {name!r} missing from:\n{out}"
     assert "target" in out
-    assert "lora: grad_sample_mode=auto picks hooks" in out and "full: grad_sample_mode=auto picks ghost" in out
+    assert "lora: grad_sample_mode=auto picks hooks" in out and "full: grad_sample_mode=auto picks bk" in out
     assert (doc.read_bytes() if doc.exists() else None) == before, "--no-record must not write docs/benchmarks.md"
 
 

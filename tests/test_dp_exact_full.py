@@ -1,6 +1,6 @@
 """Full fine-tuning under DP-SGD (issue 7, item 1): Opacus per-sample clipped gradients through veil's integration
 equal a per-example loop (clip each example's gradient to C, average) for the whole tiny BERT on a batch with pad
-tokens, in hooks and ghost mode; the padding row gets no gradient; and stock Opacus provably does not get there
+tokens, in hooks, ghost and bk (book-keeping) mode; the padding row gets no gradient; and stock Opacus provably does not get there
 (the reference check can fail), which documents the upstream bugs worked around in :mod:`veil.privacy.exact`."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _max_diff(got: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "auto"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
 def test_full_per_sample_clipping_matches_loop(mode: str, masked: bool) -> None:
     # arrange
     batch = _batch(masked=masked)
@@ -84,7 +84,7 @@ def test_full_per_sample_clipping_matches_loop(mode: str, masked: bool) -> None:
     assert float(word.grad.abs().max()) > 1e-5, "embedding gradients must not be trivially zero"
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_padding_row_gets_no_gradient(mode: str) -> None:
     batch = _batch(masked=False)
     model = _model()
@@ -100,7 +100,7 @@ def test_padding_row_gets_no_gradient(mode: str) -> None:
         assert float(emb.weight.grad_sample[:, pad].abs().max()) == 0.0  # (B, H): no example touches the row
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_padding_row_stays_fixed_under_noise(mode: str) -> None:
     batch = _batch(masked=False)
     model = _model()

@@ -56,8 +56,10 @@ def _dp_clipped(model: nn.Module, batch: dict[str, torch.Tensor], mode: str) -> 
     return [p.grad for p in params]
 
 
-# LoRA in ghost mode is checked for BERT in test_dp_exact.py; adapters add no layer type that differs by family
-CASES = [(f, False, m) for f in EXACT for m in ("hooks", "ghost")] + [(f, True, "hooks") for f in FAMILIES]
+# LoRA in ghost mode is checked for BERT in test_dp_exact.py; adapters add no layer type that differs by family;
+# bk (book-keeping, one backward) for every family's full fine-tuning, GPT-2's Conv1D included
+CASES = ([(f, False, m) for f in EXACT for m in ("hooks", "ghost", "bk")] + [(f, True, "hooks") for f in FAMILIES]
+         + [("bert", True, "bk"), ("llama", True, "bk")])
 
 
 @pytest.mark.parametrize(("family", "lora", "mode"), CASES, ids=lambda v: {False: "full", True: "lora"}.get(v, v))

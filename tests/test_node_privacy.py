@@ -173,7 +173,7 @@ class _OverflowOnTarget(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_an_overflow_on_one_text_changes_nothing_the_coordinator_sees(
         files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     from veil.task.model import load_tokenizer

@@ -67,8 +67,9 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
     mean_loss = _mean
-    sample_rate, ghost = 0.0, False
+    sample_rate, ghost, summed = 0.0, False, False
     module: nn.Module = model
+    dp = None
     if plan.private:
         dp = make_private(
             module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
@@ -76,6 +77,7 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         )
         module, optimizer, loader, mean_loss, sample_rate = dp.module, dp.optimizer, dp.loader, dp.mean_loss, dp.sample_rate
         ghost = dp.grad_sample_mode == "ghost"  # "auto" resolved by make_private
+        summed = dp.grad_sample_mode in ("ghost", "bk")  # the optimizer noises p.grad, already clipped and summed
     losses: list[float] = []
     steps = zeroed = 0
     for tensors in _batches(loader, plan.steps):
@@ -83,11 +85,13 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(module, task, batch, mean_loss, ghost=ghost)
         if loss is None:  # an empty Poisson batch (or nothing finite in it) still releases noise
-            _noise_only_step(module, optimizer, ghost=ghost)
+            _noise_only_step(module, optimizer, ghost=summed)
             steps += 1
             continue
         loss.backward()
-        if plan.private and not ghost:
+        if dp is not None and dp.bookkeeping is not None:
+            zeroed += dp.bookkeeping.take_zeroed()  # bk zeroes them itself, in its one backward
+        elif plan.private and not ghost:
             zeroed += zero_nonfinite_samples(module)
         optimizer.step()
         losses.append(float(loss.detach()))

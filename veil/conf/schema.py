@@ -94,7 +94,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # per-sample clipping bound C
     delta: float = 1e-5  # below 1/N for every client's N
     accountant: str = "prv"  # prv (tight) | rdp (fallback; looser)
-    grad_sample_mode: str = "auto"  # auto (the faster exact mode for the model: veil.privacy.modes) | hooks | ghost
+    grad_sample_mode: str = "auto"  # auto (fastest exact mode: veil.privacy.modes) | hooks | ghost | bk
     # sample: DP-SGD on every client (each example protected). client: each client's whole update clipped to
     # max_grad_norm and Gaussian noise on the round's sum (each client's entire data protected); see
     # veil/privacy/client_level.py. For client level, noise_multiplier/target_epsilon are z and ε over rounds.
@@ -226,7 +226,7 @@ class VeilConfig:
             _bad("task.generate_max_tokens", self.task.generate_max_tokens, "an integer >= 0 (0: no generation)")
         model.lora_targets = lora_target_string(model.lora_targets)
         _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
-        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost"))
+        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost", "bk"))
         _choice("privacy.level", priv.level, ("sample", "client"))
         _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))

@@ -29,10 +29,14 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
 from veil.errors import ConfigError
+from veil.privacy.bookkeeping import (
+    BookKeeping, BookKeepingCriterion, BookKeepingLoss, BookKeepingOptimizer, unsupported_layer,
+)
 from veil.privacy.exact import inexact_layer, install_samplers, keep_padding_rows, make_exact
 from veil.privacy.modes import resolve_grad_sample_mode
 
@@ -50,10 +54,13 @@ class PrivateTraining:
     sample_rate: float  # Poisson rate q = 1 / len(loader)
     steps_per_epoch: int  # = len(loader): one subsampled-Gaussian release each
     grad_sample_mode: str = "hooks"
+    bookkeeping: BookKeeping | None = None  # grad_sample_mode="bk" only
 
     def mean_loss(self, per_example: torch.Tensor) -> Any:
         """The batch loss to call ``backward()`` on, from the (B,) per-example losses (the mean, as Opacus expects;
-        in ghost mode Opacus' two-pass loss tensor, which clips in between)."""
+        in ghost mode Opacus' two-pass loss tensor, which clips in between; in bk mode book-keeping's one pass)."""
+        if self.bookkeeping is not None:
+            return BookKeepingLoss(self.bookkeeping, per_example)
         if self.grad_sample_mode != "ghost":
             return per_example.mean()
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -67,7 +74,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``.
 
     ``grad_sample_mode`` is "hooks" (per-sample gradients), "ghost" (ghost clipping: per-sample norms, a second
-    backward) or "auto" (the faster of the two for this model, :mod:`veil.privacy.modes`).
+    backward), "bk" (book-keeping: one backward, :mod:`veil.privacy.bookkeeping`) or "auto" (the fastest exact one
+    for this model, :mod:`veil.privacy.modes`).
     The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
     """
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, module)  # "auto": the faster exact mode
@@ -76,6 +84,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
     reason = inexact_layer(module, grad_sample_mode=grad_sample_mode)
+    if reason is None and grad_sample_mode == "bk":
+        reason = unsupported_layer(module)
     if reason is not None:  # never train with per-sample gradients that are not the true ones
         raise ConfigError(reason)
     generator = os_generator(device or "cpu")  # noise the coordinator cannot reproduce
@@ -83,6 +93,9 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     # seeded from the OS, so that nobody who knows the run's seed knows the batches.
     loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
                         generator=os_generator("cpu"))
+    if grad_sample_mode == "bk":
+        return _make_bookkeeping(module=module, optimizer=optimizer, loader=loader, generator=generator,
+                                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
     with warnings.catch_warnings():
         # Opacus warns that its secure_mode (torchcsprng) is off; what it guards against, a generator the run could
         # reproduce, is handled here: the sampler and the noise both get OS-seeded generators (tests pin both).
@@ -103,6 +116,26 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     return PrivateTraining(
         module=module, optimizer=optimizer, loader=loader, criterion=criterion,
         sample_rate=1.0 / len(loader), steps_per_epoch=len(loader), grad_sample_mode=grad_sample_mode,
+    )
+
+
+def _make_bookkeeping(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                      generator: torch.Generator, noise_multiplier: float, max_grad_norm: float) -> PrivateTraining:
+    """Book-keeping with Opacus' Poisson loader and its noise-and-average optimizer (ghost clipping's, noising in
+    place: N(0, (sigma C)^2) added to the clipped sum in ``p.grad``, then division by the expected batch size)."""
+    wrapped = make_exact(module)
+    bookkeeping = BookKeeping(wrapped, max_grad_norm=max_grad_norm)
+    loader = DPDataLoader.from_data_loader(loader)  # the loader's OS-seeded generator draws the batches
+    sample_rate = 1.0 / len(loader)
+    optimizer = BookKeepingOptimizer(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",  # type: ignore[arg-type]
+        generator=generator,
+    )
+    keep_padding_rows(wrapped, optimizer)
+    return PrivateTraining(
+        module=wrapped, optimizer=optimizer, loader=loader, criterion=BookKeepingCriterion(bookkeeping),
+        sample_rate=sample_rate, steps_per_epoch=len(loader), grad_sample_mode="bk", bookkeeping=bookkeeping,
     )
 
 

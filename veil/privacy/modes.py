@@ -1,19 +1,26 @@
-"""``privacy.grad_sample_mode=auto``: the faster of Opacus' two exact per-sample clipping modes for a model.
+"""``privacy.grad_sample_mode=auto``: the fastest exact per-sample clipping mode for a model.
 
-Both modes veil supports give per-sample clipped gradients equal to a per-example loop (tests/test_dp_exact*.py);
-they differ only in cost (docs/benchmarks.md, dp_overhead, MiniLM-L6, B=32, T=64, CPU):
+All three modes give per-sample clipped gradients equal to a per-example loop (tests/test_dp_exact*.py,
+tests/test_families.py); they differ only in cost (docs/benchmarks.md, dp_overhead, MiniLM-L6, B=32, T=64, CPU):
 
-* ``hooks`` materialises every trainable parameter's per-sample gradient, (B, *shape) each. With LoRA the
+* ``hooks`` (Opacus) materialises every trainable parameter's per-sample gradient, (B, *shape) each. With LoRA the
   trainable tensors are 0.5% of the model: 0.92x non-private throughput at 1.01x memory, while ``ghost``'s second
   backward runs through the whole frozen base again (0.69x).
-* ``ghost`` (fast gradient clipping, Li et al., arXiv:2110.05679; Bu et al., arXiv:2210.00038) computes per-sample
-  norms without per-sample gradients, then a second backward. With full fine-tuning the word-embedding per-sample
-  gradient alone is B x vocabulary x hidden (1.5 GB at B=32 for MiniLM): hooks runs at 0.21x and 8.45x memory,
-  ghost at 0.48x and 1.13x.
+* ``ghost`` (Opacus' fast gradient clipping, Li et al., arXiv:2110.05679) computes per-sample norms without
+  per-sample gradients, then a second backward. With full fine-tuning the word-embedding per-sample gradient alone is
+  B x vocabulary x hidden (1.5 GB at B=32 for MiniLM): hooks runs at 0.17-0.32x and 8.3-8.5x memory, ghost at
+  0.31-0.53x and 1.12-1.17x.
+* ``bk`` (book-keeping, Bu et al., arXiv:2210.00038; :mod:`veil.privacy.bookkeeping`) needs one backward, without
+  weight gradients, and builds the clipped summed gradients from each layer's inputs and output gradients: for full
+  fine-tuning it is the fastest of the three, 0.91x at 1.50x memory in the last run (docs/benchmarks.md), as it
+  holds every trainable layer's inputs and output gradients until the clip factors are known; with a memory limit,
+  choose ``ghost``.
 
-The rule follows those measurements: ``hooks`` when the trainable parameters are a small share of the model and
-no embedding table trains; otherwise ``ghost``. It reads only which parameters require gradients, so every process
-(and every client of a run) picks the same mode for the same model.
+The rule: ``hooks`` when the trainable parameters are a small share of the model and no embedding table trains;
+otherwise ``bk`` when every trainable layer is one it clips exactly
+(:func:`veil.privacy.bookkeeping.unsupported_layer`), else ``ghost``, and ``hooks`` for tied weights (neither bk nor Opacus' ghost clipping supports them). It reads only
+the model's structure and which parameters require gradients, so every process (and every client of a run) picks the
+same mode for the same model.
 """
 
 from __future__ import annotations
@@ -24,19 +31,20 @@ from torch import nn
 
 log = logging.getLogger("veil.privacy")
 
-MODES = ("hooks", "ghost")  # the exact modes; "auto" picks one of them
-HOOKS_MAX_TRAINABLE_SHARE = 0.10  # LoRA + head is 0.5% of MiniLM-L6 (hooks fastest); full fine-tuning 100% (ghost)
+MODES = ("hooks", "ghost", "bk")  # the exact modes; "auto" picks one of them
+HOOKS_MAX_TRAINABLE_SHARE = 0.10  # LoRA + head is 0.5% of MiniLM-L6 (hooks fastest); full fine-tuning 100% (bk)
 
 
 def pick_grad_sample_mode(module: nn.Module) -> str:
-    """``hooks`` for adapter-style training (few trainable parameters, no trainable embedding), else ``ghost``."""
+    """``hooks`` for adapter-style training (few trainable parameters, no trainable embedding), else ``bk`` (which
+    :func:`resolve_grad_sample_mode` replaces by ghost or hooks where bk is not exact)."""
     total = trainable = 0
     for p in module.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     embedding_trains = any(isinstance(m, nn.Embedding) and m.weight.requires_grad for m in module.modules())
     share = trainable / total if total else 0.0
-    mode = "ghost" if embedding_trains or share > HOOKS_MAX_TRAINABLE_SHARE else "hooks"
+    mode = "bk" if embedding_trains or share > HOOKS_MAX_TRAINABLE_SHARE else "hooks"
     log.debug("grad_sample_mode=auto: %s (%.2f%% of parameters train, embedding trains: %s)",
               mode, 100 * share, embedding_trains)
     return mode
@@ -46,6 +54,14 @@ def resolve_grad_sample_mode(mode: str, module: nn.Module) -> str:
     """``mode`` itself when it is an exact mode, :func:`pick_grad_sample_mode` for ``auto``."""
     if mode == "auto":
         picked = pick_grad_sample_mode(module)
+        if picked == "bk":
+            from veil.privacy.bookkeeping import unsupported_layer
+
+            reason = unsupported_layer(module)
+            if reason is None:
+                return picked
+            log.debug("grad_sample_mode=auto: not bk (%s)", reason)
+            picked = "ghost"
         if picked == "ghost":
             from veil.privacy.exact import inexact_layer
 
