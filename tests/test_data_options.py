@@ -158,3 +158,10 @@ def test_an_explicit_format_or_delimiter_is_not_second_guessed(tmp_path: Path) -
         read_examples(path, DataConfig(name="csv", train_path=str(path), label_column="label", format="csv"))
     got = read_examples(path, DataConfig(name="csv", train_path=str(path), label_column="label", delimiter=";"))
     assert (got.texts, got.labels) == (["hello"], ["a"])
+
+
+def test_the_delimiter_is_found_on_records_not_on_line_separators(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"  # U+2028 inside a text: str.splitlines would cut the record in two
+    path.write_text("text;label\nline\u2028break;a\nplain;b\n", encoding="utf-8")
+    got = read_examples(path, DataConfig(name="csv", train_path=str(path), label_column="label"))
+    assert (got.texts, got.labels) == (["line\u2028break", "plain"], ["a", "b"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -91,11 +92,10 @@ def sniff_delimiter(raw: str) -> str:
     Hand-written because ``csv.Sniffer`` guesses from character frequencies and picks a letter or a space in short
     texts; splitting a sample the way the file will be read is what decides here.
     """
-    sample = "\n".join(raw.splitlines()[:_SNIFF_RECORDS])
     for delimiter in _DELIMITERS:
         for quoted in (True, False):  # CSV quoting, or quotes as plain text (a TSV export with a lone '"')
             try:
-                widths = {len(row) for _line, row in _table(sample, delimiter, quoted=quoted)}
+                widths = {len(row) for _line, row in _table(raw, delimiter, quoted=quoted, limit=_SNIFF_RECORDS)}
             except csv.Error:
                 continue
             if len(widths) == 1 and widths.pop() >= 2:
@@ -122,14 +122,15 @@ def _parse_delimited(p: Path, raw: str, fmt: str, cfg: DataConfig) -> list[dict[
     return _rows(p, table, cfg, delimiter)
 
 
-def _table(raw: str, delimiter: str, *, quoted: bool) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every non-empty record; ``quoted=False`` treats quotes as plain text."""
+def _table(raw: str, delimiter: str, *, quoted: bool, limit: int | None = None) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-empty record (the first ``limit`` of them when given); ``quoted=False``
+    treats quotes as plain text."""
     # newline="": the csv module itself splits records, so CRLF and line breaks inside quotes survive, and
     # str.splitlines' extra separators (U+2028, U+0085, ...) inside a text do not cut a row in two.
     reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True,
                         quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
     try:
-        return [(reader.line_num, row) for row in reader if row]
+        return [(reader.line_num, row) for row in itertools.islice(filter(None, reader), limit)]
     except csv.Error as err:  # name the line: the csv module's message does not
         raise csv.Error(f"line {reader.line_num}: {err}") from err
 
