@@ -80,6 +80,11 @@ def cap_supernode_sleeps(limit: float) -> ModuleType:
     return module
 
 
+def _unwrapped(function: Any) -> Any:
+    """Flower's own function behind one of this module's wrappers (``function`` itself when not wrapped)."""
+    return getattr(function, "__wrapped__", function)
+
+
 def _with_short_backoff(pull_objects: Callable[..., Any], first: float, cap: float) -> Callable[..., Any]:
     """``pull_objects`` whose retries start at ``first`` s and never wait more than ``cap`` s (or the caller's)."""
 
@@ -96,12 +101,10 @@ def shorten_object_pull_backoff(first: float = PULL_BACKOFF, cap: float = PULL_B
     """Make Flower's object pulls retry after ``first`` s, at most ``cap`` s apart (idempotent)."""
     if not 0 < first <= cap:
         raise ValueError(f"need 0 < first <= cap seconds, got first={first}, cap={cap}")
-    original = importlib.import_module(_PULL_OBJECTS).pull_objects
-    original = getattr(original, "__wrapped__", original)
+    original = _unwrapped(importlib.import_module(_PULL_OBJECTS).pull_objects)
     for name in _PULL_CALLERS:
         module = importlib.import_module(name)
-        if getattr(getattr(module, "pull_objects", None), "__wrapped__", getattr(module, "pull_objects", None)) \
-                is not original:
+        if _unwrapped(getattr(module, "pull_objects", None)) is not original:
             raise RuntimeError(f"{name} no longer calls flwr's pull_objects; this patch is for flwr 1.41")
         module.pull_objects = _with_short_backoff(original, first, cap)  # type: ignore[attr-defined]
 
@@ -123,7 +126,7 @@ def _addressed_nodes(state: Any, nodes: Any) -> list[int] | None:
 def sweep_only_addressed_nodes() -> Callable[..., Any]:
     """Make the simulation engine poll only the nodes that have a message waiting (idempotent); returns the sweep."""
     engine = importlib.import_module(_ENGINE)
-    flower_sweep = getattr(engine.add_messages_to_queue, "__wrapped__", engine.add_messages_to_queue)
+    flower_sweep = _unwrapped(engine.add_messages_to_queue)
     code = getattr(flower_sweep, "__code__", None)
     if code is None or code.co_varnames[:4] != ("state", "queue", "nodes_mapping", "f_stop"):
         raise RuntimeError(f"{_ENGINE}.add_messages_to_queue changed; this patch is for flwr 1.41")
