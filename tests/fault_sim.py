@@ -2,7 +2,8 @@
 
 Usage: python tests/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
 FAULT is "crash" (the node's ClientApp dies with an error after SecAgg+ key sharing, when the fit instructions
-arrive: the server gets an error reply), "hang" (it does not answer for HANG_SECONDS from that point: the server gets nothing in time), or
+arrive: the server gets an error reply), "hang" (it does not answer from that point until the server has recorded the round, or HANG_SECONDS at most: the
+server gets nothing in time), or
 "none". In simulation a virtual node shares a Ray worker process with others, so killing the process would kill
 its neighbours too; a real process kill is exercised by the deployment tests. The federation runs veil's own ServerApp and ClientApp;
 only a fault-injecting mod is put in front of the ClientApp's own mods.
@@ -20,10 +21,18 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.simulation import run_simulation
 
 
-HANG_SECONDS = 70
+HANG_SECONDS = 120
 
 
-def fault_mod(kind: str, partition: int):  # noqa: ANN201
+def _stay_silent(round_recorded: Path) -> None:
+    """Sleep until the server has written the round's metrics line (the round ended without this node), so the
+    process can end then rather than after a fixed silence; bounded by HANG_SECONDS."""
+    deadline = time.monotonic() + HANG_SECONDS
+    while time.monotonic() < deadline and not (round_recorded.is_file() and round_recorded.stat().st_size > 0):
+        time.sleep(0.5)
+
+
+def fault_mod(kind: str, partition: int, out_dir: Path):  # noqa: ANN201
     def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         stage = configs.get(Key.STAGE) if configs is not None else "fit"
@@ -32,7 +41,7 @@ def fault_mod(kind: str, partition: int):  # noqa: ANN201
         if hit and kind == "crash":
             raise RuntimeError("injected crash after key sharing")
         if hit and kind == "hang":
-            time.sleep(HANG_SECONDS)  # bounded, so the simulation can shut its workers down afterwards
+            _stay_silent(out_dir / "metrics.jsonl")  # bounded, so the simulation can shut its workers down afterwards
         return call_next(msg, context)
 
     return mod
@@ -57,7 +66,7 @@ def main() -> None:
     nodes = simulated_node_configs(cfg)
     client_fn = client_app_module.make_client_fn(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
     guard = client_app_module.make_secagg_mod(flat, simulation_root=out_dir / "nodes", simulated_nodes=nodes)
-    app = ClientApp(client_fn=client_fn, mods=[fault_mod(kind, partition), guard])
+    app = ClientApp(client_fn=client_fn, mods=[fault_mod(kind, partition, out_dir), guard])
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
     run_simulation(server_app=make_server_app(flat), client_app=app, num_supernodes=cfg.federation.num_clients,
                    backend_config=backend)

@@ -56,9 +56,9 @@ def test_dropout_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path],
 
 
 def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    """The silent node stays silent for 70 s; with a 30 s stage timeout the round finishes without it, well before
-    the node would have answered. (The process itself ends only after the silent worker wakes: a simulation
-    artefact; a real node is a process of its own.)"""
+    """The silent node stays silent until the server has recorded the round (at most 120 s): with a 30 s stage
+    timeout the round finishes without it. (The node then wakes so that the simulation's process can end: a
+    simulation artefact; a real node is a process of its own.)"""
     proc = _fault_run(tmp_path / "hang", "hang", timeout=400, overrides=[
         *SIX, *data_overrides(*small_csv), "secagg.num_shares=5", "secagg.reconstruction_threshold=3",
         "secagg.timeout=30"])

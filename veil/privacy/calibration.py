@@ -5,11 +5,13 @@ steps (DESIGN.md decision 5). σ is found by bisection on the accountant of :mod
 (PRV, Gopi, Lee, Wutschitz arXiv:2106.02848; RDP, Mironov arXiv:1702.07476 with the subsampled Gaussian bound
 of Mironov, Talwar, Zhang arXiv:1908.10530), composed with what the data owner's ledger has already spent.
 The bracket starts from the RDP calibration, which is cheap and never smaller than needed, since RDP bounds ε
-from above more loosely than PRV.
+from above more loosely than PRV. A result is remembered per process: the simulated clients of a round mostly plan
+the same steps from the same history.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -108,7 +110,14 @@ def calibrate_noise_multiplier(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     past = [validate_event(e, where=f"history[{i}]") for i, e in enumerate(history)]
+    return _calibrate(float(target_epsilon), delta, q, steps, accountant, tuple(past))
 
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, q: float, steps: int, accountant: str,
+               history: tuple[Event, ...]) -> float:
+    """:func:`calibrate_noise_multiplier` on validated arguments (a pure function of them, so cached)."""
+    past = list(history)
     spent = _compute(past, delta, accountant)[0].epsilon
     if spent >= target_epsilon:
         raise _unreachable(target_epsilon, delta, q, steps, spent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -107,8 +108,8 @@ class DeltaFedAvg(FedAvg):
         """
         # Nodes may still be registering (simulation starts the ServerApp while they do; deployed nodes connect
         # late): wait for a round's worth before judging who is left.
-        client_manager.wait_for(min(self.num_clients, self.clients_per_round + len(self.exhausted)),
-                                timeout=int(self.join_timeout))
+        _wait_for_nodes(client_manager, min(self.num_clients, self.clients_per_round + len(self.exhausted)),
+                        self.join_timeout)
         eligible = [p for p in client_manager.all().values() if p.node_id not in self.exhausted]
         wanted = min(self.clients_per_round, len(eligible))
         if wanted < self.min_clients:
@@ -190,6 +191,18 @@ class DeltaFedAvg(FedAvg):
             if "optimizer" not in state:
                 raise KeyError("strategy state lacks the server optimiser's state")
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _wait_for_nodes(client_manager: ClientManager, wanted: int, timeout: float, poll: float = 0.1) -> None:
+    """Wait until ``wanted`` nodes are registered, asking the grid every ``poll`` seconds.
+
+    Flower's workflows refresh the client manager from the grid inside ``num_available``/``all``/``sample`` and
+    otherwise only every 5 s (``flwr/server/compat/app_utils.py``); ``wait_for`` alone is not refreshed, so it
+    slept those 5 s at the start of every run whose nodes registered a moment after the ServerApp started.
+    """
+    deadline = time.monotonic() + timeout
+    while client_manager.num_available() < wanted and time.monotonic() < deadline:
+        client_manager.wait_for(wanted, timeout=min(poll, max(deadline - time.monotonic(), 0.0)))  # type: ignore[arg-type]
 
 
 class _NotIn(Criterion):
