@@ -33,7 +33,16 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from benchmarks.common import machine_info, now, pick_device, report
 from veil.client.trainer import LocalPlan, sample_rate_for, train_round
-from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, StrategyConfig, VeilConfig
+from veil.conf.schema import (
+    DP_SGD_LR,
+    PLAIN_LR,
+    DataConfig,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    StrategyConfig,
+    VeilConfig,
+)
 from veil.privacy.calibration import calibrate_noise_multiplier
 from veil.strategies.factory import make_strategy
 from veil.task import get_task
@@ -128,7 +137,7 @@ def arm_config(base: VeilConfig, arm: Arm, *, fedadam_lr: float, fedavgm_lr: flo
                    target_epsilon=arm.epsilon or base.privacy.target_epsilon,
                    max_grad_norm=arm.clip or base.privacy.max_grad_norm)
     return replace(base, strategy=st, model=replace(base.model, lora_variant=arm.variant), privacy=priv,
-                   federation=replace(base.federation, lr=arm.lr or base.federation.lr)).validate()
+                   federation=replace(base.federation, lr=arm.lr or 0.0)).validate()  # 0: the default for the arm's mode
 
 
 def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], splits: dict[str, dict[str, torch.Tensor]],
@@ -211,7 +220,7 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
     settings = (f"{args.clients} clients (Dirichlet α=0.5, shards {min(sizes)}-{max(sizes)} texts), MiniLM-L6 + LoRA "
                 f"r=8 on query/value, head from label names, {args.rounds} rounds × {args.steps} DP steps × expected "
                 f"batch {args.batch_size} for every arm; client AdamW lr and clipping norm C per arm (unset: lr "
-                f"{base.federation.lr:g}, C={base.privacy.max_grad_norm:g}); each arm's ε (δ=1e-5, PRV) over the planned "
+                f"{DP_SGD_LR:g} with DP, {PLAIN_LR:g} without, C={base.privacy.max_grad_norm:g}); each arm's ε (δ=1e-5, PRV) over the planned "
                 f"steps; fedadam server_lr={args.fedadam_lr} (β 0.9/0.99, τ 1e-3), fedavgm server_lr={args.fedavgm_lr} "
                 f"momentum 0.9; validation: {int(splits['validation']['labels'].shape[0])} training texts "
                 f"({args.val_per_class} per intent, seed 0) held out of every shard; "

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmarks.utility_study import Arm, _table, arm_config, expand_arms, parse_arm
-from veil.conf.schema import DataConfig, VeilConfig
+from veil.conf.schema import DP_SGD_LR, PLAIN_LR, DataConfig, VeilConfig
 
 
 def test_parse_arm_reads_every_field_and_names_it_back() -> None:
@@ -39,7 +39,9 @@ def test_arm_config_applies_lr_clip_and_privacy() -> None:
     assert (cfg.strategy.name, cfg.strategy.server_lr, cfg.strategy.server_momentum) == ("fedavgm", 1.0, 0.9)
     plain = arm_config(base, parse_arm("no DP, fedavg, lora"), fedadam_lr=0.01, fedavgm_lr=1.0)
     assert not plain.privacy.enabled
-    assert (plain.federation.lr, plain.privacy.max_grad_norm) == (base.federation.lr, base.privacy.max_grad_norm)
+    assert (plain.federation.lr, plain.privacy.max_grad_norm) == (PLAIN_LR, base.privacy.max_grad_norm)
+    untuned = arm_config(base, parse_arm("ε=8, fedavg, lora"), fedadam_lr=0.01, fedavgm_lr=1.0)
+    assert untuned.federation.lr == DP_SGD_LR, "an arm without lr= runs at the shipped default of its mode"
 
 
 def test_gap_is_measured_to_the_best_non_private_arm() -> None:
