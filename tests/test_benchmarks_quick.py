@@ -44,10 +44,12 @@ def test_dp_overhead_records_to_given_file(tmp_path: Path) -> None:
     assert "## dp_overhead" in text and "| full ghost |" in text and "versions: Python" in text
 
 
-FEDERATION_BENCHMARKS = [  # (module, text every run prints)
-    ("upload_bytes", ["SecAgg+ bytes", "lora", "full", "int64"]),
-    ("secagg_overhead", ["SecAgg+ s", "x plain", "collect masked vectors"]),
-    ("round_overhead", ["s/round", "dispatch s", "collection s"]),
+# (module, text every run prints); the two that run Flower's engine for ~20 s each are `make test-bench` only
+_SLOW = pytest.mark.bench
+FEDERATION_BENCHMARKS = [
+    pytest.param("upload_bytes", ["SecAgg+ bytes", "lora", "full", "int64"], id="upload_bytes"),
+    pytest.param("secagg_overhead", ["SecAgg+ s", "x plain", "collect masked vectors"], marks=_SLOW, id="secagg_overhead"),
+    pytest.param("round_overhead", ["s/round", "dispatch s", "collection s"], marks=_SLOW, id="round_overhead"),
 ]
 
 
@@ -58,7 +60,7 @@ def _run_quick(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.mark.parametrize("module, needles", FEDERATION_BENCHMARKS, ids=[m for m, _ in FEDERATION_BENCHMARKS])
+@pytest.mark.parametrize("module, needles", FEDERATION_BENCHMARKS)
 def test_federation_benchmark_quick_prints_table(module: str, needles: list[str]) -> None:
     # arrange
     doc = ROOT / "docs" / "benchmarks.md"

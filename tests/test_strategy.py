@@ -82,3 +82,32 @@ def test_round_metrics_keep_nothing_per_client(caplog) -> None:  # type: ignore[
         metrics = aggregate_client_metrics(replies)
     assert metrics == {"clients": 2, "refused": 1, "contributed": 1, "upload_bytes_per_client": 20.0}
     assert "epsilon, train_loss" in caplog.text
+
+
+class _LateRegistry(SimpleClientManager):
+    """Like the client manager of Flower's workflows: nodes appear only when ``num_available``/``all``/``sample``
+    refresh it from the grid (here: on the third refresh); ``wait_for`` alone is never woken."""
+
+    def __init__(self, nodes: int) -> None:
+        super().__init__()
+        self.pending, self.refreshes, self.waits = nodes, 0, []
+
+    def num_available(self) -> int:
+        self.refreshes += 1
+        if self.refreshes == 3:
+            for i in range(self.pending):
+                self.register(_Proxy(str(i)))
+        return super().num_available()
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        if len(self.clients) < num_clients:  # a wait for nodes not yet there
+            self.waits.append(timeout)
+        return len(self.clients) >= num_clients  # never notified: only a refresh registers the nodes
+
+
+def test_configure_fit_refreshes_the_registry_instead_of_one_long_wait() -> None:
+    manager = _LateRegistry(3)
+    strategy = DeltaFedAvg(initial=[np.zeros(2, dtype=np.float32)], clients_per_round=3, num_clients=3, join_timeout=300)
+    chosen = strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(2, dtype=np.float32)]), manager)
+    assert len(chosen) == 3 and manager.refreshes >= 3
+    assert manager.waits and max(manager.waits) <= 0.1, "each wait is one short poll, not the join timeout"
