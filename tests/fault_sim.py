@@ -2,7 +2,8 @@
 
 Usage: python tests/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
 FAULT is "crash" (the node's ClientApp dies with an error after SecAgg+ key sharing, when the fit instructions
-arrive: the server gets an error reply), "hang" (it does not answer from that point until the server has recorded the round, or HANG_SECONDS at most: the
+arrive: the server gets an error reply), "crash-keys" (it dies when asked to share its keys, after SETUP; without
+SecAgg+, at the fit instructions), "hang" (it does not answer from that point until the server has recorded the round, or HANG_SECONDS at most: the
 server gets nothing in time), or
 "none". In simulation a virtual node shares a Ray worker process with others, so killing the process would kill
 its neighbours too; a real process kill is exercised by the deployment tests. The federation runs veil's own ServerApp and ClientApp;
@@ -36,8 +37,10 @@ def fault_mod(kind: str, partition: int, out_dir: Path):  # noqa: ANN201
     def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         stage = configs.get(Key.STAGE) if configs is not None else "fit"
-        hit = int(context.node_config.get("partition-id", -1)) == partition and stage in (
-            Stage.COLLECT_MASKED_VECTORS, "fit")
+        mine = int(context.node_config.get("partition-id", -1)) == partition
+        if mine and kind == "crash-keys" and stage in (Stage.SHARE_KEYS, "fit"):
+            raise RuntimeError("injected crash before key sharing")
+        hit = mine and stage in (Stage.COLLECT_MASKED_VECTORS, "fit")
         if hit and kind == "crash":
             raise RuntimeError("injected crash after key sharing")
         if hit and kind == "hang":

@@ -1,5 +1,5 @@
-"""Drop-outs and silence under SecAgg+: a node that dies after key sharing does not fail the round, and
-the aggregate equals the plain mean of the survivors' updates within the quantisation step (no DP noise); a node
+"""Drop-outs and silence under SecAgg+: a node that dies after key sharing, or before it, does not fail the round,
+and the aggregate equals the plain mean of the survivors' updates within the quantisation step (no DP noise); a node
 that never answers does not hold the round past the configured stage timeout."""
 
 from __future__ import annotations
@@ -30,20 +30,26 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def test_dropout_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+def test_dropout_before_or_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
     data = data_overrides(*small_csv)
     secagg = _fault_run(tmp_path / "secagg", "crash", [*SIX, *data, "secagg.num_shares=5",
                                                        "secagg.reconstruction_threshold=3"])
     assert secagg.returncode == 0, secagg.stderr[-3000:]
+    # the same node dropping one stage earlier, before it shared its keys (veil.server.secagg_workflow)
+    early = _fault_run(tmp_path / "early", "crash-keys", [*SIX, *data, "secagg.num_shares=5",
+                                                          "secagg.reconstruction_threshold=3"])
+    assert early.returncode == 0, early.stderr[-3000:]
     plain = _fault_run(tmp_path / "plain", "crash", [*SIX, *data, "secagg=off"])
     assert plain.returncode == 0, plain.stderr[-3000:]
-    for run in ("secagg", "plain"):
+    for run in ("secagg", "early", "plain"):
         row = metrics(tmp_path / run)[0]
         assert row["completed"] and row["clients"] == 5, f"{run}: the five survivors make the round: {row}"
     step = 2 * 8.0 / 2**22  # one quantisation level of SecAgg+ (clipping range 8, 2**22 levels)
-    a, b = _weights(tmp_path / "secagg"), _weights(tmp_path / "plain")
-    for name in b:
-        assert float(np.abs(a[name] - b[name]).max()) <= step, name
+    b = _weights(tmp_path / "plain")
+    for run in ("secagg", "early"):
+        a = _weights(tmp_path / run)
+        for name in b:
+            assert float(np.abs(a[name] - b[name]).max()) <= step, f"{run}: {name}"
 
     from veil.conf.schema import ModelConfig
     from veil.task.model import build_model, get_trainable, trainable_names

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from flwr.common import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
@@ -48,6 +47,7 @@ from veil.server.metrics import MetricsLog, console_line
 from veil.server.operator import operator_config
 from veil.flower_patches import shorten_object_pull_backoff
 from veil.server.polling import PollingGrid
+from veil.server.secagg_workflow import DropoutTolerantSecAggPlus
 from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
 from veil.server.workflow import RoundLoop, RoundOutcome
@@ -184,11 +184,12 @@ def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: Run
 
 
 def fit_workflow_for(cfg: VeilConfig) -> Any:
-    """SecAgg+ (Bell et al., arXiv:2009.09039) when on, else Flower's plain fit workflow."""
+    """SecAgg+ (Bell et al., arXiv:2009.09039; Flower's workflow, surviving early drop-outs:
+    :mod:`veil.server.secagg_workflow`) when on, else Flower's plain fit workflow."""
     sa = cfg.secagg
     if not sa.enabled:
         return default_fit_workflow
-    return SecAggPlusWorkflow(
+    return DropoutTolerantSecAggPlus(
         num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=1.0,  # every client sends weight 1 (see VeilClient.fit): full quantisation precision
         clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
