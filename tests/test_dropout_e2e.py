@@ -17,6 +17,7 @@ from helpers import ROOT, TINY, data_overrides, metrics
 pytestmark = pytest.mark.slow
 
 SIX = [*TINY, "federation.num_clients=6", "federation.rounds=1", "privacy=none"]
+SHARES = ["secagg.num_shares=5", "secagg.reconstruction_threshold=3"]  # SecAgg+ that survives one drop-out of six
 
 
 def _fault_run(out: Path, fault: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -32,12 +33,10 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 def test_dropout_before_or_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
     data = data_overrides(*small_csv)
-    secagg = _fault_run(tmp_path / "secagg", "crash", [*SIX, *data, "secagg.num_shares=5",
-                                                       "secagg.reconstruction_threshold=3"])
+    secagg = _fault_run(tmp_path / "secagg", "crash", [*SIX, *data, *SHARES])
     assert secagg.returncode == 0, secagg.stderr[-3000:]
     # the same node dropping one stage earlier, before it shared its keys (veil.server.secagg_workflow)
-    early = _fault_run(tmp_path / "early", "crash-keys", [*SIX, *data, "secagg.num_shares=5",
-                                                          "secagg.reconstruction_threshold=3"])
+    early = _fault_run(tmp_path / "early", "crash-keys", [*SIX, *data, *SHARES])
     assert early.returncode == 0, early.stderr[-3000:]
     plain = _fault_run(tmp_path / "plain", "crash", [*SIX, *data, "secagg=off"])
     assert plain.returncode == 0, plain.stderr[-3000:]
@@ -66,8 +65,7 @@ def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_p
     timeout the round finishes without it. (The node then wakes so that the simulation's process can end: a
     simulation artefact; a real node is a process of its own.)"""
     proc = _fault_run(tmp_path / "hang", "hang", timeout=400, overrides=[
-        *SIX, *data_overrides(*small_csv), "secagg.num_shares=5", "secagg.reconstruction_threshold=3",
-        "secagg.timeout=30"])
+        *SIX, *data_overrides(*small_csv), *SHARES, "secagg.timeout=30"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = metrics(tmp_path / "hang")[0]
     assert row["completed"] and row["clients"] == 5
