@@ -89,11 +89,15 @@ def write_planted(canaries: Canaries, path: Path) -> int:
 
 
 def canary_vocabulary(cfg: Any) -> list[str]:
-    """Whole-word entries of the model's tokenizer vocabulary (letters only, three or more)."""
+    """Whole-word entries of the model's tokenizer vocabulary (letters only, three or more), in token-id order.
+
+    The order matters: the canaries are drawn from this list by a seeded generator, and a fast tokenizer's
+    ``get_vocab()`` comes out of a hash map in an order that changes with every process, so the same ``--seed``
+    gave different canaries from run to run."""
     from veil.task.model import load_tokenizer
 
     vocab = load_tokenizer(cfg.model).get_vocab()  # type: ignore[attr-defined]
-    return [w for w in vocab if w.isascii() and w.isalpha() and len(w) >= 3]
+    return [w for w in sorted(vocab, key=vocab.__getitem__) if w.isascii() and w.isalpha() and len(w) >= 3]
 
 
 def canary_losses(cfg: Any, labels: list[str], out_dir: Path, canaries: Canaries, *, batch: int = 256) -> np.ndarray:
