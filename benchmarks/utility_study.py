@@ -21,11 +21,13 @@ import argparse
 import copy
 import csv
 import json
+import math
 import random
 import tempfile
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,45 +56,54 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "veil" / "data" / "banking77"  # the packaged BANKING77 (data=banking77)
 TRAIN, TEST = DATA / "train.csv", DATA / "test.csv"
 
-# The default arms. An arm is written "<no DP | ε=E>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S]": lr is the
-# client's AdamW learning rate (default federation.lr), C the per-sample clipping norm (default privacy.max_grad_norm),
-# slr the server learning rate of fedadam/fedavgm (default --fedadam-lr / --fedavgm-lr).
+# The default arms. An arm is written "<no DP | ε=E | clip only>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S]
+# [, r=R][, opt=sgd]": lr is the client's learning rate (default federation.lr), C the per-sample clipping norm
+# (default privacy.max_grad_norm), slr the server learning rate of fedadam/fedavgm (default --fedadam-lr /
+# --fedavgm-lr), r the LoRA rank (default model.lora_r), opt the client optimizer (default AdamW; sgd: plain SGD).
+# "clip only" is a diagnosis, not a private arm: DP-SGD's clipping and Poisson batches with σ = 0 (no ε), which
+# splits a private arm's gap to the non-private one into what clipping costs and what the noise costs.
 ARMS = ("no DP, fedavg, lora", "ε=8, fedavg, lora", "ε=8, fedavg, ffa", "ε=8, fedavgm, lora", "ε=8, fedadam, lora",
         "ε=8, fedadam, ffa", "ε=3, fedavg, lora", "ε=1, fedavg, lora")
-_KEYS = {"lr": "lr", "C": "clip", "slr": "server_lr"}
+_KEYS = {"lr": "lr", "C": "clip", "slr": "server_lr", "r": "rank", "opt": "optimizer"}
+CLIP_ONLY = math.inf  # Arm.epsilon of a "clip only" arm
 
 
 @dataclass(frozen=True)
 class Arm:
     """One study arm; ``None`` fields take the study's defaults."""
 
-    epsilon: float | None  # None: no DP
+    epsilon: float | None  # None: no DP; CLIP_ONLY: clipping without noise
     strategy: str
     variant: str
     lr: float | None = None
     clip: float | None = None
     server_lr: float | None = None
+    rank: float | None = None  # LoRA rank (default model.lora_r)
+    optimizer: str | None = None  # client optimizer (default adamw)
 
     @property
     def name(self) -> str:
-        head = ["no DP" if self.epsilon is None else f"ε={self.epsilon:g}", self.strategy, self.variant]
-        extra = [f"{key}={getattr(self, field):g}" for key, field in _KEYS.items() if getattr(self, field) is not None]
-        return ", ".join(head + extra)
+        privacy = "no DP" if self.epsilon is None else "clip only" if self.epsilon == CLIP_ONLY else f"ε={self.epsilon:g}"
+        extra = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                 for key, field in _KEYS.items() if (value := getattr(self, field)) is not None]
+        return ", ".join([privacy, self.strategy, self.variant, *extra])
 
 
 def parse_arm(text: str) -> Arm:
     """``"ε=8, fedavg, lora, lr=3e-2, C=0.1"`` -> :class:`Arm` (see ``ARMS`` for the grammar)."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) < 3:
-        raise SystemExit(f"arm {text!r}: write '<no DP | ε=E>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S]'")
+        raise SystemExit(f"arm {text!r}: write '<no DP | ε=E>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S][, r=R]'")
     privacy, strategy, variant, *rest = parts
-    epsilon = None if privacy.lower() == "no dp" else float(privacy.split("=", 1)[1])
-    fields: dict[str, float] = {}
+    epsilon = {"no dp": None, "clip only": CLIP_ONLY}.get(privacy.lower(), 0.0)
+    if epsilon == 0.0:
+        epsilon = float(privacy.split("=", 1)[1])
+    fields: dict[str, Any] = {}
     for item in rest:
-        key, _, value = item.partition("=")
-        if key.strip() not in _KEYS or not value:
-            raise SystemExit(f"arm {text!r}: unknown setting {item!r}; use lr=, C= or slr=")
-        fields[_KEYS[key.strip()]] = float(value)
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in _KEYS or not value or (key == "opt" and value not in ("adamw", "sgd")):
+            raise SystemExit(f"arm {text!r}: unknown setting {item!r}; use lr=, C=, slr=, r= or opt=adamw|sgd")
+        fields[_KEYS[key]] = value if key == "opt" else float(value)
     return Arm(epsilon, strategy, variant, **fields)
 
 
@@ -134,15 +145,17 @@ def arm_config(base: VeilConfig, arm: Arm, *, fedadam_lr: float, fedavgm_lr: flo
     if arm.strategy == "fedavgm":
         st = replace(st, server_lr=arm.server_lr or fedavgm_lr, server_momentum=0.9)
     priv = replace(base.privacy, enabled=arm.epsilon is not None,
-                   target_epsilon=arm.epsilon or base.privacy.target_epsilon,
+                   target_epsilon=base.privacy.target_epsilon if arm.epsilon in (None, CLIP_ONLY) else arm.epsilon,
                    max_grad_norm=arm.clip or base.privacy.max_grad_norm)
-    return replace(base, strategy=st, model=replace(base.model, lora_variant=arm.variant), privacy=priv,
+    model = replace(base.model, lora_variant=arm.variant, lora_r=int(arm.rank or base.model.lora_r))
+    return replace(base, strategy=st, model=model, privacy=priv,
                    federation=replace(base.federation, lr=arm.lr or 0.0)).validate()  # 0: the default for the arm's mode
 
 
 def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], splits: dict[str, dict[str, torch.Tensor]],
-            labels: list[str]) -> dict[str, float]:
-    """Train the federation of ``cfg`` for its rounds; the global model's accuracy on each of ``splits``."""
+            labels: list[str], *, optimizer: str = "adamw", noiseless: bool = False) -> dict[str, float]:
+    """Train the federation of ``cfg`` for its rounds; the global model's accuracy on each of ``splits``.
+    ``noiseless``: DP-SGD with σ = 0 (a diagnosis, no ε)."""
     fed, priv = cfg.federation, cfg.privacy
     device = torch.device("cpu")
     template = build_model(cfg.model, labels, seed=fed.seed)
@@ -151,12 +164,12 @@ def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], splits: dict
                                          sample_rate=sample_rate_for(batch_size=fed.batch_size,
                                                                      examples=int(s["labels"].shape[0])),
                                          steps=fed.local_steps * fed.rounds, accountant=priv.accountant)
-              if priv.enabled else 0.0 for s in shards]
+              if priv.enabled and not noiseless else 0.0 for s in shards]
     for rnd in range(1, fed.rounds + 1):
         results = []
         for cid, (shard, sigma) in enumerate(zip(shards, sigmas, strict=True)):
             plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, private=priv.enabled,
-                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm)
+                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=optimizer)
             res = train_round(template, strategy.global_arrays, shard, plan=plan, device=device,
                               seed=fed.seed * 100_003 + rnd * 1_009 + cid, task=get_task("classification"))
             results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
@@ -207,7 +220,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
         for arm in arms:
             t0 = now()
             cfg = arm_config(base, arm, fedadam_lr=args.fedadam_lr, fedavgm_lr=args.fedavgm_lr)
-            results[arm.name] = {**run_arm(cfg, shards, splits, labels), "seconds": now() - t0}
+            results[arm.name] = {**run_arm(cfg, shards, splits, labels, optimizer=arm.optimizer or "adamw",
+                                           noiseless=arm.epsilon == CLIP_ONLY), "seconds": now() - t0}
             if args.sealed:  # test figures go to the sealed file only, opened after choosing on validation
                 sealed[arm.name] = results[arm.name].pop("test")
                 args.sealed.write_text(json.dumps(sealed, ensure_ascii=False, indent=1))
@@ -241,7 +255,7 @@ def _table(arms: list[Arm], results: dict[str, dict[str, float]], splits: list[s
     rows = [[name, *(f"{r[k]:.4f}" for k in splits), f"{100 * (r['validation'] - ref_acc):+.1f}",
              f"{r['sigma_mean']:.2f}" if r["sigma_mean"] else "–", f"{r['seconds']:.0f}"] for name, r in results.items()]
     notes = [f"reference for the gap: {ref} (the best non-private arm of this run on validation)"] if ref else []
-    for eps in sorted({a.epsilon for a in arms if a.epsilon is not None}, reverse=True):
+    for eps in sorted({a.epsilon for a in arms if a.epsilon not in (None, CLIP_ONLY)}, reverse=True):
         best = max((a.name for a in arms if a.epsilon == eps), key=lambda n: results[n]["validation"])
         gaps = ", ".join(f"{k} {100 * (results[ref][k] - results[best][k]):.1f}" for k in splits) if ref else "–"
         notes.append(f"ε={eps:g}: best arm on validation {best} ({results[best]['validation']:.4f}); "

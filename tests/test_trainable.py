@@ -48,3 +48,26 @@ def test_update_is_trained_minus_received_and_moves_lora() -> None:
     assert result.steps == 2 * 4 and abs(result.sample_rate - 0.25) < 1e-12
     # the template itself is untouched: every round trains a fresh copy
     assert all(np.array_equal(a, b) for a, b in zip(get_trainable(template), received, strict=True))
+
+
+def test_sgd_plan_takes_one_plain_gradient_step() -> None:
+    """optimizer="sgd": one full-batch step moves every trainable tensor by exactly -lr × the mean loss's gradient
+    (reference: autograd on a copy); AdamW's first step would move each coordinate by about ±lr instead."""
+    import copy
+
+    cfg = ModelConfig(tiny=True, lora_r=4)
+    template = build_model(cfg, ["a", "b"], seed=0, dropout=0.0)
+    enc = tokenize(load_tokenizer(cfg), ["card lost", "atm ate cash", "pin forgot", "fee high"], max_length=16)
+    enc["labels"] = torch.tensor([0, 1, 1, 0])
+    received = get_trainable(template)
+    task = get_task("classification")
+    plan = LocalPlan(steps=1, batch_size=4, lr=0.5, private=False, noise_multiplier=0.0, max_grad_norm=1.0,
+                     optimizer="sgd")
+    result = train_round(template, received, enc, plan=plan, device=torch.device("cpu"), seed=1, task=task)
+    reference = copy.deepcopy(template).train()
+    task.per_example_loss(reference, dict(enc)).mean().backward()
+    expected = [-0.5 * p.grad.numpy() for p in reference.parameters() if p.requires_grad]
+    assert len(expected) == len(result.update)
+    for got, want in zip(result.update, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert max(float(np.abs(u).max()) for u in result.update) > 0

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.utility_study import Arm, _table, arm_config, expand_arms, parse_arm
+from benchmarks.utility_study import CLIP_ONLY, Arm, _table, arm_config, expand_arms, parse_arm
 from veil.conf.schema import DP_SGD_LR, PLAIN_LR, DataConfig, VeilConfig
 
 
@@ -18,6 +18,11 @@ def test_parse_arm_reads_every_field_and_names_it_back() -> None:
     assert parse_arm("no DP, fedavg, lora") == Arm(None, "fedavg", "lora")
     with pytest.raises(SystemExit, match="unknown setting"):
         parse_arm("ε=8, fedavg, lora, momentum=0.9")
+    with pytest.raises(SystemExit, match="unknown setting"):
+        parse_arm("ε=8, fedavg, lora, opt=lamb")
+    diag = parse_arm("clip only, fedavg, lora, lr=2, r=32, opt=sgd")
+    assert diag == Arm(CLIP_ONLY, "fedavg", "lora", lr=2.0, rank=32.0, optimizer="sgd")
+    assert diag.name == "clip only, fedavg, lora, lr=2, r=32, opt=sgd"
 
 
 def test_grid_crosses_lr_everywhere_and_clipping_on_dp_arms_only() -> None:
@@ -42,6 +47,8 @@ def test_arm_config_applies_lr_clip_and_privacy() -> None:
     assert (plain.federation.lr, plain.privacy.max_grad_norm) == (PLAIN_LR, base.privacy.max_grad_norm)
     untuned = arm_config(base, parse_arm("ε=8, fedavg, lora"), fedadam_lr=0.01, fedavgm_lr=1.0)
     assert untuned.federation.lr == DP_SGD_LR, "an arm without lr= runs at the shipped default of its mode"
+    clip_only = arm_config(base, parse_arm("clip only, fedavg, lora, r=2"), fedadam_lr=0.01, fedavgm_lr=1.0)
+    assert clip_only.privacy.enabled and clip_only.model.lora_r == 2  # DP-SGD's path; run_arm gives it σ = 0
 
 
 def test_gap_is_measured_to_the_best_non_private_arm() -> None:

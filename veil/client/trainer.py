@@ -35,6 +35,7 @@ class LocalPlan:
     noise_multiplier: float
     max_grad_norm: float
     grad_sample_mode: str = "hooks"
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: benchmarks/utility_study.py's "opt=sgd" arms)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
     dataset = TensorDataset(*(data[k] for k in keys))
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=not plan.private)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
+    optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=plan.lr) if plan.optimizer == "sgd"
+                                        else torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0))
     mean_loss = _mean
     sample_rate, ghost, summed = 0.0, False, False
     module: nn.Module = model
