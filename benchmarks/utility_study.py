@@ -59,7 +59,7 @@ TRAIN, TEST = DATA / "train.csv", DATA / "test.csv"
 # The default arms. An arm is written "<no DP | ε=E | clip only>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S]
 # [, r=R][, opt=sgd]": lr is the client's learning rate (default federation.lr), C the per-sample clipping norm
 # (default privacy.max_grad_norm), slr the server learning rate of fedadam/fedavgm (default --fedadam-lr /
-# --fedavgm-lr), r the LoRA rank (default model.lora_r), opt the client optimizer (default AdamW; sgd: plain SGD).
+# --fedavgm-lr), r the LoRA rank (default model.lora_r), opt the client optimizer (default federation.optimizer).
 # "clip only" is a diagnosis, not a private arm: DP-SGD's clipping and Poisson batches with σ = 0 (no ε), which
 # splits a private arm's gap to the non-private one into what clipping costs and what the noise costs.
 ARMS = ("no DP, fedavg, lora", "ε=8, fedavg, lora", "ε=8, fedavg, ffa", "ε=8, fedavgm, lora", "ε=8, fedadam, lora",
@@ -83,7 +83,8 @@ class Arm:
 
     @property
     def name(self) -> str:
-        privacy = "no DP" if self.epsilon is None else "clip only" if self.epsilon == CLIP_ONLY else f"ε={self.epsilon:g}"
+        privacy = ("no DP" if self.epsilon is None else "clip only" if self.epsilon == CLIP_ONLY
+                   else f"ε={self.epsilon:g}")
         extra = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
                  for key, field in _KEYS.items() if (value := getattr(self, field)) is not None]
         return ", ".join([privacy, self.strategy, self.variant, *extra])
@@ -93,7 +94,8 @@ def parse_arm(text: str) -> Arm:
     """``"ε=8, fedavg, lora, lr=3e-2, C=0.1"`` -> :class:`Arm` (see ``ARMS`` for the grammar)."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) < 3:
-        raise SystemExit(f"arm {text!r}: write '<no DP | ε=E>, <strategy>, <lora | ffa>[, lr=L][, C=C][, slr=S][, r=R]'")
+        raise SystemExit(f"arm {text!r}: write '<no DP | ε=E | clip only>, <strategy>, <lora | ffa>[, lr=L][, C=C]"
+                         "[, slr=S][, r=R][, opt=adamw|sgd]'")
     privacy, strategy, variant, *rest = parts
     epsilon = {"no dp": None, "clip only": CLIP_ONLY}.get(privacy.lower(), 0.0)
     if epsilon == 0.0:
@@ -148,12 +150,13 @@ def arm_config(base: VeilConfig, arm: Arm, *, fedadam_lr: float, fedavgm_lr: flo
                    target_epsilon=base.privacy.target_epsilon if arm.epsilon in (None, CLIP_ONLY) else arm.epsilon,
                    max_grad_norm=arm.clip or base.privacy.max_grad_norm)
     model = replace(base.model, lora_variant=arm.variant, lora_r=int(arm.rank or base.model.lora_r))
-    return replace(base, strategy=st, model=model, privacy=priv,
-                   federation=replace(base.federation, lr=arm.lr or 0.0)).validate()  # 0: the default for the arm's mode
+    fed = replace(base.federation, lr=arm.lr or 0.0,  # 0: the default for the arm's mode and optimizer
+                  optimizer=arm.optimizer or base.federation.optimizer)
+    return replace(base, strategy=st, model=model, privacy=priv, federation=fed).validate()
 
 
 def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], splits: dict[str, dict[str, torch.Tensor]],
-            labels: list[str], *, optimizer: str = "adamw", noiseless: bool = False) -> dict[str, float]:
+            labels: list[str], *, noiseless: bool = False) -> dict[str, float]:
     """Train the federation of ``cfg`` for its rounds; the global model's accuracy on each of ``splits``.
     ``noiseless``: DP-SGD with σ = 0 (a diagnosis, no ε)."""
     fed, priv = cfg.federation, cfg.privacy
@@ -169,7 +172,7 @@ def run_arm(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], splits: dict
         results = []
         for cid, (shard, sigma) in enumerate(zip(shards, sigmas, strict=True)):
             plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, private=priv.enabled,
-                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=optimizer)
+                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=fed.optimizer)
             res = train_round(template, strategy.global_arrays, shard, plan=plan, device=device,
                               seed=fed.seed * 100_003 + rnd * 1_009 + cid, task=get_task("classification"))
             results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
@@ -220,8 +223,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
         for arm in arms:
             t0 = now()
             cfg = arm_config(base, arm, fedadam_lr=args.fedadam_lr, fedavgm_lr=args.fedavgm_lr)
-            results[arm.name] = {**run_arm(cfg, shards, splits, labels, optimizer=arm.optimizer or "adamw",
-                                           noiseless=arm.epsilon == CLIP_ONLY), "seconds": now() - t0}
+            results[arm.name] = {**run_arm(cfg, shards, splits, labels, noiseless=arm.epsilon == CLIP_ONLY),
+                                 "seconds": now() - t0}
             if args.sealed:  # test figures go to the sealed file only, opened after choosing on validation
                 sealed[arm.name] = results[arm.name].pop("test")
                 args.sealed.write_text(json.dumps(sealed, ensure_ascii=False, indent=1))

@@ -9,7 +9,15 @@ import pytest
 
 from veil.cli import main
 from veil.conf.runconfig import from_run_config, to_run_config
-from veil.conf.schema import DataConfig, VeilConfig
+from veil.conf.schema import (
+    DP_SGD_LR,
+    PLAIN_LR,
+    SGD_LR,
+    DataConfig,
+    FederationConfig,
+    PrivacyConfig,
+    VeilConfig,
+)
 from veil.errors import ConfigError
 
 BAD = [
@@ -21,6 +29,7 @@ BAD = [
     (["secagg.reconstruction_threshold=3"], "secagg.reconstruction_threshold"),
     (["federation.clients_per_round=9"], "federation.clients_per_round"),
     (["federation.partitioner=shards"], "federation.partitioner"),
+    (["federation.optimizer=lamb"], "federation.optimizer"),
     (["data=csv"], "train_path"),
     (["data.train_path=/nonexistent/train.csv"], "/nonexistent/train.csv"),
 ]
@@ -49,6 +58,17 @@ def test_run_config_round_trip_casts_types() -> None:
         from_run_config({**flat, "veil.federation.rounds": "2.5"})
     with pytest.raises(ConfigError, match="federation.rounds"):
         from_run_config({**flat, "veil.federation.rounds": 0})
+
+
+def test_lr_default_follows_the_client_optimizer_and_privacy_mode() -> None:
+    data = DataConfig(train_path="a.csv", test_path="b.csv")
+    assert VeilConfig(data=data).validate().federation.lr == DP_SGD_LR  # classification under DP-SGD
+    assert VeilConfig(data=data, privacy=PrivacyConfig(enabled=False)).validate().federation.lr == PLAIN_LR
+    sgd = VeilConfig(data=data, federation=FederationConfig(optimizer="sgd")).validate()
+    assert (sgd.federation.optimizer, sgd.federation.lr) == ("sgd", SGD_LR)
+    assert from_run_config(to_run_config(sgd)) == sgd  # the optimizer travels to the nodes in the run config
+    explicit = VeilConfig(data=data, federation=FederationConfig(optimizer="sgd", lr=0.5)).validate()
+    assert explicit.federation.lr == 0.5
 
 
 @pytest.mark.parametrize(("shares", "threshold", "ok"), [(3, 2, True), (5, 3, True), (4, 2, False), (5, 2, False),

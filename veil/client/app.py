@@ -174,8 +174,8 @@ class VeilClient(NumPyClient):
         q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
         steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
         if not priv.enabled:  # allowed only on a node without any limit (check_run)
-            plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False,
-                             noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
+            plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
+                             private=False, noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
             return plan, None, None
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
@@ -192,8 +192,8 @@ class VeilClient(NumPyClient):
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
                             steps=steps, delta=delta)
         ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
-        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=True,
-                         noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
+        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
+                         private=True, noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
                          grad_sample_mode=priv.grad_sample_mode)
         return plan, event, ledger
 
@@ -234,8 +234,8 @@ class VeilClient(NumPyClient):
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=per_record, sample_rate=1.0,
                             steps=1, delta=delta)
         ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
-        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, private=False, noise_multiplier=z,
-                         max_grad_norm=priv.max_grad_norm)
+        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
+                         private=False, noise_multiplier=z, max_grad_norm=priv.max_grad_norm)
         return plan, event, ledger
 
 

@@ -140,6 +140,10 @@ class StrategyConfig:
 # The study was of classification; task=causal_lm keeps 1e-2 (its demo's setting, docs/demo.md).
 DP_SGD_LR = 3e-2
 PLAIN_LR = 1e-2
+# federation.optimizer=sgd: lr=0 resolves to this (the DP-FedAdam recipe of docs/demo.md: client SGD at lr 1,
+# one DP step per round, strategy=fedadam with server_lr 3e-2; FedAdam's step does not depend on the client lr's scale)
+SGD_LR = 1.0
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -150,7 +154,12 @@ class FederationConfig:
     local_epochs: int = 1
     local_steps: int = 5  # >0: exactly this many (DP) steps per round instead of local_epochs passes
     batch_size: int = 256  # expected Poisson batch size; q = batch_size / client examples; large: less noise per signal
-    lr: float = 0.0  # AdamW on adapters and head; 0: DP_SGD_LR for classification under DP-SGD, else PLAIN_LR
+    # the client optimizer's learning rate; 0: SGD_LR for sgd, else DP_SGD_LR for classification under DP-SGD,
+    # else PLAIN_LR
+    lr: float = 0.0
+    # the client's local optimizer: adamw, or sgd (plain SGD; with strategy=fedadam the adaptive step happens on the
+    # mean of the noised updates instead of on each node's own noise: docs/demo.md). No privacy effect either way.
+    optimizer: str = "adamw"
     seed: int = 0
     partitioner: str = "dirichlet"  # iid | dirichlet | pathological
     alpha: float = 0.5  # Dirichlet concentration over labels: smaller is more skewed
@@ -215,9 +224,10 @@ class VeilConfig:
                  f"{fed.num_clients}) (set by veil audit only)")
         if fed.clients_per_round > fed.num_clients:
             _bad("federation.clients_per_round", fed.clients_per_round, f"at most federation.num_clients={fed.num_clients}")
+        _choice("federation.optimizer", fed.optimizer, OPTIMIZERS)
         if fed.lr == 0 and not isinstance(fed.lr, bool):  # the default follows the privacy mode (docs/demo.md)
             tuned = priv.enabled and priv.level == "sample" and self.task.name == "classification"
-            fed.lr = DP_SGD_LR if tuned else PLAIN_LR
+            fed.lr = SGD_LR if fed.optimizer == "sgd" else DP_SGD_LR if tuned else PLAIN_LR
         _positive_float("federation.lr", fed.lr)
         _positive_float("strategy.server_lr", self.strategy.server_lr)
         _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet", "pathological"))
