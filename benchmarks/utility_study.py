@@ -42,6 +42,7 @@ from veil.conf.schema import (
     FederationConfig,
     ModelConfig,
     PrivacyConfig,
+    SecAggConfig,
     StrategyConfig,
     VeilConfig,
 )
@@ -201,6 +202,7 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
         base = VeilConfig(
             model=ModelConfig(), data=DataConfig(train_path=str(train), test_path=str(val_path)),
             privacy=PrivacyConfig(target_epsilon=8.0, delta=1e-5),
+            secagg=SecAggConfig(enabled=False),  # no transport here; the strategy sees the plain sum SecAgg+ would unmask
             federation=FederationConfig(num_clients=args.clients, clients_per_round=args.clients,
                                         rounds=args.rounds, local_steps=args.steps, batch_size=args.batch_size,
                                         partitioner="dirichlet", alpha=0.5, seed=0),
