@@ -1,6 +1,7 @@
 """Local training of one client for one round: a fixed number of DP-SGD steps (E epochs = E/q Poisson batches,
-or an explicit step count), or plain SGD when privacy is off, on the
-client's tokenized shard, starting from the global trainable weights; returns the update (trained - received).
+or an explicit step count), or plain minibatch steps when privacy is off, with AdamW or plain SGD
+(``federation.optimizer``) on the client's tokenized shard, starting from the global trainable weights; returns the
+update (trained - received).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class LocalPlan:
     noise_multiplier: float
     max_grad_norm: float
     grad_sample_mode: str = "hooks"
-    optimizer: str = "adamw"  # adamw | sgd (plain SGD: benchmarks/utility_study.py's "opt=sgd" arms)
+    optimizer: str = "adamw"  # federation.optimizer: adamw | sgd (plain SGD)
 
 
 @dataclass(frozen=True)
