@@ -93,8 +93,8 @@ def test_round_weights_reads_every_round_and_refuses_a_gap(tmp_path: Path) -> No
 
 
 def test_canary_vocabulary_is_in_token_id_order(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    """The audit draws its canaries from this list with a seeded generator, so its order must not depend on the
-    process: a fast tokenizer's ``get_vocab()`` iterates a hash map in an order that changes with every process."""
+    """The list must not depend on the process: a fast tokenizer's ``get_vocab()`` iterates a hash map in an order
+    that changes with every process, and a slice of it (the white-box test below takes one) was a new draw each time."""
     cfg = resolve_paths_and_labels(preflight(["model=tiny_bert", *data_overrides(*small_csv)]), tmp_path)
     vocab = load_tokenizer(cfg.model).get_vocab()
     words = canary_vocabulary(cfg)

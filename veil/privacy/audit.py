@@ -91,9 +91,10 @@ def write_planted(canaries: Canaries, path: Path) -> int:
 def canary_vocabulary(cfg: Any) -> list[str]:
     """Whole-word entries of the model's tokenizer vocabulary (letters only, three or more), in token-id order.
 
-    The order matters: the canaries are drawn from this list by a seeded generator, and a fast tokenizer's
-    ``get_vocab()`` comes out of a hash map in an order that changes with every process, so the same ``--seed``
-    gave different canaries from run to run."""
+    A fast tokenizer's ``get_vocab()`` comes out of a hash map in an order that changes with every process; the
+    list is put in token-id order so that it is the same in every process. (:func:`make_canaries` sorts its pool
+    and draws from OS entropy anyway; a caller that takes a slice of this list, as the white-box test does, got a
+    different slice in every process.)"""
     from veil.task.model import load_tokenizer
 
     vocab = load_tokenizer(cfg.model).get_vocab()  # type: ignore[attr-defined]
