@@ -98,9 +98,8 @@ def parse_arm(text: str) -> Arm:
         raise SystemExit(f"arm {text!r}: write '<no DP | ε=E | clip only>, <strategy>, <lora | ffa>[, lr=L][, C=C]"
                          "[, slr=S][, r=R][, opt=adamw|sgd]'")
     privacy, strategy, variant, *rest = parts
-    epsilon = {"no dp": None, "clip only": CLIP_ONLY}.get(privacy.lower(), 0.0)
-    if epsilon == 0.0:
-        epsilon = float(privacy.split("=", 1)[1])
+    kind = privacy.lower()
+    epsilon = None if kind == "no dp" else CLIP_ONLY if kind == "clip only" else float(privacy.split("=", 1)[1])
     fields: dict[str, Any] = {}
     for item in rest:
         key, _, value = (part.strip() for part in item.partition("="))

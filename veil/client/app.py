@@ -174,9 +174,7 @@ class VeilClient(NumPyClient):
         q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
         steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
         if not priv.enabled:  # allowed only on a node without any limit (check_run)
-            plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                             private=False, noise_multiplier=0.0, max_grad_norm=priv.max_grad_norm)
-            return plan, None, None
+            return _local_plan(self.cfg, steps, private=False, noise_multiplier=0.0), None, None
         from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 
         ledger = PrivacyLedger.open(self.settings.ledger_path)
@@ -192,9 +190,8 @@ class VeilClient(NumPyClient):
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
                             steps=steps, delta=delta)
         ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
-        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                         private=True, noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm,
-                         grad_sample_mode=priv.grad_sample_mode)
+        plan = _local_plan(self.cfg, steps, private=True, noise_multiplier=sigma,
+                           grad_sample_mode=priv.grad_sample_mode)
         return plan, event, ledger
 
     def _sigma_for_budget(self, ledger: PrivacyLedger, *, sigma: float, q: float, steps: int, server_round: int,
@@ -225,7 +222,7 @@ class VeilClient(NumPyClient):
         from veil.privacy.client_level import run_noise_multiplier
         from veil.privacy.ledger import LedgerEvent
 
-        fed, priv = self.cfg.federation, self.cfg.privacy
+        priv = self.cfg.privacy
         z = run_noise_multiplier(self.cfg)
         if z is None:
             raise ValueError("_plan_client_level is only for runs with privacy.level=client")
@@ -234,9 +231,16 @@ class VeilClient(NumPyClient):
         event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=per_record, sample_rate=1.0,
                             steps=1, delta=delta)
         ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
-        plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                         private=False, noise_multiplier=z, max_grad_norm=priv.max_grad_norm)
-        return plan, event, ledger
+        return _local_plan(self.cfg, steps, private=False, noise_multiplier=z), event, ledger
+
+
+def _local_plan(cfg: VeilConfig, steps: int, *, private: bool, noise_multiplier: float,
+                grad_sample_mode: str = "hooks") -> LocalPlan:
+    """The round's local training as the run configures it (batch, lr, optimizer, clipping norm)."""
+    fed = cfg.federation
+    return LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, private=private,
+                     noise_multiplier=noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+                     grad_sample_mode=grad_sample_mode)
 
 
 def _event(sigma: float, q: float, steps: int, delta: float) -> LedgerEvent:

@@ -143,7 +143,7 @@ PLAIN_LR = 1e-2
 # federation.optimizer=sgd: lr=0 resolves to this (the DP-FedAdam recipe of docs/demo.md: client SGD at lr 1,
 # one DP step per round, strategy=fedadam with server_lr 3e-2; FedAdam's step does not depend on the client lr's scale)
 SGD_LR = 1.0
-OPTIMIZERS = ("adamw", "sgd")
+CLIENT_OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -224,7 +224,7 @@ class VeilConfig:
                  f"{fed.num_clients}) (set by veil audit only)")
         if fed.clients_per_round > fed.num_clients:
             _bad("federation.clients_per_round", fed.clients_per_round, f"at most federation.num_clients={fed.num_clients}")
-        _choice("federation.optimizer", fed.optimizer, OPTIMIZERS)
+        _choice("federation.optimizer", fed.optimizer, CLIENT_OPTIMIZERS)
         if fed.lr == 0 and not isinstance(fed.lr, bool):  # the default follows the privacy mode (docs/demo.md)
             tuned = priv.enabled and priv.level == "sample" and self.task.name == "classification"
             fed.lr = SGD_LR if fed.optimizer == "sgd" else DP_SGD_LR if tuned else PLAIN_LR
