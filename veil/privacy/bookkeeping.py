@@ -45,7 +45,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from veil.errors import ModelError
-from veil.privacy.bookkeeping_layers import SAMPLERS, LayerRecord, kind_of, linear_kind
+from veil.privacy.bookkeeping_layers import SAMPLERS, LayerRecord, linear_kind
 
 log = logging.getLogger("veil.privacy")
 
@@ -107,6 +107,7 @@ class BookKeeping:
         self._done: list[LayerRecord] = []
         self._gram: list[Any] = [None, None]  # the last activation whose Gram matrix was taken, and that matrix
         self._packed: list[Any] = [None, None, None]  # the last activation packed, its live tokens, the copy
+        self._sampling = False  # True while a per-sample sampler re-runs a layer's forward (torch.func)
         model.register_forward_pre_hook(self._begin)
         model.register_forward_hook(self._end, always_call=True)
         for module in self.layers:
@@ -124,7 +125,7 @@ class BookKeeping:
             p.requires_grad_(True)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+        if self._sampling or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return None
         replaced = not output.requires_grad
         if replaced:  # nothing upstream trains: backpropagation starts here
@@ -140,13 +141,15 @@ class BookKeeping:
         with a non-zero output gradient (pads behind an attention mask), so the backward frees the rest as it goes."""
         record[1] = grad.detach()
         recs = self.records[module]
-        if any(r[1] is None for r in recs) or kind_of(module) == "other":  # small layers: after the backward
+        if any(r[1] is None for r in recs):
             return
         layer = self._layer(module, recs)
-        sq = layer.norm_sq(self._gram).to(torch.float64)
+        sq = self._norm_sq(layer)
         self._sq = sq if self._sq is None else self._sq + sq
         layer.pack(self._packed)
         self._done.append(layer)
+        for r in recs:  # the hook's partial holds the record until the graph is freed: empty it, so the unpacked
+            r.clear()   # input and output gradient are freed now, not at the end of the backward
         recs.clear()
 
     def backward(self, per_example: torch.Tensor) -> None:
@@ -172,6 +175,15 @@ class BookKeeping:
                                  "book-keeping cannot clip it exactly; use privacy.grad_sample_mode=ghost")
         return LayerRecord(module, self.layers[module], records)
 
+    def _norm_sq(self, layer: LayerRecord) -> torch.Tensor:
+        """(B,) float64; the samplers of small layers re-run the layer's forward under torch.func, which must not be
+        captured as a training call (it would add a record and a hook in the middle of the backward)."""
+        self._sampling = True
+        try:
+            return layer.norm_sq(self._gram).to(torch.float64)
+        finally:
+            self._sampling = False
+
     def _clipped_sum(self, batch: int, device: torch.device) -> None:
         layers = self._done
         sq = torch.zeros(batch, dtype=torch.float64, device=device)
@@ -181,7 +193,7 @@ class BookKeeping:
             done = [r for r in recs if r[1] is not None]
             if done:
                 layers.append(self._layer(module, done))
-                sq += layers[-1].norm_sq(self._gram).to(torch.float64)
+                sq += self._norm_sq(layers[-1])
                 layers[-1].pack(self._packed)
         self._gram, self._packed = [None, None], [None, None, None]
         bad = ~torch.isfinite(sq)
