@@ -62,7 +62,10 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
     from veil.supervise import Supervised, flower_env, free_port
 
     # cwd and PYTHONPATH both: `python -m veil` puts its working directory first on sys.path
-    env = {**flower_env(), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(code)}
+    # the nodes' privacy ledgers in this run's own directory: a ledger is kept per data file, and every run of this
+    # benchmark writes the same files, so the user's own state directory would fill up to max_epsilon and refuse
+    env = {**flower_env(), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(code),
+           "XDG_STATE_HOME": str(root / "state")}
     certs, run_dir, logs = root / "certs", root / "run", root / "logs"
     done = Supervised("certs", [sys.executable, "-m", "veil", "certs", "--out", str(certs), "--nodes", str(NODES)],
                       log_path=logs / "certs.log", env=env, cwd=code)
