@@ -290,6 +290,28 @@ def test_received_weights_are_checked_before_the_data_is_read(files: dict[str, P
     assert weight == 0 and metrics["refused"] == 1 and _events(settings) == []
 
 
+def test_one_vector_of_weights_is_cut_to_the_model_and_answered_in_kind(files: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """The coordinator's one-vector layout (veil.wire): the right size trains and the reply is one vector of the
+    model's size; a wrong size, or a non-finite value inside it, is refused before the data is read."""
+    from veil.wire import flatten
+
+    cfg = _cfg()
+    vector = flatten(_weights(cfg))
+    settings = _settings(files["big"], tmp_path)
+    update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit([vector], {"server_round": 1})
+    assert weight == 1 and metrics["refused"] == 0 and len(_events(settings)) == 1
+    assert len(update) == 1 and update[0].shape == vector.shape and np.isfinite(update[0]).all()
+    assert float(np.abs(update[0]).max()) > 0
+    poisoned = vector.copy()
+    poisoned[-1] = np.nan
+    for bad in (vector[:-1], np.concatenate([vector, vector[:1]]), poisoned):
+        fresh = _settings(files["big"], tmp_path / f"bad-{bad.size}-{np.isnan(bad).any()}")
+        zeros, weight, metrics = VeilClient(cfg, fresh, run_id=1).fit([bad], {"server_round": 1})
+        assert weight == 0 and metrics["refused"] == 1 and _events(fresh) == []
+        assert len(zeros) == 1 and zeros[0].shape == bad.shape and not zeros[0].any()
+
+
 # (k) ------------------------------------------------------------------------------------------------------------
 def test_ghost_clipping_survives_an_empty_poisson_batch() -> None:
     from veil.client.trainer import _noise_only_step

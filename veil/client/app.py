@@ -50,6 +50,7 @@ from veil.task import get_task
 from veil.task.base import batch_size_of
 from veil.task.model import get_trainable, resolve_device
 from veil.task.shards import client_shard, node_labels, run_labels
+from veil.wire import flatten, is_flat, unflatten
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
@@ -114,7 +115,14 @@ class VeilClient(NumPyClient):
         node_labels(cfg, settings)  # a deployed node takes the label set from the run config only
         own = dataclasses.replace(cfg, model=owner_model(cfg, settings))
         template = _template(json.dumps(to_run_config(own), sort_keys=True))
-        check_received(parameters, get_trainable(template))
+        expected = get_trainable(template)
+        flat = is_flat(parameters, expected)  # the coordinator's one-vector layout (veil.wire); reply in kind
+        if flat:
+            try:
+                parameters = unflatten(parameters[0], expected)
+            except ValueError:
+                raise NodeRefusal("the received weights do not match this node's model (size differs)") from None
+        check_received(parameters, expected)
         shard = self._shard()  # (2)
         examples = batch_size_of(shard)
         delta = settings.owner_delta(examples)
@@ -130,6 +138,8 @@ class VeilClient(NumPyClient):
         if cfg.privacy.enabled and cfg.privacy.level == "client":
             update, noise_std = _client_level_release(update, cfg, settings, plan.noise_multiplier)
         update = postprocess_update(update, cfg)  # (5)
+        if flat:
+            update = [flatten(update)]
         can_train_next, epsilon = True, 0.0
         if ledger is not None and event is not None:
             epsilon = ledger.epsilon(delta=delta, accountant=cfg.privacy.accountant).epsilon

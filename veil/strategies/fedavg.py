@@ -34,6 +34,7 @@ from flwr.server.strategy import FedAvg
 from veil.privacy.client_level import ClientLevelAccountant, add_gaussian_noise
 from veil.strategies.robust import Aggregator
 from veil.strategies.server_opt import ServerOptimizer
+from veil.wire import flatten, is_flat, unflatten
 
 log = logging.getLogger("veil.strategies")
 
@@ -118,7 +119,8 @@ class DeltaFedAvg(FedAvg):
             return []
         clients = client_manager.sample(num_clients=wanted, min_num_clients=wanted,
                                         criterion=_NotIn(frozenset(self.exhausted)))
-        fit_ins = FitIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
+        # one vector, not one array per tensor: each array is its own object on every hop (veil.wire)
+        fit_ins = FitIns(ndarrays_to_parameters([flatten(self.global_arrays)]), {"server_round": server_round})
         return [(client, fit_ins) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -152,6 +154,11 @@ class DeltaFedAvg(FedAvg):
                      server_round, len(trained), z)
         if self.central_noise_std > 0:  # the sum gets N(0, (z·S)²), so the mean of n updates gets std z·S/n
             mean = add_gaussian_noise(mean, std=self.central_noise_std / len(trained))
+        if is_flat(mean, self.global_arrays):  # the nodes reply in the layout they received
+            try:
+                mean = unflatten(mean[0], self.global_arrays)
+            except ValueError as err:
+                raise ValueError(f"round {server_round}: {err}") from None
         if len(mean) != len(self.global_arrays):
             raise ValueError(f"round {server_round}: update has {len(mean)} tensors, the model {len(self.global_arrays)}")
         if not all(np.isfinite(u).all() for u in mean):

@@ -1,0 +1,53 @@
+"""How model weights travel between the coordinator and the nodes: all trainable tensors in ONE float32 vector.
+
+Why: Flower 1.41 sends a message's ``ArrayRecord`` as one object per array (and its chunks), and a deployed hop
+moves each object in its own HTTP request (TLS, node authentication, a SQL session in the SuperLink), pushed and
+pulled two at a time. A SecAgg+ fit exchange crosses ServerApp -> SuperLink -> SuperNode -> executor and back, so
+a LoRA model's 10 (tiny BERT) to 26 (MiniLM-L6) tensors cost ~1.5 s of a ~4.5 s deployed round for 2,180 values
+(docs/benchmarks.md, deploy_overhead 2026-12-01 16:00). One vector per message is one array object whatever the
+model; the arithmetic on it (the mean, SecAgg+'s per-value quantisation and masks, robust aggregators, which are
+coordinate-wise or use distances over all values) is the same as on the tensors.
+
+The coordinator sends ``[flatten(global)]``; a node unflattens it against its own model's trainable tensors
+(:func:`unflatten`, which refuses a vector of the wrong size before any data is read) and replies in the layout it
+received, so a node also accepts the per-tensor list. Hand-written: Flower has no option to pack a record's arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """All of ``arrays`` raveled, in order, as one float32 vector."""
+    if not arrays:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
+
+
+def is_flat(received: Sequence[np.ndarray], like: Sequence[np.ndarray]) -> bool:
+    """Whether ``received`` is one vector standing for the tensors ``like`` (rather than the tensors themselves)."""
+    if len(received) != 1 or np.ndim(received[0]) != 1:
+        return False
+    return len(like) != 1 or np.shape(like[0]) != np.shape(received[0])
+
+
+def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``vector`` cut into tensors of the shapes and dtypes of ``like``.
+
+    Raises
+    ------
+    ValueError
+        ``vector`` is not 1-D or does not hold exactly as many values as ``like``.
+    """
+    vector = np.asarray(vector)
+    sizes = [int(np.size(a)) for a in like]
+    if vector.ndim != 1 or vector.size != sum(sizes):
+        raise ValueError(f"a weight vector of shape {vector.shape} does not hold the model's {sum(sizes)} values")
+    out, start = [], 0
+    for a, n in zip(like, sizes, strict=True):
+        out.append(vector[start:start + n].reshape(np.shape(a)).astype(np.asarray(a).dtype, copy=False))
+        start += n
+    return out
