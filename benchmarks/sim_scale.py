@@ -147,8 +147,11 @@ def run_one(code: Path, label: str, population: int, per_round: int, rounds: int
 
 def checkout(ref: str, dest: Path) -> Path:
     """The tree of git revision ``ref`` (``git archive``), without touching the working tree."""
+    found = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True)
+    if found.returncode != 0:
+        raise SystemExit(f"--before {ref}: not a git revision of this repository (see `git log --oneline`)")
+    archive = found.stdout
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
 
