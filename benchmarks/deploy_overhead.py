@@ -57,8 +57,9 @@ def write_data(root: Path, rows_per_label: int) -> tuple[Path, list[Path]]:
 
 
 def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout: float,
-           code: Path = ROOT) -> list[dict[str, float]]:
+           code: Path = ROOT, node_threads: int = 1) -> list[dict[str, float]]:
     """Run the deployment with veil from ``code`` (server, ServerApp and nodes); returns the metrics rows."""
+    from veil.client.node import executor_env
     from veil.supervise import Supervised, flower_env, free_port
 
     # cwd and PYTHONPATH both: `python -m veil` puts its working directory first on sys.path
@@ -87,7 +88,10 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
             procs.append(Supervised(f"node-{n}", [
                 sys.executable, "-m", "veil", "client", "--superlink", f"127.0.0.1:{port}", "--root-cert",
                 str(certs / "ca.crt"), "--key", str(certs / f"node-{n}.key"), "--data", str(data), "--node-dir",
-                str(root / f"node-{n}"), "--max-epsilon", "100"], log_path=logs / f"node-{n}.log", env=env, cwd=code))
+                str(root / f"node-{n}"), "--max-epsilon", "100"], log_path=logs / f"node-{n}.log",
+                # each node's share of the cores, as `veil client --threads` gives it (the environment, so that
+                # a --before revision without the flag is treated alike)
+                env=executor_env(env, node_threads), cwd=code))
         while server.poll() is None:
             time.sleep(0.5)
         server.wait_output()
@@ -99,8 +103,12 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def client_compute(root: Path, test: Path, node_files: list[Path], rounds: int) -> list[list[float]]:
-    """Seconds of ``VeilClient.fit`` per node and round, veil's own client with the deployment's configuration."""
+def client_compute(root: Path, test: Path, node_files: list[Path], rounds: int,
+                   threads: int = 1) -> list[list[float]]:
+    """Seconds of ``VeilClient.fit`` per node and round, veil's own client with the deployment's configuration and
+    the nodes' torch threads."""
+    import torch
+
     from veil.client.app import VeilClient
     from veil.client.settings import node_settings
     from veil.server.deploy import resolve_config
@@ -110,7 +118,9 @@ def client_compute(root: Path, test: Path, node_files: list[Path], rounds: int) 
     cfg = resolve_config(preflight([*overrides(test, rounds), "data.train_path=${data.test_path}"]), root / "sim")
     labels = json.loads(cfg.data.labels)
     weights = get_trainable(build_model(cfg.model, labels, seed=cfg.federation.seed))
-    out = []
+    out, before = [], torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
     for n, data in enumerate(node_files, start=1):
         settings = node_settings({"data-path": str(data), "max-epsilon": 100.0,
                                   "ledger-path": str(root / "sim" / f"ledger-{n}.json")})
@@ -121,6 +131,7 @@ def client_compute(root: Path, test: Path, node_files: list[Path], rounds: int) 
             times.append(now() - start)
             weights = [w + u for w, u in zip(weights, update, strict=True)]
         out.append(times)
+    torch.set_num_threads(before)
     return out
 
 
@@ -130,6 +141,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rows-per-label", type=int, default=6, help="examples per label in each node's file")
     ap.add_argument("--timeout", type=float, default=540.0, help="stop the deployment after this many seconds")
     ap.add_argument("--before", default="", help="also deploy veil of this git revision first (same machine load)")
+    ap.add_argument("--node-threads", type=int, default=1, help="torch threads per node (the three share the "
+                    "machine; 0: torch's default, one per core, in each node)")
     add_output_args(ap, quick="2 rounds (about 2 minutes)", root=ROOT)
     args = ap.parse_args(argv)
     if args.quick:
@@ -153,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
             codes.insert(0, (f"before ({args.before})", checkout(args.before, root / "before")))
         for i, (label, code) in enumerate(codes):
-            runs.append((label, deploy(root / f"deploy-{i}", test, node_files, args.rounds, args.timeout, code)))
-        compute = client_compute(root, test, node_files, args.rounds)
+            runs.append((label, deploy(root / f"deploy-{i}", test, node_files, args.rounds, args.timeout, code,
+                                       args.node_threads)))
+        compute = client_compute(root, test, node_files, args.rounds, args.node_threads)
     elapsed = now() - start
     fit = [t for times in compute for t in times[1:]]
     per_fit = statistics.median(fit)
@@ -168,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{(per_round - per_fit) / 4:.1f}", "met" if per_round <= per_fit + 2 else "NOT met"])
     settings = (f"loopback: veil server (SuperLink, TLS, node auth) + {NODES} veil client nodes (SuperNode + "
                 f"veil executor), model=tiny_bert, DP-SGD sigma=0.8, SecAgg+ on, {args.rows_per_label * len(WORDS)} "
-                f"examples per node, batch 16; stock: {STOCK}")
+                f"examples per node, batch 16, torch threads per node "
+                f"{args.node_threads or 'default (one per core)'}; stock: {STOCK}")
     notes = [f"{label}: round seconds (ServerApp metrics): " + ", ".join(f"{float(r['seconds']):.1f}" for r in rows)
              for label, rows in runs]
     notes.append("fit seconds per node and round (in-process VeilClient.fit, this tree, same config): "

@@ -168,7 +168,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                 "--max-epsilon", "100", "--min-noise-multiplier", min_sigma, "--max-sample-rate", max_q,
                 # standing nodes (docs/deployment.md): they must outlive the coordinator's restart for the resume
                 # below; the default 5 retries can be spent by Flower's jittered back-off within ~6 s
-                "--max-retries", "0", "--max-wait-time", "240"], root / "logs")
+                "--max-retries", "0", "--max-wait-time", "240",
+                "--threads", "1"], root / "logs")  # three nodes share the machine's cores
             nodes.append(proc)
             scenario.node_logs.append(node_dir / "executor.log")
         procs += nodes
@@ -308,12 +309,32 @@ def test_client_refuses_bad_local_files_before_connecting(tmp_path: Path) -> Non
         "does not exist": [*base, "--key", str(certs / "node-1.key"), "--data", str(tmp_path / "missing.csv")],
         "no label column 'label'": [*base, "--key", str(certs / "node-1.key"), "--data", str(data)],
         "is not an OpenSSH private key": [*base, "--key", str(key), "--data", str(data), "--label-column", "category"],
+        "--threads=-1 is invalid": [*base, "--key", str(certs / "node-1.key"), "--data", str(data), "--label-column",
+                                    "category", "--threads", "-1"],
     }
     for needle, args in cases.items():
         proc = run_veil(args, timeout=60)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "n" / "supernode.log").exists(), "a SuperNode was started"
+
+
+def test_node_threads_size_the_executors_torch() -> None:
+    """``veil client --threads N``: the executor's torch runs N threads (co-located nodes do not oversubscribe the
+    cores); 0 leaves torch's own default (one per core)."""
+    import os
+    import subprocess
+    import sys
+
+    from veil.client.node import executor_env
+
+    probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    default = subprocess.run(probe, env=base, capture_output=True, text=True, timeout=120, check=True).stdout
+    one = subprocess.run(probe, env=executor_env(base, 1), capture_output=True, text=True, timeout=120, check=True).stdout
+    assert one.strip() == "1", one
+    assert int(default) > 1 or (os.cpu_count() or 1) == 1, "torch's default is one per core"
+    assert executor_env(base, 0) == base
 
 
 def test_fab_is_what_flwr_run_builds_from_the_app_dir(tmp_path: Path) -> None:

@@ -85,6 +85,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for training (default 0: torch's own, one per core); give each node its "
+                             "share when several nodes run on one machine, or they slow each other down")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
                         help=f"seconds between the node's pulls for work (default {DEFAULT_POLL_INTERVAL}; "
                              "Flower's own: 3)")
@@ -119,6 +122,8 @@ def preflight(args: argparse.Namespace) -> None:
                           "give the directory holding config.json and the weights")
     if not args.poll_interval > 0:
         raise ConfigError(f"--poll-interval={args.poll_interval} is invalid; give the seconds between polls (> 0)")
+    if args.threads < 0:
+        raise ConfigError(f"--threads={args.threads} is invalid; give a number of CPU threads (0: one per core)")
     args.data_sha256 = data_fingerprint(args.data)
     settings = node_settings(_node_config(args))  # ranges of the owner's limits
     bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
@@ -177,6 +182,16 @@ def node_config_arg(config: dict[str, object]) -> str:
     return " ".join(parts)
 
 
+def executor_env(env: dict[str, str], threads: int) -> dict[str, str]:
+    """The executor's environment: with ``threads`` > 0, torch's and the BLAS libraries' thread pools at that size
+    (read once, when torch loads). Three nodes of 2 threads each on a 2-core machine spent most of a deployed round's
+    training in oversubscribed OpenMP threads: 4.5 s per round against 3.2 s with one thread each
+    (docs/benchmarks.md, deploy_overhead 2026-12-01)."""
+    if threads <= 0:
+        return env
+    return {**env, **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+
+
 def _supernode_argv(args: argparse.Namespace, runtime_port: int) -> list[str]:
     # Flower's own flower-supernode, run through veil's one Flower patch: it polls every --poll-interval s, not 3 s
     argv = [sys.executable, "-m", "veil.flower_patches", "--poll-interval", str(args.poll_interval), "--",
@@ -231,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         executor = Supervised(  # (3)
             "executor", [sys.executable, "-m", "veil.client.executor", "--runtime-api-address",
                          f"127.0.0.1:{runtime_port}", "--supernode-pid", str(supernode.pid)],
-            log_path=node_dir / "executor.log", env=env, cwd=node_dir,
+            log_path=node_dir / "executor.log", env=executor_env(env, args.threads), cwd=node_dir,
             on_line=lambda line: print(line, file=sys.stderr, flush=True) if "httpx" not in line else None)
         return _watch_until_end(supernode, executor, watch, args.superlink)  # (4)
     finally:
