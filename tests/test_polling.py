@@ -70,11 +70,12 @@ def test_supernode_patch_caps_only_the_loops_sleeps(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(supernode_polling._time, "sleep", slept.append)
 
     patched = supernode_polling.cap_supernode_sleeps(0.25)
-    patched.time.sleep(3)  # the loop's sleep after an empty pull
-    patched.time.sleep(0.1)
+    patched.time.sleep(3)  # the loop's sleep after an empty pull: a request to the SuperLink
+    patched.time.sleep(0.5)  # its waits on its own state (the executor's reply): a look-up
+    patched.time.sleep(0.01)
 
     assert patched is loop
-    assert slept == [0.25, 0.1]
+    assert slept == [0.25, supernode_polling.LOCAL_WAIT, 0.01] and supernode_polling.LOCAL_WAIT < 0.25
     assert patched.time.monotonic is time.monotonic, "every other attribute is the real time module"
     assert sys.modules["time"] is time is supernode_polling._time, "the global time module is not replaced"
     with pytest.raises(ValueError, match="poll interval"):
@@ -134,3 +135,11 @@ def test_pull_patch_refuses_a_flower_that_changed(restored_pull_bindings: Any) -
     restored_pull_bindings[1].pull_objects = lambda *a, **k: None  # http_grid no longer calls Flower's function
     with pytest.raises(RuntimeError, match="http_grid no longer calls"):
         supernode_polling.shorten_object_pull_backoff()
+
+
+def test_executor_asks_often_while_a_run_is_under_way_and_rarely_when_idle() -> None:
+    from veil.client.executor import ACTIVE_POLL, ACTIVE_SECONDS, IDLE_POLL, poll_interval
+
+    assert poll_interval(0.0) == ACTIVE_POLL and poll_interval(ACTIVE_SECONDS - 1) == ACTIVE_POLL
+    assert poll_interval(ACTIVE_SECONDS + 1) == IDLE_POLL == poll_interval(float("inf"))
+    assert ACTIVE_POLL < IDLE_POLL

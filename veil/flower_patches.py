@@ -8,9 +8,10 @@ Why patches: none of the three is a setting of ``flower-supernode``, the SuperLi
 1. **The SuperNode loop's sleeps** (``flwr/supernode/start_client_internal.py``): ``time.sleep(3)`` whenever a pull
    finds no message and ``time.sleep(0.5)`` while it waits for the ClientApp's reply. A SecAgg+ round is four or
    five message exchanges, so a node idled up to ~3.5 s per exchange. :func:`cap_supernode_sleeps` replaces that
-   module's reference to ``time`` by a proxy whose ``sleep`` waits at most ``--poll-interval`` seconds (every other
+   module's reference to ``time`` by a proxy whose ``sleep`` waits at most ``--poll-interval`` seconds after an
+   empty pull and at most :data:`LOCAL_WAIT` seconds in the 0.5-s waits on the node's own state (every other
    attribute is the real ``time``). Cost: an idle node sends one ``PullMessages`` per interval (default 0.25 s)
-   instead of one per 3 s; raise it for federations of hundreds of nodes.
+   instead of one per 3 s; raise it for federations of hundreds of nodes. The local waits send nothing.
 2. **The object-pull back-off** (``flwr/supercore/inflatable/inflatable_utils.py``, ``pull_objects``): a message
    travels as a list of ids first and its objects (arrays, records) after; whoever pulls a message whose objects
    are still being pushed gets ``ObjectUnavailableError`` and waits ``PULL_INITIAL_BACKOFF`` = 1 s, doubling to
@@ -48,6 +49,7 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_POLL_INTERVAL = 0.25  # seconds; Flower's own: 3 s between empty pulls, 0.5 s while awaiting a reply
+LOCAL_WAIT = 0.02  # seconds between the SuperNode's looks at its own state while the executor works (Flower: 0.5)
 PULL_BACKOFF = 0.02  # seconds before the first retry of an object still being pushed (Flower: 1 s)
 PULL_BACKOFF_CAP = 0.5  # seconds at most between retries (Flower: 10 s)
 _SUPERNODE_LOOP = "flwr.supernode.start_client_internal"
@@ -56,14 +58,17 @@ _PULL_CALLERS = (_PULL_OBJECTS, "flwr.superlink.grid.http_grid", _SUPERNODE_LOOP
 
 
 class _CappedSleepTime(ModuleType):
-    """The ``time`` module with ``sleep`` capped at ``limit`` seconds."""
+    """The ``time`` module with ``sleep`` capped: Flower's 3 s after an empty pull (a request to the SuperLink) at
+    ``limit`` seconds, its 0.5 s waits on the node's own in-memory state (the executor's reply, an object's
+    content) at ``local`` seconds, as those cost a dictionary look-up, not a request."""
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, local: float = LOCAL_WAIT) -> None:
         super().__init__("time")
-        self.limit = limit
+        self.limit, self.local = limit, min(limit, local)
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(min(float(seconds), self.limit))
+        seconds = float(seconds)
+        _time.sleep(min(seconds, self.limit if seconds >= 1.0 else self.local))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_time, name)
