@@ -184,9 +184,9 @@ def node_config_arg(config: dict[str, object]) -> str:
 
 def executor_env(env: dict[str, str], threads: int) -> dict[str, str]:
     """The executor's environment: with ``threads`` > 0, torch's and the BLAS libraries' thread pools at that size
-    (read once, when torch loads). Three nodes of 2 threads each on a 2-core machine spent most of a deployed round's
-    training in oversubscribed OpenMP threads: 4.5 s per round against 3.2 s with one thread each
-    (docs/benchmarks.md, deploy_overhead 2026-12-01)."""
+    (read once, when torch loads). Three nodes of 2 threads each on a 2-core machine trained in oversubscribed OpenMP
+    threads: 4.1 s per deployed round against 3.3 s with one thread each (docs/benchmarks.md, deploy_overhead
+    2026-12-01 16:18 and 16:20)."""
     if threads <= 0:
         return env
     return {**env, **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
