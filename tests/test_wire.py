@@ -85,3 +85,26 @@ def _manager(nodes: int):  # type: ignore[no-untyped-def]
     for nid in range(1, nodes + 1):
         manager.register(_Proxy(nid))
     return manager
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum"])
+def test_robust_aggregators_give_the_same_weights_on_flat_replies(name: str) -> None:
+    """Median and trimmed mean are coordinate-wise and Krum scores updates by distances over all values, so one
+    vector per client gives the same global weights as the tensors (SecAgg+ off: each reply is in clear)."""
+    from veil.strategies.robust import make_aggregator
+
+    initial = _tensors(0)
+    updates = [_tensors(seed) for seed in range(1, 6)]
+    got = {}
+    for layout in ("tensors", "flat"):
+        strategy = DeltaFedAvg(initial=[t.copy() for t in initial], clients_per_round=5, num_clients=5,
+                               join_timeout=0.1, aggregator=make_aggregator(name, num_malicious=1))
+        replies = [u if layout == "tensors" else [flatten(u)] for u in updates]
+        params, _ = strategy.aggregate_fit(1, [(_Proxy(i), _res(r, 1, upload_bytes=1, noise_std=0.0, refused=0,
+                                                                 can_train_next=True))
+                                                for i, r in enumerate(replies, start=1)], [])
+        got[layout] = parameters_to_ndarrays(params)
+    assert [g.shape for g in got["flat"]] == [t.shape for t in initial]
+    for a, b in zip(got["tensors"], got["flat"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not all(np.allclose(a, t) for a, t in zip(got["flat"], initial, strict=True)), "the weights moved"
