@@ -25,10 +25,12 @@ AUDIT = ["--canaries", "128", "--guesses", "16"]
 # 99.9% it needs 26 (0.03%); a mechanism that leaks like DP off (26-31 right) still fails it.
 CONSISTENT = ["--confidence", "0.999"]
 # The broken mechanism's audit: with the noise gone, what limits the white-box score is the other records' updates
-# (about 75% of its guesses are right, measured over 6 runs). At 128 canaries, 16+16 guesses and a claim of 0.1 the
-# bound needs 22 of 32 right, 1.3 standard errors below that rate (one full-suite run fell short); at 256 canaries,
-# 32+32 guesses and a claim of 0.01 it needs 40 of 64, 2.3 standard errors below. The noise stays 1e5x too small.
-BROKEN_AUDIT = ["--canaries", "256", "--guesses", "32"]
+# (about 70-75% of its guesses are right). At 128 canaries, 16+16 guesses and a claim of 0.1 the bound needs 22 of 32
+# right, 1.3 standard errors below that rate (one full-suite run fell short). At 256 canaries and a claim of 0.01,
+# eight runs (2026-12-01, scores kept, guesses re-counted): 32+32 guesses need 40 of 64 and got 42-48 (mean 45.6,
+# sd 2.4: ~2.5 sd of margin, ~0.6% of runs would fail); 40+40 need 49 of 80 and got 52-59 (mean 56.3, sd 2.1: ~3.7
+# sd, ~0.01%); 48+48 got 60-68 of 96 (need 57). The noise stays 1e5x too small.
+BROKEN_AUDIT = ["--canaries", "256", "--guesses", "40"]
 BROKEN_CLAIM = 0.01
 RUN = ["model=tiny_bert", "federation.batch_size=128", "federation.lr=0.05", "federation.partitioner=iid",
        "federation.local_steps=40", "federation.num_clients=2", "federation.clients_per_round=2",
