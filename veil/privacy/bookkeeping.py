@@ -143,10 +143,8 @@ class BookKeeping:
         recs = self.records[module]
         if any(r[1] is None for r in recs):
             return
-        layer = self._layer(module, recs)
-        sq = self._norm_sq(layer)
+        layer, sq = self._finish(module, recs)
         self._sq = sq if self._sq is None else self._sq + sq
-        layer.pack(self._packed)
         self._done.append(layer)
         for r in recs:  # the hook's partial holds the record until the graph is freed: empty it, so the unpacked
             r.clear()   # input and output gradient are freed now, not at the end of the backward
@@ -175,14 +173,18 @@ class BookKeeping:
                                  "book-keeping cannot clip it exactly; use privacy.grad_sample_mode=ghost")
         return LayerRecord(module, self.layers[module], records)
 
-    def _norm_sq(self, layer: LayerRecord) -> torch.Tensor:
-        """(B,) float64; the samplers of small layers re-run the layer's forward under torch.func, which must not be
-        captured as a training call (it would add a record and a hook in the middle of the backward)."""
+    def _finish(self, module: nn.Module, records: list[list[Any]]) -> tuple[LayerRecord, torch.Tensor]:
+        """A layer whose calls all have their output gradients: its (B,) float64 per-sample squared norms, then only
+        its live tokens kept. The samplers of small layers re-run the layer's forward under torch.func, which must
+        not be captured as a training call (it would add a record and a hook in the middle of the backward)."""
+        layer = self._layer(module, records)
         self._sampling = True
         try:
-            return layer.norm_sq(self._gram).to(torch.float64)
+            sq = layer.norm_sq(self._gram).to(torch.float64)
         finally:
             self._sampling = False
+        layer.pack(self._packed)
+        return layer, sq
 
     def _clipped_sum(self, batch: int, device: torch.device) -> None:
         layers = self._done
@@ -192,9 +194,9 @@ class BookKeeping:
         for module, recs in self.records.items():  # layers with a call whose output the loss did not use
             done = [r for r in recs if r[1] is not None]
             if done:
-                layers.append(self._layer(module, done))
-                sq += self._norm_sq(layers[-1])
-                layers[-1].pack(self._packed)
+                layer, layer_sq = self._finish(module, done)
+                layers.append(layer)
+                sq += layer_sq
         self._gram, self._packed = [None, None], [None, None, None]
         bad = ~torch.isfinite(sq)
         factor = (self.clip / (sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
