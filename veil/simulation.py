@@ -27,6 +27,7 @@ from veil.conf.preflight import follow_defaults, preflight, resolve_paths_and_la
 from veil.errors import ConfigError, VeilError
 
 log = logging.getLogger("veil")
+MAX_ALONE_REPORTED = 20  # banks whose own probe the report shows (one line each); larger populations: none
 
 _failures: list[str] = []
 
@@ -148,6 +149,11 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
         raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["majority_baseline"] = baseline
+    from veil.task.probe import banks_alone
+
+    alone = banks_alone(cfg) if cfg.federation.num_clients <= MAX_ALONE_REPORTED else []
+    if alone:
+        summary["banks_alone"] = alone
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     # (5) report
     from veil.server.metrics import summary_epsilon
@@ -155,6 +161,10 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
     eps = summary_epsilon(summary, delta=cfg.privacy.delta) if cfg.privacy.enabled else "no DP"
     reference = f" vs majority-class baseline {baseline:.4f}" if baseline == baseline else ""  # NaN: the task has none
     ppl = f"; perplexity {summary['perplexity']:.3f}" if "perplexity" in summary else ""
+    for row in alone:  # what each simulated owner gets without joining (veil.task.probe)
+        verdict = "gains" if summary.get("accuracy", 0.0) > row["accuracy"] else "does NOT gain"
+        print(f"bank {row['bank']} alone (non-private probe on its own {row['examples']} examples): "
+              f"{row['accuracy']:.4f}; by joining it {verdict}", flush=True)
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}{reference}{ppl}; {eps}; "
           f"model in {out_dir / 'model'}", flush=True)
     return summary

@@ -123,7 +123,7 @@ class VeilClient(NumPyClient):
             except ValueError:
                 raise NodeRefusal("the received weights do not match this node's model (size differs)") from None
         check_received(parameters, expected)
-        shard = self._shard()  # (2)
+        shard = self._shard(own)  # (2)
         examples = batch_size_of(shard)
         delta = settings.owner_delta(examples)
         if cfg.privacy.enabled:
@@ -153,9 +153,10 @@ class VeilClient(NumPyClient):
         # quantisation precision) and a size weight would tell the server each owner's data size.
         return update, 1, self._reply(update, can_train_next=can_train_next, refused=False, noise_std=noise_std)
 
-    def _shard(self) -> dict[str, Any]:
-        """This node's tokenized examples (step 2)."""
-        return client_shard(self.cfg, self.settings)
+    def _shard(self, own: VeilConfig) -> dict[str, Any]:
+        """This node's tokenized examples, or with ``model.tuning=head`` their sentence features from the owner's
+        own model (step 2)."""
+        return client_shard(own, self.settings)
 
     def _train(self, template: Any, parameters: list[np.ndarray], shard: dict[str, Any], *, plan: LocalPlan,
                device: Any, seed: int) -> LocalResult:

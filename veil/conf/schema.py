@@ -31,7 +31,14 @@ class ModelConfig:
     # Build a tiny BERT from a config in code instead of loading weights (tests; no download, seconds to train).
     tiny: bool = False
     max_length: int = 32  # BANKING77: 93% of texts fit in 32 MiniLM tokens; cost grows with length
-    lora: bool = True  # DESIGN.md decision 4: only adapters + head train and travel (~300x fewer bytes)
+    # What trains and travels (DESIGN.md decision 4; issue 22): head (the encoder frozen: a DP linear probe on its
+    # pooled features, computed once per node), lora (adapters + head), full (every parameter). Empty: from
+    # model.lora (the former switch: true -> lora, false -> full).
+    tuning: str = ""
+    lora: bool = True  # kept for old command lines; model.tuning decides (validate() keeps the two in step)
+    # auto: a sentence-transformers directory's own pooling (mean for MiniLM), else the family's classifier (pooler);
+    # mean | cls | max | last: a linear head on that pooled embedding; pooler: AutoModelForSequenceClassification
+    pooling: str = "auto"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise
@@ -114,6 +121,8 @@ class SecAggConfig:
     timeout: float = 600.0  # seconds per stage; a vanished client never hangs a round
 
 
+TUNINGS = ("head", "lora", "full")
+POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")  # veil.task.pooling
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum")
 ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")  # need each update in clear: SecAgg+ off only
 
@@ -254,6 +263,13 @@ class VeilConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("model.head_init", model.head_init, ("label_names", "random"))
         _choice("model.lora_variant", model.lora_variant, ("lora", "ffa"))
+        if not model.tuning:
+            model.tuning = "lora" if model.lora else "full"
+        _choice("model.tuning", model.tuning, TUNINGS)
+        model.lora = model.tuning == "lora"
+        _choice("model.pooling", model.pooling, POOLINGS)
+        if model.tuning == "head" and self.task.name != "classification":
+            _bad("model.tuning", model.tuning, "lora or full (task=causal_lm trains the language model itself)")
         if model.lora_variant == "ffa" and not model.lora:
             _bad("model.lora_variant", model.lora_variant, "lora (FFA-LoRA needs model.lora=true)")
         _positive_float("model.head_init_scale", model.head_init_scale)

@@ -16,7 +16,7 @@ from torch import nn
 
 from veil.conf.schema import DataConfig, VeilConfig
 from veil.task.data import TextExamples, encode_labels, read_examples, tokenize
-from veil.task.model import build_model, export_model, load_tokenizer
+from veil.task.model import build_model, export_model, load_tokenizer, sentence_features, uses_features
 
 
 class ClassificationTask:
@@ -46,14 +46,17 @@ class ClassificationTask:
     def tensors(self, examples: TextExamples, labels: list[str], cfg: VeilConfig, *,  # type: ignore[override]
                 path: str, evaluation: bool = False) -> dict[str, torch.Tensor]:
         enc = tokenize(load_tokenizer(cfg.model), examples.texts, max_length=cfg.model.max_length)
-        enc["labels"] = torch.as_tensor(encode_labels(examples, labels, path=path))  # (N,)
+        targets = torch.as_tensor(encode_labels(examples, labels, path=path))  # (N,)
+        if uses_features(cfg.model):  # model.tuning=head: the frozen encoder runs once, here; the head trains on these
+            return {"features": sentence_features(cfg.model, enc, seed=cfg.federation.seed), "labels": targets}
+        enc["labels"] = targets
         return enc
 
     def build_model(self, cfg: VeilConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:
         return build_model(cfg.model, labels, seed=seed, dropout=dropout)
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, K)
+        logits = model(**model_inputs(batch)).logits  # (B, K)
         return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
 
     @torch.no_grad()
@@ -64,15 +67,14 @@ class ClassificationTask:
         loss_sum, correct = 0.0, 0
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
-            logits = model(input_ids=data["input_ids"][sl].to(device),
-                           attention_mask=data["attention_mask"][sl].to(device)).logits  # (B, K)
+            logits = model(**{k: t[sl].to(device) for k, t in model_inputs(data).items()}).logits  # (B, K)
             labels = data["labels"][sl].to(device)
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(dim=-1) == labels).sum())
         return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}
 
     def export(self, model: nn.Module, cfg: VeilConfig, out_dir: Path) -> Path:
-        return export_model(model, load_tokenizer(cfg.model), out_dir)
+        return export_model(model, load_tokenizer(cfg.model), out_dir, max_length=cfg.model.max_length)
 
     def baseline(self, cfg: VeilConfig) -> float:
         """Accuracy of always predicting the most frequent training label on the evaluation split."""
@@ -90,6 +92,13 @@ class ClassificationTask:
         for path in (cfg.data.train_path, cfg.data.test_path):
             if path:  # no test file: the split's test rows come from the training file
                 encode_labels(read_examples(path, cfg.data), labels, path=path)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the classifier is called with: the cached sentence features (``model.tuning=head``) or the tokens."""
+    if "features" in batch:
+        return {"features": batch["features"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 TASK = ClassificationTask()

@@ -20,6 +20,7 @@ from torch import nn
 
 from veil.conf.schema import ModelConfig
 from veil.errors import ModelError
+from veil.task.pooling import Pooling, PooledClassifier, resolve_pooling
 
 log = logging.getLogger("veil.task")
 
@@ -62,12 +63,16 @@ def _tokenizer_at(path: str) -> object:
 
 
 def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:
-    """The classifier for ``labels``; with ``cfg.lora`` only the adapters and the head are trainable.
+    """The classifier for ``labels``, with what ``model.tuning`` trains marked trainable: the head alone (``head``),
+    LoRA adapters and the head (``lora``), or everything (``full``).
 
+    ``model.pooling`` (:mod:`veil.task.pooling`) picks the architecture: the family's own
+    ``AutoModelForSequenceClassification`` (``pooler``), or a :class:`~veil.task.pooling.PooledClassifier` (a linear
+    head on the mean / cls / max / last pooled embedding; ``auto`` follows a sentence-transformers directory).
     ``seed`` fixes the new head and adapter initialisation, so every process builds the same starting point.
     ``dropout`` overrides the model's hidden and attention dropout (tests use 0 for exact comparisons).
     """
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected: the head is new
@@ -76,13 +81,15 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    pooling = model_pooling(cfg)
     torch.manual_seed(seed)
-    if cfg.tiny:
-        config = BertConfig(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128, num_labels=len(labels), id2label=id2label, label2id=label2id, **extra,
-        )
-        model: nn.Module = BertForSequenceClassification(config)
+    model: nn.Module
+    if pooling.mode != "pooler":
+        model = PooledClassifier(base_encoder(cfg, extra), pooling, len(labels))
+        model.config.id2label, model.config.label2id = id2label, label2id
+    elif cfg.tiny:
+        model = BertForSequenceClassification(_tiny_config(num_labels=len(labels), id2label=id2label,
+                                                           label2id=label2id, **extra))
     else:
         path = model_dir(cfg)
         try:
@@ -95,12 +102,96 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
     pad_token_for(tokenizer, model)
     if cfg.head_init == "label_names":
         init_head_from_label_names(model, tokenizer, labels, scale=cfg.head_init_scale)
-    if cfg.lora:
-        model = with_lora(model, cfg, task_type="SEQ_CLS", seed=seed)
-    else:
+    return with_tuning(model, cfg, num_labels=len(labels), seed=seed)
+
+
+def with_tuning(model: nn.Module, cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
+    """Mark what ``model.tuning`` trains; everything else is frozen and never travels."""
+    if cfg.tuning == "full":
         for param in model.parameters():
             param.requires_grad_(True)
-    return model
+        return model
+    if cfg.tuning == "head":
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for param in _final_layer(model, num_labels).parameters():
+            param.requires_grad_(True)
+        return model
+    if isinstance(model, PooledClassifier):  # LoRA on the encoder; the head beside it trains too
+        model.encoder = with_lora(model.encoder, cfg, task_type="FEATURE_EXTRACTION", seed=seed)
+        model.head.requires_grad_(True)
+        return model
+    return with_lora(model, cfg, task_type="SEQ_CLS", seed=seed)
+
+
+def model_pooling(cfg: ModelConfig) -> Pooling:
+    """``model.pooling`` resolved for this model (``auto``: a sentence-transformers directory's own pooling)."""
+    return resolve_pooling(cfg.pooling, None if cfg.tiny else model_dir(cfg))
+
+
+def uses_features(cfg: ModelConfig) -> bool:
+    """True when training needs only the frozen encoder's pooled embeddings (``model.tuning=head`` on a
+    :class:`~veil.task.pooling.PooledClassifier`): the node computes them once and DP-SGD trains the head on them."""
+    return cfg.tuning == "head" and model_pooling(cfg).mode != "pooler"
+
+
+def base_encoder(cfg: ModelConfig, extra: dict[str, float] | None = None) -> nn.Module:
+    """The bare encoder (``AutoModel``: no task head) of ``model.path``, or a tiny BERT for tests (its weights come
+    from torch's global RNG: seed it first)."""
+    from transformers import AutoModel, BertModel
+
+    if cfg.tiny:
+        return BertModel(_tiny_config(**(extra or {})), add_pooling_layer=False)
+    path = model_dir(cfg)
+    try:
+        return AutoModel.from_pretrained(str(path), local_files_only=True, **(extra or {}))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a model from {path} ({str(err).splitlines()[0]}); check model.path") from err
+
+
+def _tiny_config(**kwargs: object) -> object:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, **kwargs)
+
+
+@functools.lru_cache(maxsize=2)
+def _feature_encoder(cfg_json: str, seed: int) -> nn.Module:
+    import json
+
+    from veil.conf.schema import ModelConfig as _ModelConfig
+
+    cfg = _ModelConfig(**json.loads(cfg_json))
+    torch.manual_seed(seed)
+    encoder = base_encoder(cfg)
+    model = PooledClassifier(encoder, model_pooling(cfg), 2)  # the head is not used: embed() only
+    pad_token_for(load_tokenizer(cfg), model)
+    return model.eval()
+
+
+@torch.no_grad()
+def sentence_features(cfg: ModelConfig, enc: dict[str, torch.Tensor], *, seed: int, device: torch.device | None = None,
+                      batch_size: int = 256) -> torch.Tensor:
+    """The frozen encoder's pooled embeddings of tokenized texts, (N, H) float32 on the CPU.
+
+    Forward only, in evaluation mode, on the process's own copy of the base encoder (built as :func:`build_model`
+    builds it for the same ``seed``), so they equal what the model computes before its head. Nothing here leaves
+    the process: on a node they are the owner's data, kept in memory like the tokens they come from.
+    """
+    import dataclasses
+    import json
+
+    model = _feature_encoder(json.dumps(dataclasses.asdict(cfg), sort_keys=True), seed)
+    device = device or resolve_device("auto")
+    model.to(device)
+    n = int(enc["input_ids"].shape[0])
+    chunks = []
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        chunks.append(model.embed(enc["input_ids"][sl].to(device), enc["attention_mask"][sl].to(device)).float().cpu())
+    hidden = int(model.head.in_features)
+    return torch.cat(chunks) if chunks else torch.zeros((0, hidden), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -259,8 +350,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def export_model(model: nn.Module, tokenizer: object, out_dir: Path) -> Path:
-    """Save the model with adapters merged (``save_pretrained`` + tokenizer) into ``out_dir``.
+def export_model(model: nn.Module, tokenizer: object, out_dir: Path, *, max_length: int = 512) -> Path:
+    """Save the model with adapters merged into ``out_dir``: ``save_pretrained`` + tokenizer for a Hugging Face
+    classifier; the sentence-transformers layout for a :class:`~veil.task.pooling.PooledClassifier`
+    (:func:`veil.task.pooling.export_sentence_transformer`, truncating at ``max_length`` tokens as veil did).
 
     Written into a temporary sibling directory first and renamed into place, so a crash never leaves a half
     written model behind.
@@ -270,13 +363,23 @@ def export_model(model: nn.Module, tokenizer: object, out_dir: Path) -> Path:
 
     from transformers.utils import logging as hf_logging
 
+    from veil.task.pooling import export_sentence_transformer
+
     hf_logging.disable_progress_bar()
     merged = copy.deepcopy(model)
-    if hasattr(merged, "merge_and_unload"):
+    if isinstance(merged, PooledClassifier) and hasattr(merged.encoder, "merge_and_unload"):
+        merged.encoder = merged.encoder.merge_and_unload()
+    elif hasattr(merged, "merge_and_unload"):
         merged = merged.merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
+    tmp.mkdir(parents=True)
+    if isinstance(merged, PooledClassifier):
+        merged.encoder.save_pretrained(str(tmp))
+        labels = [merged.config.id2label[i] for i in range(merged.head.out_features)]
+        export_sentence_transformer(merged, tmp, labels, max_length=max_length)
+    else:
+        merged.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -94,7 +94,7 @@ def eval_split(cfg: VeilConfig) -> dict[str, torch.Tensor]:
     return _eval_cached(_key(cfg))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partition: int | None) -> dict[str, torch.Tensor]:
     cfg = _cfg(flat_json)
     data = DataConfig(**json.loads(data_json))
