@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.common import add_output_args
 
     add_output_args(ap, quick="--epsilons 4 --rounds 2 --steps 2", root=Path(__file__).resolve().parents[1])
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     study(args, argv)
 
 

@@ -27,7 +27,10 @@ def test_a_trainable_embedding_alone_means_bk() -> None:
     assert pick_grad_sample_mode(model) == "bk"  # 16k trainable of 16k: a (B, V, H) per-sample gradient
     model[0].weight.requires_grad_(False)
     model[1].weight.requires_grad_(True)
-    assert pick_grad_sample_mode(model) == "hooks"  # 32 of 16,034 parameters, no embedding
+    assert pick_grad_sample_mode(model) == "bk"  # a head alone (model.tuning=head): no (B, K, H) gradient needed
+    two = nn.Sequential(nn.Embedding(1000, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    two[0].weight.requires_grad_(False)
+    assert pick_grad_sample_mode(two) == "hooks"  # 306 of 16,306 parameters in two layers, no embedding
 
 
 def test_unknown_mode_is_refused() -> None:

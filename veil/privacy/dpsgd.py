@@ -41,6 +41,10 @@ from veil.privacy.exact import inexact_layer, install_samplers, keep_padding_row
 from veil.privacy.modes import resolve_grad_sample_mode
 
 log = logging.getLogger("veil.privacy")
+# A frozen encoder under a trained head (model.tuning=head): the head's input needs no gradient, and torch says so at
+# every backward through Opacus' hooks. Expected, harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                        "module outputs since no inputs require gradients")
 
 
 @dataclass

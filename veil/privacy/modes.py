@@ -44,10 +44,17 @@ def pick_grad_sample_mode(module: nn.Module) -> str:
         trainable += p.numel() if p.requires_grad else 0
     embedding_trains = any(isinstance(m, nn.Embedding) and m.weight.requires_grad for m in module.modules())
     share = trainable / total if total else 0.0
-    mode = "bk" if embedding_trains or share > HOOKS_MAX_TRAINABLE_SHARE else "hooks"
+    mode = "bk" if embedding_trains or share > HOOKS_MAX_TRAINABLE_SHARE or _head_only(module) else "hooks"
     log.debug("grad_sample_mode=auto: %s (%.2f%% of parameters train, embedding trains: %s)",
               mode, 100 * share, embedding_trains)
     return mode
+
+
+def _head_only(module: nn.Module) -> bool:
+    """Every trainable parameter sits in one ``nn.Linear`` (``model.tuning=head``): book-keeping clips it from the
+    layer's inputs and output gradients with no (B, K, H) per-sample gradient, 2-3x faster than hooks there."""
+    owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return len(owners) == 1 and isinstance(owners[0], nn.Linear)
 
 
 def resolve_grad_sample_mode(mode: str, module: nn.Module) -> str:

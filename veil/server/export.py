@@ -39,7 +39,8 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
     """
     priv, fed = cfg.privacy, cfg.federation
     lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {get_task(cfg.task.name).pipeline_tag}", "tags: [veil, federated-learning, differential-privacy]", "---",
+        "---", f"library_name: {_library(cfg)}", f"base_model: {_identity(cfg)[0]}", f"license: {_identity(cfg)[1]}",
+        f"pipeline_tag: {get_task(cfg.task.name).pipeline_tag}", "tags: [veil, federated-learning, differential-privacy]", "---",
         "", f"# {cfg.run_name}: federated fine-tune of {cfg.model.name}", "",
         _training_line(cfg), "", "## Privacy guarantee", "", _guarantee(cfg, summary), "",
         "| field | value |", "|---|---|",
@@ -58,14 +59,46 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         f"({summary.get('eval_examples', 0)} examples)"
         + (f"; perplexity {summary['perplexity']:.3f}." if "perplexity" in summary else "."),
         "", "## Model", "",
-        f"Base model: {cfg.model.name}; "
-        + (f"LoRA r={cfg.model.lora_r} on {cfg.model.lora_targets}, merged into the weights; classification head trained."
-           if cfg.model.lora else "full fine-tuning.")
-        + (" The head started from the encoded label names (public; no privacy cost)."
-           if cfg.model.head_init == "label_names" and get_task(cfg.task.name).pipeline_tag == "text-classification" else ""),
+        _model_line(cfg),
         "",
     ]
     return "\n".join(lines)
+
+
+def _identity(cfg: VeilConfig) -> tuple[str, str]:
+    from veil.task.packaged import base_model_identity
+
+    return base_model_identity(cfg.model.path, cfg.model.source) if not cfg.model.tiny else ("tiny test model", "none")
+
+
+def _library(cfg: VeilConfig) -> str:
+    from veil.task.model import model_pooling
+
+    pooled = cfg.task.name == "classification" and model_pooling(cfg.model).mode != "pooler"
+    return "sentence-transformers" if pooled else "transformers"
+
+
+def _model_line(cfg: VeilConfig) -> str:
+    """The base model by its Hugging Face id and licence, how it is read, and which layers trained."""
+    from veil.task.model import model_pooling, tuning_of
+
+    base_id, licence = _identity(cfg)
+    model = cfg.model
+    trained = {"head": "only the classification head trained; the base model's weights are unchanged",
+               "lora": f"LoRA r={model.lora_r} on {model.lora_targets} (merged into the weights) and the head trained",
+               "full": "every weight trained (full fine-tuning)"}[tuning_of(model)]
+    line = f"Base model: {base_id} (licence: {licence}); {trained}."
+    if get_task(cfg.task.name).pipeline_tag == "text-classification":
+        pooling = model_pooling(model)
+        if pooling.mode != "pooler":
+            line += (f" The head reads the {pooling.mode}-pooled{' and L2-normalised' if pooling.normalize else ''} "
+                     "sentence embedding; load it with `SentenceTransformer(dir).encode(texts)` (logits) or "
+                     "`veil.load_classifier(dir).predict(texts)` (label names).")
+        else:
+            line += " Load it with `AutoModelForSequenceClassification.from_pretrained(dir)`."
+        if model.head_init == "label_names":
+            line += " The head started from the encoded label names (public; no privacy cost)."
+    return line
 
 
 def _training_line(cfg: VeilConfig) -> str:

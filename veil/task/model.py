@@ -105,13 +105,19 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
     return with_tuning(model, cfg, num_labels=len(labels), seed=seed)
 
 
+def tuning_of(cfg: ModelConfig) -> str:
+    """``model.tuning``; empty (an unvalidated config) means what ``model.lora`` says."""
+    return cfg.tuning or ("lora" if cfg.lora else "full")
+
+
 def with_tuning(model: nn.Module, cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
     """Mark what ``model.tuning`` trains; everything else is frozen and never travels."""
-    if cfg.tuning == "full":
+    tuning = tuning_of(cfg)
+    if tuning == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    if cfg.tuning == "head":
+    if tuning == "head":
         for param in model.parameters():
             param.requires_grad_(False)
         for param in _final_layer(model, num_labels).parameters():
@@ -132,7 +138,7 @@ def model_pooling(cfg: ModelConfig) -> Pooling:
 def uses_features(cfg: ModelConfig) -> bool:
     """True when training needs only the frozen encoder's pooled embeddings (``model.tuning=head`` on a
     :class:`~veil.task.pooling.PooledClassifier`): the node computes them once and DP-SGD trains the head on them."""
-    return cfg.tuning == "head" and model_pooling(cfg).mode != "pooler"
+    return tuning_of(cfg) == "head" and model_pooling(cfg).mode != "pooler"
 
 
 def base_encoder(cfg: ModelConfig, extra: dict[str, float] | None = None) -> nn.Module:

