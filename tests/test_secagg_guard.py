@@ -25,9 +25,11 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract, parameters_mod, parameters_subtraction
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.compat.common import recorddict_compat as compat
 
+from veil.flower_patches import MASK_GENERATOR
+from veil.flower_patches import full_key_masks as pseudo_rand_gen  # the ServerApp's generator (veil's patch)
+from veil.security.roster import MASK_GENERATOR_KEY, RECORD
 from veil.client.secagg_guard import REFUSAL_CODE, REFUSAL_REASON, SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.conf.schema import VeilConfig
 
@@ -83,9 +85,14 @@ class Round:
         self.ciphertexts: list[tuple[int, int, bytes]] = []
         self.masked: dict[int, list[np.ndarray]] = {}
 
-    def send(self, node: int, configs: dict[str, Any], with_fitins: bool = False) -> Message:
+    def send(self, node: int, configs: dict[str, Any], with_fitins: bool = False,
+             extra: dict[str, Any] | None = None) -> Message:
         content = _fitins() if with_fitins else RecordDict()
         content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(configs)
+        if configs.get(Key.STAGE) == Stage.SETUP:  # veil's ServerApp announces its mask generator (KeyRelay)
+            content.config_records[RECORD] = ConfigRecord({MASK_GENERATOR_KEY: MASK_GENERATOR})
+        for name, record in (extra or {}).items():
+            content.config_records[name] = ConfigRecord(record)
         return self.mod(_incoming(node, content), self.contexts[node], self.app)
 
     def to_collect(self) -> None:
