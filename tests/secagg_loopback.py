@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -79,7 +80,11 @@ class LoopbackGrid:
             meta = Metadata(run_id=RUN_ID, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=node,
                             reply_to_message_id="", group_id=msg.metadata.group_id, created_at=time.time(),
                             ttl=600.0, message_type=msg.metadata.message_type)
-            reply = self.apps[node](Message(metadata=meta, content=content), self.contexts[node])
+            incoming = Message(metadata=meta, content=content)
+            try:
+                reply = self.apps[node](incoming, self.contexts[node])
+            except Exception as err:  # noqa: BLE001  (the SuperNode turns an app's exception into an error reply)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err)), reply_to=incoming)
             self.replies.setdefault(stage, {})[node] = reply
             out.append(reply)
         return out
