@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -116,7 +116,7 @@ def _load_roster(path: str, _mtime_ns: int) -> Roster:
             continue
         try:
             key = serialization.load_ssh_public_key(" ".join(text.split()[:2]).encode())
-        except (ValueError, TypeError, IndexError) as err:
+        except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as err:
             raise ConfigError(f"roster {path} line {number} is not an OpenSSH public key; use the .pub files from "
                               "`veil keygen`") from err
         if not isinstance(key, Ed25519PublicKey):
