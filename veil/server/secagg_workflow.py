@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 
@@ -49,13 +49,8 @@ class KeyRelay:
         messages = list(messages)
         stages = {m.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) for m in messages
                   if RECORD_KEY_CONFIGS in m.content.config_records}
-        for msg in messages:
-            if Stage.SETUP in stages:
-                msg.content.config_records[RECORD] = ConfigRecord({MASK_GENERATOR_KEY: MASK_GENERATOR})
-            elif Stage.SHARE_KEYS in stages:
-                listed = msg.content.config_records[RECORD_KEY_CONFIGS].keys()
-                msg.content.config_records[RECORD] = ConfigRecord(
-                    {nid: self.signatures[nid] for nid in listed if nid in self.signatures})
+        if stages & {Stage.SETUP, Stage.SHARE_KEYS}:
+            messages = [self._with_record(msg, Stage.SETUP in stages) for msg in messages]
         replies = list(self.grid.send_and_receive(messages, *args, **kwargs))
         if Stage.SETUP in stages:
             for reply in replies:
@@ -64,6 +59,17 @@ class KeyRelay:
                     self.signatures[str(reply.metadata.src_node_id)] = [signed[OWNER_KEY],
                                                                         signed.get(SIGNATURE_KEY, b"")]
         return replies
+
+    def _with_record(self, msg: Message, setup: bool) -> Message:
+        """A fresh message with Flower's records and veil's (Flower's SETUP messages share one content object)."""
+        records = {name: ConfigRecord(dict(rec)) for name, rec in msg.content.config_records.items()}
+        if setup:
+            records[RECORD] = ConfigRecord({MASK_GENERATOR_KEY: MASK_GENERATOR})
+        else:
+            listed = records[RECORD_KEY_CONFIGS].keys()
+            records[RECORD] = ConfigRecord({nid: self.signatures[nid] for nid in listed if nid in self.signatures})
+        return Message(content=RecordDict(records), dst_node_id=msg.metadata.dst_node_id,
+                       message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
 
 
 class DropoutTolerantSecAggPlus(SecAggPlusWorkflow):
