@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [(size,)]
         old = median_seconds(lambda: flower(seed, 2**32, shapes), args.repeats)
         new = median_seconds(lambda: full_key_masks(seed, 2**32, shapes), args.repeats)
-        rows.append([f"{size:,}", f"{old * 1e3:.1f}", f"{new * 1e3:.1f}", f"{new / old:.2f}x", f"{(new - old) * 3e3:+.1f}"])
+        rows.append([f"{size:,}", f"{old * 1e3:.1f}", f"{new * 1e3:.1f}", f"{new / old:.2f}x",
+                     f"{(new - old) * 3e3:+.1f}"])
     key = Ed25519PrivateKey.generate()
     statement = key_statement(run_id=1, round_id="1", node_id=7, pk1=b"p" * 178, pk2=b"q" * 178)
     signature = key.sign(statement)

@@ -32,7 +32,8 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_a_roster_line(tmp_
     assert raw_public(load_signing_key(tmp_path / "bob.key")) in roster.members
 
 
-def test_keygen_refuses_to_overwrite_and_bad_names_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keygen_refuses_to_overwrite_and_bad_names_in_one_line(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     _keygen(tmp_path, "alice")
     assert main(["keygen", "--out", str(tmp_path), "--name", "alice"]) == 2
     assert main(["keygen", "--out", str(tmp_path), "--name", "a b"]) == 2

@@ -218,7 +218,8 @@ def test_pairwise_and_private_masks_cancel_exactly_in_the_sum() -> None:
         total = [t - m for t, m in zip(total, full_key_masks(private[i], modulus, shapes))]
     plain = [sum(values[i][k] for i in nodes) for k in range(len(shapes))]
     assert all(np.array_equal(np.mod(t, modulus), p) for t, p in zip(total, plain))
-    assert all(m.min() >= 0 and m.max() < modulus and m.dtype == np.int64 for m in full_key_masks(b"k" * 32, modulus, shapes))
+    masks = full_key_masks(b"k" * 32, modulus, shapes)
+    assert all(m.min() >= 0 and m.max() < modulus and m.dtype == np.int64 for m in masks)
 
 
 def test_the_mask_patch_refuses_an_untested_flower(monkeypatch: pytest.MonkeyPatch) -> None:

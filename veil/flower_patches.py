@@ -212,8 +212,8 @@ def full_strength_masks() -> None:
 
     version = getattr(flwr, "__version__", "?")
     if version not in MASK_PATCH_TESTED:
-        raise RuntimeError(f"flwr {version}: veil's SecAgg+ mask patch is tested on flwr {', '.join(MASK_PATCH_TESTED)} "
-                           "only; install one of those")
+        raise RuntimeError(f"flwr {version}: veil's SecAgg+ mask patch is tested on flwr "
+                           f"{', '.join(MASK_PATCH_TESTED)} only; install one of those")
     modules = [importlib.import_module(name) for name in _MASK_CALLERS]
     flower_gens = {id(g): g for g in (getattr(m, "pseudo_rand_gen", None) for m in modules) if g is not full_key_masks}
     for gen in flower_gens.values():

@@ -261,7 +261,8 @@ def _unmask_refusal(configs: ConfigRecord, state: ConfigRecord, own: set[object]
     if isinstance(threshold, int) and len(active) < threshold:
         return f"SecAgg+ unmask lists {len(active)} active nodes, below the threshold {threshold}"
     if len(active) < least:
-        return f"SecAgg+ unmask lists {len(active)} active nodes; this node's neighbourhood may not shrink below {least}"
+        return (f"SecAgg+ unmask lists {len(active)} active nodes; this node's neighbourhood may not shrink below "
+                f"{least}")
     holders = set(_list(state.get("rd_seed_share_dict:K")))
     if not set(active) <= holders or not set(dead) <= holders:
         return "SecAgg+ unmask names a node this node holds no share of"

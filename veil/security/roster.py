@@ -95,7 +95,8 @@ def check_neighbour_keys(roster: Roster, *, own: bytes, signed: Mapping[int, tup
         if roster.name_of(owner) is None:
             return f"the keys of node {node_id} are signed by a key not in this node's roster"
         if owner in signers:
-            return f"the keys of node {node_id} are signed by an owner already in this neighbourhood ({roster.name_of(owner)})"
+            return (f"the keys of node {node_id} are signed by an owner already in this neighbourhood "
+                    f"({roster.name_of(owner)})")
         statement = key_statement(run_id=run_id, round_id=round_id, node_id=node_id, pk1=pk1, pk2=pk2)
         if not verify_statement(owner, signature, statement):
             return f"the keys of node {node_id} do not carry {roster.name_of(owner)}'s signature for this round"
