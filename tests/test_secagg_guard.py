@@ -25,9 +25,11 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract, parameters_mod, parameters_subtraction
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.compat.common import recorddict_compat as compat
 
+from veil.flower_patches import MASK_GENERATOR
+from veil.flower_patches import full_key_masks as pseudo_rand_gen  # the ServerApp's generator (veil's patch)
+from veil.security.roster import MASK_GENERATOR_KEY, RECORD
 from veil.client.secagg_guard import REFUSAL_CODE, REFUSAL_REASON, SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.conf.schema import VeilConfig
 
@@ -83,9 +85,14 @@ class Round:
         self.ciphertexts: list[tuple[int, int, bytes]] = []
         self.masked: dict[int, list[np.ndarray]] = {}
 
-    def send(self, node: int, configs: dict[str, Any], with_fitins: bool = False) -> Message:
+    def send(self, node: int, configs: dict[str, Any], with_fitins: bool = False,
+             extra: dict[str, Any] | None = None) -> Message:
         content = _fitins() if with_fitins else RecordDict()
         content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(configs)
+        if configs.get(Key.STAGE) == Stage.SETUP:  # veil's ServerApp announces its mask generator (KeyRelay)
+            content.config_records[RECORD] = ConfigRecord({MASK_GENERATOR_KEY: MASK_GENERATOR})
+        for name, record in (extra or {}).items():
+            content.config_records[name] = ConfigRecord(record)
         return self.mod(_incoming(node, content), self.contexts[node], self.app)
 
     def to_collect(self) -> None:
@@ -252,3 +259,73 @@ def test_policy_is_validated() -> None:
                      quantization_range=2**22, modulus_range=2**32)
     with pytest.raises(TypeError):
         SecAggPolicy(3, 2)  # type: ignore[misc]  # keyword-only
+
+
+# --- a coordinator that shrinks the neighbourhood (issue 24, privacy review N5b) ------------------------------------
+
+def _collect_from(rnd: Round, node: int, sources: list[int]) -> Message:
+    mine = [(s, c) for s, d, c in rnd.ciphertexts if d == node and s in sources]
+    return rnd.send(node, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: [c for _, c in mine],
+                           Key.SOURCE_LIST: [s for s, _ in mine]}, with_fitins=True)
+
+
+def _to_share_keys(rnd: Round) -> None:
+    for n in NODES:
+        out = rnd.send(n, dict(SETUP)).content.config_records[RECORD_KEY_CONFIGS]
+        rnd.keys[n] = [out[Key.PUBLIC_KEY_1], out[Key.PUBLIC_KEY_2]]
+    for n in NODES:
+        out = rnd.send(n, {Key.STAGE: Stage.SHARE_KEYS, **{str(m): rnd.keys[m] for m in NODES}})
+        rec = out.content.config_records[RECORD_KEY_CONFIGS]
+        rnd.ciphertexts += [(n, d, c) for d, c in zip(rec[Key.DESTINATION_LIST], rec[Key.CIPHERTEXT_LIST])]
+
+
+def test_a_single_neighbour_collect_is_answered_by_flowers_mod_alone() -> None:
+    """The reference for the test below (review probe P4b: 1 + 1 >= threshold 2)."""
+    rnd = Round(mod=secaggplus_mod)
+    _to_share_keys(rnd)
+    reply = _collect_from(rnd, 11, [22])
+    assert not reply.has_error() and rnd.app.calls == [11]
+
+
+def test_a_single_neighbour_collect_is_refused_before_training() -> None:
+    rnd = Round()
+    _to_share_keys(rnd)
+    assert _is_refusal(_collect_from(rnd, 11, [22]))
+    assert rnd.app.calls == []  # nothing trained, nothing masked against one neighbour only
+
+
+def test_a_single_neighbour_collect_passes_when_the_owner_tolerates_a_drop_out() -> None:
+    rnd = Round(replace(POLICY, max_dropouts=1))
+    _to_share_keys(rnd)
+    assert not _collect_from(rnd, 11, [22]).has_error()
+
+
+@pytest.mark.parametrize(("active", "dead"), [([11, 22], []), ([11, 22], [33])], ids=["shrunk", "one-dead"])
+def test_a_shrunk_unmask_is_refused(active: list[int], dead: list[int]) -> None:
+    rnd = Round()
+    rnd.to_collect()
+    assert _is_refusal(rnd.unmask(11, active, dead))
+
+
+def test_a_shrunk_share_keys_is_refused() -> None:
+    rnd = Round()
+    for n in NODES:
+        out = rnd.send(n, dict(SETUP)).content.config_records[RECORD_KEY_CONFIGS]
+        rnd.keys[n] = [out[Key.PUBLIC_KEY_1], out[Key.PUBLIC_KEY_2]]
+    assert _is_refusal(rnd.send(11, {Key.STAGE: Stage.SHARE_KEYS, **{str(m): rnd.keys[m] for m in (11, 22)}}))
+
+
+@pytest.mark.parametrize("setup_change", [{Key.SAMPLE_NUMBER: 2}, {Key.SAMPLE_NUMBER: 2.0}], ids=["two", "float"])
+def test_a_setup_for_fewer_nodes_than_the_minimum_is_refused(setup_change: dict[str, Any]) -> None:
+    rnd = Round()
+    assert _is_refusal(rnd.send(11, {**SETUP, **setup_change}))
+
+
+def test_a_setup_without_veils_mask_generator_is_refused() -> None:
+    """A ServerApp with Flower's 32-bit generator would leave masks that never cancel (and weak ones)."""
+    rnd = Round()
+    content = RecordDict()
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(dict(SETUP))
+    assert _is_refusal(rnd.mod(_incoming(11, content), rnd.contexts[11], rnd.app))
+    wrong = rnd.send(22, dict(SETUP), extra={RECORD: {MASK_GENERATOR_KEY: "mt19937-xor32"}})  # replaces veil's
+    assert _is_refusal(wrong)

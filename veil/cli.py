@@ -26,6 +26,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("veil.security.certs", "create a CA, a server certificate and node key pairs"),
     "server": ("veil.server.deploy", "start the coordinator (SuperLink with TLS + node auth) and submit a run"),
     "client": ("veil.client.node", "start a data owner's node (SuperNode) next to its private data"),
+    "keygen": ("veil.security.roster", "make a data owner's signing key pair for a SecAgg+ roster"),
 }
 
 

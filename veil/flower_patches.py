@@ -1,5 +1,5 @@
-"""The only module in veil that patches Flower: two hard-coded waits of Flower 1.41's deployment transport and the
-simulation engine's sweep over every node (issue 14).
+"""The only module in veil that patches Flower: two hard-coded waits of Flower 1.41's deployment transport, the
+simulation engine's sweep over every node (issue 14), and SecAgg+'s 32-bit mask generator (issue 24).
 
 Why patches: none of the three is a setting of ``flower-supernode``, the SuperLink, the ServerApp or
 ``run_simulation``; the waits are most of a deployed round's wall time and the sweep most of a round of a
@@ -30,6 +30,18 @@ Why patches: none of the three is a setting of ``flower-supernode``, the SuperLi
    ``get_message_ins`` for each of them exactly as before (so delivery marks, TTL checks and the one-message-per-
    node-per-pass order are Flower's). Other LinkStates keep Flower's loop.
 
+4. **SecAgg+'s mask generator** (``flwr/common/secure_aggregation/secaggplus_utils.py``, ``pseudo_rand_gen``):
+   every mask (a node's private mask from its 32-byte seed, each pairwise mask from a 32-byte ECDH-derived key)
+   comes from ``np.random.RandomState(seed32)`` where ``seed32`` XOR-folds the key's 4-byte words into one 32-bit
+   integer. A coordinator who holds a node's masked vector and can remove all but one mask (privacy review N5)
+   needs ~2^32 generator runs to find the last one. :func:`full_strength_masks` rebinds the name in the three
+   modules that hold it (the utils module, the node's ``secaggplus_mod`` module and the ServerApp's
+   ``secaggplus_workflow`` module, both of which import it by name) to :func:`full_key_masks`: ChaCha20 keyed with
+   SHA-256 of the *whole* key, so finding a mask costs a 256-bit key search. Node and ServerApp must use the same
+   generator or the masks do not cancel: veil's workflow announces :data:`MASK_GENERATOR` in its SETUP message and
+   a node refuses a SETUP without it (:mod:`veil.client.secagg_guard`). The patch refuses any Flower version
+   outside :data:`MASK_PATCH_TESTED` (one line). Upstream proposal: docs/benchmarks.md, "Upstream proposals".
+
 Each patch checks that the code it patches is still there and fails with one line otherwise; it changes nothing
 else, and the processes it runs in are veil's own (the node's SuperNode and executor, the ServerApp of a
 deployment). The upstream proposal (a ``--poll-interval`` on ``flower-supernode``, a ``pull_interval`` on the grid,
@@ -41,12 +53,16 @@ and a first object-pull retry in tens of milliseconds or a long-poll ``PullObjec
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import sys
 import time as _time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 DEFAULT_POLL_INTERVAL = 0.25  # seconds; Flower's own: 3 s between empty pulls, 0.5 s while awaiting a reply
 LOCAL_WAIT = 0.02  # seconds between the SuperNode's looks at its own state while the executor works (Flower: 0.5)
@@ -149,6 +165,64 @@ def sweep_only_addressed_nodes() -> Callable[..., Any]:
 
     engine.add_messages_to_queue = sweep
     return sweep
+
+
+MASK_GENERATOR = "chacha20-sha256/1"  # what a node checks the ServerApp announces (both sides must agree)
+MASK_PATCH_TESTED = ("1.41.0", "1.42.0")  # Flower versions whose pseudo_rand_gen and its callers were read
+_MASK_UTILS = "flwr.common.secure_aggregation.secaggplus_utils"
+_MASK_CALLERS = (_MASK_UTILS, "flwr.client.mod.secure_aggregation.secaggplus_mod",
+                 "flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+_MASK_DOMAIN = b"veil secagg+ mask " + MASK_GENERATOR.encode() + b"\x00"
+
+
+def full_key_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Masks in ``[0, num_range)`` (a power of 2) for arrays of the given shapes, from every bit of ``seed``.
+
+    The stream is ChaCha20 (RFC 8439; ``cryptography``) under the key SHA-256(domain || seed), nonce and counter 0;
+    each value is one little-endian 64-bit word of the stream reduced mod ``num_range`` (exactly uniform, as
+    ``num_range`` divides 2^64). Arrays take consecutive words in order; a 0-d shape takes one word. Same seed, same
+    masks on the node and in the ServerApp; the signature is Flower's ``pseudo_rand_gen``'s.
+    """
+    if not isinstance(seed, bytes) or len(seed) < 16:
+        raise ValueError(f"a SecAgg+ mask seed must be at least 16 bytes, got {seed!r:.40}")
+    if num_range < 2 or num_range & (num_range - 1) or num_range > 2**62:
+        raise ValueError(f"num_range={num_range} is invalid: expected a power of 2 in [2, 2**62]")
+    sizes = [int(np.prod(dim, dtype=np.int64)) for dim in dimensions_list]
+    key = hashlib.sha256(_MASK_DOMAIN + seed).digest()
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * sum(sizes)))
+    words = np.frombuffer(stream, dtype="<u8") & np.uint64(num_range - 1)
+    values = words.astype(np.int64)
+    out, start = [], 0
+    for dim, size in zip(dimensions_list, sizes):
+        out.append(values[start:start + size].reshape(dim))
+        start += size
+    return out
+
+
+full_key_masks.veil_full_key_masks = True  # type: ignore[attr-defined]
+
+
+def full_strength_masks() -> None:
+    """Make every SecAgg+ mask of this process come from :func:`full_key_masks` (idempotent; see item 4 above).
+
+    Call it in every process that masks or unmasks: the node's (veil's guard does, on each message) and the
+    ServerApp's (:func:`veil.server.app.fit_workflow_for` does). Raises RuntimeError, one line, on an untested Flower
+    or when a module no longer holds Flower's generator under that name."""
+    import flwr
+
+    version = getattr(flwr, "__version__", "?")
+    if version not in MASK_PATCH_TESTED:
+        raise RuntimeError(f"flwr {version}: veil's SecAgg+ mask patch is tested on flwr "
+                           f"{', '.join(MASK_PATCH_TESTED)} only; install one of those")
+    modules = [importlib.import_module(name) for name in _MASK_CALLERS]
+    flower_gens = {id(g): g for g in (getattr(m, "pseudo_rand_gen", None) for m in modules) if g is not full_key_masks}
+    for gen in flower_gens.values():
+        code = getattr(gen, "__code__", None)
+        if len(flower_gens) > 1 or code is None or code.co_varnames[:3] != ("seed", "num_range", "dimensions_list"):
+            raise RuntimeError(f"flwr {version} no longer calls one pseudo_rand_gen in {', '.join(_MASK_CALLERS)}; "
+                               "veil's SecAgg+ mask patch does not fit it")
+    for module in modules:
+        module.pseudo_rand_gen = full_key_masks  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -237,6 +237,8 @@ def simulated_node_configs(cfg: Any) -> SimulatedNodes:
         "delta": float(priv.delta), "allow-plain-aggregation": not cfg.secagg.enabled,
         "allow-central-noise": priv.noise_placement == "central",
         "min-cohort": int(getattr(fed, "clients_per_round", 0) or fed.num_clients),
+        # the researcher tolerates the drop-outs the protocol does (a deployed owner's default is 0)
+        "max-dropouts": int(cfg.secagg.num_shares - cfg.secagg.reconstruction_threshold),
     }
     spec = fed.node_max_epsilon.strip()
     try:

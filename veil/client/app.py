@@ -40,6 +40,7 @@ from flwr.common import Context
 
 from veil.client.floor import check_delta, check_round, check_run
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
+from veil.security.roster import load_roster, load_signing_key
 from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, LocalResult, sample_rate_for, steps_for, train_round
@@ -353,7 +354,10 @@ def make_secagg_mod(defaults: Mapping[str, Any] | None = None, *, simulation_roo
 
     def policy_for(context: Context) -> SecAggPolicy:
         cfg, settings = node_view(context, base, per_node, simulation_root=simulation_root)
-        return secagg_policy(cfg, require_secagg=settings.require_secagg)
+        return secagg_policy(cfg, require_secagg=settings.require_secagg, max_dropouts=settings.max_dropouts,
+                             roster=load_roster(settings.roster_path) if settings.roster_path else None,
+                             signing_key=load_signing_key(settings.signing_key_path) if settings.signing_key_path
+                             else None)
 
     return make_secagg_guard(policy_for)
 

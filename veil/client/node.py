@@ -75,6 +75,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "noise share is z·S/sqrt(N) (default 1: its own noise alone suffices)")
     parser.add_argument("--allow-central-noise", action="store_true",
                         help="accept client-level DP runs whose noise the server adds (trusts the server)")
+    parser.add_argument("--max-dropouts", type=int, default=0, metavar="K",
+                        help="SecAgg+: neighbours that may go missing in a round (default 0: a round with a missing "
+                             "neighbour is refused, so the coordinator can never unmask this node against fewer "
+                             "neighbours than it announced)")
+    parser.add_argument("--roster", type=Path, default=None,
+                        help="SecAgg+: the owners' roster (their `veil keygen` .pub lines); neighbours' round keys "
+                             "must be signed by distinct owners in it (needs --signing-key)")
+    parser.add_argument("--signing-key", type=Path, default=None,
+                        help="SecAgg+: this owner's signing key from `veil keygen` (its .pub must be in --roster)")
     parser.add_argument("--model", type=Path, default=None,
                         help="the only model directory this node loads (default: the model installed with veil)")
     parser.add_argument("--ledger", type=Path,
@@ -124,6 +133,7 @@ def preflight(args: argparse.Namespace) -> None:
         raise ConfigError(f"--poll-interval={args.poll_interval} is invalid; give the seconds between polls (> 0)")
     if args.threads < 0:
         raise ConfigError(f"--threads={args.threads} is invalid; give a number of CPU threads (0: one per core)")
+    _check_roster(args)
     args.data_sha256 = data_fingerprint(args.data)
     settings = node_settings(_node_config(args))  # ranges of the owner's limits
     bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
@@ -138,6 +148,23 @@ def preflight(args: argparse.Namespace) -> None:
     check_node_private_key(args.key)
 
 
+def _check_roster(args: argparse.Namespace) -> None:
+    """--roster and --signing-key: both or neither, both readable, the owner's key in the roster."""
+    from veil.security.roster import load_roster, load_signing_key, raw_public
+
+    if args.max_dropouts < 0:
+        raise ConfigError(f"--max-dropouts={args.max_dropouts} is invalid; give how many neighbours may go missing "
+                          "(>= 0)")
+    if (args.roster is None) != (args.signing_key is None):
+        raise ConfigError("--roster and --signing-key go together: give the owners' roster and your key from "
+                          "`veil keygen`, or neither")
+    if args.roster is not None:
+        roster = load_roster(args.roster.expanduser().resolve())
+        if raw_public(load_signing_key(args.signing_key.expanduser().resolve())) not in roster.members:
+            raise ConfigError(f"your signing key {args.signing_key} is not in the roster {args.roster}; add your "
+                              ".pub line to it (every owner's copy)")
+
+
 def _node_config(args: argparse.Namespace) -> dict[str, object]:
     from veil.privacy.ledger_home import default_ledger_path
 
@@ -148,7 +175,12 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         "max-sample-rate": float(args.max_sample_rate), "min-cohort": int(args.min_cohort),
         "allow-plain-aggregation": bool(args.allow_plain_aggregation),
         "allow-central-noise": bool(args.allow_central_noise), "no-budget": bool(args.no_budget),
+        "max-dropouts": int(getattr(args, "max_dropouts", 0)),
     }
+    for key, path in (("roster-path", getattr(args, "roster", None)),
+                      ("signing-key-path", getattr(args, "signing_key", None))):
+        if path is not None:
+            config[key] = str(path.expanduser().resolve())
     if fingerprint:
         config["data-sha256"] = fingerprint
         config["ledger-path"] = str((args.ledger or default_ledger_path(fingerprint)).expanduser().resolve())
@@ -233,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_budget:
         print(NO_BUDGET_WARNING, file=sys.stderr, flush=True)
     print(f"node policy: delta {args.owner_delta:g}, ledger {_node_config(args)['ledger-path']}, secure aggregation "
-          f"{'optional' if args.allow_plain_aggregation else 'required'}", file=sys.stderr, flush=True)
+          f"{'optional' if args.allow_plain_aggregation else 'required'} (drop-outs tolerated: {args.max_dropouts}, "
+          f"neighbour keys {'pinned to ' + str(args.roster) if args.roster else 'not authenticated'})",
+          file=sys.stderr, flush=True)
     stop_on_signals()
     node_dir = args.node_dir.expanduser().resolve()
     runtime_port = args.runtime_port or free_port()

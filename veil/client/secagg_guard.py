@@ -14,11 +14,20 @@ dropped so that nothing from it can be asked for later. The checks read only the
 and the owner's policy, never the data, and every refusal has the same reply (one fixed error code and text); the
 node's own log names the reason.
 
-What it does not do: SecAgg+ against a fully malicious coordinator also needs the key-agreement public keys signed
-with node keys and a consistency round over the active set (Bell et al., section 4), which Flower does not have. A
-coordinator that tells *different* nodes different, each locally consistent, active/dead lists is not detectable
-by one node alone; the threshold rule below (threshold > share_num / 2, no repeated ids) closes that for the
-default 3-share neighbourhood but not in general.
+Against a malicious coordinator (issue 24, privacy review N5) the guard also: (1) makes every mask of this process
+come from the whole key (:func:`veil.flower_patches.full_strength_masks`) and refuses a SETUP whose ServerApp does
+not announce the same generator; (2) refuses a SHARE_KEYS, COLLECT or UNMASK whose neighbourhood is smaller than
+the one SETUP announced by more than the owner's ``max_dropouts`` (default 0: no node is ever unmasked against
+fewer neighbours than planned, so a coordinator cannot withhold ciphertexts to isolate it, and with no node "dead"
+no node's secret-key shares are ever released); (3) with a roster (:mod:`veil.security.roster`), signs this node's
+round keys with the owner's key and accepts SHARE_KEYS only when every neighbour's keys are signed by a distinct
+roster member (no substituted keys, no Sybil neighbours), and a SETUP only for a cohort the roster can fill.
+
+What it does not do: a consistency round over the active set (Bell et al., section 4). With ``max_dropouts`` 0 no
+node is ever reported dead, so the lists cannot disagree; with K > 0 a coordinator that tells different nodes
+different, each locally consistent, active/dead lists is not detectable by one node alone; the threshold rule
+(threshold > share_num / 2, no repeated ids) closes that for the default 3-share neighbourhood but not in general.
+Which roster members become a node's neighbours is still the coordinator's choice.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeGuard
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
@@ -35,8 +44,15 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
+from veil.client.secagg_roster import roster_refusal, setup_roster_refusal, sign_setup_reply
+from veil.flower_patches import MASK_GENERATOR, full_strength_masks
+from veil.security.roster import MASK_GENERATOR_KEY, RECORD
+
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from veil.conf.schema import VeilConfig
+    from veil.security.roster import Roster
 
 log = logging.getLogger("veil.client")
 
@@ -58,6 +74,11 @@ class SecAggPolicy:
         The owner's minimum SecAgg+ neighbourhood size (share_num).
     num_shares, reconstruction_threshold, clipping_range, quantization_range, modulus_range
         The run's SecAgg+ settings from its run config (``secagg.*``); a SETUP message must carry exactly these.
+    max_dropouts : int
+        The owner's ``--max-dropouts``: how many of the neighbours SETUP announced may be missing at SHARE_KEYS,
+        COLLECT and UNMASK (0: none; a drop-out then costs the round, never this node's privacy).
+    roster, signing_key
+        The owner's pinned roster and signing key (``--roster``, ``--signing-key``); both or neither.
     """
 
     require_secagg: bool = True
@@ -67,10 +88,20 @@ class SecAggPolicy:
     clipping_range: float
     quantization_range: int
     modulus_range: int
+    max_dropouts: int = 0
+    roster: Roster | None = None
+    signing_key: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_secagg, bool):
             raise TypeError(f"require_secagg must be a bool, got {self.require_secagg!r}")
+        if isinstance(self.max_dropouts, bool) or not isinstance(self.max_dropouts, int):
+            raise TypeError(f"max_dropouts must be an int, got {self.max_dropouts!r}")
+        if self.max_dropouts < 0:
+            raise ValueError(f"max_dropouts={self.max_dropouts} is invalid: expected an integer >= 0")
+        if (self.roster is None) != (self.signing_key is None):
+            raise ValueError("roster and signing_key go together: a node that checks its neighbours' signatures "
+                             "must sign its own keys")
         for name in ("min_num_shares", "num_shares", "reconstruction_threshold", "quantization_range",
                      "modulus_range"):
             value = getattr(self, name)
@@ -89,12 +120,14 @@ class SecAggPolicy:
 PolicySource = Callable[[Context], SecAggPolicy]
 
 
-def secagg_policy(cfg: VeilConfig, *, require_secagg: bool, min_num_shares: int = 3) -> SecAggPolicy:
+def secagg_policy(cfg: VeilConfig, *, require_secagg: bool, min_num_shares: int = 3, max_dropouts: int = 0,
+                  roster: Roster | None = None, signing_key: Ed25519PrivateKey | None = None) -> SecAggPolicy:
     """The policy for a run: the owner's choices plus the run's ``secagg.*`` settings."""
     sa = cfg.secagg
     return SecAggPolicy(require_secagg=require_secagg, min_num_shares=min_num_shares, num_shares=sa.num_shares,
                         reconstruction_threshold=sa.reconstruction_threshold, clipping_range=float(sa.clipping_range),
-                        quantization_range=sa.quantization_range, modulus_range=sa.modulus_range)
+                        quantization_range=sa.quantization_range, modulus_range=sa.modulus_range,
+                        max_dropouts=max_dropouts, roster=roster, signing_key=signing_key)
 
 
 def quiet_worker() -> None:
@@ -126,6 +159,7 @@ def make_secagg_guard(policy: SecAggPolicy | PolicySource) -> Mod:
         quiet_worker()
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(msg, context)
+        full_strength_masks()  # this process's masks come from the whole key (the ServerApp's too: SETUP check)
         owner = policy_for(context)
         if RECORD_KEY_CONFIGS not in msg.content.config_records:
             if not owner.require_secagg:
@@ -135,7 +169,11 @@ def make_secagg_guard(policy: SecAggPolicy | PolicySource) -> Mod:
         reason = secagg_refusal(msg, context, owner)
         if reason is not None:
             return _refuse(msg, context, reason)
-        return secaggplus_mod(msg, context, call_next)
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)  # Flower's mod pops it
+        reply = secaggplus_mod(msg, context, call_next)
+        if stage == Stage.SETUP and owner.signing_key is not None and not reply.has_error():
+            sign_setup_reply(reply, owner.signing_key, msg.metadata)
+        return reply
 
     return secagg_guard
 
@@ -153,11 +191,35 @@ def secagg_refusal(msg: Message, context: Context, policy: SecAggPolicy) -> str 
     if stage != Stage.SETUP and current in stages and stage != stages[(stages.index(current) + 1) % len(stages)]:
         return f"SecAgg+ stage {stage!r} out of order after {current!r}"
     if stage == Stage.SETUP:
-        return _setup_refusal(configs, policy)
-    if stage == Stage.UNMASK:
-        own = {msg.metadata.dst_node_id, state.get("nid", msg.metadata.dst_node_id)}
-        return _unmask_refusal(configs, state, own)
-    return None
+        announced = msg.content.config_records.get(RECORD, ConfigRecord({})).get(MASK_GENERATOR_KEY)
+        if announced != MASK_GENERATOR:
+            return (f"SecAgg+ setup announces mask generator {announced!r}, not this node's {MASK_GENERATOR!r} "
+                    "(the masks would not cancel; the ServerApp needs veil's full-strength mask patch)")
+        return _setup_refusal(configs, policy) or setup_roster_refusal(configs, policy.roster, policy.max_dropouts)
+    planned = _neighbourhood(state)
+    least = planned - policy.max_dropouts
+    if stage == Stage.SHARE_KEYS:
+        listed = [k for k in configs if k != Key.STAGE]
+        if not least <= len(listed) <= planned:
+            return (f"SecAgg+ share-keys lists {len(listed)} neighbourhood keys; setup announced {planned} and this "
+                    f"node tolerates {policy.max_dropouts} drop-out(s)")
+        return None if policy.roster is None else roster_refusal(msg, state, policy.roster, policy.signing_key)
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        sources = configs.get(Key.SOURCE_LIST)
+        if not _int_list(sources) or len(set(sources)) != len(sources):
+            return "SecAgg+ collect lists no sources, or repeats one"
+        if len(sources) < least - 1:
+            return (f"SecAgg+ collect brings shares from {len(sources)} neighbour(s); setup announced {planned - 1} "
+                    f"and this node tolerates {policy.max_dropouts} drop-out(s)")
+        return None
+    own = {msg.metadata.dst_node_id, state.get("nid", msg.metadata.dst_node_id)}
+    return _unmask_refusal(configs, state, own, least=least)
+
+
+def _neighbourhood(state: ConfigRecord) -> int:
+    """The neighbourhood size SETUP announced (this node included): min(sample_num, share_num)."""
+    sample_num, share_num = state.get("sample_num", 0), state.get("share_num", 0)
+    return min(sample_num, share_num) if isinstance(sample_num, int) and isinstance(share_num, int) else 0
 
 
 def _setup_refusal(configs: ConfigRecord, policy: SecAggPolicy) -> str | None:
@@ -173,13 +235,17 @@ def _setup_refusal(configs: ConfigRecord, policy: SecAggPolicy) -> str | None:
     share_num, threshold = policy.num_shares, policy.reconstruction_threshold  # equal to the message's (above)
     if share_num < policy.min_num_shares:
         return f"SecAgg+ setup share_num={share_num} is below this node's minimum {policy.min_num_shares}"
+    sample_num = configs.get(Key.SAMPLE_NUMBER)
+    if type(sample_num) is not int or sample_num < policy.min_num_shares:  # noqa: E721
+        return f"SecAgg+ setup sample_num={sample_num!r} is below this node's minimum {policy.min_num_shares}"
+
     if not share_num / 2 < threshold <= share_num:
         return (f"SecAgg+ setup threshold={threshold} is not in (share_num/2, share_num] = ({share_num / 2:g}, "
                 f"{share_num}]: a coordinator could collect both kinds of shares of one node")
     return None
 
 
-def _unmask_refusal(configs: ConfigRecord, state: ConfigRecord, own: set[object]) -> str | None:
+def _unmask_refusal(configs: ConfigRecord, state: ConfigRecord, own: set[object], *, least: int) -> str | None:
     active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
     if not _int_list(active) or not _int_list(dead):
         return "SecAgg+ unmask lists are not lists of node ids"
@@ -194,6 +260,9 @@ def _unmask_refusal(configs: ConfigRecord, state: ConfigRecord, own: set[object]
     threshold = state.get("threshold", 0)
     if isinstance(threshold, int) and len(active) < threshold:
         return f"SecAgg+ unmask lists {len(active)} active nodes, below the threshold {threshold}"
+    if len(active) < least:
+        return (f"SecAgg+ unmask lists {len(active)} active nodes; this node's neighbourhood may not shrink below "
+                f"{least}")
     holders = set(_list(state.get("rd_seed_share_dict:K")))
     if not set(active) <= holders or not set(dead) <= holders:
         return "SecAgg+ unmask names a node this node holds no share of"

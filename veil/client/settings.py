@@ -28,6 +28,9 @@ MAX_SAMPLE_RATE = "max-sample-rate"
 ALLOW_PLAIN_AGGREGATION = "allow-plain-aggregation"  # answer rounds without SecAgg+ (the server sees the update)
 MIN_COHORT = "min-cohort"  # client-level DP: honest contributors this owner counts on in each SecAgg+ sum
 ALLOW_CENTRAL_NOISE = "allow-central-noise"  # client-level DP with the noise added by the (trusted) server
+MAX_DROPOUTS = "max-dropouts"  # SecAgg+: neighbours that may go missing in a round (0: none; veil/client/secagg_guard.py)
+ROSTER_PATH = "roster-path"  # SecAgg+: the owners' roster this node pins (veil/security/roster.py)
+SIGNING_KEY_PATH = "signing-key-path"  # SecAgg+: the owner's Ed25519 key that signs this node's round keys
 MODEL_PATH = "model-path"  # the only model directory this node loads (absent: the installed default model)
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
@@ -55,6 +58,9 @@ class NodeSettings:
     allow_central_noise: bool = False
     model_path: str | None = None
     data_sha256: str | None = None
+    max_dropouts: int = 0  # SecAgg+ neighbours that may be missing; 0: a drop-out costs the round, not the mask
+    roster_path: str | None = None  # None: neighbours' keys are not checked (honest-but-curious coordinator)
+    signing_key_path: str | None = None
 
     @property
     def simulated(self) -> bool:
@@ -92,6 +98,13 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     min_cohort = int(node_config.get(MIN_COHORT, 1))
     if min_cohort < 1:
         raise ConfigError(f"node config {MIN_COHORT}={min_cohort} is invalid: expected an integer >= 1")
+    max_dropouts = int(node_config.get(MAX_DROPOUTS, 0))
+    if max_dropouts < 0:
+        raise ConfigError(f"node config {MAX_DROPOUTS}={max_dropouts} is invalid: expected an integer >= 0")
+    roster, signing_key = _opt_str(node_config.get(ROSTER_PATH)), _opt_str(node_config.get(SIGNING_KEY_PATH))
+    if (roster is None) != (signing_key is None):
+        raise ConfigError("--roster and --signing-key go together: give both (the owners' roster and this owner's "
+                          "key from `veil keygen`) or neither")
     return NodeSettings(
         data_path=None if data_path is None else str(data_path),
         text_column=_opt_str(node_config.get(TEXT_COLUMN)),
@@ -109,6 +122,9 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         allow_central_noise=_flag(node_config, ALLOW_CENTRAL_NOISE),
         model_path=_opt_str(node_config.get(MODEL_PATH)),
         data_sha256=_opt_str(node_config.get(DATA_SHA256)),
+        max_dropouts=max_dropouts,
+        roster_path=roster,
+        signing_key_path=signing_key,
     )
 
 

@@ -35,7 +35,8 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
     """The model card: what was trained, on what kind of data (never the data), under which guarantee.
 
     It states only what holds (docs/privacy.md): the ε of ``summary['epsilon_basis']`` (veil.server.guarantee), the
-    honest-but-curious assumption behind SecAgg+, and no per-client σ or q (nodes do not report them).
+    trust behind SecAgg+ (the coordinator cannot know whether owners pinned a roster), and no per-client σ or q
+    (nodes do not report them).
     """
     priv, fed = cfg.privacy, cfg.federation
     lines = [
@@ -52,7 +53,7 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         f"| rounds completed | {summary.get('rounds_completed', 0)} of {fed.rounds} |",
         f"| clients per round | {fed.clients_per_round} of {fed.num_clients} |",
         f"| local training per round | {f'{fed.local_steps} steps' if fed.local_steps else f'{fed.local_epochs} epoch(s)'} |",
-        f"| secure aggregation | {'SecAgg+ (keys not authenticated: honest-but-curious coordinator)' if cfg.secagg.enabled else 'off'} |",
+        f"| secure aggregation | {_SECAGG_ROW if cfg.secagg.enabled else 'off'} |",
         "", "## Data", "", cfg.data.description,
         "", "## Evaluation", "",
         f"Final accuracy {summary.get('accuracy', float('nan')):.4f} on the coordinator's evaluation split "
@@ -101,14 +102,20 @@ def _model_line(cfg: VeilConfig) -> str:
     return line
 
 
+_SECAGG_ROW = ("SecAgg+ (full-strength masks; honest-but-curious coordinator, or malicious against owners that pinned "
+               "a roster of signing keys: docs/privacy.md)")
+
+
 def _training_line(cfg: VeilConfig) -> str:
     if not cfg.secagg.enabled:
         return "Trained with veil (secure aggregation was off: the coordinator saw each client's update)."
     how = "under Opacus DP-SGD" if cfg.privacy.enabled and cfg.privacy.level == "sample" else "on its own data"
     return (f"Trained with veil: each data owner fine-tuned locally {how}; the coordinator combined the updates with "
-            "Flower SecAgg+, so a coordinator that follows the protocol (honest but curious) saw only their sum. "
-            "SecAgg+ keys are not authenticated: a coordinator that deviates from the protocol may recover one "
-            "owner's update (docs/privacy.md).")
+            "Flower SecAgg+ (masks from the whole key; no neighbourhood smaller than announced beyond each owner's "
+            "--max-dropouts), so a coordinator that follows the protocol (honest but curious) saw only their sum. "
+            "Against a coordinator that deviates from it, SecAgg+ holds for an owner only if that owner pinned the "
+            "owners' roster of signing keys (veil client --roster); without one, the coordinator may substitute keys "
+            "and recover that owner's update (docs/privacy.md).")
 
 
 def _epsilon_text(summary: dict[str, Any]) -> str:
@@ -129,8 +136,9 @@ def _guarantee(cfg: VeilConfig, summary: dict[str, Any]) -> str:
     if basis == "client_level":
         trust = ("the coordinator added it and is trusted to have done so" if priv.noise_placement == "central" else
                  "each contributing owner added its share, and SecAgg+ revealed only the sum to an honest-but-curious "
-                 "coordinator; against a coordinator that breaks SecAgg+, each owner's update carries only its own "
-                 "share, and only its per-record ledger bound holds")
+                 "coordinator, or to any coordinator where every owner pinned the roster with no drop-outs allowed; "
+                 "against a coordinator that breaks SecAgg+, each owner's update carries only its own share, and "
+                 "only its per-record ledger bound holds")
         return (f"**(ε = {eps:.3f}, δ = {priv.delta:g})-differential privacy at the client level**: for each owner's "
                 f"entire data, over {rounds} rounds, accounted by the coordinator with the noise the round's "
                 f"contributing owners actually added (updates clipped to L2 norm S = {priv.max_grad_norm:g}), without "
