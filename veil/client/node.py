@@ -65,9 +65,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="train without an ε budget (not recommended; warned at every start)")
     parser.add_argument("--delta", type=float, default=None,
                         help="the owner's δ for every ε figure; runs asking for more are refused "
-                             "(default: min(1e-5, 1/(10·N)) for the N examples of --data)")
-    parser.add_argument("--min-noise-multiplier", type=float, default=0.0, help="refuse rounds with less noise σ")
-    parser.add_argument("--max-sample-rate", type=float, default=1.0, help="refuse rounds with a larger sampling rate q")
+                             "(default: min(1e-5, 1/(10·N)) for the N rows of --data at start; runs may then ask "
+                             "for up to 1e-5)")
+    parser.add_argument("--min-noise-multiplier", type=float, default=0.0,
+                        help="the least noise σ this node trains with: a run asking for less gets this much")
+    parser.add_argument("--max-sample-rate", type=float, default=1.0,
+                        help="the Poisson sampling rate q this node trains at, whatever the run's batch size "
+                             "(default 1: q = batch size / N at start, capped at 1)")
+    parser.add_argument("--dp-engine", choices=("auto", "hooks", "bk"), default="auto",
+                        help="per-sample clipping engine (default auto: hooks for adapters, bk for full "
+                             "fine-tuning); the run's privacy.grad_sample_mode is never used on a node")
     parser.add_argument("--allow-plain-aggregation", action="store_true",
                         help="also answer rounds without SecAgg+ (the coordinator then sees this node's update)")
     parser.add_argument("--min-cohort", type=int, default=1,
@@ -127,6 +134,7 @@ def preflight(args: argparse.Namespace) -> None:
     args.data_sha256 = data_fingerprint(args.data)
     settings = node_settings(_node_config(args))  # ranges of the owner's limits
     bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
+    args.data_rows = len(examples)  # fixed at start: the default δ and the expected batch never move with a run
     args.owner_delta = settings.owner_delta(len(examples))
     if args.insecure:
         if args.key is not None:
@@ -148,7 +156,10 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         "max-sample-rate": float(args.max_sample_rate), "min-cohort": int(args.min_cohort),
         "allow-plain-aggregation": bool(args.allow_plain_aggregation),
         "allow-central-noise": bool(args.allow_central_noise), "no-budget": bool(args.no_budget),
+        "dp-engine": str(getattr(args, "dp_engine", "auto")),
     }
+    if getattr(args, "data_rows", None):
+        config["data-rows"] = int(args.data_rows)
     if fingerprint:
         config["data-sha256"] = fingerprint
         config["ledger-path"] = str((args.ledger or default_ledger_path(fingerprint)).expanduser().resolve())

@@ -29,6 +29,8 @@ ALLOW_PLAIN_AGGREGATION = "allow-plain-aggregation"  # answer rounds without Sec
 MIN_COHORT = "min-cohort"  # client-level DP: honest contributors this owner counts on in each SecAgg+ sum
 ALLOW_CENTRAL_NOISE = "allow-central-noise"  # client-level DP with the noise added by the (trusted) server
 MODEL_PATH = "model-path"  # the only model directory this node loads (absent: the installed default model)
+DATA_ROWS = "data-rows"  # rows of the data file when the node started (fixes the default δ and batch once)
+DP_ENGINE = "dp-engine"  # the owner's DP engine: auto | hooks | bk (never the run's privacy.grad_sample_mode)
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
@@ -55,16 +57,25 @@ class NodeSettings:
     allow_central_noise: bool = False
     model_path: str | None = None
     data_sha256: str | None = None
+    start_rows: int | None = None  # rows of the data file at node start (None: counted once by the ClientApp)
+    dp_engine: str = "auto"  # the owner's DP engine on a deployed node
 
     @property
     def simulated(self) -> bool:
         return self.data_path is None
 
     def owner_delta(self, examples: int) -> float:
-        """δ every figure of this node is computed at: the owner's, or min(1e-5, 1/(10·N))."""
+        """δ every figure of this node is computed at: the owner's, or min(1e-5, 1/(10·N)). A deployed node passes
+        the N of its file at start (``start_rows``), never a count of the examples a run's labels select."""
         if self.delta is not None:
             return self.delta
         return min(DEFAULT_DELTA, 1.0 / (10 * max(examples, 1)))
+
+    @property
+    def delta_limit(self) -> float:
+        """The largest ``privacy.delta`` a run may ask of this node: the owner's δ, else 1e-5 — a constant, so
+        that whether a run's δ is refused never depends on the size of the owner's file."""
+        return self.delta if self.delta is not None else DEFAULT_DELTA
 
 
 def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None = None) -> NodeSettings:
@@ -92,6 +103,10 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     min_cohort = int(node_config.get(MIN_COHORT, 1))
     if min_cohort < 1:
         raise ConfigError(f"node config {MIN_COHORT}={min_cohort} is invalid: expected an integer >= 1")
+    engine = str(node_config.get(DP_ENGINE, "auto"))
+    if engine not in ("auto", "hooks", "bk"):
+        raise ConfigError(f"node config {DP_ENGINE}={engine!r} is invalid: expected auto, hooks or bk")
+    rows = node_config.get(DATA_ROWS)
     return NodeSettings(
         data_path=None if data_path is None else str(data_path),
         text_column=_opt_str(node_config.get(TEXT_COLUMN)),
@@ -109,6 +124,8 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         allow_central_noise=_flag(node_config, ALLOW_CENTRAL_NOISE),
         model_path=_opt_str(node_config.get(MODEL_PATH)),
         data_sha256=_opt_str(node_config.get(DATA_SHA256)),
+        start_rows=None if rows in (None, "") else int(rows),
+        dp_engine=engine,
     )
 
 
