@@ -5,20 +5,22 @@ Flower legacy API on purpose (DESIGN.md decision 2): SecAgg+ works only with a `
 composed run config as defaults, in deployment it arrives in ``context.run_config``.
 
 The coordinator writes the run config and the weights, so both are checked, never trusted (DESIGN.md decisions 7
-and 12). One round on the node, in this order:
+and 12). Whether a node refuses or trains, and every reply field but the DP release, is decided from the run config
+and the owner's flags only (review 2026-12-07, N1). One round on the node, in this order:
 
 1. the run config against the owner's policy (:mod:`veil.client.floor`), the received weights (finite, the
-   model's shapes, in range) — nothing read from the data yet;
-2. the owner's shard (examples whose label is not in the run's label set are skipped and counted in the log);
-3. the plan: σ from the owner's δ, calibrated to the run's target and to what the owner's ledger leaves; the
-   owner's floor; the round **booked in the ledger before training** (a crash after booking over-counts: safe);
-4. DP-SGD (OS-seeded Poisson sampling and noise, non-finite per-sample gradients zeroed), or the client-level
-   release (clipped update plus this node's noise share);
-5. the reply: the update (post-processed: non-finite values zeroed, scaled into the SecAgg+ range, logged) with
-   weight 1, and :data:`REPLY_KEYS` only — none depends on the data beyond what docs/privacy.md lists.
+   model's shapes, in range) — nothing read from the data;
+2. the plan (:mod:`veil.client.round_plan`): q, steps, δ and the fixed expected batch from the run config, the
+   owner's flags and the file's size at start; σ calibrated, fitted to the ledger and clamped to the owner's floor;
+   the owner's DP engine (``--dp-engine``, never the run's); the round **booked in the ledger before training**;
+3. the owner's shard (examples whose label is not in the run's label set are skipped, counted in the log only);
+4. DP-SGD (OS-seeded Poisson sampling and noise, non-finite per-sample gradients dropped), or the client-level
+   release (NaN-safe clip plus this node's noise share). No usable example, a non-finite update or a failure while
+   training: noise alone of the declared std (:mod:`veil.privacy.release`), never zeros, the reply unchanged;
+5. the reply: the update (scaled into the SecAgg+ range if needed, logged) with weight 1, and :data:`REPLY_KEYS`.
 
-Every refusal (policy, budget, bad weights, a node-side error) is the same reply: zero update, weight 0, the same
-keys. Training loss, example count, sampling rate and ε stay in the node's log and ledger.
+Every refusal (policy, budget, bad weights) is the same reply: zero update, weight 0, the same keys. Training loss,
+example count, sampling rate and ε stay in the node's log and ledger.
 """
 
 from __future__ import annotations

@@ -85,10 +85,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="the only model directory this node loads (default: the model installed with veil)")
     parser.add_argument("--ledger", type=Path,
-                        help="privacy ledger file (default: bound to the data file's sha256 under "
-                             "$XDG_STATE_HOME/veil/ledgers)")
+                        help="privacy ledger file (default: this node's, keyed by the data file's path under "
+                             "$XDG_STATE_HOME/veil/ledgers; a file that grows keeps its ledger)")
     parser.add_argument("--new-ledger", action="store_true",
-                        help="start a fresh ledger although this data already has one (its budget starts again)")
+                        help="start a fresh ledger although this node or data already has one (its budget starts "
+                             "again; the old ledger is kept, renamed)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
@@ -147,7 +148,7 @@ def preflight(args: argparse.Namespace) -> None:
 
 
 def _node_config(args: argparse.Namespace) -> dict[str, object]:
-    from veil.privacy.ledger_home import default_ledger_path
+    from veil.privacy.ledger_home import default_ledger_path, node_key
 
     fingerprint = getattr(args, "data_sha256", None)
     config: dict[str, object] = {
@@ -162,7 +163,7 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         config["data-rows"] = int(args.data_rows)
     if fingerprint:
         config["data-sha256"] = fingerprint
-        config["ledger-path"] = str((args.ledger or default_ledger_path(fingerprint)).expanduser().resolve())
+        config["ledger-path"] = str((args.ledger or default_ledger_path(node_key(args.data))).expanduser().resolve())
     elif args.ledger:
         config["ledger-path"] = str(args.ledger.expanduser().resolve())
     if args.max_epsilon is not None:

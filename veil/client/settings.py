@@ -130,18 +130,18 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
 
 
 def _ledger_path(node_config: dict[str, Any], partition: Any, simulation_root: Path | None) -> Path:
-    """The owner's ledger: given; a simulated owner's under the run; else bound to the data file's sha256 in the
-    per-user state directory (never relative to the working directory)."""
+    """The owner's ledger: given; a simulated owner's under the run; else keyed to the owner's node (its data file's
+    path, :func:`veil.privacy.ledger_home.node_key`) in the per-user state directory (never relative to the working
+    directory)."""
     if LEDGER_PATH in node_config:
         return Path(str(node_config[LEDGER_PATH])).expanduser()
     if partition is not None and simulation_root is not None:
         return simulation_root / f"node-{int(partition)}" / "privacy_ledger.json"
     if node_config.get(DATA_PATH) is None:
         raise ConfigError(f"node config has neither {LEDGER_PATH!r} nor {DATA_PATH!r}; start the node with veil client")
-    from veil.privacy.ledger_home import data_fingerprint, default_ledger_path
+    from veil.privacy.ledger_home import default_ledger_path, node_key
 
-    fingerprint = _opt_str(node_config.get(DATA_SHA256)) or data_fingerprint(Path(str(node_config[DATA_PATH])))
-    return default_ledger_path(fingerprint)
+    return default_ledger_path(node_key(Path(str(node_config[DATA_PATH]))))  # the node's, not the bytes' (M4)
 
 
 def _flag(node_config: dict[str, Any], key: str) -> bool:
