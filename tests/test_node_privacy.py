@@ -457,3 +457,16 @@ def _shape_of(reply: Any) -> tuple[Any, ...]:
                 configs[f"{name}.{key}"] = value
     arrays = tuple(sorted(content.array_records))
     return ("ok", metrics, values, tuple(sorted(configs.items(), key=lambda kv: kv[0])), arrays)
+
+
+# (N7) ----------------------------------------------------------------------------------------------------------
+def test_a_text_only_node_refuses_classification_whatever_column_the_run_names(files: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    from veil.client.settings import node_settings
+
+    settings = node_settings({"data-path": str(files["big"]), "label-column": "", "max-epsilon": 50.0,
+                              "ledger-path": str(tmp_path / "t.json"), "device": "cpu"})
+    assert settings.text_only
+    cfg = _cfg()  # data.label_column=label: a column of the owner's file the owner never named
+    _u, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 0 and metrics["refused"] == 1 and _events(settings) == []

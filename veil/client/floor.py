@@ -107,6 +107,9 @@ def check_run(settings: Any, cfg: Any) -> None:
         if cfg.model.path and not cfg.model.tiny and getattr(settings, "model_path", None) is None:
             _refuse(f"the run names the model directory {cfg.model.path!r}; this node loads only its owner's model: "
                     "start it with --model DIR")
+        if getattr(settings, "text_only", False) and cfg.task.name == "classification":
+            _refuse("the run is a classification run but this node's owner declared a text-only file "
+                    "(--label-column ''); the run config never chooses a column of the owner's file")
         if not cfg.data.labels:
             _refuse("the run config carries no data.labels; a deployed node never derives labels from files the "
                     "run names (veil server sets data.labels from its evaluation file)")

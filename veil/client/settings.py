@@ -59,6 +59,7 @@ class NodeSettings:
     data_sha256: str | None = None
     start_rows: int | None = None  # rows of the data file at node start (None: counted once by the ClientApp)
     dp_engine: str = "auto"  # the owner's DP engine on a deployed node
+    text_only: bool = False  # --label-column '': a text-only file; classification runs are refused (review N7)
 
     @property
     def simulated(self) -> bool:
@@ -126,6 +127,7 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         data_sha256=_opt_str(node_config.get(DATA_SHA256)),
         start_rows=None if rows in (None, "") else int(rows),
         dp_engine=engine,
+        text_only=node_config.get(LABEL_COLUMN) == "",
     )
 
 
