@@ -165,7 +165,8 @@ def test_canary_node_runs_the_ordinary_release(small_csv: tuple[Path, Path], tmp
     expected = 0.5 * canary_direction(11, sent.size) if included else np.zeros(sent.size)
     assert np.std(sent - expected) == pytest.approx(share, rel=0.1) and abs(np.mean(sent - expected)) < 0.05
     ledger = PrivacyLedger.open(root / "node-3" / "privacy_ledger.json", create=False)
-    assert [e.noise_multiplier for e in ledger.events] == [0.5], "booked like any client-level node: z/2 per record"
+    # booked like any client-level node: what leaves it alone, z/(2·sqrt(cohort)) per record (review N4)
+    assert [e.noise_multiplier for e in ledger.events] == pytest.approx([1.0 / (2 * math.sqrt(5))])
 
 
 def test_report_shows_the_client_level_audit(tmp_path: Path) -> None:

@@ -5,20 +5,22 @@ Flower legacy API on purpose (DESIGN.md decision 2): SecAgg+ works only with a `
 composed run config as defaults, in deployment it arrives in ``context.run_config``.
 
 The coordinator writes the run config and the weights, so both are checked, never trusted (DESIGN.md decisions 7
-and 12). One round on the node, in this order:
+and 12). Whether a node refuses or trains, and every reply field but the DP release, is decided from the run config
+and the owner's flags only (review 2026-12-07, N1). One round on the node, in this order:
 
 1. the run config against the owner's policy (:mod:`veil.client.floor`), the received weights (finite, the
-   model's shapes, in range) — nothing read from the data yet;
-2. the owner's shard (examples whose label is not in the run's label set are skipped and counted in the log);
-3. the plan: σ from the owner's δ, calibrated to the run's target and to what the owner's ledger leaves; the
-   owner's floor; the round **booked in the ledger before training** (a crash after booking over-counts: safe);
-4. DP-SGD (OS-seeded Poisson sampling and noise, non-finite per-sample gradients zeroed), or the client-level
-   release (clipped update plus this node's noise share);
-5. the reply: the update (post-processed: non-finite values zeroed, scaled into the SecAgg+ range, logged) with
-   weight 1, and :data:`REPLY_KEYS` only — none depends on the data beyond what docs/privacy.md lists.
+   model's shapes, in range) — nothing read from the data;
+2. the plan (:mod:`veil.client.round_plan`): q, steps, δ and the fixed expected batch from the run config, the
+   owner's flags and the file's size at start; σ calibrated, fitted to the ledger and clamped to the owner's floor;
+   the owner's DP engine (``--dp-engine``, never the run's); the round **booked in the ledger before training**;
+3. the owner's shard (examples whose label is not in the run's label set are skipped, counted in the log only);
+4. DP-SGD (OS-seeded Poisson sampling and noise, non-finite per-sample gradients dropped), or the client-level
+   release (NaN-safe clip plus this node's noise share). No usable example, a non-finite update or a failure while
+   training: noise alone of the declared std (:mod:`veil.privacy.release`), never zeros, the reply unchanged;
+5. the reply: the update (scaled into the SecAgg+ range if needed, logged) with weight 1, and :data:`REPLY_KEYS`.
 
-Every refusal (policy, budget, bad weights, a node-side error) is the same reply: zero update, weight 0, the same
-keys. Training loss, example count, sampling rate and ε stay in the node's log and ledger.
+Every refusal (policy, budget, bad weights) is the same reply: zero update, weight 0, the same keys. Training loss,
+example count, sampling rate and ε stay in the node's log and ledger.
 """
 
 from __future__ import annotations
@@ -38,19 +40,25 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import Context
 
-from veil.client.floor import check_delta, check_round, check_run
+from veil.client.floor import check_delta, check_run
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.security.roster import load_roster, load_signing_key
 from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
-from veil.client.trainer import LocalPlan, LocalResult, sample_rate_for, steps_for, train_round
+from veil.client.round_plan import (
+    Sampling, calibrated_sigma, check_not_stopped, mark_stopped, owner_sampling, plain_plan, plan_client_level,
+    plan_sample_level, shard_sampling, start_rows,
+)
+from veil.client.trainer import LocalPlan, LocalResult, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
 from veil.errors import NodeRefusal, VeilError
 from veil.task import get_task
 from veil.task.base import batch_size_of
 from veil.task.model import get_trainable, resolve_device
-from veil.task.shards import client_shard, node_labels, run_labels
+from veil.privacy.modes import resolve_owner_engine
+from veil.privacy.release import all_finite, noise_only_update
+from veil.task.shards import NoUsableExamples, client_shard, node_labels, run_labels
 from veil.wire import flatten, is_flat, unflatten
 
 if TYPE_CHECKING:
@@ -70,16 +78,7 @@ def _template(flat_json: str) -> Any:
     return get_task(cfg.task.name).build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
 
 
-@functools.lru_cache(maxsize=16)
-def _calibrated_sigma(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """σ for this run: ε after all the run's planned steps on this node ≤ target (one value for the whole run)."""
-    from veil.privacy.calibration import calibrate_noise_multiplier
-
-    sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
-                                       steps=steps, accountant=accountant)
-    log.info("calibrated noise multiplier %.4f for epsilon <= %.3g over %d steps at q=%.4f",
-             sigma, target_epsilon, steps, sample_rate)
-    return sigma
+_calibrated_sigma = calibrated_sigma  # the name tests and older callers use
 
 
 def owner_model(cfg: VeilConfig, settings: NodeSettings) -> ModelConfig:
@@ -111,9 +110,12 @@ class VeilClient(NumPyClient):
             return self._refuse(parameters, VeilError(f"{type(err).__name__}: {err}"), server_round)
 
     def _fit(self, parameters: list[np.ndarray], server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        cfg, settings = self.cfg, self.settings
+        cfg, settings, run_id = self.cfg, self.settings, str(self.run_id)
         check_run(settings, cfg)  # (1) the run against the owner's policy: no data read yet
         node_labels(cfg, settings)  # a deployed node takes the label set from the run config only
+        if cfg.privacy.enabled:
+            check_delta(settings, run_delta=cfg.privacy.delta, owner_delta=settings.delta_limit)
+        check_not_stopped(settings, run_id)
         own = dataclasses.replace(cfg, model=owner_model(cfg, settings))
         template = _template(json.dumps(to_run_config(own), sort_keys=True))
         expected = get_trainable(template)
@@ -124,39 +126,71 @@ class VeilClient(NumPyClient):
             except ValueError:
                 raise NodeRefusal("the received weights do not match this node's model (size differs)") from None
         check_received(parameters, expected)
-        shard = self._shard(own)  # (2)
-        examples = batch_size_of(shard)
-        delta = settings.owner_delta(examples)
-        if cfg.privacy.enabled:
-            check_delta(settings, run_delta=cfg.privacy.delta, owner_delta=delta)
-        plan, event, ledger = self._plan(examples, server_round, delta)  # (3)
+        shard: dict[str, Any] | None = None
+        if settings.simulated:  # the researcher's own partition: the run's rules (round_plan.py)
+            shard = self._shard()
+            sampling = shard_sampling(cfg, settings, examples=batch_size_of(shard))
+        else:  # (2) the plan from the run config, the owner's flags and the file's size at start only
+            sampling = owner_sampling(cfg, settings, rows=start_rows(settings))
+        plan, event, ledger = self._plan(sampling, server_round, template)  # (3)
         if ledger is not None and event is not None:
             ledger.record(event)  # booked BEFORE training: whatever happens next, this release is counted
-        seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)  # dropout only
-        device = resolve_device(settings.device or cfg.device)
-        result = self._train(template, parameters, shard, plan=plan, device=device, seed=seed)  # (4)
-        update, noise_std = result.update, 0.0
-        if cfg.privacy.enabled and cfg.privacy.level == "client":
-            update, noise_std = _client_level_release(update, cfg, settings, plan.noise_multiplier)
+        update, noise_std, examples = self._release(template, parameters, shard, plan, server_round)  # (4)
         update = postprocess_update(update, cfg)  # (5)
         if flat:
             update = [flatten(update)]
-        can_train_next, epsilon = True, 0.0
+        can_train_next, epsilon, delta = True, 0.0, sampling.delta
         if ledger is not None and event is not None:
             epsilon = ledger.epsilon(delta=delta, accountant=cfg.privacy.accountant).epsilon
             following = dataclasses.replace(event, round=event.round + 1)
             can_train_next = ledger.epsilon_if(following, delta=delta,
                                                accountant=cfg.privacy.accountant).epsilon <= settings.max_epsilon
-        log.info("round %d: trained on %d examples, %d steps, sigma %.4f, q %.5f, loss %.4f, ledger epsilon %.3f "
-                 "(delta %g)", server_round, examples, result.steps, plan.noise_multiplier, result.sample_rate,
-                 result.loss, epsilon, delta)
+        if not can_train_next:
+            mark_stopped(settings, run_id)
+        log.info("round %d: trained on %d examples, %d steps, sigma %.4f, q %.5f, ledger epsilon %.3f (delta %g)",
+                 server_round, examples, plan.steps, plan.noise_multiplier, sampling.sample_rate, epsilon, delta)
         # Weight 1 for every client: SecAgg+ scales each vector by weight/max_weight (max_weight=1 keeps full
         # quantisation precision) and a size weight would tell the server each owner's data size.
         return update, 1, self._reply(update, can_train_next=can_train_next, refused=False, noise_std=noise_std)
 
-    def _shard(self, own: VeilConfig) -> dict[str, Any]:
-        """This node's tokenized examples, or with ``model.tuning=head`` their sentence features from the owner's
-        own model (step 2)."""
+    def _release(self, template: Any, parameters: list[np.ndarray], shard: dict[str, Any] | None, plan: LocalPlan,
+                 server_round: int) -> tuple[list[np.ndarray], float, int]:
+        """Step (4): the DP release — trained on the shard, or noise alone where the round has nothing usable (no
+        example with a label of the run's set; a non-finite update; a failure while training on a deployed node).
+        Returns the release, the noise share's std (client level) and the example count (for the owner's log)."""
+        cfg, settings = self.cfg, self.settings
+        client_level = cfg.privacy.enabled and cfg.privacy.level == "client"
+        update: list[np.ndarray] | None = None
+        examples = 0
+        try:
+            shard = self._shard() if shard is None else shard
+            examples = batch_size_of(shard)
+            seed = cfg.federation.seed * 100_003 + server_round * 1_009 + (settings.partition_id or 0)  # dropout
+            device = resolve_device(settings.device or cfg.device)
+            update = self._train(template, parameters, shard, plan=plan, device=device, seed=seed).update
+        except NoUsableExamples as err:
+            log.warning("round %d: %s; this round releases noise only", server_round, err)
+        except Exception:  # noqa: BLE001 - a failure may depend on the data: the reply must not
+            if settings.simulated or not (plan.private or client_level):
+                raise
+            log.exception("round %d: training failed on this node; this round releases noise only", server_round)
+        if client_level:
+            return (*_client_level_release(update, parameters, cfg, settings, plan.noise_multiplier), examples)
+        if update is not None and not all_finite(update):
+            log.warning("round %d: the update is not finite; this round releases noise only", server_round)
+            update = None
+        if update is None:
+            if not plan.private:
+                raise VeilError("this node has no usable example for the run")
+            update = noise_only_update(parameters, steps=plan.steps, noise_multiplier=plan.noise_multiplier,
+                                       max_grad_norm=plan.max_grad_norm, optimizer=plan.optimizer, lr=plan.lr,
+                                       expected_batch_size=plan.expected_batch_size or max(1, plan.batch_size))
+        return update, 0.0, examples
+
+    def _shard(self) -> dict[str, Any]:
+        """This node's tokenized examples, or with ``model.tuning=head`` their sentence features, computed with the
+        owner's own model (step 2)."""
+        own = dataclasses.replace(self.cfg, model=owner_model(self.cfg, self.settings))
         return client_shard(own, self.settings)
 
     def _train(self, template: Any, parameters: list[np.ndarray], shard: dict[str, Any], *, plan: LocalPlan,
@@ -180,85 +214,23 @@ class VeilClient(NumPyClient):
         zeros = [np.zeros(np.shape(p), dtype=np.float32) for p in parameters]
         return zeros, 0, self._reply(zeros, can_train_next=False, refused=True, noise_std=0.0)
 
-    def _plan(self, examples: int, server_round: int,
-              delta: float) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
-        fed, priv = self.cfg.federation, self.cfg.privacy
-        q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
-        steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
-        if not priv.enabled:  # allowed only on a node without any limit (check_run)
-            return _local_plan(self.cfg, steps, private=False, noise_multiplier=0.0), None, None
-        from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+    def _plan(self, sampling: Sampling, server_round: int,
+              template: Any) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:
+        cfg, settings, run_id = self.cfg, self.settings, str(self.run_id)
+        if not cfg.privacy.enabled:  # allowed only on a node without any limit (check_run)
+            return plain_plan(cfg, sampling.steps), None, None
+        from veil.privacy.ledger import PrivacyLedger
 
-        ledger = PrivacyLedger.open(self.settings.ledger_path)
-        if priv.level == "client":
-            return self._plan_client_level(steps, server_round, delta, ledger)
-        sigma = priv.noise_multiplier
-        if priv.target_epsilon > 0:
-            sigma = _calibrated_sigma(target_epsilon=priv.target_epsilon, delta=delta, sample_rate=q,
-                                      steps=steps * fed.rounds, accountant=priv.accountant)
-        sigma = max(sigma, self._sigma_for_budget(ledger, sigma=sigma, q=q, steps=steps, server_round=server_round,
-                                                  delta=delta))
-        check_round(self.settings, noise_multiplier=sigma, sample_rate=q)  # the owner's floor (floor.py)
-        event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
-                            steps=steps, delta=delta)
-        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
-        plan = _local_plan(self.cfg, steps, private=True, noise_multiplier=sigma,
-                           grad_sample_mode=priv.grad_sample_mode)
+        ledger = PrivacyLedger.open(settings.ledger_path)
+        if cfg.privacy.level == "client":
+            plan, event = plan_client_level(cfg, settings, steps=sampling.steps, delta=sampling.delta, ledger=ledger,
+                                            run_id=run_id, server_round=server_round)
+            return plan, event, ledger
+        engine = (cfg.privacy.grad_sample_mode if settings.simulated
+                  else resolve_owner_engine(settings.dp_engine, template))  # the owner's engine, never the run's
+        plan, event = plan_sample_level(cfg, settings, sampling, ledger=ledger, run_id=run_id,
+                                        server_round=server_round, engine=engine)
         return plan, event, ledger
-
-    def _sigma_for_budget(self, ledger: PrivacyLedger, *, sigma: float, q: float, steps: int, server_round: int,
-                          delta: float) -> float:
-        """σ that fits the run's remaining rounds into what the owner's ledger leaves of its budget (review L2):
-        ``sigma`` itself when it fits, else the calibrated larger one (else ``sigma``: the budget check refuses)."""
-        budget, priv = self.settings.max_epsilon, self.cfg.privacy
-        if not math.isfinite(budget) or priv.target_epsilon <= 0:
-            return sigma
-        remaining = max(self.cfg.federation.rounds - max(server_round, 1) + 1, 1) * steps
-        if ledger.epsilon_if(_event(sigma, q, remaining, delta), delta=delta, accountant=priv.accountant).epsilon <= budget:
-            return sigma
-        from veil.privacy.calibration import calibrate_noise_multiplier
-
-        try:
-            return calibrate_noise_multiplier(target_epsilon=budget, delta=delta, sample_rate=q, steps=remaining,
-                                              accountant=priv.accountant, history=ledger.history())
-        except VeilError:
-            return sigma
-
-    def _plan_client_level(self, steps: int, server_round: int, delta: float,
-                           ledger: PrivacyLedger) -> tuple[LocalPlan, LedgerEvent, PrivacyLedger]:
-        """Client-level DP: plain local training; the release is the clipped update plus this node's noise share.
-
-        The share is z·S/sqrt(min-cohort), the owner's own cohort assumption (never the run's clients_per_round):
-        with min-cohort 1 this node's noise alone gives the sum std z·S. Per record, two clipped updates differ by
-        up to 2S, so the ledger books a Gaussian of multiplier z/2, without client-sampling amplification (q = 1)."""
-        from veil.privacy.client_level import run_noise_multiplier
-        from veil.privacy.ledger import LedgerEvent
-
-        priv = self.cfg.privacy
-        z = run_noise_multiplier(self.cfg)
-        if z is None:
-            raise ValueError("_plan_client_level is only for runs with privacy.level=client")
-        per_record = z / 2.0
-        check_round(self.settings, noise_multiplier=per_record, sample_rate=0.0)  # q caps are about examples
-        event = LedgerEvent(run_id=str(self.run_id), round=server_round, noise_multiplier=per_record, sample_rate=1.0,
-                            steps=1, delta=delta)
-        ledger.check_budget(event, max_epsilon=self.settings.max_epsilon, delta=delta, accountant=priv.accountant)
-        return _local_plan(self.cfg, steps, private=False, noise_multiplier=z), event, ledger
-
-
-def _local_plan(cfg: VeilConfig, steps: int, *, private: bool, noise_multiplier: float,
-                grad_sample_mode: str = "hooks") -> LocalPlan:
-    """The round's local training as the run configures it (batch, lr, optimizer, clipping norm)."""
-    fed = cfg.federation
-    return LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, private=private,
-                     noise_multiplier=noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                     grad_sample_mode=grad_sample_mode)
-
-
-def _event(sigma: float, q: float, steps: int, delta: float) -> LedgerEvent:
-    from veil.privacy.ledger import LedgerEvent
-
-    return LedgerEvent(run_id="planned", round=0, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
 
 
 def check_received(parameters: list[np.ndarray], expected: list[np.ndarray]) -> None:
@@ -283,13 +255,18 @@ def _upload_bytes(update: list[np.ndarray], cfg: VeilConfig) -> int:
     return sum(int(a.size) for a in update) * (8 if cfg.secagg.enabled else 4)
 
 
-def _client_level_release(update: list[np.ndarray], cfg: VeilConfig, settings: NodeSettings,
-                          z: float) -> tuple[list[np.ndarray], float]:
-    """Clip the whole update to S; with distributed noise, add this node's share N(0, (z·S)²/min-cohort).
-    Returns the release and the share's std (0 with central noise, which only an opted-in owner accepts)."""
+def _client_level_release(update: list[np.ndarray] | None, received: list[np.ndarray], cfg: VeilConfig,
+                          settings: NodeSettings, z: float) -> tuple[list[np.ndarray], float]:
+    """Clip the whole update to S (NaN-safe: a non-finite update, or none, counts as zeros); with distributed noise,
+    add this node's share N(0, (z·S)²/min-cohort). Returns the release and the share's std (0 with central noise,
+    which only an opted-in owner accepts). The share is always added: never an exact-zero release (review N3a)."""
     from veil.privacy.client_level import add_gaussian_noise, clip_update, distributed_share_std
 
-    clipped, _norm = clip_update(update, clip=cfg.privacy.max_grad_norm)
+    if update is None:
+        update = [np.zeros(np.shape(p), dtype=np.float32) for p in received]
+    clipped, norm = clip_update(update, clip=cfg.privacy.max_grad_norm)
+    if not math.isfinite(norm):
+        log.warning("the local update is not finite; this round releases the noise share alone")
     if cfg.privacy.noise_placement != "distributed":
         return clipped, 0.0
     share = distributed_share_std(noise_multiplier=z, clip=cfg.privacy.max_grad_norm,

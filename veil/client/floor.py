@@ -3,7 +3,11 @@
 The owner sets, in the node's own configuration (``veil client --max-epsilon --min-noise-multiplier
 --max-sample-rate``), an ε budget (checked against the on-disk ledger in :mod:`veil.client.app`), a minimum noise
 multiplier σ and a maximum Poisson sampling rate q. A coordinator, or anyone who can submit a run, may ask for less
-noise or larger batches; the node then refuses the round before training. A run that turns DP-SGD off is refused
+noise or larger batches; a deployed node then *clamps* (σ up to the floor, q down to the cap:
+:mod:`veil.client.round_plan`), because the point where a refusal would set in depends on the owner's data (its
+size, its labels) and a refusal travels in clear. :func:`check_round`'s refusal is for simulated nodes, where the
+researcher is every owner, and for client-level runs, whose noise comes from the run config and the owner's cohort
+alone. A run that turns DP-SGD off is refused
 outright by a node whose owner set any limit: without noise the ε of a release is unbounded. The rest of the
 owner's policy is checked here too (:func:`check_run`, :func:`check_delta`): the owner's δ, whether plain
 aggregation or server-side noise is acceptable, and which model directory and label source a deployed node uses.
@@ -103,6 +107,9 @@ def check_run(settings: Any, cfg: Any) -> None:
         if cfg.model.path and not cfg.model.tiny and getattr(settings, "model_path", None) is None:
             _refuse(f"the run names the model directory {cfg.model.path!r}; this node loads only its owner's model: "
                     "start it with --model DIR")
+        if getattr(settings, "text_only", False) and cfg.task.name == "classification":
+            _refuse("the run is a classification run but this node's owner declared a text-only file "
+                    "(--label-column ''); the run config never chooses a column of the owner's file")
         if not cfg.data.labels:
             _refuse("the run config carries no data.labels; a deployed node never derives labels from files the "
                     "run names (veil server sets data.labels from its evaluation file)")
@@ -110,6 +117,9 @@ def check_run(settings: Any, cfg: Any) -> None:
 
 def check_delta(settings: Any, *, run_delta: float, owner_delta: float) -> None:
     """Refuse a run that states its guarantee at a δ above the owner's (a larger δ makes any ε cheap).
+
+    A node passes its ``delta_limit`` (the owner's ``--delta``, else 1e-5): a constant, never a δ derived from the
+    data's size, so that the refusal says nothing about the data.
 
     Raises
     ------

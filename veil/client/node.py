@@ -65,9 +65,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="train without an ε budget (not recommended; warned at every start)")
     parser.add_argument("--delta", type=float, default=None,
                         help="the owner's δ for every ε figure; runs asking for more are refused "
-                             "(default: min(1e-5, 1/(10·N)) for the N examples of --data)")
-    parser.add_argument("--min-noise-multiplier", type=float, default=0.0, help="refuse rounds with less noise σ")
-    parser.add_argument("--max-sample-rate", type=float, default=1.0, help="refuse rounds with a larger sampling rate q")
+                             "(default: min(1e-5, 1/(10·N)) for the N rows of --data at start; runs may then ask "
+                             "for up to 1e-5)")
+    parser.add_argument("--min-noise-multiplier", type=float, default=0.0,
+                        help="the least noise σ this node trains with: a run asking for less gets this much")
+    parser.add_argument("--max-sample-rate", type=float, default=1.0,
+                        help="the Poisson sampling rate q this node trains at, whatever the run's batch size "
+                             "(default 1: q = batch size / N at start, capped at 1)")
+    parser.add_argument("--dp-engine", choices=("auto", "hooks", "bk"), default="auto",
+                        help="per-sample clipping engine (default auto: hooks for adapters, bk for full "
+                             "fine-tuning); the run's privacy.grad_sample_mode is never used on a node")
     parser.add_argument("--allow-plain-aggregation", action="store_true",
                         help="also answer rounds without SecAgg+ (the coordinator then sees this node's update)")
     parser.add_argument("--min-cohort", type=int, default=1,
@@ -87,10 +94,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="the only model directory this node loads (default: the model installed with veil)")
     parser.add_argument("--ledger", type=Path,
-                        help="privacy ledger file (default: bound to the data file's sha256 under "
-                             "$XDG_STATE_HOME/veil/ledgers)")
+                        help="privacy ledger file (default: this node's, keyed by the data file's path under "
+                             "$XDG_STATE_HOME/veil/ledgers; a file that grows keeps its ledger)")
     parser.add_argument("--new-ledger", action="store_true",
-                        help="start a fresh ledger although this data already has one (its budget starts again)")
+                        help="start a fresh ledger although this node or data already has one (its budget starts "
+                             "again; the old ledger is kept, renamed)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="training device (default: the run's)")
     parser.add_argument("--node-dir", type=Path, default=Path("veil-node"), help="logs and ledger (default: ./veil-node)")
     parser.add_argument("--runtime-port", type=int, default=0, help="local Runtime API port on 127.0.0.1 (0: any free)")
@@ -137,6 +145,7 @@ def preflight(args: argparse.Namespace) -> None:
     args.data_sha256 = data_fingerprint(args.data)
     settings = node_settings(_node_config(args))  # ranges of the owner's limits
     bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
+    args.data_rows = len(examples)  # fixed at start: the default δ and the expected batch never move with a run
     args.owner_delta = settings.owner_delta(len(examples))
     if args.insecure:
         if args.key is not None:
@@ -166,7 +175,7 @@ def _check_roster(args: argparse.Namespace) -> None:
 
 
 def _node_config(args: argparse.Namespace) -> dict[str, object]:
-    from veil.privacy.ledger_home import default_ledger_path
+    from veil.privacy.ledger_home import default_ledger_path, node_key
 
     fingerprint = getattr(args, "data_sha256", None)
     config: dict[str, object] = {
@@ -176,14 +185,17 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         "allow-plain-aggregation": bool(args.allow_plain_aggregation),
         "allow-central-noise": bool(args.allow_central_noise), "no-budget": bool(args.no_budget),
         "max-dropouts": int(getattr(args, "max_dropouts", 0)),
+        "dp-engine": str(getattr(args, "dp_engine", "auto")),
     }
     for key, path in (("roster-path", getattr(args, "roster", None)),
                       ("signing-key-path", getattr(args, "signing_key", None))):
         if path is not None:
             config[key] = str(path.expanduser().resolve())
+    if getattr(args, "data_rows", None):
+        config["data-rows"] = int(args.data_rows)
     if fingerprint:
         config["data-sha256"] = fingerprint
-        config["ledger-path"] = str((args.ledger or default_ledger_path(fingerprint)).expanduser().resolve())
+        config["ledger-path"] = str((args.ledger or default_ledger_path(node_key(args.data))).expanduser().resolve())
     elif args.ledger:
         config["ledger-path"] = str(args.ledger.expanduser().resolve())
     if args.max_epsilon is not None:

@@ -32,6 +32,8 @@ MAX_DROPOUTS = "max-dropouts"  # SecAgg+: neighbours that may go missing in a ro
 ROSTER_PATH = "roster-path"  # SecAgg+: the owners' roster this node pins (veil/security/roster.py)
 SIGNING_KEY_PATH = "signing-key-path"  # SecAgg+: the owner's Ed25519 key that signs this node's round keys
 MODEL_PATH = "model-path"  # the only model directory this node loads (absent: the installed default model)
+DATA_ROWS = "data-rows"  # rows of the data file when the node started (fixes the default δ and batch once)
+DP_ENGINE = "dp-engine"  # the owner's DP engine: auto | hooks | bk (never the run's privacy.grad_sample_mode)
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
@@ -61,16 +63,26 @@ class NodeSettings:
     max_dropouts: int = 0  # SecAgg+ neighbours that may be missing; 0: a drop-out costs the round, not the mask
     roster_path: str | None = None  # None: neighbours' keys are not checked (honest-but-curious coordinator)
     signing_key_path: str | None = None
+    start_rows: int | None = None  # rows of the data file at node start (None: counted once by the ClientApp)
+    dp_engine: str = "auto"  # the owner's DP engine on a deployed node
+    text_only: bool = False  # --label-column '': a text-only file; classification runs are refused (review N7)
 
     @property
     def simulated(self) -> bool:
         return self.data_path is None
 
     def owner_delta(self, examples: int) -> float:
-        """δ every figure of this node is computed at: the owner's, or min(1e-5, 1/(10·N))."""
+        """δ every figure of this node is computed at: the owner's, or min(1e-5, 1/(10·N)). A deployed node passes
+        the N of its file at start (``start_rows``), never a count of the examples a run's labels select."""
         if self.delta is not None:
             return self.delta
         return min(DEFAULT_DELTA, 1.0 / (10 * max(examples, 1)))
+
+    @property
+    def delta_limit(self) -> float:
+        """The largest ``privacy.delta`` a run may ask of this node: the owner's δ, else 1e-5 — a constant, so
+        that whether a run's δ is refused never depends on the size of the owner's file."""
+        return self.delta if self.delta is not None else DEFAULT_DELTA
 
 
 def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None = None) -> NodeSettings:
@@ -105,6 +117,10 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     if (roster is None) != (signing_key is None):
         raise ConfigError("--roster and --signing-key go together: give both (the owners' roster and this owner's "
                           "key from `veil keygen`) or neither")
+    engine = str(node_config.get(DP_ENGINE, "auto"))
+    if engine not in ("auto", "hooks", "bk"):
+        raise ConfigError(f"node config {DP_ENGINE}={engine!r} is invalid: expected auto, hooks or bk")
+    rows = node_config.get(DATA_ROWS)
     return NodeSettings(
         data_path=None if data_path is None else str(data_path),
         text_column=_opt_str(node_config.get(TEXT_COLUMN)),
@@ -125,22 +141,25 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         max_dropouts=max_dropouts,
         roster_path=roster,
         signing_key_path=signing_key,
+        start_rows=None if rows in (None, "") else int(rows),
+        dp_engine=engine,
+        text_only=node_config.get(LABEL_COLUMN) == "",
     )
 
 
 def _ledger_path(node_config: dict[str, Any], partition: Any, simulation_root: Path | None) -> Path:
-    """The owner's ledger: given; a simulated owner's under the run; else bound to the data file's sha256 in the
-    per-user state directory (never relative to the working directory)."""
+    """The owner's ledger: given; a simulated owner's under the run; else keyed to the owner's node (its data file's
+    path, :func:`veil.privacy.ledger_home.node_key`) in the per-user state directory (never relative to the working
+    directory)."""
     if LEDGER_PATH in node_config:
         return Path(str(node_config[LEDGER_PATH])).expanduser()
     if partition is not None and simulation_root is not None:
         return simulation_root / f"node-{int(partition)}" / "privacy_ledger.json"
     if node_config.get(DATA_PATH) is None:
         raise ConfigError(f"node config has neither {LEDGER_PATH!r} nor {DATA_PATH!r}; start the node with veil client")
-    from veil.privacy.ledger_home import data_fingerprint, default_ledger_path
+    from veil.privacy.ledger_home import default_ledger_path, node_key
 
-    fingerprint = _opt_str(node_config.get(DATA_SHA256)) or data_fingerprint(Path(str(node_config[DATA_PATH])))
-    return default_ledger_path(fingerprint)
+    return default_ledger_path(node_key(Path(str(node_config[DATA_PATH]))))  # the node's, not the bytes' (M4)
 
 
 def _flag(node_config: dict[str, Any], key: str) -> bool:

@@ -37,6 +37,8 @@ class LocalPlan:
     max_grad_norm: float
     grad_sample_mode: str = "hooks"
     optimizer: str = "adamw"  # federation.optimizer: adamw | sgd (plain SGD)
+    sample_rate: float | None = None  # a deployed node's own Poisson rate q (None: 1 / batches of the shard)
+    expected_batch_size: int | None = None  # the fixed divisor of each noisy sum (None: Opacus' N·q)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         dp = make_private(
             module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, grad_sample_mode=plan.grad_sample_mode, device=device,
+            sample_rate=plan.sample_rate, expected_batch_size=plan.expected_batch_size,
         )
         module, optimizer, loader, mean_loss, sample_rate = dp.module, dp.optimizer, dp.loader, dp.mean_loss, dp.sample_rate
         ghost = dp.grad_sample_mode == "ghost"  # "auto" resolved by make_private

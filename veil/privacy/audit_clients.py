@@ -121,7 +121,7 @@ class CanaryClient(VeilClient):
         super().__init__(cfg, settings, run_id)
         self.seed, self.included = seed, included
 
-    def _shard(self, own: VeilConfig) -> dict[str, Any]:
+    def _shard(self) -> dict[str, Any]:
         import torch
 
         # No records. One placeholder row keeps the plan's arithmetic (δ, q, steps) defined; _train never reads it.

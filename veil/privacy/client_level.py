@@ -31,18 +31,24 @@ import numpy as np
 
 from veil.privacy.accounting import compute_epsilon
 from veil.privacy.calibration import calibrate_noise_multiplier
+from veil.privacy.release import nan_safe_norm
 
 if TYPE_CHECKING:
     from veil.conf.schema import VeilConfig
 
 
 def clip_update(update: list[np.ndarray], *, clip: float) -> tuple[list[np.ndarray], float]:
-    """Scale ``update`` to L2 norm at most ``clip``; returns the clipped update and the original norm."""
+    """Scale ``update`` to L2 norm at most ``clip``; returns the clipped update and the original norm.
+
+    NaN-safe (review N3c): an update with a non-finite value has norm ``inf`` and is clipped to zeros (factor 0),
+    never passed through unclipped (``min(1, clip / nan)`` would be 1)."""
     if clip <= 0:
         raise ValueError(f"clip={clip} must be > 0")
-    norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in update))
+    norm = nan_safe_norm(update)
+    if not math.isfinite(norm):
+        return [np.zeros(np.shape(a), dtype=np.float32) for a in update], norm
     factor = min(1.0, clip / (norm + 1e-12))
-    return [(a * factor).astype(np.float32) for a in update], norm
+    return [(np.asarray(a, dtype=np.float64) * factor).astype(np.float32) for a in update], norm
 
 
 def add_gaussian_noise(arrays: list[np.ndarray], *, std: float, rng: np.random.Generator | None = None) -> list[np.ndarray]:

@@ -74,13 +74,18 @@ class PrivateTraining:
 
 def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str = "hooks",
-                 device: torch.device | None = None) -> PrivateTraining:
+                 device: torch.device | None = None, sample_rate: float | None = None,
+                 expected_batch_size: int | None = None) -> PrivateTraining:
     """Attach Opacus DP-SGD (Poisson sampling, flat clipping, mean loss) to ``module``/``optimizer``/``loader``.
 
     ``grad_sample_mode`` is "hooks" (per-sample gradients), "ghost" (ghost clipping: per-sample norms, a second
     backward), "bk" (book-keeping: one backward, :mod:`veil.privacy.bookkeeping`) or "auto" (the fastest exact one
     for this model, :mod:`veil.privacy.modes`).
     The returned ``module`` is called as ``module(input_ids=..., attention_mask=...)`` either way.
+
+    ``sample_rate`` fixes the Poisson rate q (default: Opacus' 1 / number of batches of ``loader``) and
+    ``expected_batch_size`` the divisor of every noisy sum (default: Opacus' ⌊N·q⌋). Both are fixed before any batch
+    is drawn, in every engine: the noisy sum is never divided by the batch actually drawn (arXiv 2605.15648).
     """
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, module)  # "auto": the faster exact mode
     if noise_multiplier < 0:
@@ -99,7 +104,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
                         generator=os_generator("cpu"))
     if grad_sample_mode == "bk":
         return _make_bookkeeping(module=module, optimizer=optimizer, loader=loader, generator=generator,
-                                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
+                                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 sample_rate=sample_rate, expected_batch_size=expected_batch_size)
     with warnings.catch_warnings():
         # Opacus warns that its secure_mode (torchcsprng) is off; what it guards against, a generator the run could
         # reproduce, is handled here: the sampler and the noise both get OS-seeded generators (tests pin both).
@@ -113,27 +119,38 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader:
     )
     if grad_sample_mode == "ghost":
         module, optimizer, criterion, loader = out  # the returned criterion does the double backward (issue 732)
+        _nan_safe_ghost_coef(module)
     else:
         module, optimizer, loader = out
+    if sample_rate is not None:
+        loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, generator=os_generator("cpu"))
+    if expected_batch_size is not None:
+        optimizer.expected_batch_size = int(expected_batch_size)  # type: ignore[attr-defined]
     install_samplers(module)  # padding-aware, layout-safe embedding samplers for this wrapped model only
     keep_padding_rows(module, optimizer)  # no noise on rows nn.Embedding never updates (post-processing)
     return PrivateTraining(
         module=module, optimizer=optimizer, loader=loader, criterion=criterion,
-        sample_rate=1.0 / len(loader), steps_per_epoch=len(loader), grad_sample_mode=grad_sample_mode,
+        sample_rate=loader.sample_rate, steps_per_epoch=len(loader), grad_sample_mode=grad_sample_mode,
     )
 
 
 def _make_bookkeeping(*, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                      generator: torch.Generator, noise_multiplier: float, max_grad_norm: float) -> PrivateTraining:
+                      generator: torch.Generator, noise_multiplier: float, max_grad_norm: float,
+                      sample_rate: float | None, expected_batch_size: int | None) -> PrivateTraining:
     """Book-keeping with Opacus' Poisson loader and its noise-and-average optimizer (ghost clipping's, noising in
     place: N(0, (sigma C)^2) added to the clipped sum in ``p.grad``, then division by the expected batch size)."""
     wrapped = make_exact(module)
     bookkeeping = BookKeeping(wrapped, max_grad_norm=max_grad_norm)
-    loader = DPDataLoader.from_data_loader(loader)  # the loader's OS-seeded generator draws the batches
-    sample_rate = 1.0 / len(loader)
+    if sample_rate is None:
+        loader = DPDataLoader.from_data_loader(loader)  # the loader's OS-seeded generator draws the batches
+    else:
+        loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, generator=os_generator("cpu"))
+    sample_rate = loader.sample_rate
+    if expected_batch_size is None:
+        expected_batch_size = int(len(loader.dataset) * sample_rate)  # type: ignore[arg-type]
     optimizer = BookKeepingOptimizer(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",  # type: ignore[arg-type]
+        expected_batch_size=int(expected_batch_size), loss_reduction="mean",
         generator=generator,
     )
     keep_padding_rows(wrapped, optimizer)
@@ -141,6 +158,18 @@ def _make_bookkeeping(*, module: nn.Module, optimizer: torch.optim.Optimizer, lo
         module=wrapped, optimizer=optimizer, loader=loader, criterion=BookKeepingCriterion(bookkeeping),
         sample_rate=sample_rate, steps_per_epoch=len(loader), grad_sample_mode="bk", bookkeeping=bookkeeping,
     )
+
+
+def _nan_safe_ghost_coef(module: nn.Module) -> None:
+    """Ghost clipping's clip factors with a non-finite per-sample norm set to 0 (review N3b): Opacus computes
+    ``C / (nan + 1e-6)`` = nan, which turns the whole second backward, and the update, into NaN or zeros."""
+    original = module.get_clipping_coef  # type: ignore[operator]
+
+    def get_clipping_coef() -> torch.Tensor:
+        coef = original()  # (B,)
+        return torch.where(torch.isfinite(coef), coef, torch.zeros_like(coef))
+
+    module.get_clipping_coef = get_clipping_coef  # type: ignore[method-assign]
 
 
 def os_generator(device: torch.device | str) -> torch.Generator:

@@ -1,11 +1,14 @@
 """Where a data owner's privacy ledger lives: bound to the data, not to a working directory.
 
-A ledger is only as good as its being found again. ``veil client`` fingerprints the owner's data file (sha256 of
-its bytes) and keeps the ledger of that data under a per-user state directory
-(``$XDG_STATE_HOME/veil/ledgers/<sha256>/privacy_ledger.json``, ``~/.local/state`` when unset), so a node restarted
-from another directory, or with another ``--node-dir``, finds the budget it already spent. An owner who keeps the
-ledger elsewhere (``--ledger``) has that path remembered in the same state directory; starting a *fresh* ledger for
-data that already has one needs the explicit ``--new-ledger`` (the budget starts again: the owner's own call).
+A ledger is only as good as its being found again. The ledger belongs to the owner's node: ``veil client`` keys it
+by the data file's absolute path (:func:`node_key`, the sha256 of that path) under a per-user state directory
+(``$XDG_STATE_HOME/veil/ledgers/<key>/privacy_ledger.json``, ``~/.local/state`` when unset), so a node restarted
+from another directory, or with another ``--node-dir``, finds the budget it already spent, and a file that grows or
+changes (one row appended) *continues* the same ledger (review M4: a content hash gave it a fresh, empty one). The
+content fingerprint (sha256 of the bytes) is remembered too, so the same data moved to another path finds its
+ledger and is refused a fresh one. An owner who keeps the ledger elsewhere (``--ledger``) has that path remembered;
+starting a *fresh* ledger needs the explicit ``--new-ledger`` (the budget starts again: the owner's own call; an
+existing ledger file is kept beside it, renamed, never deleted).
 Written by hand: no library keeps DP ledgers; the state-directory convention is the XDG base-directory one.
 """
 
@@ -20,7 +23,7 @@ from veil.errors import LedgerError
 
 log = logging.getLogger("veil.privacy")
 
-__all__ = ["data_fingerprint", "default_ledger_path", "known_ledgers", "bind_ledger", "state_dir"]
+__all__ = ["data_fingerprint", "default_ledger_path", "known_ledgers", "bind_ledger", "node_key", "state_dir"]
 
 _CHUNK = 1 << 20
 
@@ -41,6 +44,11 @@ def data_fingerprint(path: Path) -> str:
     except OSError as err:
         raise LedgerError(f"cannot read data file {path} to fingerprint its ledger ({err.strerror}); check --data") from None
     return digest.hexdigest()
+
+
+def node_key(data_path: Path) -> str:
+    """The key of an owner's node: the sha256 (hex) of its data file's absolute path (not of the file's bytes)."""
+    return hashlib.sha256(str(Path(data_path).expanduser().resolve()).encode("utf-8")).hexdigest()
 
 
 def _home(fingerprint: str) -> Path:
@@ -78,6 +86,13 @@ def bind_ledger(ledger_path: Path, fingerprint: str, *, new_ledger: bool) -> Non
         false: a fresh ledger would silently give the owner a new budget.
     """
     ledger_path = ledger_path.expanduser().resolve()
+    if new_ledger and ledger_path.is_file():  # the owner's explicit fresh start: keep the old one, renamed
+        import time
+
+        kept = ledger_path.with_name(f"{ledger_path.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+        ledger_path.rename(kept)
+        log.warning("--new-ledger: the privacy ledger %s was moved to %s; the owner's budget starts again",
+                    ledger_path, kept)
     existing = [p.resolve() for p in known_ledgers(fingerprint)]
     if not ledger_path.exists() and existing and not new_ledger:
         raise LedgerError(

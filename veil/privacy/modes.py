@@ -78,3 +78,18 @@ def resolve_grad_sample_mode(mode: str, module: nn.Module) -> str:
     if mode not in MODES:
         raise ValueError(f"grad_sample_mode={mode!r} must be one of {(*MODES, 'auto')}")
     return mode
+
+
+OWNER_ENGINES = ("auto", "hooks", "bk")  # `veil client --dp-engine`: what a deployed node may run
+
+
+def resolve_owner_engine(engine: str, module: nn.Module) -> str:
+    """The DP engine a deployed node runs: the owner's ``--dp-engine``, never the run's ``privacy.grad_sample_mode``
+    (review N2). ``auto`` picks as :func:`resolve_grad_sample_mode` does, but never ghost: Opacus' ghost clipping
+    takes its per-sample norms from one float32 backward and the gradient from a second one, and with crafted weights
+    inside the acceptance bound the two disagree, so one example could contribute tens of C. hooks and bk clip the
+    gradient they sum, and hold ``||contribution|| <= C`` (tests/test_engine_bound.py)."""
+    if engine not in OWNER_ENGINES:
+        raise ValueError(f"dp engine {engine!r} must be one of {OWNER_ENGINES}")
+    mode = resolve_grad_sample_mode(engine, module)
+    return "hooks" if mode == "ghost" else mode

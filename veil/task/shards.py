@@ -28,6 +28,11 @@ from veil.task.partition import Partitions, partition_indices
 from veil.task.split import evaluation_examples, training_examples
 
 
+class NoUsableExamples(DataFileError):
+    """No example of the owner's file has a label in the run's label set: a deployed node then releases noise only
+    (``veil.client.app``), so the coordinator cannot tell it from a round with data."""
+
+
 class ShardSource(Protocol):
     """Where a node's examples come from (what :func:`client_shard` reads of ``veil.client.settings.NodeSettings``;
     a protocol, so the task package imports no node code)."""
@@ -152,8 +157,8 @@ def known_labels_only(examples: Examples, labels: list[str], *, path: str) -> Ex
     if len(keep) < len(examples):
         log.warning("%d example(s) of %s have a label outside the run's label set and are skipped",
                     len(examples) - len(keep), path)
-    if not keep:  # a refusal, like any other (docs/privacy.md lists this residual bit)
-        raise DataFileError(f"no example of {path} has a label in the run's label set")
+    if not keep:  # the node releases noise only (no refusal: that would tell whether a label occurs in the file)
+        raise NoUsableExamples(f"no example of {path} has a label in the run's label set")
     return examples.subset(np.asarray(keep, dtype=np.int64))
 
 

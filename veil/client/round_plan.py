@@ -1,0 +1,197 @@
+"""A node's plan for one round — σ, q, steps, δ, the divisor of each noisy sum, the engine — and its booking.
+
+On a deployed node every figure here is a function of the run config and the owner's flags only, plus the size of
+the owner's file *when the node started* (the default δ and the expected batch), never of the examples a run's label
+set selects (review 2026-12-07, N1). Where the data used to set a threshold, the node clamps instead of refusing:
+
+* q is the owner's ``--max-sample-rate`` when given (else B/N with N the file's rows at start, capped at 1): a
+  run's batch size never pushes q over the cap, and the ledger's ε depends on q, σ and the steps alone;
+* σ is the run's (or the one calibrated to its target ε, at this q, over the run's planned steps), raised to fit
+  what the ledger leaves, and never below the owner's ``--min-noise-multiplier``;
+* δ is the owner's ``--delta``, or min(1e-5, 1/(10·N)) for the file's N at start; a run may ask for a δ up to the
+  owner's ``--delta`` (else 1e-5), a constant;
+* every noisy sum is divided by the expected batch E[B] = max(1, round(q·N)), fixed before any batch is drawn.
+
+So refusing or training, and every reply field but the DP release, is decided before the data is read: the only
+refusals left are the run config against the policy (:mod:`veil.client.floor`) and the budget, whose ledger holds
+only such figures. A simulated node (the researcher is every owner) keeps the run's own rules: q = 1/⌈N/B⌉ for its
+partition, the run's engine, and a refusal below the floor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from veil.client.floor import check_round
+from veil.client.settings import NodeSettings
+from veil.client.trainer import LocalPlan, sample_rate_for, steps_for
+from veil.conf.schema import DataConfig, VeilConfig
+from veil.errors import PrivacyBudgetExhausted, VeilError
+
+if TYPE_CHECKING:
+    from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+
+log = logging.getLogger("veil.client")
+
+# (ledger path, run id) of runs in which this node already answered can_train_next=False: it refuses the rest (N10)
+_STOPPED: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How this node samples in a round: Poisson rate, steps, the fixed divisor (None: Opacus' N·q), δ."""
+
+    sample_rate: float
+    steps: int
+    expected_batch_size: int | None
+    delta: float
+
+
+def start_rows(settings: NodeSettings) -> int:
+    """Rows of the owner's data file when the node started (``veil client`` records them; else counted once)."""
+    if settings.start_rows is not None:
+        return settings.start_rows
+    if settings.data_path is None:
+        raise ValueError("start_rows is for deployed nodes (a data file of the owner's)")
+    path = Path(settings.data_path)
+    stat = path.stat()
+    return _count_rows(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _count_rows(path: str, _mtime: int, _size: int) -> int:
+    from veil.task.data import read_rows
+
+    return len(read_rows(path, DataConfig(train_path=path)))
+
+
+def owner_sampling(cfg: VeilConfig, settings: NodeSettings, *, rows: int) -> Sampling:
+    """A deployed node's sampling: from the run config, the owner's flags and ``rows`` (the file at start)."""
+    fed = cfg.federation
+    q = settings.max_sample_rate if settings.max_sample_rate < 1.0 else min(1.0, fed.batch_size / max(rows, 1))
+    steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
+    return Sampling(sample_rate=q, steps=steps, expected_batch_size=max(1, round(q * rows)),
+                    delta=settings.owner_delta(rows))
+
+
+def shard_sampling(cfg: VeilConfig, settings: NodeSettings, *, examples: int) -> Sampling:
+    """A simulated node's sampling: q = 1/⌈N/B⌉ for its partition's N examples (the run's own rule)."""
+    fed = cfg.federation
+    q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
+    steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
+    return Sampling(sample_rate=q, steps=steps, expected_batch_size=None, delta=settings.owner_delta(examples))
+
+
+@functools.lru_cache(maxsize=16)
+def calibrated_sigma(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """σ for this run: ε after all the run's planned steps on this node ≤ target (one value for the whole run)."""
+    from veil.privacy.calibration import calibrate_noise_multiplier
+
+    sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                       steps=steps, accountant=accountant)
+    log.info("calibrated noise multiplier %.4f for epsilon <= %.3g over %d steps at q=%.4f",
+             sigma, target_epsilon, steps, sample_rate)
+    return sigma
+
+
+def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Sampling, *, ledger: PrivacyLedger,
+                      run_id: str, server_round: int, engine: str) -> tuple[LocalPlan, LedgerEvent]:
+    """σ and the ledger event of a DP-SGD round; :class:`PrivacyBudgetExhausted` if the owner's budget says no."""
+    from veil.privacy.ledger import LedgerEvent
+
+    priv, q, steps, delta = cfg.privacy, sampling.sample_rate, sampling.steps, sampling.delta
+    sigma = priv.noise_multiplier
+    if priv.target_epsilon > 0:
+        sigma = calibrated_sigma(target_epsilon=priv.target_epsilon, delta=delta, sample_rate=q,
+                                 steps=steps * cfg.federation.rounds, accountant=priv.accountant)
+    sigma = max(sigma, sigma_for_budget(cfg, settings, ledger, sigma=sigma, q=q, steps=steps,
+                                        server_round=server_round, delta=delta))
+    if settings.simulated:
+        check_round(settings, noise_multiplier=sigma, sample_rate=q)  # the run's own floor (floor.py)
+    elif sigma < settings.min_noise_multiplier:  # clamp, never refuse: the owner's floor is a floor
+        log.info("round %d: noise multiplier %.4f raised to the owner's floor %.4f", server_round, sigma,
+                 settings.min_noise_multiplier)
+        sigma = settings.min_noise_multiplier
+    event = LedgerEvent(run_id=run_id, round=server_round, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                        delta=delta)
+    ledger.check_budget(event, max_epsilon=settings.max_epsilon, delta=delta, accountant=priv.accountant)
+    fed = cfg.federation
+    plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, private=True,
+                     noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, grad_sample_mode=engine,
+                     sample_rate=None if settings.simulated else q,
+                     expected_batch_size=sampling.expected_batch_size)
+    return plan, event
+
+
+def sigma_for_budget(cfg: VeilConfig, settings: NodeSettings, ledger: PrivacyLedger, *, sigma: float, q: float,
+                     steps: int, server_round: int, delta: float) -> float:
+    """σ that fits the run's remaining rounds into what the owner's ledger leaves of its budget (review L2):
+    ``sigma`` itself when it fits, else the calibrated larger one (else ``sigma``: the budget check refuses)."""
+    budget, priv = settings.max_epsilon, cfg.privacy
+    if not math.isfinite(budget) or priv.target_epsilon <= 0:
+        return sigma
+    remaining = max(cfg.federation.rounds - max(server_round, 1) + 1, 1) * steps
+    if ledger.epsilon_if(planned_event(sigma, q, remaining, delta), delta=delta,
+                         accountant=priv.accountant).epsilon <= budget:
+        return sigma
+    from veil.privacy.calibration import calibrate_noise_multiplier
+
+    try:
+        return calibrate_noise_multiplier(target_epsilon=budget, delta=delta, sample_rate=q, steps=remaining,
+                                          accountant=priv.accountant, history=ledger.history())
+    except VeilError:
+        return sigma
+
+
+def plan_client_level(cfg: VeilConfig, settings: NodeSettings, *, steps: int, delta: float, ledger: PrivacyLedger,
+                      run_id: str, server_round: int) -> tuple[LocalPlan, LedgerEvent]:
+    """Client-level DP: plain local training; the release is the clipped update plus this node's noise share.
+
+    The share is z·S/sqrt(M) with M the owner's ``--min-cohort`` (never the run's clients_per_round). Per record,
+    two clipped updates differ by up to 2S, and what leaves this node alone carries noise z·S/sqrt(M): the ledger
+    books a Gaussian of multiplier z/(2·sqrt(M)) without sampling amplification (q = 1), so the per-record bound
+    holds even against a coordinator that unmasks this node's update (review N4)."""
+    from veil.privacy.client_level import run_noise_multiplier
+    from veil.privacy.ledger import LedgerEvent
+
+    z = run_noise_multiplier(cfg)
+    if z is None:
+        raise ValueError("plan_client_level is only for runs with privacy.level=client")
+    per_record = z / (2.0 * math.sqrt(settings.min_cohort))
+    check_round(settings, noise_multiplier=per_record, sample_rate=0.0)  # z and M: run config and policy only
+    event = LedgerEvent(run_id=run_id, round=server_round, noise_multiplier=per_record, sample_rate=1.0, steps=1,
+                        delta=delta)
+    ledger.check_budget(event, max_epsilon=settings.max_epsilon, delta=delta, accountant=cfg.privacy.accountant)
+    fed = cfg.federation
+    plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, private=False,
+                     noise_multiplier=z, max_grad_norm=cfg.privacy.max_grad_norm)
+    return plan, event
+
+
+def plain_plan(cfg: VeilConfig, steps: int) -> LocalPlan:
+    """Training without DP (only on a node without any limit: :func:`veil.client.floor.check_run`)."""
+    fed = cfg.federation
+    return LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, private=False,
+                     noise_multiplier=0.0, max_grad_norm=cfg.privacy.max_grad_norm)
+
+
+def planned_event(sigma: float, q: float, steps: int, delta: float) -> LedgerEvent:
+    from veil.privacy.ledger import LedgerEvent
+
+    return LedgerEvent(run_id="planned", round=0, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+
+
+def check_not_stopped(settings: NodeSettings, run_id: str) -> None:
+    """Refuse every round of a run after this node said ``can_train_next=False`` in it (review N10)."""
+    if (str(settings.ledger_path), run_id) in _STOPPED:
+        raise PrivacyBudgetExhausted(f"this node told run {run_id} that it cannot train another round; it refuses "
+                                     "the rest of the run")
+
+
+def mark_stopped(settings: NodeSettings, run_id: str) -> None:
+    _STOPPED.add((str(settings.ledger_path), run_id))
