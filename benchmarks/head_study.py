@@ -46,7 +46,8 @@ TASK = get_task("classification")
 
 def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, epsilon: float | None, rounds: int,
             steps: int, batch: int) -> VeilConfig:
-    model = ModelConfig(tuning="head", path=args.model_path, pooling=args.pooling, max_length=args.max_length)
+    model = ModelConfig(tuning="head", path=args.model_path, source=args.source, pooling=args.pooling,
+                        max_length=args.max_length)
     fed = FederationConfig(num_clients=args.banks, rounds=rounds, local_steps=steps, batch_size=batch, lr=lr,
                            optimizer=args.optimizer, alpha=args.alpha)
     priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip)
@@ -122,7 +123,7 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             what = "no DP" if eps == 0 else f"ε={eps:g}"
             row(f"federated {what}, {args.optimizer} lr={lr:g}, C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
                 f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s")
-    settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, MiniLM-L6 frozen, pooling {args.pooling} "
+    settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen, pooling {args.pooling} "
                 f"(resolved: {template.pooling if hasattr(template, 'pooling') else 'pooler'}), head from label "
                 f"names; validation: {args.val_per_class} texts per label carved from train.csv; features for "
                 f"{len(examples)} training texts computed in {featurize_s:.0f} s"
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--pooling", default="auto")
     ap.add_argument("--model-path", default="")
+    ap.add_argument("--source", default="minilm", help="a packaged model when --model-path is empty: minilm | smollm2")
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--val-per-class", type=int, default=10)
     ap.add_argument("--test", action="store_true", help="also score the test split (chosen settings only)")

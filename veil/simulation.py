@@ -139,6 +139,10 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
 
         check_resumable(cfg, flat)
     write_partition_table(cfg, out_dir / "partitions.csv")
+    if cfg.model.init_from and not cfg.resume:  # each simulated owner's ledger continues the earlier run's
+        from veil.server.warm_start import carry_simulated_ledgers
+
+        carry_simulated_ledgers(cfg, out_dir)
     baseline = majority_baseline_of(cfg)
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)

@@ -131,7 +131,10 @@ def resolve_paths_and_labels(cfg: Any, out_dir: Path) -> Any:
     data = dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), test_path=absolute(cfg.data.test_path))
     labels = run_labels(dataclasses.replace(cfg, data=data))
     data = with_split_path(dataclasses.replace(data, labels=json.dumps(labels)), out_dir.resolve())
-    return dataclasses.replace(cfg, data=data, output_dir=str(out_dir.resolve()),
+    model = cfg.model
+    if model.init_from:  # the coordinator's own path (model.init_from): absolute for every process of the run
+        model = dataclasses.replace(model, init_from=str(Path(model.init_from).expanduser().resolve()))
+    return dataclasses.replace(cfg, data=data, model=model, output_dir=str(out_dir.resolve()),
                                resume=str(Path(cfg.resume).expanduser().resolve()) if cfg.resume else "")
 
 

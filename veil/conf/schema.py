@@ -39,6 +39,9 @@ class ModelConfig:
     # auto: a sentence-transformers directory's own pooling (mean for MiniLM), else the family's classifier (pooler);
     # mean | cls | max | last: a linear head on that pooled embedding; pooler: AutoModelForSequenceClassification
     pooling: str = "auto"
+    # A finished veil run directory whose global weights start this run (same model, pooling and labels): LP-FT is
+    # a model.tuning=head run, then a model.tuning=lora run with model.init_from=<its directory>. Coordinator only.
+    init_from: str = ""
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout inside adapters only adds noise on top of DP noise

@@ -205,6 +205,10 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
     task = get_task(cfg.task.name)
     device = resolve_device(cfg.device)
     template = task.build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
+    if cfg.model.init_from and not cfg.resume:  # LP-FT's second half (veil.server.warm_start)
+        from veil.server.warm_start import warm_start
+
+        log.info("starting from %s of %s", ", ".join(warm_start(template, cfg)), cfg.model.init_from)
     data = eval_split(cfg)
     strategy = make_strategy(cfg, initial=get_trainable(template), central_noise_std=_central_noise_std(cfg),
                              evaluate_fn=make_evaluate_fn(template, data, device=device, task=task, cfg=cfg))

@@ -97,7 +97,10 @@ def _model_line(cfg: VeilConfig) -> str:
                      "`veil.load_classifier(dir).predict(texts)` (label names).")
         else:
             line += " Load it with `AutoModelForSequenceClassification.from_pretrained(dir)`."
-        if model.head_init == "label_names":
+        if model.init_from:
+            line += (" Training started from the global model of an earlier veil run (LP-FT: head first, then "
+                     "adapters); each owner's ledger, and so the ε above, covers both runs.")
+        elif model.head_init == "label_names":
             line += " The head started from the encoded label names (public; no privacy cost)."
     return line
 
