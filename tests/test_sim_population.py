@@ -29,7 +29,8 @@ def _one_dict_per_node(cfg: VeilConfig) -> dict[int, dict[str, Any]]:
     fed, priv = cfg.federation, cfg.privacy
     policy = {"delta": float(priv.delta), "allow-plain-aggregation": not cfg.secagg.enabled,
               "allow-central-noise": priv.noise_placement == "central",
-              "min-cohort": int(fed.clients_per_round or fed.num_clients)}
+              "min-cohort": int(fed.clients_per_round or fed.num_clients),
+              "max-dropouts": int(cfg.secagg.num_shares - cfg.secagg.reconstruction_threshold)}  # issue 24
     nodes = {i: dict(policy) for i in range(fed.num_clients)}
     spec = fed.node_max_epsilon.strip()
     if spec and ":" not in spec:
