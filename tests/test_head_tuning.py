@@ -53,7 +53,18 @@ def test_the_packaged_minilm_declares_mean_pooling_and_normalisation() -> None:
     assert declared is not None and (declared.mode, declared.normalize) == ("mean", True)
     assert resolve_pooling("auto", default_model_dir()) == declared
     assert resolve_pooling("cls", default_model_dir()).normalize is False  # normalisation belongs to its pooling
-    assert resolve_pooling("auto", None).mode == "pooler"  # a plain HF model keeps its own classifier
+    assert resolve_pooling("auto", None).mode == "pooler"  # a model built in code keeps its own classifier
+
+
+def test_auto_pooling_of_plain_directories(tmp_path: Path) -> None:
+    encoder, decoder = tmp_path / "enc", tmp_path / "dec"
+    for path, arch in ((encoder, "BertForMaskedLM"), (decoder, "LlamaForCausalLM")):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architectures": [arch]}), encoding="utf-8")
+    assert resolve_pooling("auto", encoder).mode == "pooler"  # trained end to end: the family's own classifier
+    assert resolve_pooling("auto", encoder, tuning="head").mode == "mean"  # frozen: features computed once
+    assert resolve_pooling("auto", decoder, tuning="head").mode == "last"
+    assert resolve_pooling("cls", decoder, tuning="head").mode == "cls"  # an explicit choice is kept
 
 
 def test_frozen_encoder_never_changes_and_never_travels() -> None:

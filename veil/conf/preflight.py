@@ -24,6 +24,7 @@ __all__ = ["check_data", "check_exact", "check_model", "check_set", "follow_defa
 FOLLOWERS = (
     ("privacy.noise_multiplier", "privacy.target_epsilon", "0"),
     ("federation.local_epochs", "federation.local_steps", "0"),
+    ("model.lora", "model.tuning", "''"),  # the former switch decides (true: lora, false: full) unless tuning is given
 )
 
 
@@ -105,7 +106,7 @@ def check_exact(cfg: Any) -> None:
     if cfg.model.tiny or not cfg.privacy.enabled or cfg.privacy.level != "sample":
         return
     config = json.loads((model_dir(cfg.model) / "config.json").read_text(encoding="utf-8"))
-    reason = refusal_for_model_type(str(config.get("model_type", "")), lora=cfg.model.lora)
+    reason = refusal_for_model_type(str(config.get("model_type", "")), lora=cfg.model.tuning != "full")  # head: no weight-read layer trains
     if reason is not None:
         raise ConfigError(reason)
 

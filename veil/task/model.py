@@ -132,7 +132,7 @@ def with_tuning(model: nn.Module, cfg: ModelConfig, *, num_labels: int, seed: in
 
 def model_pooling(cfg: ModelConfig) -> Pooling:
     """``model.pooling`` resolved for this model (``auto``: a sentence-transformers directory's own pooling)."""
-    return resolve_pooling(cfg.pooling, None if cfg.tiny else model_dir(cfg))
+    return resolve_pooling(cfg.pooling, None if cfg.tiny else model_dir(cfg), tuning=tuning_of(cfg))
 
 
 def uses_features(cfg: ModelConfig) -> bool:

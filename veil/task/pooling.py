@@ -61,15 +61,34 @@ def sentence_transformers_pooling(path: Path | None) -> Pooling | None:
     return Pooling(modes[0], normalize)
 
 
-def resolve_pooling(requested: str, path: Path | None) -> Pooling:
-    """``model.pooling`` for the model directory ``path`` (None: a model built in code)."""
+def resolve_pooling(requested: str, path: Path | None, *, tuning: str = "lora") -> Pooling:
+    """``model.pooling`` for the model directory ``path`` (None: a model built in code).
+
+    ``auto``: the pooling a sentence-transformers directory declares; else, for a frozen encoder
+    (``tuning="head"``), the last token of a decoder and the mean of an encoder's tokens (so that its features can
+    be computed once: a family's own classifier head cannot be split from its encoder); else ``pooler``."""
     if requested not in POOLINGS:
         raise ModelError(f"model.pooling={requested} is invalid; use one of {', '.join(POOLINGS)}")
     declared = sentence_transformers_pooling(path)
     if requested == "auto":
-        return declared or Pooling("pooler")
+        if declared is not None:
+            return declared
+        if tuning == "head" and path is not None:
+            return Pooling("last" if _is_decoder(path) else "mean")
+        return Pooling("pooler")
     normalize = declared is not None and declared.normalize and requested == declared.mode
     return Pooling(requested, normalize)
+
+
+def _is_decoder(path: Path) -> bool:
+    """A causal LM directory (GPT-2, Llama, Qwen2, SmolLM2...): its config names a ``*ForCausalLM`` or
+    ``*LMHeadModel`` architecture, or says ``is_decoder``."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    names = [str(a) for a in config.get("architectures") or []]
+    return bool(config.get("is_decoder")) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
