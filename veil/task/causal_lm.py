@@ -14,6 +14,7 @@ generation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,21 @@ class CausalLMTask:
     def baseline(self, cfg: VeilConfig) -> float:
         return float("nan")
 
+    def check_tokenizer(self, tokenizer: object, config: dict[str, Any], path: Path) -> None:
+        """An end-of-sequence token is needed: without one a completion has no end to learn (one line)."""
+        if _end_id(tokenizer) is not None:
+            return
+        eos = config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            token = tokenizer.convert_ids_to_tokens(eos)  # type: ignore[attr-defined]
+            raise ModelError(f"model directory {path}: the tokenizer has no eos_token although config.json's "
+                             f"eos_token_id is {eos}; set \"eos_token\": {json.dumps(token)} in tokenizer_config.json")
+        raise ModelError(f"model directory {path}: neither the tokenizer nor config.json names an end-of-sequence "
+                         "token (eos_token_id is null), so a fine-tuned model could never learn where a completion "
+                         "ends; set \"eos_token\" in tokenizer_config.json to a token of the vocabulary and "
+                         "eos_token_id in config.json to its id")
+
     def check_files(self, cfg: VeilConfig) -> None:
         for path in (cfg.data.train_path, cfg.data.test_path):
             if path:  # no test file: the split's test rows come from the training file
@@ -274,11 +290,24 @@ def build_causal_lm(cfg: ModelConfig, *, seed: int) -> nn.Module:
             raise ModelError(f"cannot load a causal LM from {path} ({str(err).splitlines()[0]}); task=causal_lm needs "
                              "a decoder such as GPT-2, Llama or Qwen2 in model.path") from err
     pad_token_for(tokenizer, model)
+    _stop_at_end(model, _end_id(tokenizer))
     if cfg.lora:
         return with_lora(model, cfg, task_type="CAUSAL_LM", seed=seed)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
+
+
+def _stop_at_end(model: nn.Module, end: int | None) -> None:
+    """Generation stops at the token training puts after every completion (the tokenizer's end), and at the
+    generation config's own end tokens: a directory whose two disagree otherwise never stops where it learned to."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None or end is None:
+        return
+    eos = generation.eos_token_id
+    ends = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if end not in ends:
+        generation.eos_token_id = ends + [end] if ends else end
 
 
 TASK = CausalLMTask()
