@@ -162,20 +162,23 @@ def test_report_of_a_causal_lm_run_shows_perplexity_and_generations(tmp_path: Pa
     samples = [[{"prompt": f"query {r}.{i} | card", "generated": f"card_arrival {r}{i}", "expected": "card_arrival"}
                 for i in range(2)] for r in (1, 2)]
     rows = [{"round": r, "accuracy": 0.25 * r, "loss": 3.0 / r, "perplexity": math.exp(3.0 / r), "epsilon_max": 1.5 * r,
-             "secagg": True, "completed": True, "clients": 5, "samples": samples[r - 1]} for r in (1, 2)]
+             "secagg": True, "completed": True, "clients": 5, "samples": samples[r - 1], "choice_accuracy": 0.3 * r}
+            for r in (1, 2)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    before = {"loss": 5.0, "perplexity": math.exp(5.0), "accuracy": 0.0,
+    before = {"loss": 5.0, "perplexity": math.exp(5.0), "accuracy": 0.0, "choice_accuracy": 0.125,
               "samples": [{"prompt": "query 0", "generated": "I can help", "expected": "card_arrival"}]}
     (run_dir / "summary.json").write_text(json.dumps({**rows[-1], "before_training": before}))
     write_report([load_run(run_dir)], run_dir / "report")
     report = (run_dir / "report" / "report.md").read_text(encoding="utf-8")
-    assert f"| 0 (before training) | 5.0000 | {math.exp(5.0):.2f} | 0.0000 | 0.000 |" in report
+    assert f"| 0 (before training) | 5.0000 | {math.exp(5.0):.2f} | 0.0000 | 0.1250 | 0.000 |" in report
     assert "| 0 (before training) | query 0 | I can help | card_arrival |" in report
     for r in (1, 2):
-        assert f"| {r} | {3.0 / r:.4f} | {math.exp(3.0 / r):.2f} | {0.25 * r:.4f} | {1.5 * r:.3f} |" in report
+        assert (f"| {r} | {3.0 / r:.4f} | {math.exp(3.0 / r):.2f} | {0.25 * r:.4f} | {0.3 * r:.4f} | {1.5 * r:.3f} |"
+                in report)
         for i in range(2):
             assert f"| {r} | query {r}.{i} \\| card | card_arrival {r}{i} | card_arrival |" in report
     assert (run_dir / "report" / "perplexity_per_round.png").read_bytes().startswith(PNG_MAGIC)
+    assert (run_dir / "report" / "choice_accuracy_per_round.png").read_bytes().startswith(PNG_MAGIC)
     row = csv_rows(run_dir / "report" / "summary.csv")[0]
     assert json.loads(row["samples"]) == samples[1] and float(row["perplexity"]) == pytest.approx(math.exp(1.5))
 

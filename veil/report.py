@@ -37,7 +37,9 @@ _PLOTS = {  # file -> (metrics key, y label, title)
 }
 # Plotted only when some run's rows hold the key (task=causal_lm).
 _TASK_PLOTS = {"perplexity_per_round.png": ("perplexity", "held-out perplexity (exp of the token loss)",
-                                            "Held-out perplexity per round")}
+                                            "Held-out perplexity per round"),
+               "choice_accuracy_per_round.png": ("choice_accuracy", "closed-set accuracy (log-likelihood choice)",
+                                                 "Closed-set choice accuracy per round")}
 SAMPLES_KEY = "samples"  # causal_lm rows: the global model's greedy generations for the first held-out prompts
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
 
@@ -313,11 +315,12 @@ def _generation_lines(run: Run, factors: list[str]) -> list[str]:
     if "perplexity" in before:  # task.evaluate_before: the starting model, as round 0
         rows = [{**before, "round": "0 (before training)", "epsilon_max": 0.0}, *rows]
     lines = ["", f"## Generations: {run_label(run, factors)}", "",
-             "| round | held-out loss | perplexity | exact match | ε max |", "|---|---|---|---|---|"]
+             "| round | held-out loss | perplexity | exact match | choice accuracy | ε max |", "|---|---|---|---|---|---|"]
     for row in rows:
         eps = f"{row['epsilon_max']:.3f}" if run.private and _finite(row.get("epsilon_max")) else "–"
         match = f"{row['accuracy']:.4f}" if _finite(row.get("accuracy")) else "n/a"
-        lines.append(f"| {row['round']} | {row['loss']:.4f} | {row['perplexity']:.2f} | {match} | {eps} |")
+        choice = f"{row['choice_accuracy']:.4f}" if _finite(row.get("choice_accuracy")) else "n/a"
+        lines.append(f"| {row['round']} | {row['loss']:.4f} | {row['perplexity']:.2f} | {match} | {choice} | {eps} |")
     samples = [(row["round"], s) for row in rows for s in row.get(SAMPLES_KEY) or []]
     if samples:
         lines += ["", "Sample generations of the global model (greedy, the coordinator's own held-out prompts):", "",

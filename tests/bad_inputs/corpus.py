@@ -44,7 +44,7 @@ class Case:
     """One entry of ``cases.yaml``."""
 
     id: str
-    area: str  # config | data | credentials | certs
+    area: str  # config | data | credentials | certs | model
     what: str  # the bad input, in words (for docs/errors.md)
     argv: list[str] = field(default_factory=list)
     error: str = ""  # substring naming the problem
@@ -179,7 +179,67 @@ def _long_jsonl_line(out: Path) -> None:
     out.write_text(json.dumps(rows), encoding="utf-8")
 
 
+# ---- model directories a task cannot train (issue 26): tiny configs and word-level tokenizers built in code ----
+_WORDS = ["[UNK]", "</s>", "[PAD]", "my", "card", "was", "lost", "why", "a", "fee", "again", "card_lost", "fee_charged"]
+
+
+def _model_dir(out: Path, *, family: str = "gpt2", words: list[str] | None = None, vocab: int | None = None,
+               tokenizer: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> None:
+    """``out``: a 2-layer random ``family`` model and a word-level tokenizer over ``words`` (no download).
+    ``tokenizer``: its special tokens (a token not among ``words`` is added past them); ``vocab``: the model's
+    vocab_size (default: the words); ``config``: more config.json values (e.g. eos_token_id=None)."""
+    import logging as _logging
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import PreTrainedTokenizerFast
+
+    words = words or _WORDS
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, **{"unk_token": "[UNK]", **(tokenizer or {})}).save_pretrained(out)
+    torch.manual_seed(0)
+    size = vocab or len(words)
+    _logging.getLogger("transformers").setLevel(_logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the generator's own output must not count as the command's
+    if family == "bert":
+        model: Any = BertForSequenceClassification(BertConfig(vocab_size=size, hidden_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2, intermediate_size=64,
+                                                              **(config or {})))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=size, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                           **{"bos_token_id": None, "eos_token_id": None, **(config or {})}))
+    model.save_pretrained(out)
+
+
+def _lm_data(out: Path) -> None:
+    """``out/train.jsonl`` and ``out/test.jsonl``: prompt/completion rows over :data:`_WORDS`."""
+    out.mkdir(parents=True)
+    rows = [{"prompt": "my card was lost", "completion": "card_lost"}, {"prompt": "why a fee", "completion": "fee_charged"}]
+    for name in ("train.jsonl", "test.jsonl"):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows * 4), encoding="utf-8")
+
+
 GENERATORS: dict[str, Callable[[Path], None]] = {
+    "lm_data": _lm_data,
+    # no end-of-sequence token anywhere (config eos_token_id null, tokenizer without eos_token)
+    "lm_no_eos": lambda out: _model_dir(out),
+    # the tokenizer's eos_token is not in its vocabulary: added with id 13, past the model's 13 embeddings
+    "lm_eos_outside_vocab": lambda out: _model_dir(out, words=[w for w in _WORDS if w != "</s>"] + ["spare"],
+                                                   tokenizer={"eos_token": "</s>", "pad_token": "[PAD]"}),
+    # config.json names an end token (id 1), the tokenizer does not
+    "lm_eos_only_in_config": lambda out: _model_dir(out, config={"eos_token_id": 1}),
+    # config.json keeps GPT-2's eos_token_id 50256 with a vocabulary of 13
+    "lm_config_eos_outside_vocab": lambda out: _model_dir(out, tokenizer={"eos_token": "</s>"},
+                                                          config={"eos_token_id": 50256}),
+    # the tokenizer has more tokens (13) than the model's vocabulary (10)
+    "lm_tokenizer_bigger_than_vocab": lambda out: _model_dir(out, vocab=10, tokenizer={"eos_token": "</s>"}),
+    # a classifier whose tokenizer has no pad token and no end token to pad with
+    "bert_no_pad": lambda out: _model_dir(out, family="bert", config={"pad_token_id": None}),
+
     "creds": _bundle,
     "other_creds": _bundle,
     "old": _old_certificate,

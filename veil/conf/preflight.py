@@ -14,7 +14,7 @@ from typing import Any
 
 from veil.errors import ConfigError
 
-__all__ = ["check_data", "check_exact", "check_model", "check_set", "follow_defaults", "preflight", "register_schema",
+__all__ = ["check_data", "check_exact", "check_model", "check_set", "check_tokenizer", "follow_defaults", "preflight", "register_schema",
            "resolve_paths_and_labels"]
 
 
@@ -71,6 +71,7 @@ def preflight(overrides: list[str]) -> Any:
     veil_cfgs = [to_veil_config(cfg) for cfg in cfgs]
     for each in veil_cfgs:
         check_model(each.model)
+        check_tokenizer(each)
         check_exact(each)
     veil_cfg = veil_cfgs[0]
     if not sweeping:
@@ -96,6 +97,13 @@ def check_model(model: Any) -> None:
         default_model_dir()
     else:
         model_dir(model)
+
+
+def check_tokenizer(cfg: Any) -> None:
+    """Refuse a model and tokenizer the run's task cannot train (special tokens, vocabulary; one line)."""
+    from veil.task.model_check import check_model_files
+
+    check_model_files(cfg)
 
 
 def check_exact(cfg: Any) -> None:

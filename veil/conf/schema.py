@@ -91,6 +91,9 @@ class DataConfig:
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     prompt_prefix: str = ""
+    # causal_lm: the closed set of completions scored by log-likelihood each round (choice_accuracy). auto: the
+    # distinct completions of the evaluation file when some repeat (a closed set); none: off; or a JSON list
+    choices: str = "auto"
     labels: str = ""  # JSON list of label names fixing the label ids; empty: derived once at launch from the files
     description: str = "BANKING77 customer-support intents (PolyAI, CC BY 4.0)"
 

@@ -281,6 +281,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "round's global update against each canary's gradient (white-box); client level: "
                              "direction (the default and only one), the published model's change against each "
                              "canary client's direction")
+    parser.add_argument("--control", choices=("on", "off"), default="on",
+                        help="on (default): also run the same audit without DP (same canaries) and report both "
+                             "bounds, warning when the attack has no power; off: the DP run alone")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="the run's `veil simulate` overrides, e.g. model=tiny_bert privacy.target_epsilon=8")
 
@@ -297,9 +300,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out_dir} already holds a run; give a new hydra.run.dir")
     cfg = preflight(overrides)
     guesses = args.guesses or max(1, args.canaries // 10)
+    seed = secrets.randbits(64)  # one draw of canaries for both arms, from OS entropy
+    control = None
     try:
         audit = run_audit(cfg, out_dir, canaries=args.canaries, guesses=guesses, confidence=args.confidence,
-                          score=args.score)
+                          score=args.score, rng=np.random.default_rng(seed))
+        if args.control == "on" and cfg.privacy.enabled:
+            from veil.privacy.audit_control import control_config, write_control
+
+            control = run_audit(control_config(cfg), out_dir / "control", canaries=args.canaries, guesses=guesses,
+                                confidence=args.confidence, score=args.score, rng=np.random.default_rng(seed))
+            write_control(out_dir, audit, control, _write_atomic)
     except VeilError:
         if not (out_dir / "metrics.jsonl").exists():
             import shutil
@@ -308,6 +319,13 @@ def run(args: argparse.Namespace) -> int:
         raise
     for line in audit.lines():
         print(line)
+    if control is not None:
+        from veil.privacy.audit_control import power_warning, side_by_side
+
+        print(side_by_side(audit, control))
+        warning = power_warning(control)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     print(f"written to {out_dir / 'audit.json'} and {out_dir / 'audit.md'}", flush=True)
     if audit.verdict != "consistent":
         print(f"veil: error: the empirical lower bound {audit.lower_bound:.3f} exceeds the claimed epsilon "

@@ -123,6 +123,7 @@ class RunRecorder:
         """The starting model's evaluation (``task.evaluate_before``): logged, and kept for summary.json."""
         self.initial = {"loss": loss, **metrics}
         ppl = f" | ppl {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""
+        ppl += f" | choice {metrics['choice_accuracy']:.4f}" if "choice_accuracy" in metrics else ""
         log.info("before training | acc %.4f | loss %.4f%s", metrics.get("accuracy", float("nan")), loss, ppl)
 
     def after_round(self, outcome: RoundOutcome) -> None:

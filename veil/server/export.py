@@ -58,12 +58,23 @@ def model_card(cfg: VeilConfig, summary: dict[str, Any]) -> str:
         "", "## Evaluation", "",
         f"Final accuracy {summary.get('accuracy', float('nan')):.4f} on the coordinator's evaluation split "
         f"({summary.get('eval_examples', 0)} examples)"
-        + (f"; perplexity {summary['perplexity']:.3f}." if "perplexity" in summary else "."),
+        + (f"; perplexity {summary['perplexity']:.3f}" if "perplexity" in summary else "")
+        + _choice_text(summary) + ".",
         "", "## Model", "",
         _model_line(cfg),
         "",
     ]
     return "\n".join(lines)
+
+
+def _choice_text(summary: dict[str, Any]) -> str:
+    """The closed-set accuracy (causal_lm, :mod:`veil.task.choices`), beside the starting model's when evaluated."""
+    if "choice_accuracy" not in summary:
+        return ""
+    before = (summary.get("before_training") or {}).get("choice_accuracy")
+    start = f" (starting model: {before:.4f})" if isinstance(before, float) else ""
+    return (f"; closed-set accuracy {summary['choice_accuracy']:.4f}{start}, the highest log-likelihood among the "
+            "known completions")
 
 
 def _identity(cfg: VeilConfig) -> tuple[str, str]:

@@ -53,6 +53,7 @@ def console_line(row: dict[str, Any], rounds: int) -> str:
     return (
         f"round {row['round']}/{rounds} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
         + (f"ppl {row['perplexity']:.2f} | " if "perplexity" in row else "")
+        + (f"choice {row['choice_accuracy']:.4f} | " if "choice_accuracy" in row else "")
         + f"eps max {eps_text} | up {row['upload_bytes_per_client'] / 1e3:.1f} kB/client | "
         f"{row['seconds']:.1f} s | clients {row['clients']}" + (f" ({refused} refused)" if refused else "")
         + (" | secagg" if row.get("secagg") else "")

@@ -19,6 +19,7 @@ SCALARS: dict[str, str] = {
     "accuracy": "eval/accuracy",
     "loss": "eval/loss",
     "perplexity": "eval/perplexity",  # task=causal_lm
+    "choice_accuracy": "eval/choice_accuracy",  # task=causal_lm with a closed set of completions
     "epsilon_max": "privacy/epsilon_max",
     "upload_bytes_per_client": "cost/upload_bytes_per_client",
     "seconds": "cost/seconds",

@@ -7,13 +7,15 @@ only ``data.text_column`` (loss on every token). CSV, TSV or JSONL, read by :mod
 The per-example loss is the mean cross-entropy over that example's counted tokens (completion tokens plus the end
 token), so DP-SGD's per-sample clipping bounds each *example*'s contribution by C whatever its length; prompt and
 padding tokens carry label -100 and never contribute. The server evaluates the token-weighted held-out loss, its
-perplexity, and, when every completion is short (``task.generate_max_tokens``), the exact-match accuracy of greedy
-generation.
+perplexity, when every completion is short (``task.generate_max_tokens``) the exact-match accuracy of greedy
+generation, and, when the completions form a closed set (``data.choices``), the log-likelihood choice among them
+(``choice_accuracy``, :mod:`veil.task.choices`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from torch import nn
 
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.errors import DataFileError, ModelError
+from veil.task.choices import choice_accuracy, choice_tensors, closed_set
 from veil.task.data import read_rows
 from veil.task.model import export_model, load_tokenizer, model_dir, pad_token_for, with_lora
 
@@ -148,7 +151,9 @@ class CausalLMTask:
     pipeline_tag = "text-generation"
 
     def labels(self, cfg: VeilConfig) -> list[str]:
-        return []
+        """The closed set of completions (``data.choices``), fixed once at launch; empty when there is none."""
+        path = cfg.data.test_path or cfg.data.train_path
+        return closed_set(cfg.data.choices, lambda: read_prompts(path, cfg.data).completions)
 
     def read(self, path: str, cfg: VeilConfig, data: DataConfig | None = None) -> PromptExamples:
         return read_prompts(path, data or cfg.data)
@@ -170,9 +175,14 @@ class CausalLMTask:
 
     def tensors(self, examples: PromptExamples, labels: list[str], cfg: VeilConfig, *,  # type: ignore[override]
                 path: str, evaluation: bool = False) -> dict[str, torch.Tensor]:
-        return tokenize_examples(load_tokenizer(cfg.model), examples, max_length=cfg.model.max_length,
-                                 chat=cfg.task.chat_template,
-                                 generate_max_tokens=cfg.task.generate_max_tokens if evaluation else 0)
+        tokenizer = load_tokenizer(cfg.model)
+        out = tokenize_examples(tokenizer, examples, max_length=cfg.model.max_length, chat=cfg.task.chat_template,
+                                generate_max_tokens=cfg.task.generate_max_tokens if evaluation else 0)
+        if evaluation and labels and all(examples.prompts):  # a closed set: choice_accuracy each round
+            prompts = [encode_prompt(tokenizer, p, chat=cfg.task.chat_template) for p in examples.prompts]
+            out.update(choice_tensors(prompts, examples.completions, labels,
+                                      lambda c: encode_completion(tokenizer, c), max_length=cfg.model.max_length))
+        return out
 
     def build_model(self, cfg: VeilConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:
         return build_causal_lm(cfg.model, seed=seed)
@@ -190,7 +200,7 @@ class CausalLMTask:
         n = int(data["input_ids"].shape[0])
         nll, tokens, correct, generated = 0.0, 0.0, 0, []
         for start in range(0, n, batch_size):
-            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items() if not k.startswith("choice_")}
             total, count = token_losses(model, batch)
             nll, tokens = nll + float(total.sum()), tokens + float(count.sum())
             if "gen_ids" in batch:
@@ -199,6 +209,8 @@ class CausalLMTask:
         loss = nll / max(tokens, 1.0)
         out: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                                "accuracy": correct / max(n, 1) if "gen_ids" in data else float("nan")}
+        if "choice_ids" in data:
+            out["choice_accuracy"] = choice_accuracy(model, data)
         if cfg is not None and cfg.task.eval_samples > 0 and generated:
             out["samples"] = sample_generations(load_tokenizer(cfg.model), data, generated[:cfg.task.eval_samples])
         return out
@@ -208,6 +220,21 @@ class CausalLMTask:
 
     def baseline(self, cfg: VeilConfig) -> float:
         return float("nan")
+
+    def check_tokenizer(self, tokenizer: object, config: dict[str, Any], path: Path) -> None:
+        """An end-of-sequence token is needed: without one a completion has no end to learn (one line)."""
+        if _end_id(tokenizer) is not None:
+            return
+        eos = config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            token = tokenizer.convert_ids_to_tokens(eos)  # type: ignore[attr-defined]
+            raise ModelError(f"model directory {path}: the tokenizer has no eos_token although config.json's "
+                             f"eos_token_id is {eos}; set \"eos_token\": {json.dumps(token)} in tokenizer_config.json")
+        raise ModelError(f"model directory {path}: neither the tokenizer nor config.json names an end-of-sequence "
+                         "token (eos_token_id is null), so a fine-tuned model could never learn where a completion "
+                         "ends; set \"eos_token\" in tokenizer_config.json to a token of the vocabulary and "
+                         "eos_token_id in config.json to its id")
 
     def check_files(self, cfg: VeilConfig) -> None:
         for path in (cfg.data.train_path, cfg.data.test_path):
@@ -274,11 +301,24 @@ def build_causal_lm(cfg: ModelConfig, *, seed: int) -> nn.Module:
             raise ModelError(f"cannot load a causal LM from {path} ({str(err).splitlines()[0]}); task=causal_lm needs "
                              "a decoder such as GPT-2, Llama or Qwen2 in model.path") from err
     pad_token_for(tokenizer, model)
+    _stop_at_end(model, _end_id(tokenizer))
     if cfg.lora:
         return with_lora(model, cfg, task_type="CAUSAL_LM", seed=seed)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
+
+
+def _stop_at_end(model: nn.Module, end: int | None) -> None:
+    """Generation stops at the token training puts after every completion (the tokenizer's end), and at the
+    generation config's own end tokens: a directory whose two disagree otherwise never stops where it learned to."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None or end is None:
+        return
+    eos = generation.eos_token_id
+    ends = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if end not in ends:
+        generation.eos_token_id = ends + [end] if ends else end
 
 
 TASK = CausalLMTask()
