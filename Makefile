@@ -33,7 +33,7 @@ demo: setup
 # 5 banks (Dirichlet), DP-SGD + SecAgg+; sized for <= 15 minutes on 2 CPU cores (the first use also dequantises
 # the model once, a few minutes). Evaluation: held-out perplexity and greedy exact match on 32 test queries.
 LLM_DEMO := task=causal_lm model=smollm2 data=banking77_instructions federation.rounds=3 federation.local_steps=3 \
-	federation.batch_size=8 federation.lr=1e-2 model.max_length=64 data.eval_max_examples=32
+	federation.batch_size=8 federation.lr=1e-2 model.max_length=64 data.eval_max_examples=32 data.choices=none
 demo-llm: setup
 	$(VENV)/bin/veil simulate $(LLM_DEMO)
 

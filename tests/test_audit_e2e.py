@@ -30,7 +30,7 @@ CONSISTENT = ["--confidence", "0.999"]
 # eight runs (2026-12-01, scores kept, guesses re-counted): 32+32 guesses need 40 of 64 and got 42-48 (mean 45.6,
 # sd 2.4: ~2.5 sd of margin, ~0.6% of runs would fail); 40+40 need 49 of 80 and got 52-59 (mean 56.3, sd 2.1: ~3.7
 # sd, ~0.01%); 48+48 got 60-68 of 96 (need 57). The noise stays 1e5x too small.
-BROKEN_AUDIT = ["--canaries", "256", "--guesses", "40"]
+BROKEN_AUDIT = ["--canaries", "256", "--guesses", "40", "--control", "off"]  # the control runs in the consistent test
 BROKEN_CLAIM = 0.01
 RUN = ["model=tiny_bert", "federation.batch_size=128", "federation.lr=0.05", "federation.partitioner=iid",
        "federation.local_steps=40", "federation.num_clients=2", "federation.clients_per_round=2",
@@ -104,7 +104,7 @@ CLIENT_RUN = ["model=tiny_bert", "federation.batch_size=64", "federation.partiti
 def _client_audit(small_csv: tuple[Path, Path], run_dir: Path, *overrides: str) -> tuple[int, dict[str, object]]:
     from veil.cli import main
 
-    code = main(["audit", *CLIENT_AUDIT, *CLIENT_RUN, *data_overrides(*small_csv), *overrides,
+    code = main(["audit", *CLIENT_AUDIT, "--control", "off", *CLIENT_RUN, *data_overrides(*small_csv), *overrides,
                  f"hydra.run.dir={run_dir}"])
     return code, _audit_json(run_dir)
 
