@@ -61,6 +61,9 @@ def test_dp_on_is_consistent_with_its_claim(small_csv: tuple[Path, Path], tmp_pa
     assert 0 < doc["claimed_epsilon"] <= 0.1 + 1e-6  # the ledgers' ε, calibrated to the target
     assert doc["confidence"] == 0.999
     assert doc["lower_bound"] <= doc["claimed_epsilon"] and doc["verdict"] == "consistent"
+    control = doc["control"]  # the same attack and canaries without DP: the power test_dp_off measures
+    assert control["lower_bound"] > 0.2 and control["claimed_epsilon"] is None, control
+    assert "without DP this attack finds" in proc.stdout
 
 
 def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
