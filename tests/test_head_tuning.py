@@ -155,3 +155,25 @@ def test_exported_classifier_gives_veils_evaluation_logits(tmp_path: Path) -> No
     assert torch.allclose(got.float(), veil_logits, atol=1e-4), (got - veil_logits).abs().max()
     assert loaded.predict(TEXTS) == [LABELS[i] for i in veil_logits.argmax(-1).tolist()]
     assert not (tmp_path / "model.tmp").exists()
+
+
+def test_simulated_features_are_computed_once_per_run_and_read_back_equal(tmp_path: Path) -> None:
+    from veil.task.shards import _simulated_features
+
+    cfg = VeilConfig(model=HEAD, data=DataConfig(train_path="x.csv", labels=json.dumps(LABELS)),
+                     output_dir=str(tmp_path)).validate()
+    fresh = {"features": sentence_features(HEAD, _enc(), seed=0, device=torch.device("cpu")),
+             "labels": torch.tensor(TARGETS)}
+    assert _simulated_features(cfg, 3, lambda: fresh) is fresh
+    assert (tmp_path / "features" / "partition-3.pt").is_file()
+
+    def never() -> dict[str, torch.Tensor]:
+        raise AssertionError("recomputed although the run's cache holds them")
+
+    again = _simulated_features(cfg, 3, never)  # another worker, or the launcher's per-bank report
+    assert sorted(again) == ["features", "labels"]
+    assert torch.equal(again["features"], fresh["features"]) and torch.equal(again["labels"], fresh["labels"])
+    tokens = VeilConfig(model=ModelConfig(tiny=True, tuning="lora"), output_dir=str(tmp_path),
+                        data=DataConfig(train_path="x.csv", labels=json.dumps(LABELS))).validate()
+    assert _simulated_features(tokens, 4, lambda: fresh) is fresh
+    assert not (tmp_path / "features" / "partition-4.pt").exists()  # tokens are not cached on disk

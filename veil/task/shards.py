@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -109,9 +110,36 @@ def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partiti
         mine = examples.subset(parts[int(partition or 0)])
         if cfg.federation.planted_examples:  # veil audit's canaries (simulation only)
             mine = with_planted(mine, cfg.federation.planted_examples, partition=int(partition or 0))
-        return task.tensors(mine, labels, cfg, path=data.train_path)
+            return task.tensors(mine, labels, cfg, path=data.train_path)
+        return _simulated_features(cfg, int(partition or 0),
+                                   lambda: task.tensors(mine, labels, cfg, path=data.train_path))
     return task.tensors(known_labels_only(task.read(data_path, cfg, data), labels, path=data_path), labels, cfg,
                         path=data_path)
+
+
+def _simulated_features(cfg: VeilConfig, partition: int, compute: Any) -> dict[str, torch.Tensor]:
+    """A simulated partition's tensors; with ``model.tuning=head`` its sentence features are computed once per run
+    and kept in ``<output_dir>/features/`` (atomic write), so the Ray workers that happen to get the same simulated
+    bank, and the launcher's per-bank report, do not run the encoder over it again. Simulation only: a deployed
+    node keeps its features in memory."""
+    from veil.task.model import uses_features
+
+    if not cfg.output_dir or not uses_features(cfg.model):
+        return compute()  # type: ignore[no-any-return]
+    from pathlib import Path
+
+    path = Path(cfg.output_dir) / "features" / f"partition-{partition}.pt"
+    if path.is_file():
+        try:
+            return dict(torch.load(path, weights_only=True))
+        except (OSError, RuntimeError, EOFError):
+            log.warning("features cache %s is unreadable; recomputing it", path)
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)  # two workers may write the same partition: the last complete file wins
+    return tensors  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=2)
