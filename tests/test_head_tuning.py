@@ -21,8 +21,9 @@ from veil.privacy.dpsgd import make_private
 from veil.task import get_task
 from veil.task.data import TextExamples, tokenize
 from veil.task.model import (
-    build_model, default_model_dir, export_model, get_trainable, load_tokenizer, sentence_features, trainable_names,
+    build_model, default_model_dir, export_model, get_trainable, load_tokenizer, trainable_names,
 )
+from veil.task.features import sentence_features
 from veil.task.pooling import PooledClassifier, load_classifier, pool, resolve_pooling, sentence_transformers_pooling
 
 TEXTS = ["hi", "my card has not arrived yet, what should i do about it", "fee?", "where is my money transfer now",

@@ -16,7 +16,8 @@ from torch import nn
 
 from veil.conf.schema import DataConfig, VeilConfig
 from veil.task.data import TextExamples, encode_labels, read_examples, tokenize
-from veil.task.model import build_model, export_model, load_tokenizer, sentence_features, uses_features
+from veil.task.features import sentence_features
+from veil.task.model import build_model, export_model, load_tokenizer, uses_features
 
 
 class ClassificationTask:

@@ -162,44 +162,6 @@ def _tiny_config(**kwargs: object) -> object:
                       intermediate_size=64, max_position_embeddings=128, **kwargs)
 
 
-@functools.lru_cache(maxsize=2)
-def _feature_encoder(cfg_json: str, seed: int) -> nn.Module:
-    import json
-
-    from veil.conf.schema import ModelConfig as _ModelConfig
-
-    cfg = _ModelConfig(**json.loads(cfg_json))
-    torch.manual_seed(seed)
-    encoder = base_encoder(cfg)
-    model = PooledClassifier(encoder, model_pooling(cfg), 2)  # the head is not used: embed() only
-    pad_token_for(load_tokenizer(cfg), model)
-    return model.eval()
-
-
-@torch.no_grad()
-def sentence_features(cfg: ModelConfig, enc: dict[str, torch.Tensor], *, seed: int, device: torch.device | None = None,
-                      batch_size: int = 256) -> torch.Tensor:
-    """The frozen encoder's pooled embeddings of tokenized texts, (N, H) float32 on the CPU.
-
-    Forward only, in evaluation mode, on the process's own copy of the base encoder (built as :func:`build_model`
-    builds it for the same ``seed``), so they equal what the model computes before its head. Nothing here leaves
-    the process: on a node they are the owner's data, kept in memory like the tokens they come from.
-    """
-    import dataclasses
-    import json
-
-    model = _feature_encoder(json.dumps(dataclasses.asdict(cfg), sort_keys=True), seed)
-    device = device or resolve_device("auto")
-    model.to(device)
-    n = int(enc["input_ids"].shape[0])
-    chunks = []
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        chunks.append(model.embed(enc["input_ids"][sl].to(device), enc["attention_mask"][sl].to(device)).float().cpu())
-    hidden = int(model.head.in_features)
-    return torch.cat(chunks) if chunks else torch.zeros((0, hidden), dtype=torch.float32)
-
-
 @torch.no_grad()
 def init_head_from_label_names(model: nn.Module, tokenizer: object, labels: list[str], *, scale: float) -> None:
     """Start the classifier from the label names: row k is the (centred, unit-norm, scaled) feature vector that the
