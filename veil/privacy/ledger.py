@@ -199,7 +199,12 @@ class PrivacyLedger:
             yield
             return
         lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a+b") as lock:
+        try:
+            lock = open(lock_path, "a+b")  # noqa: SIM115 - closed below
+        except OSError as err:  # a read-only or full disk: one line, nothing written
+            raise LedgerError(f"cannot write privacy ledger {self.path}: {err}; check disk space and permissions "
+                              "(the previous ledger is intact)") from None
+        with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -1,0 +1,144 @@
+"""Node sessions on the SuperLink that outlive their node: three fixes for Flower's deployment (issue 27), used by
+:mod:`veil.flower_patches` (the only place veil patches Flower) and by ``veil server --resume``.
+
+The SuperLink counts a node as online until ``online_until`` = its last heartbeat + ``HEARTBEAT_PATIENCE`` (2) x the
+interval the node announced (``HEARTBEAT_DEFAULT_INTERVAL`` = 30 s in flwr 1.41, hard-coded in the SuperNode). Three
+faults follow (docs/reviews fault probe 2026-12-07, docs/deployment.md "What survives what"):
+
+1. **A node killed and restarted cannot rejoin.** ``ActivateNode`` succeeds only for a node that is registered or
+   offline (``SqlLinkState.activate_node``); for up to 60 s after a kill -9 the old session still counts as online,
+   so the restarted SuperNode is refused with ``[code: 2004] Failed to activate SuperNode`` and exits, exactly as a
+   node whose key is not registered. :func:`patient_activation` makes the SuperNode retry a refused activation for
+   :data:`ACTIVATION_WINDOW` seconds (longer than a stale session can last) before it gives up as before.
+2. **A dead node counts as online for a minute.** Rounds sampled meanwhile wait on it until their stage timeouts.
+   :func:`short_node_heartbeat` makes the SuperNode announce and keep Flower's shortest allowed interval
+   (``HEARTBEAT_MIN_INTERVAL`` = 10 s), so a vanished node is offline after 20 s. Cost: one heartbeat request per
+   ~4 s per node instead of per ~20 s.
+3. **After ``veil server --resume`` the SuperLink counts nodes that are not there.** The state database keeps each
+   node's ``online`` status and ``online_until`` from before the crash; a restarted SuperLink reports those nodes as
+   online although they are in reconnect back-off or gone, and the resumed round waits on them. :func:`forget_online_nodes`
+   marks every online node offline in the database before the SuperLink starts. A live node is online again at its
+   next heartbeat (Flower's ``acknowledge_node_heartbeat`` re-activates an offline node); its node id, messages and
+   registration are unchanged.
+
+Each fix checks the Flower version (:data:`SESSION_PATCH_TESTED`) and that what it patches is still there, and fails
+with one line otherwise. Upstream proposal: docs/benchmarks.md, "Upstream proposals" (node sessions).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ACTIVATION_WINDOW", "HEARTBEAT_INTERVAL", "SESSION_PATCH_TESTED", "forget_online_nodes",
+           "patient_activation", "short_node_heartbeat"]
+
+log = logging.getLogger("veil")
+
+SESSION_PATCH_TESTED = ("1.41.0", "1.42.0")  # Flower versions whose node sessions were read (linkstate, supernode)
+HEARTBEAT_INTERVAL = 10.0  # seconds; Flower's minimum (HEARTBEAT_MIN_INTERVAL), its default is 30
+ACTIVATION_WINDOW = 35.0  # seconds: > HEARTBEAT_PATIENCE (2) x HEARTBEAT_INTERVAL, plus a heartbeat's call timeout
+ACTIVATION_RETRY = 1.0  # seconds between activation attempts
+_CONNECTION = "flwr.supernode.fleet_http_connection"
+_HEARTBEAT = "flwr.supercore.heartbeat"
+ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
+
+
+def _check_version(what: str) -> str:
+    import flwr
+
+    version = getattr(flwr, "__version__", "?")
+    if version not in SESSION_PATCH_TESTED:
+        raise RuntimeError(f"flwr {version}: veil's {what} patch is tested on flwr {', '.join(SESSION_PATCH_TESTED)} "
+                           "only; install one of those")
+    return version
+
+
+def short_node_heartbeat(interval: float = HEARTBEAT_INTERVAL) -> None:
+    """Make this process's SuperNode announce and send heartbeats every ``interval`` s (idempotent; fix 2)."""
+    version = _check_version("heartbeat")
+    from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+
+    if not HEARTBEAT_MIN_INTERVAL <= interval <= HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(f"heartbeat interval must be in [{HEARTBEAT_MIN_INTERVAL}, {HEARTBEAT_MAX_INTERVAL}] s, "
+                         f"got {interval}")
+    modules = [importlib.import_module(name) for name in (_CONNECTION, _HEARTBEAT)]
+    for module in modules:
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
+            raise RuntimeError(f"flwr {version}: {module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; "
+                               "veil's heartbeat patch does not fit it")
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
+
+
+def _is_activation_refusal(exc: BaseException) -> bool:
+    import httpx
+    from flwr.supercore.error import FlowerError
+
+    if not isinstance(exc, httpx.HTTPStatusError):
+        return False
+    error = FlowerError.from_json(exc.response.text)
+    return error is not None and int(error.code) == ACTIVATION_FAILED
+
+
+def patient_activation(window: float = ACTIVATION_WINDOW, retry: float = ACTIVATION_RETRY) -> type:
+    """Make this process's SuperNode retry a refused ``ActivateNode`` for ``window`` s (idempotent; fix 1).
+
+    A refusal that lasts the whole window (an unregistered or revoked key, or another live node holding this key)
+    ends the SuperNode as Flower does, ``[code: 2004]``, ``window`` seconds later. Returns the client class in use."""
+    version = _check_version("activation")
+    module = importlib.import_module(_CONNECTION)
+    flower_client = getattr(module, "FleetHttpClient", None)
+    if getattr(flower_client, "veil_patient_activation", False):
+        return flower_client  # type: ignore[return-value]
+    if flower_client is None or not callable(getattr(flower_client, "ActivateNode", None)):
+        raise RuntimeError(f"flwr {version}: {_CONNECTION} no longer activates through FleetHttpClient.ActivateNode; "
+                           "veil's activation patch does not fit it")
+
+    class PatientFleetHttpClient(flower_client):  # type: ignore[misc, valid-type]
+        """Flower's Fleet client whose ``ActivateNode`` waits out a stale session of this node's key."""
+
+        veil_patient_activation = True
+
+        def ActivateNode(self, request: Any) -> Any:  # noqa: N802 - Flower's name
+            deadline, told = time.monotonic() + window, False
+            while True:
+                try:
+                    return super().ActivateNode(request)
+                except Exception as exc:
+                    if not _is_activation_refusal(exc) or time.monotonic() + retry > deadline:
+                        raise
+                    if not told:
+                        log.warning("the SuperLink refused to activate this node (code %d): it may still hold the "
+                                    "session of this node's previous process; retrying for up to %.0f s",
+                                    ACTIVATION_FAILED, window)
+                        told = True
+                    time.sleep(retry)
+
+    module.FleetHttpClient = PatientFleetHttpClient  # type: ignore[attr-defined]
+    return PatientFleetHttpClient
+
+
+def forget_online_nodes(database: Path) -> int:
+    """Mark every node that the SuperLink state ``database`` holds as online as offline (fix 3); returns how many.
+
+    Run it only while no SuperLink uses the database (before ``veil server --resume`` starts one). A missing
+    database (nothing to resume) changes nothing."""
+    version = _check_version("resume")
+    if not database.is_file():
+        return 0
+    from flwr.supercore.constant import NodeStatus
+
+    with sqlite3.connect(database, timeout=30) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(node)")}
+        if not {"status", "online_until"} <= columns:
+            raise RuntimeError(f"flwr {version}: the SuperLink database {database} has no node table with status and "
+                               "online_until; veil's resume patch does not fit it")
+        done = conn.execute("UPDATE node SET status = ?, online_until = ? WHERE status = ?",
+                            (NodeStatus.OFFLINE, time.time(), NodeStatus.ONLINE)).rowcount
+    log.info("resume: %d node(s) the SuperLink held as online are offline until their next heartbeat", done)
+    return int(done)
