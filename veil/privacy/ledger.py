@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from veil.errors import LedgerError, PrivacyBudgetExhausted
+from veil.errors import LedgerError, LedgerWriteError, PrivacyBudgetExhausted
 from veil.privacy.accounting import EpsilonResult, Event, compute_epsilon, validate_delta, validate_event
 
 try:  # POSIX advisory lock: two processes recording into one ledger must not lose an event
@@ -182,7 +182,7 @@ class PrivacyLedger:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if isinstance(err, OSError):
-                raise LedgerError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
+                raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
                                   "and permissions (the previous ledger is intact)") from None
             raise
         with contextlib.suppress(OSError):  # make the rename itself durable; not every filesystem allows it
@@ -202,7 +202,7 @@ class PrivacyLedger:
         try:
             lock = open(lock_path, "a+b")  # noqa: SIM115 - closed below
         except OSError as err:  # a read-only or full disk: one line, nothing written
-            raise LedgerError(f"cannot write privacy ledger {self.path}: {err}; check disk space and permissions "
+            raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space and permissions "
                               "(the previous ledger is intact)") from None
         with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
