@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_faults import Loopback, alive, wait_for
+from benchmarks.loopback import Loopback, alive, wait_for
 
 ROUNDS = 12
 KILLS = {"A": (5, "share_keys", True), "B": (4, "collect_masked_vectors", False), "C": (3, "unmask", True)}
@@ -121,8 +121,9 @@ def test_every_round_runs_once_and_a_killed_node_costs_at_most_its_own_update(fa
     # C: killed at unmask, its masked update had arrived; the survivors' shares unmask the sum
     assert rows[at["C"]]["completed"] and rows[at["C"]]["clients"] == 5, rows[at["C"]]
     assert not rows[at["D"]]["completed"], rows[at["D"]]  # below the threshold: recorded, nothing applied
-    assert rows[ROUNDS]["completed"], "the rounds after a failed one run"
-    assert all(r["completed"] for k, r in rows.items() if k != at["D"]), rows
+    assert all(r["completed"] for k, r in rows.items() if k < at["D"]), rows
+    # the rounds after it run; one may fail again while the three restarted nodes still load
+    assert rows[ROUNDS]["completed"] and rows[ROUNDS]["clients"] == 5, rows[ROUNDS]
 
 
 @pytest.mark.slow
@@ -143,7 +144,7 @@ def test_a_restarted_node_rejoins_and_trains_in_a_later_round(faults: Faults) ->
 @pytest.mark.slow
 def test_the_killed_round_stays_booked_and_nothing_is_half_written(faults: Faults) -> None:
     from veil.privacy.ledger import PrivacyLedger
-    from veil.server.checkpoint import read_checkpoint
+    from veil.server.checkpoint import read_checkpoint, weights_sha256
 
     lb, at = faults.lb, faults.at
     ledgers = {n: PrivacyLedger.open(lb.ledger_path(n), create=False) for n in range(1, 6)}  # the project's reader
@@ -156,8 +157,10 @@ def test_the_killed_round_stays_booked_and_nothing_is_half_written(faults: Fault
     assert at["A"] not in [e.round for e in ledgers[5].events], "killed before training: nothing to book"
     checkpoints = sorted((lb.run_dir / "checkpoints").iterdir())
     assert all(p.suffix == ".npz" for p in checkpoints), [p.name for p in checkpoints]
-    saved = [read_checkpoint(p).round for p in checkpoints]
-    assert saved == sorted(saved) and at["D"] not in saved and saved[-1] == ROUNDS, saved
+    saved = {read_checkpoint(p).round: weights_sha256(read_checkpoint(p).arrays) for p in checkpoints}
+    assert sorted(saved) == list(range(1, ROUNDS + 1)), sorted(saved)
+    assert saved[at["D"]] == saved[at["D"] - 1], "a failed round applies nothing"
+    assert saved[ROUNDS] != saved[at["D"]], "the rounds after it apply their sums"
 
 
 @pytest.mark.slow

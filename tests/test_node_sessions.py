@@ -168,3 +168,21 @@ def test_version_guard_names_the_tested_releases(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     with pytest.raises(RuntimeError, match=r"flwr 9\.9\.9: veil's activation patch is tested on flwr 1\.41\.0"):
         flower_sessions.patient_activation()
+
+
+def test_reply_pulls_end_at_the_stage_timeout_and_other_patches_still_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.superlink.grid.http_grid as grid
+
+    from veil import flower_patches
+
+    monkeypatch.setattr(grid, "pull_objects", grid.pull_objects)  # restored after the test
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(grid, "pull_objects", lambda *a, **k: calls.append(k) or "pulled")
+    flower_sessions.bound_reply_pulls(10.0)
+    flower_sessions.bound_reply_pulls(12.0)  # replaces the bound, never stacks
+    assert grid.pull_objects(object_ids=[]) == "pulled" and calls[-1]["max_time"] == 12.0
+    grid.pull_objects(object_ids=[], max_time=3.0)
+    assert calls[-1]["max_time"] == 3.0, "a shorter limit of Flower's own call is kept"
+    assert flower_patches._unwrapped(grid.pull_objects) is not grid.pull_objects, "the backoff patch finds Flower's"
+    with pytest.raises(ValueError, match="max_time"):
+        flower_sessions.bound_reply_pulls(0)

@@ -21,6 +21,12 @@ faults follow (docs/reviews fault probe 2026-12-07, docs/deployment.md "What sur
    next heartbeat (Flower's ``acknowledge_node_heartbeat`` re-activates an offline node); its node id, messages and
    registration are unchanged.
 
+4. **A reply half-pushed by a node that died holds the round for minutes.** A node killed while it pushes a reply
+   leaves the message listed and its objects missing; the ServerApp's grid (``http_grid.pull_messages``) then retries
+   ``pull_objects`` for up to 500 tries per object (``PULL_MAX_TIME`` 7,200 s) until the SuperLink's object-push
+   session expires, whatever the stage's ``timeout``: an unmask stage with a 10-s timeout took 196 s in
+   tests/test_faults_e2e.py. :func:`bound_reply_pulls` caps the grid's object pulls at the stage timeout.
+
 Each fix checks the Flower version (:data:`SESSION_PATCH_TESTED`) and that what it patches is still there, and fails
 with one line otherwise. Upstream proposal: docs/benchmarks.md, "Upstream proposals" (node sessions).
 """
@@ -34,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVATION_WINDOW", "HEARTBEAT_INTERVAL", "SESSION_PATCH_TESTED", "forget_online_nodes",
+__all__ = ["ACTIVATION_WINDOW", "bound_reply_pulls", "HEARTBEAT_INTERVAL", "SESSION_PATCH_TESTED", "forget_online_nodes",
            "patient_activation", "short_node_heartbeat"]
 
 log = logging.getLogger("veil")
@@ -45,6 +51,7 @@ ACTIVATION_WINDOW = 35.0  # seconds: > HEARTBEAT_PATIENCE (2) x HEARTBEAT_INTERV
 ACTIVATION_RETRY = 1.0  # seconds between activation attempts
 _CONNECTION = "flwr.supernode.fleet_http_connection"
 _HEARTBEAT = "flwr.supercore.heartbeat"
+_GRID = "flwr.superlink.grid.http_grid"
 ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 
 
@@ -142,3 +149,25 @@ def forget_online_nodes(database: Path) -> int:
                             (NodeStatus.OFFLINE, time.time(), NodeStatus.ONLINE)).rowcount
     log.info("resume: %d node(s) the SuperLink held as online are offline until their next heartbeat", done)
     return int(done)
+
+
+def bound_reply_pulls(max_time: float) -> None:
+    """Make the ServerApp's grid give up pulling a reply's objects after ``max_time`` s (fix 4; idempotent: a new
+    bound replaces the old). The reply then arrives as Flower's own error message ("Reply message objects are
+    unavailable"), which the SecAgg+ stage counts as a drop-out."""
+    version = _check_version("reply pull")
+    if not max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {max_time}")
+    grid = importlib.import_module(_GRID)
+    current = getattr(grid, "pull_objects", None)
+    inner = getattr(current, "veil_bounded", current)  # what was there before an earlier bound
+    if not callable(inner):
+        raise RuntimeError(f"flwr {version}: {_GRID} no longer calls pull_objects; veil's reply-pull patch does not fit")
+
+    def pull(*args: Any, max_time: float | None = None, **kwargs: Any) -> Any:
+        return inner(*args, max_time=bound if max_time is None else min(max_time, bound), **kwargs)
+
+    bound = float(max_time)
+    pull.veil_bounded = inner  # type: ignore[attr-defined]
+    pull.__wrapped__ = getattr(inner, "__wrapped__", inner)  # type: ignore[attr-defined] # Flower's, for other patches
+    grid.pull_objects = pull  # type: ignore[attr-defined]

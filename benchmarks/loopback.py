@@ -4,7 +4,7 @@ machine meets: ``kill -9`` of a node at a SecAgg+ stage (read from the node's ex
 flags, and a full disk (the node's executor gets ``RLIMIT_FSIZE`` 0: every file write fails as on a full disk, and
 no root or mount is needed).
 
-Used by tests/test_faults_e2e.py and benchmarks/deploy_faults.py. It starts and signals only the processes it
+Used by tests/test_faults_e2e.py and benchmarks/deploy_faults.py (scale curve and soak). It starts and signals only the processes it
 started (by PID, never by name), listens on loopback only, and bounds every wait.
 """
 
@@ -69,13 +69,13 @@ class Loopback:
         self.procs.append(proc)
         return proc
 
-    def start_server(self, overrides: list[str], *, timeout: float = 600) -> None:
+    def start_server(self, overrides: list[str], *, timeout: float = 600, per_round: int | None = None) -> None:
         certs = self._veil("certs", ["certs", "--out", str(self.certs), "--nodes", str(self.nodes)])
         wait_for(lambda: certs.poll() is not None, 120, "veil certs")
         assert certs.poll() == 0, (self.logs / "certs.log").read_text()[-2000:]
         self.server = self._veil("server", [
             "server", *TINY, "data=csv", f"data.test_path={self.test_file}", f"federation.num_clients={self.nodes}",
-            f"federation.clients_per_round={self.nodes}", *overrides, "--certs", str(self.certs), "--node-keys",
+            f"federation.clients_per_round={per_round or self.nodes}", *overrides, "--certs", str(self.certs), "--node-keys",
             str(self.certs), "--port", str(self.port), "--run-dir", str(self.run_dir), "--timeout", str(timeout)],
             on_line=self.server_out.append)
         wait_for(lambda: any("ready" in ln for ln in self.server_out) or self.server.poll() is not None, 120,
