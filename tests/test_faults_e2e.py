@@ -2,9 +2,9 @@
 with 3 shares and threshold 2; nodes allow one missing neighbour, ``--max-dropouts 1``) meets the faults a data
 owner's machine meets, one after the other, and the tests assert on what each left behind.
 
-A: node 5's process group gets SIGKILL when SecAgg+ asks it to share keys; in the same round node 2's disk is full
-   (its executor cannot write a byte) until it has declined.  B: node 4's ``veil client`` alone gets SIGKILL (as
-   from an OOM killer) once the round is booked in its ledger, while it trains.  C: node 3's process group gets
+A: node 5's process group gets SIGKILL when SecAgg+ asks it to share keys.  B: node 4's ``veil client`` alone
+   gets SIGKILL (as from an OOM killer) once the round is booked in its ledger, while it trains; in the same round
+   node 2's disk is full (its executor cannot write a byte) until it has declined.  C: node 3's process group gets
    SIGKILL at the unmask stage.  D: nodes 1, 2 and 3 get SIGKILL while node 1 trains: too few survivors.
 Each killed node is started again at once with the same flags; the next fault waits until it has trained again.
 """
@@ -23,7 +23,7 @@ import pytest
 
 from benchmarks.loopback import Loopback, alive, wait_for
 
-ROUNDS = 12
+ROUNDS = 14
 KILLS = {"A": (5, "share_keys", True), "B": (4, "collect_masked_vectors", False), "C": (3, "unmask", True)}
 DISK_NODE = 2
 BELOW = (1, 2, 3)  # three of five: in SecAgg+'s ring of 3-node neighbourhoods two of them are neighbours
@@ -74,19 +74,21 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
     out = Faults(lb)
     try:
         lb.start_server([f"federation.rounds={ROUNDS}", "privacy.noise_multiplier=0.8", "privacy.target_epsilon=0",
-                         "secagg.timeout=10"])
+                         "secagg.timeout=20"])
         for n in range(1, 6):
             lb.start_node(n)
         lb.wait_round(1, timeout=300)
         for fault, (n, stage, group) in KILLS.items():
             since, disk_since = lb.log_size(n), lb.log_size(DISK_NODE)
+            if fault == "B":  # the same round: node 2 finds its disk full when it books
+                lb.wait_stage(DISK_NODE, "setup", disk_since)
+                lb.fill_disk(DISK_NODE, True)
             lb.wait_stage(n, stage, since)
             rnd = out.at[fault] = lb.rounds_done() + 1
             if stage == "collect_masked_vectors":
                 wait_for(lambda n=n, rnd=rnd: _booked(lb, n, rnd), 60, f"node {n} to book round {rnd}", poll=0.02)
             _kill(out, n, group=group)
-            if fault == "A":  # the same round: node 2 finds its disk full when it books
-                lb.fill_disk(DISK_NODE, True)
+            if fault == "B":
                 wait_for(lambda: "refusing to train" in lb.log_text(DISK_NODE, disk_since), 120, "node 2 to decline")
                 lb.fill_disk(DISK_NODE, False)
                 out.disk_log = lb.log_text(DISK_NODE, disk_since)
@@ -115,9 +117,9 @@ def test_every_round_runs_once_and_a_killed_node_costs_at_most_its_own_update(fa
     rows = {r["round"]: r for r in _rows(faults.lb)}
     assert sorted(rows) == list(range(1, ROUNDS + 1)), "each round exactly once"
     at = faults.at
-    # A: killed before sharing keys, and node 2 declined: 4 answers, 3 contributions
-    assert rows[at["A"]]["completed"] and rows[at["A"]]["clients"] == 4, rows[at["A"]]
-    assert rows[at["B"]]["completed"] and rows[at["B"]]["clients"] == 4, rows[at["B"]]  # killed before sending
+    assert rows[at["A"]]["completed"] and rows[at["A"]]["clients"] == 4, rows[at["A"]]  # killed before sharing keys
+    # B: killed before sending its update, and node 2 declined (4 answers, one of them a refusal)
+    assert rows[at["B"]]["completed"] and rows[at["B"]]["clients"] == 4 and rows[at["B"]]["refused"] == 1, rows[at["B"]]
     # C: killed at unmask, its masked update had arrived; the survivors' shares unmask the sum
     assert rows[at["C"]]["completed"] and rows[at["C"]]["clients"] == 5, rows[at["C"]]
     assert not rows[at["D"]]["completed"], rows[at["D"]]  # below the threshold: recorded, nothing applied
@@ -167,10 +169,11 @@ def test_the_killed_round_stays_booked_and_nothing_is_half_written(faults: Fault
 def test_a_full_disk_makes_the_node_refuse_with_one_line_then_recover(faults: Faults) -> None:
     from veil.privacy.ledger import PrivacyLedger
 
-    rnd = faults.at["A"]
     lines = [ln for ln in faults.disk_log.splitlines() if "cannot write privacy ledger" in ln]
-    assert len(lines) == 1 and f"round {rnd}: refusing to train: cannot write privacy ledger" in lines[0], lines
+    assert len(lines) == 1 and ": refusing to train: cannot write privacy ledger" in lines[0], lines
     assert "check disk space and permissions" in lines[0] and "Traceback" not in faults.disk_log
+    rnd = int(lines[0].split("round ", 1)[1].split(":")[0])
+    assert rnd == faults.at["B"]
     rounds = [e.round for e in PrivacyLedger.open(faults.lb.ledger_path(DISK_NODE), create=False).events]
     assert rnd not in rounds, "declined unbooked"
     assert [r for r in rounds if rnd < r < faults.at["D"]], f"trained again once the disk had room: {rounds}"

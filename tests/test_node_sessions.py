@@ -186,3 +186,13 @@ def test_reply_pulls_end_at_the_stage_timeout_and_other_patches_still_fit(monkey
     assert flower_patches._unwrapped(grid.pull_objects) is not grid.pull_objects, "the backoff patch finds Flower's"
     with pytest.raises(ValueError, match="max_time"):
         flower_sessions.bound_reply_pulls(0)
+
+
+def test_a_ledger_write_killed_midway_leaves_no_temp_file_after_the_next_write(tmp_path: Path) -> None:
+    from veil.privacy.ledger import LedgerEvent, PrivacyLedger
+
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json")
+    (tmp_path / ".ledger.json.abc123.tmp").write_text('{"half": ')  # what a kill -9 inside _write leaves
+    ledger.record(LedgerEvent(run_id="1", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
+    assert [e.round for e in PrivacyLedger.open(tmp_path / "ledger.json", create=False).events] == [1]

@@ -3,7 +3,7 @@
 
 The SuperLink counts a node as online until ``online_until`` = its last heartbeat + ``HEARTBEAT_PATIENCE`` (2) x the
 interval the node announced (``HEARTBEAT_DEFAULT_INTERVAL`` = 30 s in flwr 1.41, hard-coded in the SuperNode). Three
-faults follow (docs/reviews fault probe 2026-12-07, docs/deployment.md "What survives what"):
+faults follow (the fault probe of 2026-12-07; docs/deployment.md, "What survives what"):
 
 1. **A node killed and restarted cannot rejoin.** ``ActivateNode`` succeeds only for a node that is registered or
    offline (``SqlLinkState.activate_node``); for up to 60 s after a kill -9 the old session still counts as online,

@@ -171,6 +171,9 @@ class PrivacyLedger:
         """Atomically replace the file with ``events``: temp file, flush, fsync, rename, fsync of the folder."""
         data = json.dumps(self._document(events), indent=1, allow_nan=False).encode("utf-8")
         folder = self.path.parent
+        for stale in folder.glob(f".{self.path.name}.*.tmp"):  # a writer killed mid-write (we hold the lock)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as fh:
