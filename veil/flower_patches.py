@@ -44,8 +44,9 @@ Why patches: none of the three is a setting of ``flower-supernode``, the SuperLi
 
 5. **Node sessions** (issue 27): a SuperNode restarted after a kill is refused while the SuperLink still holds
    its old session, a dead node counts as online for a minute, and a resumed SuperLink counts every node of the
-   crashed run as online. The fixes live in :mod:`veil.flower_sessions`; :func:`main` applies the two that run in
-   the SuperNode (a 10-s heartbeat, activation retried for as long as a stale session can last).
+   crashed run as online; a reply half-pushed by a killed node held a SecAgg+ stage for minutes. The fixes live in
+   :mod:`veil.flower_sessions`; :func:`main` applies the two that run in the SuperNode (a 10-s heartbeat, activation
+   retried for as long as a stale session can last), ``veil server --resume`` the third, the ServerApp the fourth.
 
 Each patch checks that the code it patches is still there and fails with one line otherwise; it changes nothing
 else, and the processes it runs in are veil's own (the node's SuperNode and executor, the ServerApp of a
