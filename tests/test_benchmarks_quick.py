@@ -91,3 +91,15 @@ def test_sim_scale_quick_prints_table() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "s/round after the first" in proc.stdout and "coordinator peak MiB" in proc.stdout
     assert "exit" not in proc.stdout.split("code", 1)[-1], f"the simulation failed:\n{proc.stdout}"
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_deploy_faults_quick_prints_scale_and_soak() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.deploy_faults", "--quick", "--no-record"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scale: 3 nodes" in proc.stdout and "soak: 3 nodes" in proc.stdout
+    assert "soak coordinator: RSS" in proc.stdout and "ledger events" in proc.stdout

@@ -470,3 +470,19 @@ def test_a_text_only_node_refuses_classification_whatever_column_the_run_names(f
     cfg = _cfg()  # data.label_column=label: a column of the owner's file the owner never named
     _u, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
     assert weight == 0 and metrics["refused"] == 1 and _events(settings) == []
+
+
+def test_a_ledger_that_cannot_be_written_declines_unbooked_and_asks_to_be_asked_again(
+        files: dict[str, Path], tmp_path: Path) -> None:
+    """A full disk or read-only ledger path (issue 27): the node declines without training, and its reply says the
+    budget allows the next round, so the coordinator samples it again; once it can write, it trains."""
+    cfg = _cfg(noise_multiplier=1.0)
+    settings = _settings(files["big"], tmp_path)
+    lock = settings.ledger_path.with_name(settings.ledger_path.name + ".lock")
+    lock.mkdir(parents=True)  # the lock cannot be opened for writing, even by root: as on a read-only path
+    update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 0 and metrics["refused"] == 1 and metrics["can_train_next"] is True
+    assert all(not u.any() for u in update) and _events(settings) == []
+    lock.rmdir()
+    _update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 2})
+    assert weight == 1 and metrics["refused"] == 0 and [e.round for e in _events(settings)] == [2]

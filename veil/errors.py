@@ -40,5 +40,10 @@ class LedgerError(VeilError):
     """The on-disk privacy ledger is unreadable or inconsistent; never reset silently."""
 
 
+class LedgerWriteError(LedgerError):
+    """The privacy ledger could not be written (a full disk, a read-only path); the previous ledger is intact and
+    the round is not booked, so it must not train. Passes when the disk does: the next round may be tried."""
+
+
 class CredentialError(VeilError):
     """A certificate or key file is missing, malformed, expired or from the wrong authority."""

@@ -5,11 +5,19 @@ what it started itself (``flower-superlink`` starts ``flower-superexec``, which 
 ``flwr-clientapp`` may ignore SIGTERM). :meth:`Supervised.stop` signals the group, waits, then kills it by PID.
 Every process gets an environment without telemetry or update checks (DESIGN.md decision 9), and the
 virtualenv's ``bin`` first on ``PATH`` because Flower starts its helpers by name.
+
+Because each runs in a session of its own, a SIGKILL of veil's own process (an OOM killer, ``kill -9`` of the
+``veil client`` process group) would leave them running without a supervisor: a node's SuperNode went on answering
+rounds and held the node's session on the SuperLink, so the node could not rejoin (fault probe 2026-12-07). On Linux
+every process veil starts therefore asks the kernel for a signal when its parent dies (``PR_SET_PDEATHSIG``,
+SIGTERM: Flower's SuperNode then deactivates its session and the SuperLink stops, as on Ctrl-C); the processes they
+start themselves follow their parent's pid (Flower's ``--parent-pid``, the executor's ``--supernode-pid``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +37,27 @@ QUIET_ENV = {
     "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+try:  # resolved here, not in the child between fork and exec
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+    _PRCTL = None
+
+
+def _die_with(parent: int, sig: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get ``sig`` when ``parent`` (this process) dies; None off Linux."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def _bin_dir() -> Path:
@@ -61,13 +90,15 @@ class Supervised:
     """One started process (group leader) whose output goes to a log file and, line by line, to a callback."""
 
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str],
-                 on_line: Callable[[str], None] | None = None, cwd: Path | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, cwd: Path | None = None,
+                 death_signal: int = signal.SIGTERM) -> None:
         self.name, self.log_path = name, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(  # noqa: S603 - argv built by veil, no shell
             list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=cwd, start_new_session=True, text=True, errors="replace", bufsize=1,
+            preexec_fn=_die_with(os.getpid(), death_signal),  # noqa: PLW1509 - prctl only, resolved beforehand
         )
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._pump, args=(on_line,), name=f"{name}-output", daemon=True)

@@ -52,7 +52,7 @@ from veil.client.round_plan import (
 from veil.client.trainer import LocalPlan, LocalResult, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
-from veil.errors import NodeRefusal, VeilError
+from veil.errors import LedgerWriteError, NodeRefusal, VeilError
 from veil.task import get_task
 from veil.task.base import batch_size_of
 from veil.task.model import get_trainable, resolve_device
@@ -100,6 +100,8 @@ class VeilClient(NumPyClient):
             return self._fit(parameters, server_round)
         except NodeRefusal as refusal:
             return self._refuse(parameters, refusal, server_round)
+        except LedgerWriteError as err:  # a full disk or read-only path: nothing booked, nothing trained; retry later
+            return self._refuse(parameters, err, server_round, can_train_next=True)
         except VeilError as err:  # the owner's data file or settings: the owner's log says which, the reply not
             log.error("round %d: this node cannot train: %s", server_round, err)
             return self._refuse(parameters, err, server_round)
@@ -205,14 +207,16 @@ class VeilClient(NumPyClient):
         return {"can_train_next": bool(can_train_next), "refused": int(refused),
                 "upload_bytes": _upload_bytes(update, self.cfg), "noise_std": float(noise_std)}
 
-    def _refuse(self, parameters: list[np.ndarray], refusal: VeilError,
-                server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+    def _refuse(self, parameters: list[np.ndarray], refusal: VeilError, server_round: int, *,
+                can_train_next: bool = False) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Decline the round without leaving it: a zero update with weight 0 keeps SecAgg+'s thresholds intact
         and adds nothing to the mean; ``can_train_next=False`` tells the server not to sample this node again.
-        The reply is the same whatever the reason; the reason goes to the owner's log only."""
+        The reply is the same whatever the reason but for ``can_train_next``, which stays true only when the ledger
+        could not be written (the budget allows the round; the disk did not: a fact of the machine, not of the data
+        or the policy); the reason goes to the owner's log only."""
         log.warning("round %d: refusing to train: %s", server_round, refusal)
         zeros = [np.zeros(np.shape(p), dtype=np.float32) for p in parameters]
-        return zeros, 0, self._reply(zeros, can_train_next=False, refused=True, noise_std=0.0)
+        return zeros, 0, self._reply(zeros, can_train_next=can_train_next, refused=True, noise_std=0.0)
 
     def _plan(self, sampling: Sampling, server_round: int,
               template: Any) -> tuple[LocalPlan, LedgerEvent | None, PrivacyLedger | None]:

@@ -80,6 +80,17 @@ def _veil_error_in(err: BaseException) -> VeilError | None:
     return None
 
 
+def _stage(message: Any) -> str:
+    """The SecAgg+ stage a message asks for (``plain`` without SecAgg+), for the node's log."""
+    try:
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        return str(configs.get(Key.STAGE)) if configs is not None else "plain"
+    except Exception:  # noqa: BLE001 - a log line never fails a task
+        return "?"
+
+
 def _execute(message: Any, context: Any) -> tuple[Any, str, str]:
     """Run the installed veil ClientApp on one message; returns (reply, sub-status, details for the server)."""
     from flwr.app import Error, Message
@@ -87,6 +98,7 @@ def _execute(message: Any, context: Any) -> tuple[Any, str, str]:
 
     from veil.client.app import app as installed_app
 
+    log.info("run %d: %s message (%s)", context.run_id, message.metadata.message_type, _stage(message))
     try:
         return installed_app(message=message, context=context), SubStatus.COMPLETED, ""
     except Exception as err:  # every failure becomes the same error reply; the executor lives on

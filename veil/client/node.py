@@ -17,6 +17,7 @@ from collections.abc import Sized
 from pathlib import Path
 
 from veil.flower_patches import DEFAULT_POLL_INTERVAL
+from veil.flower_sessions import ACTIVATION_WINDOW
 from veil.errors import ConfigError, VeilError
 from veil.supervise import Supervised, flower_env, free_port, stop_on_signals
 
@@ -36,8 +37,10 @@ class NodeError(VeilError):
 _REFUSALS = [
     ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's TLS certificate is not signed by the CA in {root_cert}",
      "get the deployment's ca.crt from the operator"),
-    ("[code: 2004]", "the SuperLink refused this node's key {key} (not registered, or revoked)",
-     "ask the operator to register {key_pub} (a revoked key cannot come back: use a new one from `veil certs`)"),
+    ("[code: 2004]", "the SuperLink refused this node's key {key} for {window:.0f} s (not registered, revoked, or "
+     "held by another node process that is still running)",
+     "stop any other node using this key, or ask the operator to register {key_pub} (a revoked key cannot come back: "
+     "use a new one from `veil certs`)"),
     ("Server disconnected without sending a response", "the SuperLink did not answer a plaintext node (it speaks TLS)",
      "drop --insecure and give --root-cert and --key"),
     ("WRONG_VERSION_NUMBER", "the SuperLink does not speak TLS (it was started with --insecure)",
@@ -264,7 +267,7 @@ class _Watch:
             self.last_error = line.strip()[-200:]
         for rank, (needle, what, fix) in enumerate(_REFUSALS[: self.rank]):
             if needle in line:
-                fields = {"root_cert": self.args.root_cert, "key": self.args.key,
+                fields = {"root_cert": self.args.root_cert, "key": self.args.key, "window": ACTIVATION_WINDOW,
                           "key_pub": self.args.key and self.args.key.with_suffix(".pub").name}
                 self.refusal, self.rank = f"{what.format(**fields)}; {fix.format(**fields)}", rank
                 break

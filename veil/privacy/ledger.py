@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from veil.errors import LedgerError, PrivacyBudgetExhausted
+from veil.errors import LedgerError, LedgerWriteError, PrivacyBudgetExhausted
 from veil.privacy.accounting import EpsilonResult, Event, compute_epsilon, validate_delta, validate_event
 
 try:  # POSIX advisory lock: two processes recording into one ledger must not lose an event
@@ -171,6 +171,9 @@ class PrivacyLedger:
         """Atomically replace the file with ``events``: temp file, flush, fsync, rename, fsync of the folder."""
         data = json.dumps(self._document(events), indent=1, allow_nan=False).encode("utf-8")
         folder = self.path.parent
+        for stale in folder.glob(f".{self.path.name}.*.tmp"):  # a writer killed mid-write (we hold the lock)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -182,7 +185,7 @@ class PrivacyLedger:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if isinstance(err, OSError):
-                raise LedgerError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
+                raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
                                   "and permissions (the previous ledger is intact)") from None
             raise
         with contextlib.suppress(OSError):  # make the rename itself durable; not every filesystem allows it
@@ -199,7 +202,12 @@ class PrivacyLedger:
             yield
             return
         lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a+b") as lock:
+        try:
+            lock = open(lock_path, "a+b")  # noqa: SIM115 - closed below
+        except OSError as err:  # a read-only or full disk: one line, nothing written
+            raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space and permissions "
+                              "(the previous ledger is intact)") from None
+        with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 yield

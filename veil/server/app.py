@@ -46,6 +46,7 @@ from veil.server.guarantee import coordinator_epsilon, epsilon_basis, simulated_
 from veil.server.metrics import MetricsLog, console_line
 from veil.server.operator import operator_config
 from veil.flower_patches import shorten_object_pull_backoff
+from veil.flower_sessions import bound_reply_pulls
 from veil.server.polling import PollingGrid
 from veil.server.secagg_workflow import DropoutTolerantSecAggPlus
 from veil.server.progress import RoundProgress
@@ -273,6 +274,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None, *, simulation: bo
         cfg = operator_config(from_run_config({**base, **dict(context.run_config)}))
         if not simulated:  # a deployment's object pulls retry after 0.02 s, not 1 s (veil.flower_patches)
             shorten_object_pull_backoff()
+            if cfg.secagg.enabled:  # a reply half-pushed by a dead node holds a stage no longer than its timeout
+                bound_reply_pulls(cfg.secagg.timeout)
         # Flower's grid, pulling replies every 0.05 s, not 3 s
         run_server(PollingGrid(grid), context, cfg, simulation=simulated)
 

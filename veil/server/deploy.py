@@ -156,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     from veil.supervise import stop_on_signals
 
     stop_on_signals()
+    if args.resume:  # nodes the crashed SuperLink held as online are not there until they heartbeat again
+        from veil.flower_sessions import forget_online_nodes
+
+        forget_online_nodes(run_dir / "state" / "superlink.db")
     with Session(run_dir, host=args.host, port=args.port, tls=tls) as session:  # (4)-(6)
         for key in keys:
             session.cli.register(key)

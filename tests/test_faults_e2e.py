@@ -1,0 +1,179 @@
+"""What survives what (docs/deployment.md): one loopback deployment of five nodes (TLS, node auth, DP-SGD, SecAgg+
+with 3 shares and threshold 2; nodes allow one missing neighbour, ``--max-dropouts 1``) meets the faults a data
+owner's machine meets, one after the other, and the tests assert on what each left behind.
+
+A: node 5's process group gets SIGKILL when SecAgg+ asks it to share keys.  B: node 4's ``veil client`` alone
+   gets SIGKILL (as from an OOM killer) once the round is booked in its ledger, while it trains; in the same round
+   node 2's disk is full (its executor cannot write a byte) until it has declined.  C: node 3's process group gets
+   SIGKILL at the unmask stage.  D: nodes 1, 2 and 3 get SIGKILL while node 1 trains: too few survivors.
+Each killed node is started again at once with the same flags; the next fault waits until it has trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from benchmarks.loopback import Loopback, alive, wait_for
+
+ROUNDS = 14
+KILLS = {"A": (5, "share_keys", True), "B": (4, "collect_masked_vectors", False), "C": (3, "unmask", True)}
+DISK_NODE = 2
+BELOW = (1, 2, 3)  # three of five: in SecAgg+'s ring of 3-node neighbourhoods two of them are neighbours
+
+
+@dataclass
+class Faults:
+    lb: Loopback
+    status: int | None = None
+    at: dict[str, int] = field(default_factory=dict)  # fault -> the round in flight when it struck
+    orphans: dict[int, list[int]] = field(default_factory=dict)  # killed node -> its processes alive 15 s later
+    restarted_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # fault -> (node, log size at restart)
+    disk_log: str = ""
+
+
+def _booked(lb: Loopback, n: int, rnd: int) -> bool:
+    try:
+        events = json.loads(lb.ledger_path(n).read_text())["events"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return any(e["round"] == rnd for e in events)
+
+
+def _kill(out: Faults, n: int, *, group: bool) -> None:
+    tree = out.lb.kill_node(n, group=group)
+    deadline = time.monotonic() + 15
+    while alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out.orphans[n] = out.orphans.get(n, []) + alive(tree)
+    for pid in alive(tree):  # the test's own processes: never left running, whatever the verdict
+        os.kill(pid, signal.SIGKILL)
+
+
+def _restart_and_rejoin(out: Faults, fault: str, nodes: tuple[int, ...], rejoin: bool = True) -> None:
+    lb = out.lb
+    for n in nodes:
+        out.restarted_at[f"{fault}{n}"] = (n, lb.log_size(n))
+        lb.start_node(n)
+    if rejoin:
+        for n in nodes:
+            wait_for(lambda n=n: ": trained on " in lb.log_text(n, out.restarted_at[f"{fault}{n}"][1]), 240,
+                     f"node {n} to train again after fault {fault}")
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
+    lb = Loopback(tmp_path_factory.mktemp("faults"), 5, node_flags=["--max-dropouts", "1"])
+    out = Faults(lb)
+    try:
+        lb.start_server([f"federation.rounds={ROUNDS}", "privacy.noise_multiplier=0.8", "privacy.target_epsilon=0",
+                         "secagg.timeout=20"])
+        for n in range(1, 6):
+            lb.start_node(n)
+        lb.wait_round(1, timeout=300)
+        for fault, (n, stage, group) in KILLS.items():
+            since, disk_since = lb.log_size(n), lb.log_size(DISK_NODE)
+            if fault == "B":  # the same round: node 2 finds its disk full when it books
+                lb.wait_stage(DISK_NODE, "setup", disk_since)
+                lb.fill_disk(DISK_NODE, True)
+            lb.wait_stage(n, stage, since)
+            rnd = out.at[fault] = lb.rounds_done() + 1
+            if stage == "collect_masked_vectors":
+                wait_for(lambda n=n, rnd=rnd: _booked(lb, n, rnd), 60, f"node {n} to book round {rnd}", poll=0.02)
+            _kill(out, n, group=group)
+            if fault == "B":
+                wait_for(lambda: "refusing to train" in lb.log_text(DISK_NODE, disk_since), 120, "node 2 to decline")
+                lb.fill_disk(DISK_NODE, False)
+                out.disk_log = lb.log_text(DISK_NODE, disk_since)
+            _restart_and_rejoin(out, fault, (n,))
+        lb.wait_stage(BELOW[0], "collect_masked_vectors", lb.log_size(BELOW[0]))
+        out.at["D"] = lb.rounds_done() + 1
+        for n in BELOW:
+            _kill(out, n, group=True)
+        _restart_and_rejoin(out, "D", BELOW, rejoin=False)
+        assert lb.server is not None
+        wait_for(lambda: lb.server.poll() is not None, 400, "the run to finish")
+        lb.server.wait_output()
+        out.status = lb.server.poll()
+        yield out
+    finally:
+        lb.close()
+
+
+def _rows(lb: Loopback) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(ln) for ln in (lb.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+def test_every_round_runs_once_and_a_killed_node_costs_at_most_its_own_update(faults: Faults) -> None:
+    assert faults.status == 0, faults.lb.server_out[-20:]
+    rows = {r["round"]: r for r in _rows(faults.lb)}
+    assert sorted(rows) == list(range(1, ROUNDS + 1)), "each round exactly once"
+    at = faults.at
+    assert rows[at["A"]]["completed"] and rows[at["A"]]["clients"] == 4, rows[at["A"]]  # killed before sharing keys
+    # B: killed before sending its update, and node 2 declined (4 answers, one of them a refusal)
+    assert rows[at["B"]]["completed"] and rows[at["B"]]["clients"] == 4 and rows[at["B"]]["refused"] == 1, rows[at["B"]]
+    # C: killed at unmask, its masked update had arrived; the survivors' shares unmask the sum
+    assert rows[at["C"]]["completed"] and rows[at["C"]]["clients"] == 5, rows[at["C"]]
+    assert not rows[at["D"]]["completed"], rows[at["D"]]  # below the threshold: recorded, nothing applied
+    assert all(r["completed"] for k, r in rows.items() if k < at["D"]), rows
+    # the rounds after it run; one may fail again while the three restarted nodes still load
+    assert rows[ROUNDS]["completed"] and rows[ROUNDS]["clients"] == 5, rows[ROUNDS]
+
+
+@pytest.mark.slow
+def test_a_killed_node_leaves_no_process_behind(faults: Faults) -> None:
+    assert faults.orphans and not any(faults.orphans.values()), f"processes outlived their veil client: {faults.orphans}"
+
+
+@pytest.mark.slow
+def test_a_restarted_node_rejoins_and_trains_in_a_later_round(faults: Faults) -> None:
+    for key, (n, since) in faults.restarted_at.items():
+        after = faults.lb.log_text(n, since)
+        trained = [int(ln.split("round ", 1)[1].split(":")[0]) for ln in after.splitlines() if ": trained on " in ln]
+        assert trained and min(trained) > faults.at[key[0]], (key, trained, after[-1500:])
+    for log in faults.lb.logs.glob("node-*-1.log"):
+        assert "veil: error" not in log.read_text(), log.read_text()[-1500:]
+
+
+@pytest.mark.slow
+def test_the_killed_round_stays_booked_and_nothing_is_half_written(faults: Faults) -> None:
+    from veil.privacy.ledger import PrivacyLedger
+    from veil.server.checkpoint import read_checkpoint, weights_sha256
+
+    lb, at = faults.lb, faults.at
+    ledgers = {n: PrivacyLedger.open(lb.ledger_path(n), create=False) for n in range(1, 6)}  # the project's reader
+    for n, ledger in ledgers.items():
+        assert not [p.name for p in lb.ledger_path(n).parent.iterdir() if p.name.endswith(".tmp")]
+        rounds = [e.round for e in ledger.events]
+        assert len(rounds) == len(set(rounds)), f"node {n} booked a round twice: {rounds}"
+    assert at["B"] in [e.round for e in ledgers[4].events], "killed while training: the round stays on its ledger"
+    assert at["C"] in [e.round for e in ledgers[3].events]
+    assert at["A"] not in [e.round for e in ledgers[5].events], "killed before training: nothing to book"
+    checkpoints = sorted((lb.run_dir / "checkpoints").iterdir())
+    assert all(p.suffix == ".npz" for p in checkpoints), [p.name for p in checkpoints]
+    saved = {read_checkpoint(p).round: weights_sha256(read_checkpoint(p).arrays) for p in checkpoints}
+    assert sorted(saved) == list(range(1, ROUNDS + 1)), sorted(saved)
+    assert saved[at["D"]] == saved[at["D"] - 1], "a failed round applies nothing"
+    assert saved[ROUNDS] != saved[at["D"]], "the rounds after it apply their sums"
+
+
+@pytest.mark.slow
+def test_a_full_disk_makes_the_node_refuse_with_one_line_then_recover(faults: Faults) -> None:
+    from veil.privacy.ledger import PrivacyLedger
+
+    lines = [ln for ln in faults.disk_log.splitlines() if "cannot write privacy ledger" in ln]
+    assert len(lines) == 1 and ": refusing to train: cannot write privacy ledger" in lines[0], lines
+    assert "check disk space and permissions" in lines[0] and "Traceback" not in faults.disk_log
+    rnd = int(lines[0].split("round ", 1)[1].split(":")[0])
+    assert rnd == faults.at["B"]
+    rounds = [e.round for e in PrivacyLedger.open(faults.lb.ledger_path(DISK_NODE), create=False).events]
+    assert rnd not in rounds, "declined unbooked"
+    assert [r for r in rounds if rnd < r < faults.at["D"]], f"trained again once the disk had room: {rounds}"
