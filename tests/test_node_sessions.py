@@ -196,3 +196,23 @@ def test_a_ledger_write_killed_midway_leaves_no_temp_file_after_the_next_write(t
     ledger.record(LedgerEvent(run_id="1", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
     assert [e.round for e in PrivacyLedger.open(tmp_path / "ledger.json", create=False).events] == [1]
+
+
+def test_a_refused_activation_outranks_the_reconnection_give_up_that_follows() -> None:
+    """Under load the retrying SuperNode may give up reconnecting before Flower prints its final [code: 2004]
+    (test_deploy's unregistered case failed so once): the node still names the refused key, not the address."""
+    import argparse
+    from pathlib import Path
+
+    from veil.client.node import _Watch
+
+    watch = _Watch(argparse.Namespace(root_cert=Path("ca.crt"), key=Path("node-1.key")))
+    watch("WARNING : the SuperLink refused to activate this node (code 2004): it may still hold the session of this "
+          "node's previous process; retrying for up to 35 s")
+    assert watch.refusal is None  # retrying: not stopped early on the warning
+    watch("ERROR : Giving up reconnection after 60.00 seconds")
+    assert "no SuperLink answered" in str(watch.refusal)
+    assert "not registered" in str(watch.final_refusal()) and "node-1.pub" in str(watch.final_refusal())
+    plain = _Watch(argparse.Namespace(root_cert=Path("ca.crt"), key=Path("node-1.key")))
+    plain("ERROR : Giving up reconnection after 60.00 seconds")
+    assert "no SuperLink answered" in str(plain.final_refusal())  # without a refused activation: the address

@@ -259,12 +259,25 @@ class _Watch:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.refusal, self.rank, self.last_error = args, None, len(_REFUSALS), ""
+        self.activation_refused = False  # veil.flower_sessions' retry warning: the SuperLink said 2004 at least once
+
+    def final_refusal(self) -> str | None:
+        """The refusal to report when the SuperNode ended: a refused activation outranks the reconnection give-up
+        that may follow it while the node retries (a node still retrying is not stopped early on the warning)."""
+        if self.activation_refused and self.rank > 1:
+            self._match(_REFUSALS[1][0])
+        return self.refusal
 
     def __call__(self, line: str) -> None:
+        if "refused to activate this node" in line:
+            self.activation_refused = True
+        self._match(line)
         if "SuperNode ID" in line or "ERROR" in line:
             print(f"[supernode] {line.split(':', 1)[-1].strip()}", file=sys.stderr, flush=True)
         if "ERROR" in line or "rror" in line:
             self.last_error = line.strip()[-200:]
+
+    def _match(self, line: str) -> None:
         for rank, (needle, what, fix) in enumerate(_REFUSALS[: self.rank]):
             if needle in line:
                 fields = {"root_cert": self.args.root_cert, "key": self.args.key, "window": ACTIVATION_WINDOW,
@@ -312,7 +325,7 @@ def _watch_until_end(supernode: Supervised, executor: Supervised, watch: _Watch,
             refused_at = time.monotonic()
         if status is not None or (refused_at is not None and time.monotonic() - refused_at > 5.0):
             supernode.wait_output()
-            if watch.refusal is not None:
+            if watch.final_refusal() is not None:
                 raise NodeError(f"refused by the SuperLink at {superlink}: {watch.refusal}")
             if status == 0:
                 return 0
