@@ -110,8 +110,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             {s: TASK.evaluate(template, d, device=torch.device("cpu"))["accuracy"] for s, d in splits.items()})
         for i, shard in enumerate(shards):
             row(f"bank {i} alone, no DP ({int(shard['labels'].shape[0])} texts)",
-                {s: probe_accuracy(shard, d, num_labels=len(labels)) for s, d in splits.items()})
-        row("pooled data, no DP", {s: probe_accuracy(everything, d, num_labels=len(labels)) for s, d in splits.items()})
+                {s: probe_accuracy(shard, d) for s, d in splits.items()})
+        row("pooled data, no DP", {s: probe_accuracy(everything, d) for s, d in splits.items()})
         grid = itertools.product(_floats(args.epsilons), _floats(args.lrs), _floats(args.clips),
                                  [int(v) for v in _floats(args.rounds)], [int(v) for v in _floats(args.steps)],
                                  [int(v) for v in _floats(args.batch)])

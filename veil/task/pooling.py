@@ -35,7 +35,6 @@ from veil.errors import ModelError
 
 _ST_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
              "pooling_mode_lasttoken": "last"}
-_ST_NAMES = {"mean": "mean", "cls": "cls", "max": "max", "last": "lasttoken"}  # sentence-transformers' own names
 
 
 @dataclass(frozen=True)

@@ -18,25 +18,24 @@ from veil.conf.schema import VeilConfig
 PROBE_C = 10.0  # inverse L2 strength; chosen on the validation split (docs/benchmarks.md, head_study)
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, *, num_labels: int, c: float = PROBE_C) -> object:
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, *, c: float = PROBE_C) -> object:
     """Fit logistic regression on (N, H) features and (N,) label ids."""
     from sklearn.linear_model import LogisticRegression
 
     x, y = features.double().numpy(), labels.numpy()
     probe = LogisticRegression(C=c, max_iter=2000)
     probe.fit(x, y)
-    probe.num_labels_ = num_labels  # type: ignore[attr-defined]
     return probe
 
 
-def probe_accuracy(train: dict[str, torch.Tensor], evaluation: dict[str, torch.Tensor], *, num_labels: int,
+def probe_accuracy(train: dict[str, torch.Tensor], evaluation: dict[str, torch.Tensor], *,
                    c: float = PROBE_C) -> float:
     """Accuracy on ``evaluation`` of the probe fitted on ``train`` (both: ``features`` and ``labels`` tensors).
     A share holding one label only predicts that label."""
     y = train["labels"]
     if int(torch.unique(y).numel()) < 2:
         return float((evaluation["labels"] == y[0]).float().mean()) if y.numel() else 0.0
-    probe = fit_probe(train["features"], y, num_labels=num_labels, c=c)
+    probe = fit_probe(train["features"], y, c=c)
     predicted = probe.predict(evaluation["features"].double().numpy())  # type: ignore[attr-defined]
     return float(np.mean(predicted == evaluation["labels"].numpy()))
 
@@ -58,15 +57,15 @@ def banks_alone(cfg: VeilConfig) -> list[dict[str, float]]:
     run's evaluation split: ``[{"bank": i, "examples": n, "accuracy": a}, ...]``. Empty unless the run trains a
     head on cached features (``model.tuning=head``), where the features are at hand."""
     from veil.task.model import uses_features
-    from veil.task.shards import client_shard, eval_split, run_labels
+    from veil.task.shards import client_shard, eval_split
 
     if cfg.task.name != "classification" or not uses_features(cfg.model):
         return []
-    evaluation, labels = eval_split(cfg), run_labels(cfg)
+    evaluation = eval_split(cfg)
     owners = cfg.federation.num_clients - cfg.federation.canary_clients
     rows = []
     for bank in range(owners):
         shard = client_shard(cfg, _SimulatedBank(bank, cfg.federation.num_clients))
         rows.append({"bank": bank, "examples": int(shard["labels"].shape[0]),
-                     "accuracy": probe_accuracy(shard, evaluation, num_labels=len(labels))})
+                     "accuracy": probe_accuracy(shard, evaluation)})
     return rows
