@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from veil.errors import LedgerError, PrivacyBudgetExhausted
-from veil.privacy import ledger as ledger_module
+from veil import atomic
 from veil.privacy.accounting import compute_epsilon
 from veil.privacy.ledger import LEDGER_VERSION, LedgerEvent, PrivacyLedger
 
@@ -68,7 +68,7 @@ def test_crash_between_temp_write_and_rename_keeps_old_ledger(
     def crash(src: str, dst: str) -> None:
         raise KeyboardInterrupt("power cut")  # not an OSError: must propagate unchanged
 
-    monkeypatch.setattr(ledger_module, "_replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         ledger.record(event(1))
     monkeypatch.undo()
@@ -89,7 +89,7 @@ def test_failed_rename_is_a_ledger_error_and_leaves_no_temp(tmp_path: Path, monk
     def disk_full(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ledger_module, "_replace", disk_full)
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
     with pytest.raises(LedgerError, match="ledger.json"):
         ledger.record(event(0))
 

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import secrets
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from veil.atomic import atomic_write
 from veil.errors import ConfigError, VeilError
 
 log = logging.getLogger("veil.audit")
@@ -262,12 +262,7 @@ def write_outputs(out_dir: Path, audit: AuditResult, rows: list[dict[str, Any]])
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

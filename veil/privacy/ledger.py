@@ -15,12 +15,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from veil.atomic import atomic_write
 from veil.errors import LedgerError, LedgerWriteError, PrivacyBudgetExhausted
 from veil.privacy.accounting import EpsilonResult, Event, compute_epsilon, validate_delta, validate_event
 
@@ -33,10 +33,6 @@ __all__ = ["LEDGER_FORMAT", "LEDGER_VERSION", "LedgerEvent", "PrivacyLedger"]
 
 LEDGER_FORMAT = "veil-privacy-ledger"
 LEDGER_VERSION = 1
-
-# Seam for tests: the rename that commits a write. Monkeypatch it to raise to simulate a crash before commit.
-_replace = os.replace
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LedgerEvent:
@@ -174,26 +170,11 @@ class PrivacyLedger:
         for stale in folder.glob(f".{self.path.name}.*.tmp"):  # a writer killed mid-write (we hold the lock)
             with contextlib.suppress(OSError):
                 stale.unlink()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _replace(tmp, self.path)
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(err, OSError):
-                raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
-                                  "and permissions (the previous ledger is intact)") from None
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable; not every filesystem allows it
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, data, mode=0o600)
+        except OSError as err:
+            raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
+                                   "and permissions (the previous ledger is intact)") from None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from veil.atomic import atomic_write
 from veil.conf.schema import VeilConfig
 from veil.task import get_task
 from veil.task.model import set_trainable
@@ -25,9 +25,7 @@ def export_global_model(template: nn.Module, arrays: list[np.ndarray], out_dir: 
     set_trainable(model, arrays)
     get_task(cfg.task.name).export(model, cfg, out_dir)
     card = out_dir / "README.md"
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(model_card(cfg, summary), encoding="utf-8")
-    os.replace(tmp, card)
+    atomic_write(card, model_card(cfg, summary))
     return out_dir
 
 
