@@ -11,6 +11,9 @@ coordinate-wise or use distances over all values) is the same as on the tensors.
 The coordinator sends ``[flatten(global)]``; a node unflattens it against its own model's trainable tensors
 (:func:`unflatten`, which refuses a vector of the wrong size before any data is read) and replies in the layout it
 received, so a node also accepts the per-tensor list. Hand-written: Flower has no option to pack a record's arrays.
+
+The reply contract lives here too, for both sides: :data:`REPLY_KEYS` is everything a node's reply carries
+besides the update and its weight; the node sends exactly these keys and the coordinator aggregates only these.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+__all__ = ["REPLY_KEYS", "flatten", "is_flat", "unflatten"]
+
+# Everything a node's reply carries besides the update and its weight (1: contribution, 0: refusal); none of it
+# depends on the owner's data beyond one bit per round (DESIGN.md decision 7, docs/privacy.md "What leaves a node").
+REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
 
 
 def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:

@@ -59,6 +59,7 @@ from veil.task.model import get_trainable, resolve_device
 from veil.privacy.modes import resolve_owner_engine
 from veil.privacy.release import all_finite, noise_only_update
 from veil.task.shards import NoUsableExamples, client_shard, node_labels, run_labels
+from veil.wire import REPLY_KEYS as REPLY_KEYS  # the reply contract, shared with the coordinator
 from veil.wire import flatten, is_flat, unflatten
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.client")
 
-# Everything a reply carries besides the update and its weight (docs/privacy.md, "What leaves a node").
-REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
 # Received weights beyond this magnitude are refused before any data is touched (LoRA adapters and heads are O(1)).
 MAX_RECEIVED_ABS = 1e4
 
