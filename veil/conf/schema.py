@@ -129,15 +129,16 @@ class SecAggConfig:
 
 TUNINGS = ("head", "lora", "full")
 POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")  # veil.task.pooling
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum")
 ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")  # need each update in clear: SecAgg+ off only
+_SUM_STRATEGIES = "|".join(s for s in STRATEGIES if s not in ROBUST_STRATEGIES)  # work on the sum alone
 
 
 @dataclass
 class StrategyConfig:
     name: str = "fedavg"
     # fedavg: global += server_lr * mean(update) (1.0 is plain FedAvg); fedavgm: its server learning rate;
-    # fedadam/fedyogi: eta, the size of a step in each coordinate (Reddi et al. tune it in 1e-3..1)
+    # fedadam/fedyogi/fedadagrad: eta, the size of a step in each coordinate (Reddi et al. tune it in 1e-3..1)
     server_lr: float = 1.0
     server_momentum: float = 0.0  # fedavgm: beta of the server momentum (Hsu et al. use 0.9)
     beta_1: float = 0.9  # fedadam/fedyogi: first-moment decay
@@ -322,10 +323,10 @@ class VeilConfig:
         _choice("strategy.name", st.name, STRATEGIES)
         if st.name in ROBUST_STRATEGIES and self.secagg.enabled:
             raise ConfigError(f"strategy={st.name} needs every client's update, but with SecAgg+ on the server sees "
-                              f"only their sum; use secagg=off, or strategy=fedavg|fedavgm|fedadam|fedyogi")
+                              f"only their sum; use secagg=off, or strategy={_SUM_STRATEGIES}")
         if st.name in ROBUST_STRATEGIES and self.privacy.enabled and self.privacy.level == "client":
             raise ConfigError(f"strategy={st.name} cannot carry client-level DP (its noise is calibrated for the "
-                              f"sum of updates); use privacy.level=sample, or strategy=fedavg|fedavgm|fedadam|fedyogi")
+                              f"sum of updates); use privacy.level=sample, or strategy={_SUM_STRATEGIES}")
         for name in ("server_momentum", "beta_1", "beta_2"):
             if not 0.0 <= getattr(st, name) < 1.0:
                 _bad(f"strategy.{name}", getattr(st, name), "in [0, 1)")
