@@ -7,7 +7,7 @@ starts this module instead. For every task it pulls the task input through Flowe
 ``sha256`` of the FAB *content* (not the hash the SuperLink declares) against the FAB the node rebuilds from its
 installed veil (:mod:`veil.security.bundle`), and only then calls the *installed* ``veil.client.app:app``; the FAB is
 never unpacked or imported. A foreign FAB gets an error reply and one log line, and the executor waits for the next
-task, so the node stays up for legitimate runs.
+task, so the node stays up for legitimate runs. Upstream proposal: docs/upstream/fab-hash-pin.md.
 
 The owner's policy is applied inside the ClientApp (:mod:`veil.client.floor`), whose refusals are ordinary replies.
 An error reply never carries an error's text or even its class: either may depend on the owner's data or name local
