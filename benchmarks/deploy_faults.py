@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import add_output_args, machine_info, now, pick_device, report  # noqa: E402
-from benchmarks.loopback import Loopback, wait_for  # noqa: E402
+from benchmarks.loopback import Loopback  # noqa: E402
 from veil.supervise import _descendants  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

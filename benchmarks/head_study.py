@@ -22,7 +22,6 @@ import copy
 import itertools
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
