@@ -112,7 +112,7 @@ def client_compute(root: Path, test: Path, node_files: list[Path], rounds: int,
     from veil.client.app import VeilClient
     from veil.client.settings import node_settings
     from veil.server.deploy import resolve_config
-    from veil.conf.preflight import preflight
+    from veil.preflight import preflight
     from veil.task.model import build_model, get_trainable
 
     cfg = resolve_config(preflight([*overrides(test, rounds), "data.train_path=${data.test_path}"]), root / "sim")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from helpers import data_overrides
-from veil.conf.preflight import preflight, resolve_paths_and_labels
+from veil.preflight import preflight, resolve_paths_and_labels
 from veil.errors import ConfigError
 from veil.privacy.audit import canary_vocabulary
 from veil.privacy.audit_bound import guess_top_bottom

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from veil.conf.preflight import follow_defaults, preflight, resolve_paths_and_labels
+from veil.preflight import follow_defaults, preflight, resolve_paths_and_labels
 from veil.errors import ConfigError, VeilError
 
 log = logging.getLogger("veil")
