@@ -125,7 +125,7 @@ def test_a_deployed_node_runs_the_owners_engine_not_the_runs(tmp_path: Any, monk
     for engine in ("hooks", "bk", "auto"):
         settings = NodeSettings(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
                                 ledger_path=tmp_path / f"{engine}.json", device="cpu", partition_id=None,
-                                num_partitions=None, dp_engine=engine)
+                                num_partitions=None, dp_engine=engine, allow_test_model=True)
         _u, weight, _m = VeilClient(cfg, settings, run_id=1).fit(get_trainable(build_model(cfg.model, LABELS, seed=0)),
                                                                  {"server_round": 1})
         assert weight == 1
