@@ -71,6 +71,10 @@ log = logging.getLogger("veil.client")
 # Everything a reply carries besides the update and its weight (docs/privacy.md, "What leaves a node").
 REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
 # Received weights beyond this magnitude are refused before any data is touched (LoRA adapters and heads are O(1)).
+# Kept at 1e4, not lowered (review 2026-12-07, N2): the engines a node runs, hooks and bk, hold ||contribution|| <= C
+# for adversarial weights at this very bound (tests/test_engine_bound.py); only ghost clipping broke it (from ~1e3
+# up), and a node never runs ghost. A tighter bound would add no privacy and could refuse honest runs whose weights
+# grow (a head at a large model.head_init_scale, many FedAdam rounds).
 MAX_RECEIVED_ABS = 1e4
 
 
