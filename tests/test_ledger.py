@@ -191,3 +191,18 @@ def test_missing_ledger_without_create_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="does not exist"):
         PrivacyLedger.open(tmp_path / "absent.json", create=False)
     assert not (tmp_path / "absent.json").exists()
+
+
+def test_stopped_runs_survive_a_reopen_and_every_later_write(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path)
+    ledger.record(LedgerEvent(run_id="r1", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=3, delta=1e-5))
+    ledger.stop_run("r1")
+    other = PrivacyLedger.open(path)  # another process, opened after the stop
+    other.record(LedgerEvent(run_id="r2", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=3, delta=1e-5))
+    reread = PrivacyLedger.open(path, create=False)
+    assert reread.stopped("r1") and not reread.stopped("r2") and len(reread) == 2
+    assert json.loads(path.read_text())["stopped_runs"] == ["r1"]
+    assert not list(tmp_path.glob(".ledger.json.*.tmp")), "written through a temp file, renamed"
+    with pytest.raises(LedgerError, match="only grows"):
+        reread.load_state_dict({**reread.state_dict(), "stopped_runs": []})  # a stop is never undone

@@ -18,6 +18,8 @@ and the owner's flags only (review 2026-12-07, N1). One round on the node, in th
    release (NaN-safe clip plus this node's noise share). No usable example, a non-finite update or a failure while
    training: noise alone of the declared std (:mod:`veil.privacy.release`), never zeros, the reply unchanged;
 5. the reply: the update (scaled into the SecAgg+ range if needed, logged) with weight 1, and :data:`REPLY_KEYS`.
+   A reply with ``can_train_next=False`` is kept in the owner's ledger: the node refuses the rest of that run on its
+   own, across restarts (review N10).
 
 Every refusal (policy, budget, bad weights) is the same reply: zero update, weight 0, the same keys. Training loss,
 example count, sampling rate and ε stay in the node's log and ledger.
@@ -52,7 +54,7 @@ from veil.client.round_plan import (
 from veil.client.trainer import LocalPlan, LocalResult, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
-from veil.errors import LedgerWriteError, NodeRefusal, VeilError
+from veil.errors import LedgerError, LedgerWriteError, NodeRefusal, VeilError
 from veil.task import get_task
 from veil.task.base import batch_size_of
 from veil.task.model import get_trainable, resolve_device
@@ -68,6 +70,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("veil.client")
 
 # Received weights beyond this magnitude are refused before any data is touched (LoRA adapters and heads are O(1)).
+# Kept at 1e4, not lowered (review 2026-12-07, N2): the engines a node runs, hooks and bk, hold ||contribution|| <= C
+# for adversarial weights at this very bound (tests/test_engine_bound.py); only ghost clipping broke it (from ~1e3
+# up), and a node never runs ghost. A tighter bound would add no privacy and could refuse honest runs whose weights
+# grow (a head at a large model.head_init_scale, many FedAdam rounds).
 MAX_RECEIVED_ABS = 1e4
 
 
@@ -81,8 +87,10 @@ _calibrated_sigma = calibrated_sigma  # the name tests and older callers use
 
 
 def owner_model(cfg: VeilConfig, settings: NodeSettings) -> ModelConfig:
-    """The model this node loads: a deployed node's own ``--model`` directory (never a run-config path)."""
-    if settings.simulated or cfg.model.tiny:
+    """The model this node loads: a deployed node's own ``--model`` directory (never a run-config path); the run's
+    ``model.tiny`` only on a node whose owner passed ``--allow-test-model`` (:func:`veil.client.floor.check_run`
+    refuses it otherwise, review N8)."""
+    if settings.simulated or (cfg.model.tiny and settings.allow_test_model):
         return cfg.model
     return dataclasses.replace(cfg.model, path=settings.model_path or "")
 
@@ -147,7 +155,7 @@ class VeilClient(NumPyClient):
             can_train_next = ledger.epsilon_if(following, delta=delta,
                                                accountant=cfg.privacy.accountant).epsilon <= settings.max_epsilon
         if not can_train_next:
-            mark_stopped(settings, run_id)
+            _keep_stopped(settings, run_id, server_round)
         log.info("round %d: trained on %d examples, %d steps, sigma %.4f, q %.5f, ledger epsilon %.3f (delta %g)",
                  server_round, examples, plan.steps, plan.noise_multiplier, sampling.sample_rate, epsilon, delta)
         # Weight 1 for every client: SecAgg+ scales each vector by weight/max_weight (max_weight=1 keeps full
@@ -214,6 +222,8 @@ class VeilClient(NumPyClient):
         could not be written (the budget allows the round; the disk did not: a fact of the machine, not of the data
         or the policy); the reason goes to the owner's log only."""
         log.warning("round %d: refusing to train: %s", server_round, refusal)
+        if not can_train_next:
+            _keep_stopped(self.settings, str(self.run_id), server_round)
         zeros = [np.zeros(np.shape(p), dtype=np.float32) for p in parameters]
         return zeros, 0, self._reply(zeros, can_train_next=can_train_next, refused=True, noise_std=0.0)
 
@@ -234,6 +244,17 @@ class VeilClient(NumPyClient):
         plan, event = plan_sample_level(cfg, settings, sampling, ledger=ledger, run_id=run_id,
                                         server_round=server_round, engine=engine)
         return plan, event, ledger
+
+
+def _keep_stopped(settings: NodeSettings, run_id: str, server_round: int) -> None:
+    """Persist in the owner's ledger that this node said ``can_train_next=False`` in run ``run_id``: it refuses the
+    rest of that run on its own, also after a restart (review N10). A ledger that cannot be written is logged; the
+    reply is unchanged (it already says the node will not train again)."""
+    try:
+        mark_stopped(settings, run_id)
+    except LedgerError as err:
+        log.error("round %d: could not keep run %s's stop in the ledger (%s); a restarted node would forget it",
+                  server_round, run_id, err)
 
 
 def check_received(parameters: list[np.ndarray], expected: list[np.ndarray]) -> None:

@@ -78,6 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp-engine", choices=("auto", "hooks", "bk"), default="auto",
                         help="per-sample clipping engine (default auto: hooks for adapters, bk for full "
                              "fine-tuning); the run's privacy.grad_sample_mode is never used on a node")
+    parser.add_argument("--allow-test-model", action="store_true",
+                        help="tests only: accept runs with model.tiny (a small model built in code instead of "
+                             "--model); without it such runs are refused")
     parser.add_argument("--allow-plain-aggregation", action="store_true",
                         help="also answer rounds without SecAgg+ (the coordinator then sees this node's update)")
     parser.add_argument("--min-cohort", type=int, default=1,
@@ -189,6 +192,7 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         "allow-central-noise": bool(args.allow_central_noise), "no-budget": bool(args.no_budget),
         "max-dropouts": int(getattr(args, "max_dropouts", 0)),
         "dp-engine": str(getattr(args, "dp_engine", "auto")),
+        "allow-test-model": bool(getattr(args, "allow_test_model", False)),
     }
     for key, path in (("roster-path", getattr(args, "roster", None)),
                       ("signing-key-path", getattr(args, "signing_key", None))):
