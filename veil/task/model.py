@@ -100,6 +100,8 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
             raise ModelError(f"cannot load a model from {path} ({str(err).splitlines()[0]}); check model.path") from err
     tokenizer = load_tokenizer(cfg)
     pad_token_for(tokenizer, model)
+    if cfg.feature_center != "none" or cfg.feature_scale != 1.0:
+        set_feature_map(model, tokenizer, labels, cfg)
     if cfg.head_init == "label_names":
         init_head_from_label_names(model, tokenizer, labels, scale=cfg.head_init_scale)
     return with_tuning(model, cfg, num_labels=len(labels), seed=seed)
@@ -162,6 +164,36 @@ def _tiny_config(**kwargs: object) -> object:
                       intermediate_size=64, max_position_embeddings=128, **kwargs)
 
 
+def _label_name_inputs(tokenizer: object, labels: list[str]) -> dict[str, torch.Tensor]:
+    names = [label.replace("_", " ").replace("-", " ") for label in labels]
+    return tokenizer(names, padding="longest", truncation=True, max_length=32, return_tensors="pt")  # type: ignore[operator,no-any-return]
+
+
+@torch.no_grad()
+def set_feature_map(model: nn.Module, tokenizer: object, labels: list[str], cfg: ModelConfig) -> None:
+    """Set a pooled head's fixed input map x -> ``feature_scale`` * (x - c) (``model.feature_center``).
+
+    c is the mean pooled embedding of the label names (``label_names``): public, as the head initialisation is,
+    so every process computes the same c from the run config and it costs no privacy. Subtracting it removes the
+    direction every sentence embedding shares (MiniLM's embeddings have a common component of norm ~0.45), and the
+    scale makes the head's weights, not its bias, take most of each example's clipped gradient.
+    """
+    if not isinstance(model, PooledClassifier):
+        raise ModelError(f"model.feature_center={cfg.feature_center} / model.feature_scale={cfg.feature_scale} need a "
+                         "pooled head, and this model's pooling resolved to the family's pooler; set model.pooling=mean "
+                         "(or cls, last) or leave the feature map at its defaults")
+    center = torch.zeros(model.head.in_features)
+    if cfg.feature_center == "label_names":
+        enc = _label_name_inputs(tokenizer, labels)
+        was_training = model.training
+        model.eval()
+        try:
+            center = model.embed(enc["input_ids"], enc["attention_mask"]).float().mean(dim=0)
+        finally:
+            model.train(was_training)
+    model.set_feature_map(center, cfg.feature_scale)
+
+
 @torch.no_grad()
 def init_head_from_label_names(model: nn.Module, tokenizer: object, labels: list[str], *, scale: float) -> None:
     """Start the classifier from the label names: row k is the (centred, unit-norm, scaled) feature vector that the
@@ -177,8 +209,7 @@ def init_head_from_label_names(model: nn.Module, tokenizer: object, labels: list
     no signal; use ``model.head_init=random`` for them.
     """
     head = _final_layer(model, len(labels))
-    names = [label.replace("_", " ").replace("-", " ") for label in labels]
-    enc = tokenizer(names, padding="longest", truncation=True, max_length=32, return_tensors="pt")  # type: ignore[operator]
+    enc = _label_name_inputs(tokenizer, labels)
     seen: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     was_training = model.training
