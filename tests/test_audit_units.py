@@ -93,7 +93,7 @@ def test_report_shows_the_control_arm_beside_the_dp_bound_and_warns_without_powe
     assert sum("no power" in line for line in said) == 1, "one warning, for the control that found nothing"
 
 
-def test_audit_refuses_an_unknown_score_and_a_task_without_labels() -> None:
+def test_audit_refuses_an_unknown_score_and_record_canaries_for_a_task_without_labels() -> None:
     import dataclasses
 
     from veil.conf.schema import DataConfig, VeilConfig
@@ -104,5 +104,7 @@ def test_audit_refuses_an_unknown_score_and_a_task_without_labels() -> None:
     with pytest.raises(ConfigError, match="--score=hessian"):
         _check(cfg, canaries=100, guesses=10, confidence=0.95, score="hessian")
     lm = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="causal_lm"))
-    with pytest.raises(ConfigError, match="task=classification"):
+    with pytest.raises(ConfigError, match="task=classification") as err:
         _check(lm, canaries=100, guesses=10, confidence=0.95, score="loss")
+    assert "--score grad" in str(err.value), "the refusal names the score that fits"
+    _check(lm, canaries=100, guesses=10, confidence=0.95, score="grad")  # gradient canaries fit any task

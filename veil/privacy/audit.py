@@ -237,9 +237,9 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
 
 def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: str) -> None:
     level = cfg.privacy.level
-    if level == "sample" and cfg.task.name != "classification":
-        raise ConfigError(f"veil audit plants labelled canary records: it needs task=classification, not "
-                          f"{cfg.task.name} (or privacy.level=client: canary clients fit any task)")
+    if level == "sample" and score != "grad" and cfg.task.name != "classification":
+        raise ConfigError(f"--score {score} plants labelled canary records: it needs task=classification, not "
+                          f"{cfg.task.name} (or --score grad: gradient canaries fit any task)")
     if score not in LEVEL_SCORES.get(level, ()):
         raise ConfigError(f"--score={score} is invalid for privacy.level={level}: expected "
                           f"{' or '.join(LEVEL_SCORES.get(level, ()))}")
