@@ -17,7 +17,10 @@ from veil.client.settings import node_settings
 from veil.client.trainer import LocalPlan, train_round
 from veil.errors import ConfigError
 from veil.privacy.audit_gradient import (
-    CanaryInjector, CanaryNode, coordinate_scores, draw_gradient_canaries,
+    CanaryInjector,
+    CanaryNode,
+    coordinate_scores,
+    draw_gradient_canaries,
 )
 
 N, D, K, C, LR, STEPS = 6, 4, 3, 0.5, 0.3, 3
