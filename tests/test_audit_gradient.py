@@ -55,7 +55,7 @@ def _reference(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, coord
     return np.concatenate([w.ravel(), b])
 
 
-@pytest.mark.parametrize("engine", ["hooks", "bk", "off"])
+@pytest.mark.parametrize("engine", ["hooks", "ghost", "bk", "off"])
 def test_scores_of_injected_canaries_equal_a_hand_computation(engine: str) -> None:
     """q = 1 (batch above the shard) and σ = 0, so every record and every canary is in each of the 3 steps and the
     update is deterministic: canaries 0, 5, 14 are this node's (in), 2 and 9 are not (out)."""
