@@ -106,13 +106,15 @@ def _remove_if_empty(out_dir: Path) -> None:
 
 
 def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
-             canary_clients: Any = None) -> dict[str, Any]:
+             canary_clients: Any = None, gradient_canaries: Any = None) -> dict[str, Any]:
     """Run one simulated federation into ``out_dir``; returns the final summary.
 
     ``client_mods``: extra Flower mods around every simulated ClientApp (Python callers only, never from a
     config: the tests' deliberately broken mechanism for ``veil audit`` enters here). ``canary_clients``: the
     client-level audit's canary nodes (:class:`veil.privacy.audit_clients.CanaryClients`), the last
-    ``federation.canary_clients`` nodes; their draw reaches them only through this argument.
+    ``federation.canary_clients`` nodes; their draw reaches them only through this argument. ``gradient_canaries``:
+    the sample-level audit's gradient canaries (:class:`veil.privacy.audit_gradient.GradientCanaries`), injected into
+    the simulated owners' DP-SGD steps; they too reach the nodes only through this argument.
     """
     from omegaconf import OmegaConf
 
@@ -147,7 +149,8 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
     # (4) simulate
-    _run_flower(cfg, flat, out_dir, client_mods=client_mods, canary_clients=canary_clients)
+    _run_flower(cfg, flat, out_dir, client_mods=client_mods, canary_clients=canary_clients,
+                gradient_canaries=gradient_canaries)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
@@ -296,7 +299,7 @@ def ray_init_args(address: str) -> dict[str, Any]:
 
 
 def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: Sequence[Any] = (),
-                canary_clients: Any = None) -> None:
+                canary_clients: Any = None, gradient_canaries: Any = None) -> None:
     from flwr.simulation import run_simulation
 
     from veil.flower_patches import sweep_only_addressed_nodes
@@ -307,7 +310,10 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: S
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": ray_init_args(fed.ray_address),
     }
-    client_app = _simulated_client_app(flat, out_dir, simulated_node_configs(cfg), client_mods, canary_clients)
+    if canary_clients is not None and gradient_canaries is not None:
+        raise ValueError("one kind of canary per audited run: canary clients or gradient canaries")
+    client_app = _simulated_client_app(flat, out_dir, simulated_node_configs(cfg), client_mods,
+                                       gradient_canaries if canary_clients is None else canary_clients)
     sweep_only_addressed_nodes()  # Flower's engine polls only nodes with a message, not all N (veil.flower_patches)
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
     with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():

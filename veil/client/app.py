@@ -83,6 +83,17 @@ def _template(flat_json: str) -> Any:
     return get_task(cfg.task.name).build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
 
 
+@functools.lru_cache(maxsize=2)
+def _check_owner_model(flat_json: str) -> None:
+    """The model pre-flight (:func:`veil.task.model_check.check_model_files`) on a deployed node's own ``--model``
+    for the run's task, once per run config: a model the node cannot train is a ModelError, one line naming the
+    problem and the fix, and the round a plain refusal (decided from the model directory and the run config: no data
+    is read). A simulation's coordinator runs the same check on its model before any round."""
+    from veil.task.model_check import check_model_files
+
+    check_model_files(from_run_config(json.loads(flat_json)))
+
+
 _calibrated_sigma = calibrated_sigma  # the name tests and older callers use
 
 
@@ -126,6 +137,8 @@ class VeilClient(NumPyClient):
             check_delta(settings, run_delta=cfg.privacy.delta, owner_delta=settings.delta_limit)
         check_not_stopped(settings, run_id)
         own = dataclasses.replace(cfg, model=owner_model(cfg, settings))
+        if not settings.simulated:  # the owner's --model against the run's task, before the model is built
+            _check_owner_model(json.dumps(to_run_config(own), sort_keys=True))
         template = _template(json.dumps(to_run_config(own), sort_keys=True))
         expected = get_trainable(template)
         flat = is_flat(parameters, expected)  # the coordinator's one-vector layout (veil.wire); reply in kind

@@ -143,6 +143,10 @@ def preflight(args: argparse.Namespace) -> None:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not a Hugging Face model directory (no config.json); "
                           "give the directory holding config.json and the weights")
+    if args.model is not None:  # one line for a model no task can train; the run's task is checked at its first round
+        from veil.task.model_check import check_model_dir
+
+        check_model_dir(args.model)
     if not args.poll_interval > 0:
         raise ConfigError(f"--poll-interval={args.poll_interval} is invalid; give the seconds between polls (> 0)")
     if args.threads < 0:

@@ -1,18 +1,21 @@
 """``veil audit``: an empirical lower bound on ε from one simulated federation, next to the claimed ε.
 
-The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846): (1) make m canary
+The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846). By default (``--score grad``)
+its white-box form: m gradient canaries, chosen per-sample gradients that the simulated nodes' DP-SGD steps draw like
+records (:mod:`veil.privacy.audit_gradient`), scored by the published model's change along each. With ``--score loss``
+or ``gradient``, canary records: (1) make m canary
 records (random words, random labels) and decide from OS entropy, independently with probability 1/2, which are
 included, each in a random client's data; (2) run the federation with the included canaries planted into the
 simulated clients' shards (``federation.planted_examples``; the node code sees one list of examples, so it cannot
 treat a canary differently); (3) score every canary, black-box by the final published model's loss on it (lower
-loss: more likely trained on; ``--score loss``, the default) or white-box by each round's global update against the
-canary's gradient (:mod:`veil.privacy.audit_whitebox`; ``--score gradient``); (4) guess "in" for the k highest
-scores, "out" for the k lowest, abstain otherwise; (5) turn the
+loss: more likely trained on; ``--score loss``, what the published model alone reveals) or white-box by each round's
+global update against the canary's gradient (:mod:`veil.privacy.audit_whitebox`; ``--score gradient``); (4) guess
+"in" for the k highest scores, "out" for the k lowest, abstain otherwise; (5) turn the
 number of right guesses into the bound of :mod:`veil.privacy.audit_bound` at confidence 1 − β and compare it with
 the ε the nodes' ledgers claim (the largest over nodes). A bound above the claim means the run leaked more than
 its accounting says: a bug. A bound below it proves nothing about privacy: the audit is one weak attack.
 
-Both scores read only what the coordinator holds (the final model; every round's aggregate), so the audit runs the
+Every score reads only what the coordinator holds (the final model; every round's aggregate), so the audit runs the
 same with SecAgg+ on or off. One score per audit: the bound holds at its confidence for the score chosen before the
 run; taking the larger of two bounds from one run would need a correction for the two tries. The canaries follow the
 run's unit of privacy (``privacy.level``): records at sample level (this module), whole canary clients at client
@@ -42,11 +45,13 @@ from veil.errors import ConfigError, VeilError
 log = logging.getLogger("veil.audit")
 
 _REFERENCE = "Steinke, Nasr, Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 (arXiv:2305.08846)"
-SCORES = {"loss": "black-box: the final model's loss on each canary (lower: guessed in)",
+SCORES = {"grad": "white-box, gradient canaries: the published model's change at each canary's coordinate, the sum "
+                  "over rounds of the aggregate updates (higher: guessed in)",
+          "loss": "black-box: the final model's loss on each canary (lower: guessed in)",
           "gradient": "white-box: each round's global update against the canary's gradient direction (higher: guessed in)",
           "direction": "white-box, canary clients: the published model's change against each canary client's "
                        "direction (higher: guessed in)"}
-LEVEL_SCORES = {"sample": ("loss", "gradient"), "client": ("direction",)}  # the scores of each unit of privacy
+LEVEL_SCORES = {"sample": ("grad", "loss", "gradient"), "client": ("direction",)}  # the scores of each unit of privacy
 VIOLATION_EXIT = 3
 
 
@@ -196,6 +201,11 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
 
         return run_client_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
                                 client_mods=client_mods, rng=rng)
+    if score == "grad":
+        from veil.privacy.audit_gradient import run_gradient_audit
+
+        return run_gradient_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
+                                  client_mods=client_mods, rng=rng)
     labels: list[str] = json.loads(cfg.data.labels)
     drawn = make_canaries(count=canaries, labels=labels, vocabulary=canary_vocabulary(cfg),
                           num_clients=cfg.federation.num_clients, rng=rng)
@@ -227,9 +237,9 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
 
 def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: str) -> None:
     level = cfg.privacy.level
-    if level == "sample" and cfg.task.name != "classification":
-        raise ConfigError(f"veil audit plants labelled canary records: it needs task=classification, not "
-                          f"{cfg.task.name} (or privacy.level=client: canary clients fit any task)")
+    if level == "sample" and score != "grad" and cfg.task.name != "classification":
+        raise ConfigError(f"--score {score} plants labelled canary records: it needs task=classification, not "
+                          f"{cfg.task.name} (or --score grad: gradient canaries fit any task)")
     if score not in LEVEL_SCORES.get(level, ()):
         raise ConfigError(f"--score={score} is invalid for privacy.level={level}: expected "
                           f"{' or '.join(LEVEL_SCORES.get(level, ()))}")
@@ -272,10 +282,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="k: canaries guessed in, and as many guessed out (default m/10)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     parser.add_argument("--score", choices=sorted(SCORES), default=None,
-                        help="sample level: loss, the final model's loss (black-box, default), or gradient, every "
-                             "round's global update against each canary's gradient (white-box); client level: "
-                             "direction (the default and only one), the published model's change against each "
-                             "canary client's direction")
+                        help="sample level: grad (default), white-box gradient canaries injected into the simulated "
+                             "nodes' DP-SGD steps; loss, canary records scored by the final model's loss (black-box: "
+                             "what the published model alone reveals); gradient, canary records scored by every "
+                             "round's update against their gradient; client level: direction (the default and only "
+                             "one), the published model's change against each canary client's direction")
     parser.add_argument("--control", choices=("on", "off"), default="on",
                         help="on (default): also run the same audit without DP (same canaries) and report both "
                              "bounds, warning when the attack has no power; off: the DP run alone")

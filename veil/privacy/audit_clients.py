@@ -1,8 +1,8 @@
 """``veil audit`` at client level: whole canary *clients*, each a simulated Flower node, scored on the published model.
 
-The one place of audit-only node behaviour. Under client-level DP (:mod:`veil.privacy.client_level`) the unit of
-privacy is a client's whole contribution, so a canary must be a whole client. Each canary client is an ordinary
-simulated node of the federation (:class:`CanaryClient`: the veil ClientApp, the node's policy and ledger, the
+One of the two places of audit-only node behaviour (the other: :mod:`veil.privacy.audit_gradient`). Under
+client-level DP (:mod:`veil.privacy.client_level`) the unit of privacy is a client's whole contribution, so a canary
+must be a whole client. Each canary client is an ordinary simulated node of the federation (:class:`CanaryClient`: the veil ClientApp, the node's policy and ledger, the
 client-level clip and noise share, the SecAgg+ guard and masking, sampled by the coordinator like any other node)
 whose local training is replaced by a fixed update: ``S·u_i``, a random unit direction ``u_i`` of the trainable
 tensors scaled to the clip norm S, when canary i is included, and a zero update when it is not.
