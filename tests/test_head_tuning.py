@@ -145,17 +145,18 @@ def test_feature_map_centres_on_the_label_names_and_scales_by_hand() -> None:
     with torch.no_grad():
         prototypes = pool(model.encoder(**enc).last_hidden_state, enc["attention_mask"], "mean")  # (K, H)
         center = prototypes.mean(dim=0)
+        radius = (prototypes - center).norm(dim=-1).mean()
         text = _enc()
         feats = model.embed(text["input_ids"], text["attention_mask"])
         got = model(features=feats).logits
-    want = 3.0 * (feats - center) @ model.head.weight.T + model.head.bias
+    want = (3.0 / radius) * (feats - center) @ model.head.weight.T + model.head.bias
     assert torch.allclose(got, want, atol=1e-5)
     # the map is not a parameter: it never trains and never travels; the label-name head is unchanged by it
     assert trainable_names(model) == ["head.weight", "head.bias"]
     plain = build_model(HEAD, LABELS, seed=0)
     assert torch.allclose(model.head.weight, plain.head.weight, atol=1e-5)
-    with pytest.raises(Exception, match="pooled head"):
-        build_model(ModelConfig(tiny=True, tuning="head", pooling="auto", feature_scale=2.0), LABELS, seed=0)
+    pooler = build_model(ModelConfig(tiny=True, tuning="head", pooling="auto", feature_scale=2.0), LABELS, seed=0)
+    assert not isinstance(pooler, PooledClassifier)  # the family's own classifier: no pooled embedding to map
 
 
 @pytest.mark.parametrize("feature_map", [{}, {"feature_center": "label_names", "feature_scale": 3.0}])

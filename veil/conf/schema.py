@@ -55,10 +55,11 @@ class ModelConfig:
     # BANKING77) instead of random weights, which DP-SGD barely moves in a few noisy steps
     head_init: str = "label_names"
     head_init_scale: float = 5.0  # logit scale of the label-name head (a temperature)
-    # A fixed map of the pooled embedding before the head: x -> feature_scale * (x - c), c = the mean embedding of
-    # the label names (public: the run's label set) under label_names, 0 under none. Centring removes the direction
-    # every sentence shares, and the scale moves the per-example clipping budget from the head's bias to its
-    # weights: on BANKING77 under DP, 2-3 points at the same epsilon (docs/demo.md). Pooled heads only.
+    # A fixed map of the pooled embedding before the head: x -> feature_scale * (x - c) / r, c = the mean embedding
+    # of the label names (public: the run's label set) under label_names, 0 under none, r the label names' mean norm
+    # after that: the head's inputs have norm ~feature_scale whatever the model. Centring removes the direction every
+    # sentence shares, and the scale moves the per-example clipping budget from the head's bias to its weights: on
+    # BANKING77 under DP, 2-3 points at the same epsilon (docs/demo.md). Pooled heads only (pooler ignores it).
     feature_center: str = "none"
     feature_scale: float = 1.0
 
@@ -289,9 +290,6 @@ class VeilConfig:
         _positive_float("model.head_init_scale", model.head_init_scale)
         _choice("model.feature_center", model.feature_center, FEATURE_CENTERS)
         _positive_float("model.feature_scale", model.feature_scale)
-        if (model.feature_center != "none" or model.feature_scale != 1.0) and model.pooling == "pooler":
-            _bad("model.feature_center", model.feature_center,
-                 "none with model.feature_scale=1 (model.pooling=pooler has no pooled embedding to map)")
         self._validate_strategy()
         if not 0.0 <= model.lora_dropout < 1.0:
             _bad("model.lora_dropout", model.lora_dropout, "in [0, 1)")

@@ -171,27 +171,32 @@ def _label_name_inputs(tokenizer: object, labels: list[str]) -> dict[str, torch.
 
 @torch.no_grad()
 def set_feature_map(model: nn.Module, tokenizer: object, labels: list[str], cfg: ModelConfig) -> None:
-    """Set a pooled head's fixed input map x -> ``feature_scale`` * (x - c) (``model.feature_center``).
+    """Set a pooled head's fixed input map x -> ``feature_scale`` * (x - c) / r (``model.feature_center/scale``).
 
-    c is the mean pooled embedding of the label names (``label_names``): public, as the head initialisation is,
-    so every process computes the same c from the run config and it costs no privacy. Subtracting it removes the
-    direction every sentence embedding shares (MiniLM's embeddings have a common component of norm ~0.45), and the
-    scale makes the head's weights, not its bias, take most of each example's clipped gradient.
+    c is the mean pooled embedding of the label names (``label_names``; 0 under ``none``) and r the mean norm of the
+    label names' embeddings after subtracting c, so ``feature_scale`` is the norm the head's inputs have whatever
+    the model's own embedding scale (MiniLM's unit vectors, a decoder's states in the hundreds): one recipe (lr,
+    clipping norm) serves both. The label names are public (part of the run config), as for the head
+    initialisation, so every process computes the same map and it costs no privacy. Subtracting c removes the
+    direction every sentence embedding shares; the scale gives the head's weights, not its bias, most of each
+    example's clipped gradient. Only a pooled head has the map: ``model.pooling=pooler`` (the family's own
+    classifier) ignores it.
     """
     if not isinstance(model, PooledClassifier):
-        raise ModelError(f"model.feature_center={cfg.feature_center} / model.feature_scale={cfg.feature_scale} need a "
-                         "pooled head, and this model's pooling resolved to the family's pooler; set model.pooling=mean "
-                         "(or cls, last) or leave the feature map at its defaults")
-    center = torch.zeros(model.head.in_features)
-    if cfg.feature_center == "label_names":
-        enc = _label_name_inputs(tokenizer, labels)
-        was_training = model.training
-        model.eval()
-        try:
-            center = model.embed(enc["input_ids"], enc["attention_mask"]).float().mean(dim=0)
-        finally:
-            model.train(was_training)
-    model.set_feature_map(center, cfg.feature_scale)
+        return
+    enc = _label_name_inputs(tokenizer, labels)
+    was_training = model.training
+    model.eval()
+    try:
+        names = model.embed(enc["input_ids"], enc["attention_mask"]).double()
+    finally:
+        model.train(was_training)
+    center = names.mean(dim=0) if cfg.feature_center == "label_names" else torch.zeros(names.shape[1], dtype=names.dtype)
+    radius = float((names - center).norm(dim=-1).mean())
+    if not math.isfinite(radius) or radius <= 0:
+        raise ModelError(f"model.feature_center={cfg.feature_center}: the label names' embeddings are all equal, so "
+                         "they give no scale; set model.feature_center=none model.feature_scale=1")
+    model.set_feature_map(center.float(), cfg.feature_scale / radius)
 
 
 @torch.no_grad()

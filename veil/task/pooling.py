@@ -119,7 +119,7 @@ class PooledClassifier(nn.Module):
         hidden = int(getattr(encoder.config, "hidden_size", 0) or getattr(encoder.config, "n_embd"))
         self.head = nn.Linear(hidden, num_labels)
         self.config = encoder.config  # what callers read of an HF model (pad_token_id, model_type, labels)
-        # the fixed map before the head, x -> feature_scale * (x - feature_center) (model.feature_center/scale);
+        # the fixed map before the head, x -> feature_scale * (x - feature_center) (veil.task.model.set_feature_map);
         # not a parameter: never trained, never sent, rebuilt by every process from the public label names
         self.register_buffer("feature_center", torch.zeros(hidden), persistent=False)
         self.feature_scale = 1.0
