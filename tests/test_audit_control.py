@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from veil.privacy import audit as audit_mod
-from veil.privacy.audit import AuditResult, configure_parser, write_outputs
-from veil.privacy.audit_control import power_warning, side_by_side, write_control
+from veil.audit import records as audit_mod
+from veil.audit.records import AuditResult, configure_parser, write_outputs
+from veil.audit.control import power_warning, side_by_side, write_control
 
 
 def _result(bound: float, *, claimed: float = 4.0, correct: int = 60) -> AuditResult:

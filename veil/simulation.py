@@ -111,9 +111,9 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
 
     ``client_mods``: extra Flower mods around every simulated ClientApp (Python callers only, never from a
     config: the tests' deliberately broken mechanism for ``veil audit`` enters here). ``canary_clients``: the
-    client-level audit's canary nodes (:class:`veil.privacy.audit_clients.CanaryClients`), the last
+    client-level audit's canary nodes (:class:`veil.audit.clients.CanaryClients`), the last
     ``federation.canary_clients`` nodes; their draw reaches them only through this argument. ``gradient_canaries``:
-    the sample-level audit's gradient canaries (:class:`veil.privacy.audit_gradient.GradientCanaries`), injected into
+    the sample-level audit's gradient canaries (:class:`veil.audit.gradient.GradientCanaries`), injected into
     the simulated owners' DP-SGD steps; they too reach the nodes only through this argument.
     """
     from omegaconf import OmegaConf

@@ -2,14 +2,14 @@
 
 The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846). By default (``--score grad``)
 its white-box form: m gradient canaries, chosen per-sample gradients that the simulated nodes' DP-SGD steps draw like
-records (:mod:`veil.privacy.audit_gradient`), scored by the published model's change along each. With ``--score loss``
+records (:mod:`veil.audit.gradient`), scored by the published model's change along each. With ``--score loss``
 or ``gradient``, canary records: (1) make m canary
 records (random words, random labels) and decide from OS entropy, independently with probability 1/2, which are
 included, each in a random client's data; (2) run the federation with the included canaries planted into the
 simulated clients' shards (``federation.planted_examples``; the node code sees one list of examples, so it cannot
 treat a canary differently); (3) score every canary, black-box by the final published model's loss on it (lower
 loss: more likely trained on; ``--score loss``, what the published model alone reveals) or white-box by each round's
-global update against the canary's gradient (:mod:`veil.privacy.audit_whitebox`; ``--score gradient``); (4) guess
+global update against the canary's gradient (:mod:`veil.audit.whitebox`; ``--score gradient``); (4) guess
 "in" for the k highest scores, "out" for the k lowest, abstain otherwise; (5) turn the
 number of right guesses into the bound of :mod:`veil.privacy.audit_bound` at confidence 1 − β and compare it with
 the ε the nodes' ledgers claim (the largest over nodes). A bound above the claim means the run leaked more than
@@ -19,7 +19,7 @@ Every score reads only what the coordinator holds (the final model; every round'
 same with SecAgg+ on or off. One score per audit: the bound holds at its confidence for the score chosen before the
 run; taking the larger of two bounds from one run would need a correction for the two tries. The canaries follow the
 run's unit of privacy (``privacy.level``): records at sample level (this module), whole canary clients at client
-level (:mod:`veil.privacy.audit_clients`, score ``direction``, claimed ε the coordinator's client-level accountant).
+level (:mod:`veil.audit.clients`, score ``direction``, claimed ε the coordinator's client-level accountant).
 """
 
 from __future__ import annotations
@@ -197,12 +197,12 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
     _check(cfg, canaries=canaries, guesses=guesses, confidence=confidence, score=score)
     cfg = resolve_paths_and_labels(cfg, out_dir)
     if cfg.privacy.level == "client":
-        from veil.privacy.audit_clients import run_client_audit
+        from veil.audit.clients import run_client_audit
 
         return run_client_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
                                 client_mods=client_mods, rng=rng)
     if score == "grad":
-        from veil.privacy.audit_gradient import run_gradient_audit
+        from veil.audit.gradient import run_gradient_audit
 
         return run_gradient_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
                                   client_mods=client_mods, rng=rng)
@@ -219,7 +219,7 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
     losses = canary_losses(cfg, labels, out_dir, drawn)
     scores = -losses
     if score == "gradient":
-        from veil.privacy.audit_whitebox import gradient_scores
+        from veil.audit.whitebox import gradient_scores
 
         scores = gradient_scores(cfg, labels, out_dir, drawn.texts, drawn.labels)
     result = guess_top_bottom(scores, drawn.included, k_in=guesses, k_out=guesses)
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         audit = run_audit(cfg, out_dir, canaries=args.canaries, guesses=guesses, confidence=args.confidence,
                           score=args.score, rng=np.random.default_rng(seed))
         if args.control == "on" and cfg.privacy.enabled:
-            from veil.privacy.audit_control import control_config, write_control
+            from veil.audit.control import control_config, write_control
 
             control = run_audit(control_config(cfg), out_dir / "control", canaries=args.canaries, guesses=guesses,
                                 confidence=args.confidence, score=args.score, rng=np.random.default_rng(seed))
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     for line in audit.lines():
         print(line)
     if control is not None:
-        from veil.privacy.audit_control import power_warning, side_by_side
+        from veil.audit.control import power_warning, side_by_side
 
         print(side_by_side(audit, control))
         warning = power_warning(control)

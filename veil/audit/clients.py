@@ -1,6 +1,6 @@
 """``veil audit`` at client level: whole canary *clients*, each a simulated Flower node, scored on the published model.
 
-One of the two places of audit-only node behaviour (the other: :mod:`veil.privacy.audit_gradient`). Under
+One of the two places of audit-only node behaviour (the other: :mod:`veil.audit.gradient`). Under
 client-level DP (:mod:`veil.privacy.client_level`) the unit of privacy is a client's whole contribution, so a canary
 must be a whole client. Each canary client is an ordinary simulated node of the federation (:class:`CanaryClient`: the veil ClientApp, the node's policy and ledger, the
 client-level clip and noise share, the SecAgg+ guard and masking, sampled by the coordinator like any other node)
@@ -191,8 +191,8 @@ def claimed_client_epsilon(cfg: VeilConfig, out_dir: Path) -> float:
 
 def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float,
                      client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> Any:
-    """The client-level audit of :func:`veil.privacy.audit.run_audit` (same arguments); returns its AuditResult."""
-    from veil.privacy.audit import SCORES, AuditResult, write_outputs
+    """The client-level audit of :func:`veil.audit.records.run_audit` (same arguments); returns its AuditResult."""
+    from veil.audit.records import SCORES, AuditResult, write_outputs
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.simulation import simulate
 
