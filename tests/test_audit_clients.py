@@ -172,7 +172,7 @@ def test_canary_node_runs_the_ordinary_release(small_csv: tuple[Path, Path], tmp
 def test_report_shows_the_client_level_audit(tmp_path: Path) -> None:
     from test_report import fake_run
 
-    from veil.audit.records import SCORES, AuditResult
+    from veil.audit.result import SCORES, AuditResult
     from veil.report import find_runs, load_run, write_report
 
     fake_run(tmp_path / "a", eps=0.98, clients=43)

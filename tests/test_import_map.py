@@ -15,8 +15,6 @@ import ast
 from collections.abc import Iterable
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "veil"
 
 # room -> rooms it must never import (DESIGN.md, "Arrows that never exist"; the audit wing: "nothing imports it
@@ -161,14 +159,10 @@ def test_cycles_finds_a_circle_and_nothing_else() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
-_AUDIT_CIRCLE = pytest.mark.xfail(strict=True, reason="audit.records <-> audit.clients (issue 25, move 1)")
-
-
 def test_no_arrow_that_design_md_says_never_exists() -> None:
     assert broken_nevers(import_graph()) == []
 
 
-@_AUDIT_CIRCLE
 def test_no_import_circle_between_veil_modules() -> None:
     assert cycles(import_graph()) == []
 

@@ -191,8 +191,8 @@ def claimed_client_epsilon(cfg: VeilConfig, out_dir: Path) -> float:
 
 def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float,
                      client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> Any:
-    """The client-level audit of :func:`veil.audit.records.run_audit` (same arguments); returns its AuditResult."""
-    from veil.audit.records import SCORES, AuditResult, write_outputs
+    """The client-level audit of :func:`veil.audit.cli.run_audit` (same arguments); returns its AuditResult."""
+    from veil.audit.result import SCORES, AuditResult, write_outputs
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.simulation import simulate
 

@@ -188,8 +188,8 @@ def coordinate_scores(initial: Sequence[np.ndarray], final: Sequence[np.ndarray]
 
 def run_gradient_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float,
                        client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> Any:
-    """The gradient-canary audit of :func:`veil.audit.records.run_audit` (same arguments); returns its AuditResult."""
-    from veil.audit.records import SCORES, AuditResult, claimed_epsilon, write_outputs
+    """The gradient-canary audit of :func:`veil.audit.cli.run_audit` (same arguments); returns its AuditResult."""
+    from veil.audit.result import SCORES, AuditResult, claimed_epsilon, write_outputs
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.server.app import load_global
     from veil.simulation import simulate
