@@ -194,6 +194,7 @@ def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     """The client-level audit of :func:`veil.audit.cli.run_audit` (same arguments); returns its AuditResult."""
     from veil.audit.result import SCORES, AuditResult, write_outputs
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
+    from veil.audit.nodes import audited_client_app
     from veil.simulation import simulate
 
     labels: list[str] = json.loads(cfg.data.labels)
@@ -201,7 +202,11 @@ def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     run_cfg = canary_run_config(cfg, canaries)
     log.info("audit: %d canary clients (%d send their direction) beside %d data owners, %d clients per round",
              canaries, sum(drawn.included), cfg.federation.num_clients, run_cfg.federation.clients_per_round)
-    simulate(run_cfg, out_dir, client_mods=client_mods, canary_clients=drawn)
+    fed = run_cfg.federation
+    if fed.canary_clients != len(drawn) or drawn.first_partition != fed.num_clients - len(drawn):
+        raise ValueError(f"canary clients start at node {drawn.first_partition} and number {len(drawn)}, not "
+                         f"{fed.num_clients - fed.canary_clients} and {fed.canary_clients}")
+    simulate(run_cfg, out_dir, client_app=audited_client_app(canaries=drawn, client_mods=client_mods))
     scores = published_scores(run_cfg, labels, out_dir, drawn.seeds)
     included = np.array(drawn.included)
     result = guess_top_bottom(scores, included, k_in=guesses, k_out=guesses)

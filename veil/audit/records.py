@@ -108,6 +108,7 @@ def run_record_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
                      client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> AuditResult:
     """The canary-record audit of :func:`veil.audit.cli.run_audit` (same arguments; ``score`` loss or gradient)."""
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
+    from veil.audit.nodes import audited_client_app
     from veil.simulation import simulate
 
     labels: list[str] = json.loads(cfg.data.labels)
@@ -119,7 +120,7 @@ def run_record_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     run_cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, planted_examples=str(planted)))
     log.info("audit: %d canaries, %d planted in %d clients' data", canaries, int(drawn.included.sum()),
              cfg.federation.num_clients)
-    simulate(run_cfg, out_dir, client_mods=client_mods)
+    simulate(run_cfg, out_dir, client_app=audited_client_app(client_mods=client_mods))
     losses = canary_losses(cfg, labels, out_dir, drawn)
     scores = -losses
     if score == "gradient":
