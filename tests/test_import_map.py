@@ -84,7 +84,7 @@ def room(module: str) -> str:
 
 
 def room_arrows(graph: dict[str, set[str]]) -> dict[tuple[str, str], list[str]]:
-    """(from room, to room) -> the module imports that make the arrow, e.g. ``privacy.audit -> client.app``."""
+    """(from room, to room) -> the module imports that make the arrow, e.g. ``veil.server.app -> veil.task.model``."""
     arrows: dict[tuple[str, str], list[str]] = {}
     for src, targets in graph.items():
         for dst in targets:
