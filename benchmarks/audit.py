@@ -1,7 +1,7 @@
 """The one-run privacy audit (issue 13; Steinke, Nasr, Jagielski, arXiv:2305.08846): the empirical lower bound on ε
 from ``veil audit`` beside the claimed ε, for target ε ∈ {1, 4, 8} and without DP, on the tiny BERT (CPU).
 
-``--score grad`` (the default, issue 26) audits with white-box gradient canaries (veil/privacy/audit_gradient.py):
+``--score grad`` (the default, issue 26) audits with white-box gradient canaries (veil/audit/gradient.py):
 1,000 Dirac canaries at the clip norm, 100 guessed in and 100 out, in one data owner's DP-SGD steps (tiny BERT, full
 fine-tuning, so that most canary coordinates are word-embedding rows no record uses; plain SGD and FedAvg, so that the
 score is linear in the injected gradients; 2 rounds × 5 full-batch steps, q = 1). Each DP row runs the audit's

@@ -77,7 +77,7 @@ def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Pat
     from audit_hooks import broken_noise
 
     from veil.cli import main
-    from veil.privacy import audit
+    from veil.audit import cli as audit
 
     monkeypatch.setattr(audit, "run_audit", functools.partial(audit.run_audit, client_mods=[broken_noise]))
     run_dir = tmp_path / "broken"
@@ -142,7 +142,7 @@ def test_broken_client_level_noise_is_flagged(small_csv: tuple[Path, Path], tmp_
     reading only the published model, says VIOLATION."""
     from audit_hooks import broken_client_noise
 
-    from veil.privacy import audit
+    from veil.audit import cli as audit
 
     monkeypatch.setattr(audit, "run_audit", functools.partial(audit.run_audit, client_mods=[broken_client_noise]))
     code, doc = _client_audit(small_csv, tmp_path / "broken", "privacy=client_dp", "privacy.target_epsilon=1")

@@ -16,7 +16,7 @@ from torch import nn
 from veil.client.settings import node_settings
 from veil.client.trainer import LocalPlan, train_round
 from veil.errors import ConfigError
-from veil.privacy.audit_gradient import (
+from veil.audit.gradient import (
     CanaryInjector,
     CanaryNode,
     coordinate_scores,
@@ -112,6 +112,6 @@ def test_a_deployed_node_cannot_inject_gradient_canaries(tmp_path: Path) -> None
         keywords = {k.arg for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(
             n.func, "id", getattr(n.func, "attr", "")) == "train_round" for k in n.keywords}  # train_round(inject=)
         if names & {"CanaryNode", "CanaryInjector", "GradientCanaries"} or "inject" in keywords or any(
-                m.endswith("audit_gradient") for m in modules):
+                m.endswith("audit.gradient") for m in modules):
             users.add(path.relative_to(package).as_posix())
-    assert users == {"privacy/audit_gradient.py", "privacy/audit.py"}, users
+    assert users == {"audit/gradient.py", "audit/cli.py"}, users

@@ -12,7 +12,8 @@ import pytest
 
 from test_report import fake_run
 from veil.errors import ConfigError
-from veil.privacy.audit import SCORES, AuditResult, Canaries, make_canaries, write_planted
+from veil.audit.records import Canaries, make_canaries, write_planted
+from veil.audit.result import SCORES, AuditResult
 from veil.task.data import TextExamples
 from veil.task.shards import with_planted
 
@@ -97,7 +98,7 @@ def test_audit_refuses_an_unknown_score_and_record_canaries_for_a_task_without_l
     import dataclasses
 
     from veil.conf.schema import DataConfig, VeilConfig
-    from veil.privacy.audit import _check
+    from veil.audit.cli import _check
 
     cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"))
     _check(cfg, canaries=100, guesses=10, confidence=0.95, score="gradient")  # accepted

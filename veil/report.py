@@ -268,7 +268,7 @@ def _audit_lines(runs: list[Run], factors: list[str]) -> list[str]:
     DP (the attack's power), for the runs that were audited; then each run's sentence and no-power warning."""
     from types import SimpleNamespace
 
-    from veil.privacy.audit_control import power_warning, side_by_side
+    from veil.audit.control import power_warning, side_by_side
 
     audited = [r for r in runs if r.audit]
     if not audited:

@@ -218,7 +218,7 @@ class VeilClient(NumPyClient):
     def _train(self, template: Any, parameters: list[np.ndarray], shard: dict[str, Any], *, plan: LocalPlan,
                device: Any, seed: int) -> LocalResult:
         """The round's local training (step 4); the release and the reply follow in :meth:`_fit`. The audit's
-        canary clients (:mod:`veil.privacy.audit_clients`, simulation only) replace this step and :meth:`_shard`."""
+        canary clients (:mod:`veil.audit.clients`, simulation only) replace this step and :meth:`_shard`."""
         return train_round(template, parameters, shard, plan=plan, device=device, seed=seed,
                            task=get_task(self.cfg.task.name))
 

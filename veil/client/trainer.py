@@ -43,7 +43,7 @@ class LocalPlan:
 
 
 class GradientInjector(Protocol):
-    """``veil audit``'s gradient canaries (:class:`veil.privacy.audit_gradient.CanaryInjector`), called once per step
+    """``veil audit``'s gradient canaries (:class:`veil.audit.gradient.CanaryInjector`), called once per step
     with the trainable parameters. ``mode`` says where a per-sample gradient goes in the step's engine: ``rows``
     (Opacus' hooks: a row appended to every ``p.grad_sample``, which Opacus clips and sums with the batch's), ``sum``
     (ghost and book-keeping: added to ``p.grad``, the clipped sum before the noise) or ``mean`` (no DP: one more
@@ -73,7 +73,7 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
     """Train a fresh copy of ``template`` from ``received`` and return the update.
 
     ``data`` holds the task's (N, ...) tensors; ``task.per_example_loss`` gives the (B,) losses DP-SGD clips.
-    ``inject``: ``veil audit``'s gradient canaries (:mod:`veil.privacy.audit_gradient`), called once per step
+    ``inject``: ``veil audit``'s gradient canaries (:mod:`veil.audit.gradient`), called once per step
     between the backward pass and the optimizer step. Only the audit's simulated canary node passes it; the node's
     own client (:class:`veil.client.app.VeilClient`) never does, and no config reaches it.
     """

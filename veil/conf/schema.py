@@ -203,7 +203,7 @@ class FederationConfig:
     # on its own data file only and ignores it.
     planted_examples: str = ""
     # Simulation only, written by `veil audit` at client level: the last canary_clients of the num_clients simulated
-    # nodes are the audit's canary clients (veil/privacy/audit_clients.py), not data owners; the training file is
+    # nodes are the audit's canary clients (veil/audit/clients.py), not data owners; the training file is
     # split among the first num_clients - canary_clients. 0: none. `veil simulate` refuses it without `veil audit`.
     canary_clients: int = 0
 

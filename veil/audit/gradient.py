@@ -188,10 +188,11 @@ def coordinate_scores(initial: Sequence[np.ndarray], final: Sequence[np.ndarray]
 
 def run_gradient_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float,
                        client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> Any:
-    """The gradient-canary audit of :func:`veil.privacy.audit.run_audit` (same arguments); returns its AuditResult."""
-    from veil.privacy.audit import SCORES, AuditResult, claimed_epsilon, write_outputs
+    """The gradient-canary audit of :func:`veil.audit.cli.run_audit` (same arguments); returns its AuditResult."""
+    from veil.audit.result import SCORES, AuditResult, claimed_epsilon, write_outputs
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.server.app import load_global
+    from veil.audit.nodes import audited_client_app
     from veil.simulation import simulate
     from veil.task.model import get_trainable, trainable_names
 
@@ -202,7 +203,7 @@ def run_gradient_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, 
                                    num_clients=cfg.federation.num_clients, rng=rng)
     log.info("audit: %d gradient canaries (%d included) in %d clients' DP-SGD steps", canaries, sum(drawn.included),
              cfg.federation.num_clients)
-    simulate(cfg, out_dir, client_mods=client_mods, gradient_canaries=drawn)
+    simulate(cfg, out_dir, client_app=audited_client_app(canaries=drawn, client_mods=client_mods))
     final = load_global(out_dir / "global_trainable.npz", trainable_names(model))
     scores = coordinate_scores(initial, final, drawn.coordinates)
     included = np.array(drawn.included)
