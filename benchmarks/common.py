@@ -166,9 +166,6 @@ def machine_info(device: torch.device) -> dict[str, str]:
     return info
 
 
-markdown_table = records.markdown_table
-
-
 def text_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))

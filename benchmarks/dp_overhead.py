@@ -9,7 +9,7 @@ interleaved in one process: one warm-up step each, then ``--repeats`` rounds in 
 forward, loss, backward, ``optimizer.step()`` (clipping and noise for DP), then ``zero_grad``. Batches are fed
 directly at exactly B examples (the Poisson loader is not used), so every configuration does the same work.
 
-    python -m benchmarks.dp_overhead                  # MiniLM-L6, B=32, T=64; appends to docs/benchmarks.md
+    python -m benchmarks.dp_overhead                  # MiniLM-L6, B=32, T=64; records to benchmarks/results/
     python -m benchmarks.dp_overhead --quick --no-record   # tiny BERT, seconds (tests)
 """
 
