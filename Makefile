@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: setup demo demo-llm lint test test-fast test-bench clean
+.PHONY: setup demo demo-llm lint test test-fast test-bench bench-page clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ test-fast: setup
 
 test-bench: setup  # the benchmark scripts end to end at their --quick sizes (a loopback deployment: minutes)
 	$(PY) -m pytest -q --durations=15 -m bench
+
+bench-page: setup  # docs/benchmarks.md, docs/benchmarks-history.md and docs/img/*.png from benchmarks/results/*.jsonl
+	$(PY) -m benchmarks.page
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -3,8 +3,8 @@
 Why: Flower 1.41 sends a message's ``ArrayRecord`` as one object per array (and its chunks), and a deployed hop
 moves each object in its own HTTP request (TLS, node authentication, a SQL session in the SuperLink), pushed and
 pulled two at a time. A SecAgg+ fit exchange crosses ServerApp -> SuperLink -> SuperNode -> executor and back, so
-a LoRA model's 10 (tiny BERT) to 26 (MiniLM-L6) tensors cost ~1.5 s of a ~4.5 s deployed round for 2,180 values
-(docs/benchmarks.md, deploy_overhead 2026-12-01 15:59). One vector per message is one array object whatever the
+a LoRA model's 10 (tiny BERT) to 26 (MiniLM-L6) tensors cost about a third of a deployed round for 2,180 values
+(benchmark deploy_overhead, docs/benchmarks.md). One vector per message is one array object whatever the
 model; the arithmetic on it (the mean, SecAgg+'s per-value quantisation and masks, robust aggregators, which are
 coordinate-wise or use distances over all values) is the same as on the tensors.
 

@@ -240,8 +240,8 @@ def node_config_arg(config: dict[str, object]) -> str:
 def executor_env(env: dict[str, str], threads: int) -> dict[str, str]:
     """The executor's environment: with ``threads`` > 0, torch's and the BLAS libraries' thread pools at that size
     (read once, when torch loads). Three nodes of 2 threads each on a 2-core machine trained in oversubscribed OpenMP
-    threads: 4.1 s per deployed round against 3.3 s with one thread each (docs/benchmarks.md, deploy_overhead
-    2026-12-01 16:18 and 16:20)."""
+    threads, and a deployed round took about a quarter longer than with one thread each (benchmark deploy_overhead,
+    ``--node-threads``; docs/benchmarks.md)."""
     if threads <= 0:
         return env
     return {**env, **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}

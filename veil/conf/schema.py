@@ -157,11 +157,11 @@ class StrategyConfig:
     krum_keep: int = 0  # krum: average the krum_keep best-scored updates (multi-Krum); 0: take the best one
 
 
-# federation.lr=0 (the default) resolves to one of these. Chosen on validation texts carved from BANKING77's
-# training file, never on its test split (issue 15; docs/demo.md, docs/benchmarks.md "per-ε lr × C sweep"): under
+# federation.lr=0 (the default) resolves to one of these. Chosen on validation texts carved from BANKING77's training
+# file, never on its test split (issue 15; docs/demo.md; docs/benchmarks-history.md, "per-ε lr × C sweep"): under
 # DP-SGD AdamW at 3e-2 beat 1e-2 at two computes (ε=8: +2.8 and +1.3 points; 1e-1 and 6e-2 diverged); without
-# per-example clipping 3e-2 diverges and 1e-2 beat 3e-3 (client-level DP trains locally without clipping, too).
-# The study was of classification; task=causal_lm keeps 1e-2 (its demo's setting, docs/demo.md).
+# per-example clipping 3e-2 diverges and 1e-2 beat 3e-3 (client-level DP trains locally without clipping, too). The
+# study was of classification; task=causal_lm keeps 1e-2 (its demo's setting, docs/demo.md).
 DP_SGD_LR = 3e-2
 PLAIN_LR = 1e-2
 # federation.optimizer=sgd: lr=0 resolves to this (the DP-FedAdam recipe of docs/demo.md: client SGD at lr 1,
