@@ -106,8 +106,8 @@ def _model_line(cfg: VeilConfig) -> str:
                      "`veil.load_classifier(dir).predict(texts)` (label names).")
             if model.feature_center != "none" or model.feature_scale != 1.0:
                 centre = " minus the label names' mean embedding (public)" if model.feature_center != "none" else ""
-                line += (f" The head read that embedding{centre}, times {model.feature_scale:g}; the map is folded "
-                         "into the exported dense layer.")
+                line += (f" The head read that embedding{centre}, scaled to norm ~{model.feature_scale:g} (a fixed map "
+                         "from the label names, folded into the exported dense layer).")
         else:
             line += " Load it with `AutoModelForSequenceClassification.from_pretrained(dir)`."
         if model.init_from:
