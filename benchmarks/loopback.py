@@ -1,8 +1,9 @@
 """A fault harness for real loopback deployments (issue 27): ``veil certs``, ``veil server`` (SuperLink, TLS, node
 authentication, SecAgg+) and n ``veil client`` nodes, each a process tree of its own, plus the faults an owner's
 machine meets: ``kill -9`` of a node at a SecAgg+ stage (read from the node's executor log), a restart with the same
-flags, and a full disk (the node's executor gets ``RLIMIT_FSIZE`` 0: every file write fails as on a full disk, and
-no root or mount is needed).
+flags, a full disk (the node's executor gets ``RLIMIT_FSIZE`` 0: every file write fails as on a full disk, and
+no root or mount is needed), a slow or lossy link (a node may reach the SuperLink through a
+:class:`~benchmarks.lossy_link.LossyLink`), and ``kill -9`` of ``veil server`` followed by ``veil server --resume``.
 
 Used by tests/test_faults_e2e.py and benchmarks/deploy_faults.py (scale curve and soak). It starts and signals only the processes it
 started (by PID, never by name), listens on loopback only, and bounds every wait.
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.lossy_link import LossyLink
 from veil.supervise import Supervised, _descendants, flower_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +39,12 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: f
 class Loopback:
     """One deployment on 127.0.0.1 with ``nodes`` data owners; every process stopped by :meth:`close`."""
 
-    def __init__(self, root: Path, nodes: int, *, rows_per_label: int = 6, node_flags: list[str] | None = None) -> None:
+    def __init__(self, root: Path, nodes: int, *, rows_per_label: int = 6, node_flags: list[str] | None = None,
+                 links: dict[int, float] | None = None) -> None:
+        """``links``: node -> delay in seconds of the :class:`LossyLink` that node connects through."""
         self.root, self.nodes, self.port = root, nodes, free_port()
         self.node_flags = node_flags or []
+        self.links = {n: LossyLink(self.port, delay=delay) for n, delay in (links or {}).items()}
         self.env = {**flower_env(), "PYTHONWARNINGS": "ignore", "XDG_STATE_HOME": str(root / "state"),
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
         self.procs: list[Supervised] = []
@@ -69,18 +74,42 @@ class Loopback:
         self.procs.append(proc)
         return proc
 
-    def start_server(self, overrides: list[str], *, timeout: float = 600, per_round: int | None = None) -> None:
-        certs = self._veil("certs", ["certs", "--out", str(self.certs), "--nodes", str(self.nodes)])
-        wait_for(lambda: certs.poll() is not None, 120, "veil certs")
-        assert certs.poll() == 0, (self.logs / "certs.log").read_text()[-2000:]
-        self.server = self._veil("server", [
+    def start_server(self, overrides: list[str], *, timeout: float = 600, per_round: int | None = None,
+                     resume: bool = False) -> None:
+        """``veil server`` (after ``veil certs``); with ``resume``, ``veil server --resume`` of the same run directory
+        with the same flags, as an operator restarts it after a crash. Its output lines join :attr:`server_out`."""
+        if not resume:
+            certs = self._veil("certs", ["certs", "--out", str(self.certs), "--nodes", str(self.nodes)])
+            wait_for(lambda: certs.poll() is not None, 120, "veil certs")
+            assert certs.poll() == 0, (self.logs / "certs.log").read_text()[-2000:]
+        self._server_args = [
             "server", *TINY, "data=csv", f"data.test_path={self.test_file}", f"federation.num_clients={self.nodes}",
             f"federation.clients_per_round={per_round or self.nodes}", *overrides, "--certs", str(self.certs), "--node-keys",
-            str(self.certs), "--port", str(self.port), "--run-dir", str(self.run_dir), "--timeout", str(timeout)],
-            on_line=self.server_out.append)
-        wait_for(lambda: any("ready" in ln for ln in self.server_out) or self.server.poll() is not None, 120,
+            str(self.certs), "--port", str(self.port), "--timeout", str(timeout)]
+        starts = sum(1 for p in self.procs if p.name.startswith("server"))
+        ready = len(self.server_out)
+        where = ["--resume", str(self.run_dir)] if resume else ["--run-dir", str(self.run_dir)]
+        self.server = server = self._veil(f"server-{starts}" if starts else "server", [*self._server_args, *where],
+                                          on_line=self.server_out.append)
+        wait_for(lambda: any("ready" in ln for ln in self.server_out[ready:]) or server.poll() is not None, 120,
                  "veil server to be ready")
-        assert self.server.poll() is None, self.server_out[-20:]
+        assert server.poll() is None, self.server_out[-20:]
+
+    def kill_server(self) -> list[int]:
+        """SIGKILL to the ``veil server`` process alone (as an OOM killer or a power cut of its supervisor); waits
+        until its SuperLink and ServerApp are gone too (they die with their parent) and returns those still alive
+        after 30 s (killed then, by PID: the test's own processes)."""
+        assert self.server is not None
+        tree = [self.server.pid, *_descendants(self.server.pid)]
+        os.kill(self.server.pid, signal.SIGKILL)
+        self.server.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = alive(tree)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        return left
 
     def node_dir(self, n: int) -> Path:
         return self.root / f"node-{n}"
@@ -93,8 +122,9 @@ class Loopback:
 
     def start_node(self, n: int) -> Supervised:
         """``veil client`` for node ``n``, the same flags every time (a restart is this call again)."""
+        port = self.links[n].port if n in self.links else self.port
         proc = self._veil(f"node-{n}-{sum(1 for p in self.procs if p.name.startswith(f'node-{n}-'))}", [
-            "client", "--superlink", f"127.0.0.1:{self.port}", "--root-cert", str(self.certs / "ca.crt"),
+            "client", "--superlink", f"127.0.0.1:{port}", "--root-cert", str(self.certs / "ca.crt"),
             "--key", str(self.certs / f"node-{n}.key"), "--data", str(self.data[n - 1]),
             "--node-dir", str(self.node_dir(n)), "--ledger", str(self.ledger_path(n)), "--max-epsilon", "100",
             "--max-retries", "0", "--max-wait-time", "300", "--threads", "1", *self.node_flags])
@@ -111,7 +141,9 @@ class Loopback:
         return path.stat().st_size if path.exists() else 0
 
     def rounds_done(self) -> int:
-        return sum(1 for ln in self.server_out if ln.startswith("round "))
+        """The last round ``veil server`` reported done (``round N/M | ...``), across a kill and ``--resume``."""
+        done = [int(ln.split()[1].split("/")[0]) for ln in self.server_out if ln.startswith("round ") and "/" in ln]
+        return max(done, default=0)
 
     def wait_round(self, k: int, timeout: float = 300) -> None:
         assert self.server is not None
@@ -154,6 +186,8 @@ class Loopback:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+        for link in self.links.values():
+            link.close()
 
 
 def alive(pids: list[int]) -> list[int]:
