@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.lossy_link import LossyLink
-from veil.supervise import Supervised, _descendants, flower_env, free_port
+from veil.supervise import Supervised, _descendants, flower_command, flower_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
@@ -144,6 +145,15 @@ class Loopback:
         """The last round ``veil server`` reported done (``round N/M | ...``), across a kill and ``--resume``."""
         done = [int(ln.split()[1].split("/")[0]) for ln in self.server_out if ln.startswith("round ") and "/" in ln]
         return max(done, default=0)
+
+    def serverapp_log(self) -> str:
+        """The ServerApp log of the latest run ``veil server`` submitted, as the SuperLink holds it now."""
+        runs = [ln.split("run ", 1)[1].split()[0] for ln in self.server_out if " submitted; " in ln]
+        assert runs, self.server_out[-20:]
+        home = self.run_dir / "flwr-home"
+        done = subprocess.run([flower_command("flwr"), "log", runs[-1], "veil", "--show"], cwd=home, timeout=60,
+                              env=flower_env(flwr_home=home), capture_output=True, text=True, check=False)
+        return done.stdout
 
     def wait_round(self, k: int, timeout: float = 300) -> None:
         assert self.server is not None

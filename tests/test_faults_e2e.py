@@ -48,7 +48,7 @@ class Faults:
     disk_log: str = ""
     link: dict[str, int] = field(default_factory=dict)  # the lossy link's counters, and node 4's log size after F
     server_orphans: list[int] = field(default_factory=list)  # coordinator processes alive 30 s after its kill
-    serverapp_log_at_resume: int = 0
+    resumed_log: str = ""  # the resumed run's ServerApp log once node 2 has trained in it
     last_checkpoint: int = 0  # the last round checkpointed when the coordinator died
 
 
@@ -111,8 +111,6 @@ def _coordinator_kill_and_resume(out: Faults) -> None:
     out.server_orphans = lb.kill_server()
     _kill(out, REBOOT_NODE, group=True)
     _restart_and_rejoin(out, "G", (REBOOT_NODE,), rejoin=False)
-    serverapp_log = lb.run_dir / "logs" / "serverapp.log"
-    out.serverapp_log_at_resume = serverapp_log.stat().st_size if serverapp_log.exists() else 0
     from veil.server.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(lb.run_dir)  # the project's reader: what --resume will continue from
@@ -121,6 +119,7 @@ def _coordinator_kill_and_resume(out: Faults) -> None:
     lb.start_server(OVERRIDES, resume=True)
     wait_for(lambda: ": trained on " in lb.log_text(REBOOT_NODE, out.restarted_at[f"G{REBOOT_NODE}"][1]), 300,
              "node 2 to train again after the coordinator's resume")
+    out.resumed_log = lb.serverapp_log()
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +273,7 @@ def test_a_coordinator_killed_at_unmask_resumes_from_its_last_checkpoint(faults:
     lb, at, last = faults.lb, faults.at, faults.last_checkpoint
     assert faults.server_orphans == [], "the SuperLink and ServerApp die with veil server"
     assert last in (at["G"] - 1, at["G"]), (last, at["G"])  # the round in flight, unless it ended before the kill
-    resumed = (lb.run_dir / "logs" / "serverapp.log").read_text(errors="replace")[faults.serverapp_log_at_resume:]
+    resumed = faults.resumed_log
     saved = {read_checkpoint(p).round: read_checkpoint(p) for p in checkpoint_files(lb.run_dir)}
     digest = weights_sha256(saved[last].arrays)
     assert f"resuming after round {last} from weights sha256 {digest}" in resumed, resumed[:3000]

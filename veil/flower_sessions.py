@@ -28,7 +28,7 @@ faults follow (the fault probe of 2026-12-07; docs/deployment.md, "What survives
    tests/test_faults_e2e.py. :func:`bound_reply_pulls` caps the grid's object pulls at the stage timeout.
 
 Each fix checks the Flower version (:data:`SESSION_PATCH_TESTED`) and that what it patches is still there, and fails
-with one line otherwise. Upstream proposal: docs/benchmarks.md, "Upstream proposals" (node sessions).
+with one line otherwise. Upstream proposal: docs/upstream/node-sessions.md.
 """
 
 from __future__ import annotations
