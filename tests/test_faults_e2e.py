@@ -28,7 +28,7 @@ import pytest
 
 from benchmarks.loopback import Loopback, alive, wait_for
 
-ROUNDS = 15
+ROUNDS = 14
 KILLS = {"A": (5, "share_keys", True), "B": (4, "collect_masked_vectors", False), "C": (3, "unmask", True)}
 DISK_NODE = 2
 BELOW = (1, 2, 3)  # three of five: in SecAgg+'s ring of 3-node neighbourhoods two of them are neighbours
