@@ -96,10 +96,10 @@ class Loopback:
                  "veil server to be ready")
         assert server.poll() is None, self.server_out[-20:]
 
-    def kill_server(self) -> list[int]:
+    def kill_server(self) -> list[str]:
         """SIGKILL to the ``veil server`` process alone (as an OOM killer or a power cut of its supervisor); waits
-        until its SuperLink and ServerApp are gone too (they die with their parent) and returns those still alive
-        after 30 s (killed then, by PID: the test's own processes)."""
+        until its SuperLink and ServerApp are gone too (they die with their parent) and returns the command lines of
+        those still alive after 30 s (killed then, by PID: the test's own processes)."""
         assert self.server is not None
         tree = [self.server.pid, *_descendants(self.server.pid)]
         os.kill(self.server.pid, signal.SIGKILL)
@@ -108,9 +108,10 @@ class Loopback:
         while alive(tree) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = alive(tree)
+        survivors = [_cmdline(pid) for pid in left]
         for pid in left:
             os.kill(pid, signal.SIGKILL)
-        return left
+        return survivors
 
     def node_dir(self, n: int) -> Path:
         return self.root / f"node-{n}"
@@ -198,6 +199,13 @@ class Loopback:
             proc.stop()
         for link in self.links.values():
             link.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return f"{pid}: ?"
 
 
 def alive(pids: list[int]) -> list[int]:

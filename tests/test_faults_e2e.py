@@ -47,7 +47,7 @@ class Faults:
     restarted_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # fault -> (node, log size at restart)
     disk_log: str = ""
     link: dict[str, int] = field(default_factory=dict)  # the lossy link's counters, and node 4's log size after F
-    server_orphans: list[int] = field(default_factory=list)  # coordinator processes alive 30 s after its kill
+    server_orphans: list[str] = field(default_factory=list)  # coordinator processes alive 30 s after its kill
     resumed_log: str = ""  # the resumed run's ServerApp log once node 2 has trained in it
     last_checkpoint: int = 0  # the last round checkpointed when the coordinator died
 

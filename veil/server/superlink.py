@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.errors import VeilError
-from veil.supervise import Supervised, flower_command, flower_env
+from veil.supervise import Supervised, dies_with_this_process, flower_command, flower_env
 
 __all__ = ["Endpoint", "FlwrCli", "SuperLinkError", "start_superlink"]
 
@@ -105,7 +105,7 @@ class FlwrCli:
         argv = [flower_command("flwr"), *args, "--format", "json"]
         try:
             done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
-                                  cwd=self.home)
+                                  cwd=self.home, preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
         except subprocess.TimeoutExpired:
             raise SuperLinkError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s; is the SuperLink up?") from None
         try:
@@ -151,7 +151,7 @@ class FlwrCli:
         argv = [flower_command("flwr"), "log", str(run_id), CONNECTION, "--show"]
         try:
             done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60, check=False,
-                                  cwd=self.home)
+                                  cwd=self.home, preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
         except subprocess.TimeoutExpired:
             return ""
         return done.stdout
