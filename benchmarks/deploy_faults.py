@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import add_output_args, machine_info, now, pick_device, report  # noqa: E402
-from benchmarks.loopback import Loopback, wait_for  # noqa: E402
+from benchmarks.loopback import Loopback, alive, wait_for  # noqa: E402
 from veil.server.checkpoint import checkpoint_files, latest_checkpoint, read_checkpoint, weights_sha256  # noqa: E402
 from veil.supervise import _descendants  # noqa: E402
 
@@ -106,10 +106,12 @@ def _kill_coordinator_at(lb: Loopback, stage: str, overrides: list[str]) -> str:
     else:
         lb.wait_stage(1, stage, lb.log_size(1))
     in_flight, killed = lb.rounds_done() + 1, time.monotonic()
-    left = lb.kill_server()
+    tree = lb.kill_server()
     ckpt = latest_checkpoint(lb.run_dir)
     last = ckpt.round if ckpt else 0
+    lingering = len(alive(tree))  # Flower processes shutting down after their SuperLink died
     lb.start_server(overrides, resume=True, timeout=60 * 60)
+    left = alive(tree)
     lb.wait_round(last + 1, timeout=600)
     text = lb.serverapp_log()
     sha = weights_sha256(ckpt.arrays) if ckpt else ""
@@ -119,8 +121,8 @@ def _kill_coordinator_at(lb: Loopback, stage: str, overrides: list[str]) -> str:
         "did NOT say it resumed from its weights"
     return (f"coordinator kill at {stage}: round {in_flight} in flight, last checkpoint round {last}, {resumed}; "
             f"first resumed round sampled {sampled}, {'a node dropped out' if 'dropped out' in first else 'no drop-out'}; "
-            f"{time.monotonic() - killed:.1f} s from the kill to round {last + 1}'s end; {len(left)} coordinator "
-            "process(es) outlived the kill")
+            f"{time.monotonic() - killed:.1f} s from the kill to round {last + 1}'s end; {lingering} coordinator "
+            f"process(es) still ran when the SuperLink had died, {len(left)} once resumed")
 
 
 def _coordinator_kills(root: Path, stages: list[str]) -> list[str]:

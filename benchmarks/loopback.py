@@ -52,6 +52,7 @@ class Loopback:
         self.clients: dict[int, Supervised] = {}
         self.server: Supervised | None = None
         self.server_out: list[str] = []
+        self.leftovers: list[int] = []  # PIDs of a killed veil server's tree
         self.certs, self.run_dir, self.logs = root / "certs", root / "run", root / "logs"
         self.test_file, self.data = self._write_data(rows_per_label)
 
@@ -96,22 +97,18 @@ class Loopback:
                  "veil server to be ready")
         assert server.poll() is None, self.server_out[-20:]
 
-    def kill_server(self) -> list[str]:
+    def kill_server(self) -> list[int]:
         """SIGKILL to the ``veil server`` process alone (as an OOM killer or a power cut of its supervisor); waits
-        until its SuperLink and ServerApp are gone too (they die with their parent) and returns the command lines of
-        those still alive after 30 s (killed then, by PID: the test's own processes)."""
+        until its SuperLink is gone (it dies with its parent) and returns the PIDs of its whole tree before the
+        kill. Whatever of them still runs then is ended by :meth:`close` at the latest (the test's own processes)."""
         assert self.server is not None
         tree = [self.server.pid, *_descendants(self.server.pid)]
+        self.leftovers += tree
         os.kill(self.server.pid, signal.SIGKILL)
         self.server.proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while alive(tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = alive(tree)
-        survivors = [_cmdline(pid) for pid in left]
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        return survivors
+        superlink = [pid for pid in tree if "flower-superlink" in cmdline(pid)]
+        wait_for(lambda: not alive(superlink), 60, "the SuperLink to die with veil server")
+        return tree
 
     def node_dir(self, n: int) -> Path:
         return self.root / f"node-{n}"
@@ -197,15 +194,18 @@ class Loopback:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+        for pid in alive(self.leftovers):
+            os.kill(pid, signal.SIGKILL)
         for link in self.links.values():
             link.close()
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" once it has gone)."""
     try:
-        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return f"{pid}: ?"
+        return ""
 
 
 def alive(pids: list[int]) -> list[int]:

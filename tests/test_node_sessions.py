@@ -216,3 +216,39 @@ def test_a_refused_activation_outranks_the_reconnection_give_up_that_follows() -
     plain = _Watch(argparse.Namespace(root_cert=Path("ca.crt"), key=Path("node-1.key")))
     plain("ERROR : Giving up reconnection after 60.00 seconds")
     assert "no SuperLink answered" in str(plain.final_refusal())  # without a refused activation: the address
+
+
+def test_resume_ends_only_the_flower_processes_a_crashed_coordinator_left(tmp_path: Path) -> None:
+    from veil.server.superlink import GROUP_FILE, end_leftovers
+
+    # a crashed SuperLink's group: its leader gone, a Flower process of it still running, and another process
+    leader = subprocess.Popen(["bash", "-c", "(exec -a flwr-serverapp-left sleep 60) & (sleep 60) & wait"],
+                              start_new_session=True)
+    try:
+        wait = time.monotonic() + 10
+        while len(_group(leader.pid)) < 3 and time.monotonic() < wait:
+            time.sleep(0.05)
+        members = _group(leader.pid)
+        (tmp_path / GROUP_FILE).write_text(str(leader.pid))
+        assert end_leftovers(tmp_path) == [], "its leader runs: no crash, nothing ended"
+        os.kill(leader.pid, 9)
+        leader.wait(timeout=10)
+        ended = end_leftovers(tmp_path)
+        assert [c.split()[0] for c in ended] == ["flwr-serverapp-left"], ended
+        time.sleep(0.2)
+        assert len(_group(leader.pid)) == len(members) - 2, "the other process is left alone"
+    finally:
+        for pid in _group(leader.pid):
+            os.kill(pid, 9)
+
+
+def _group(pgid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out

@@ -8,8 +8,11 @@ caller (:mod:`veil.server.deploy`) does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ __all__ = ["Endpoint", "FlwrCli", "SuperLinkError", "start_superlink"]
 
 log = logging.getLogger("veil.server")
 
+GROUP_FILE = "superlink.pgid"  # in the state directory: the SuperLink's process group, for end_leftovers
 CONNECTION = "veil"  # the CLI's name for this SuperLink connection
 
 
@@ -65,6 +69,7 @@ def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: 
     ready: list[str] = []
     proc = Supervised("superlink", argv, log_path=log_dir / "superlink.log", env=env, cwd=state_dir,
                       on_line=lambda line: ready.append(line) if "Uvicorn running on" in line else None)
+    (state_dir / GROUP_FILE).write_text(str(proc.pid), encoding="utf-8")  # its own process group: see end_leftovers
     deadline = time.monotonic() + ready_timeout
     while not ready:
         if proc.poll() is not None:
@@ -77,6 +82,37 @@ def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: 
         time.sleep(0.2)
     log.info("SuperLink listening on %s (%s)", endpoint.address, "TLS + node auth" if endpoint.tls else "PLAINTEXT")
     return proc
+
+
+def end_leftovers(state_dir: Path) -> list[str]:
+    """SIGKILL what a coordinator killed with SIGKILL left running on ``state_dir`` (Linux); returns what it ended.
+
+    The SuperLink dies with ``veil server`` (``PR_SET_PDEATHSIG``), and Flower's processes below it follow their
+    parent's pid, but a ``flwr-serverapp`` shutting down retries the dead SuperLink for a while (30 s and more under
+    load, issue 27): a ``--resume`` started meanwhile would share the run directory with it. Only members of the
+    SuperLink's process group (recorded at its start) that run a Flower command are ended."""
+    try:
+        group = int((state_dir / GROUP_FILE).read_text(encoding="utf-8"))
+        leader = Path(f"/proc/{group}/cmdline").read_bytes()
+    except FileNotFoundError:  # the SuperLink is gone, as after a crash: look for what it left
+        leader = b""
+    except (OSError, ValueError):
+        return []
+    if leader:  # that SuperLink still runs (not a crash), or its pid is another process's now: nothing to end
+        return []
+    ended = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != group:
+                continue
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        if "flwr" in command or "flower" in command:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+                ended.append(command[:120])
+    return ended
 
 
 def _last_error(path: Path) -> str:
