@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -221,34 +222,88 @@ def test_a_refused_activation_outranks_the_reconnection_give_up_that_follows() -
 def test_resume_ends_only_the_flower_processes_a_crashed_coordinator_left(tmp_path: Path) -> None:
     from veil.server.superlink import GROUP_FILE, end_leftovers
 
-    # a crashed SuperLink's group: its leader gone, a Flower process of it still running, and another process
-    leader = subprocess.Popen(["bash", "-c", "(exec -a flwr-serverapp-left sleep 60) & (sleep 60) & wait"],
-                              start_new_session=True)
+    # a SuperLink (its stand-in), a "superexec" that follows its pid, a "serverapp" that follows the superexec's,
+    # and a Flower-named process that follows another pid
+    superlink = subprocess.Popen(["sleep", "60"])
+    started = [superlink]
     try:
-        wait = time.monotonic() + 10
-        while len(_group(leader.pid)) < 3 and time.monotonic() < wait:
-            time.sleep(0.05)
-        members = _group(leader.pid)
-        (tmp_path / GROUP_FILE).write_text(str(leader.pid))
-        assert end_leftovers(tmp_path) == [], "its leader runs: no crash, nothing ended"
-        os.kill(leader.pid, 9)
-        leader.wait(timeout=10)
+        exe = _named("flower-superexec", superlink.pid)
+        app = _named("flwr-serverapp", exe.pid)
+        other = _named("flwr-serverapp", os.getpid())
+        started += [exe, app, other]
+        (tmp_path / GROUP_FILE).write_text(str(superlink.pid))
+        time.sleep(0.3)
+        assert end_leftovers(tmp_path) == [], "its SuperLink runs: no crash, nothing ended"
+        superlink.kill()
+        superlink.wait(timeout=10)
         ended = end_leftovers(tmp_path)
-        assert [c.split()[0] for c in ended] == ["flwr-serverapp-left"], ended
-        time.sleep(0.2)
-        assert len(_group(leader.pid)) == len(members) - 2, "the other process is left alone"
+        assert sorted(c.split()[0] for c in ended) == ["flower-superexec", "flwr-serverapp"], ended
+        assert exe.wait(timeout=10) and app.wait(timeout=10) and other.poll() is None, "the other one is left alone"
     finally:
-        for pid in _group(leader.pid):
-            os.kill(pid, 9)
+        for proc in started:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
-def _group(pgid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
+def _named(name: str, parent: int) -> subprocess.Popen[bytes]:
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(60)'"
+    return subprocess.Popen(["bash", "-c", f"exec -a {name} {sleeper} --parent-pid {parent} x"])
+
+
+class _NodeState:
+    """Records what Flower's receive step does to the node's state (only the calls it makes)."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+        self.deleted: list[str] = []
+        self.finished: list[tuple[int, str]] = []
+
+    def get_run(self, run_id: int) -> Any:
+        from flwr.supercore.constant import TaskType
+
+        return SimpleNamespace(run_id=run_id, fab_hash="fab", primary_task_type=TaskType.CLIENT_APP)
+
+    def create_task(self, **_: Any) -> int:
+        return 7
+
+    def store_message(self, message: Any) -> None:
+        self.stored.append(message.metadata.message_id)
+
+    def delete_messages(self, message_ids: list[str]) -> None:
+        self.deleted += message_ids
+
+    def finish_task(self, task_id: int, sub_status: str, details: str) -> bool:
+        self.finished.append((task_id, sub_status))
+        return True
+
+
+def _receive_a_message_of_a_run_that_ended() -> _NodeState:
+    import flwr.supernode.start_client_internal as flower
+    from flwr.supercore.run import RunNotRunningException
+
+    def pull_object(run_id: int, object_id: str) -> bytes:
+        raise RunNotRunningException  # the SuperLink, resumed, no longer runs the crashed run
+
+    message = SimpleNamespace(metadata=SimpleNamespace(run_id=5, group_id="11", message_type="train",
+                                                      message_id="m1"))
+    state = _NodeState()
+    store = SimpleNamespace(preregister=lambda run_id, tree: ["o1"], put=lambda *a: None, delete=lambda *a: None)
+    assert flower._pull_and_store_message(
+        state=state, object_store=store, node_config={}, receive=lambda: (message, object()), get_run=None,
+        get_fab=None, pull_object=pull_object, confirm_message_received=None, trusted_entities=None) is None
+    return state
+
+
+def test_a_message_of_a_run_that_ended_mid_pull_is_dropped_not_left_to_wedge_the_node(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supernode.start_client_internal as flower
+
+    monkeypatch.setattr(flower, "_pull_and_store_message", flower._pull_and_store_message)  # restored afterwards
+    flowers_own = _receive_a_message_of_a_run_that_ended()
+    assert flowers_own.stored == ["m1"] and not flowers_own.deleted and not flowers_own.finished, \
+        "Flower alone leaves the message stored and its task open (the executor then waits for ever)"
+    flower_sessions.clean_stale_receive()
+    flower_sessions.clean_stale_receive()  # idempotent
+    patched = _receive_a_message_of_a_run_that_ended()
+    assert patched.stored == ["m1"] and patched.deleted == ["m1"], patched.deleted
+    assert [status for _, status in patched.finished] == ["failed"], patched.finished

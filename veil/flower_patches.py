@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from veil.flower_sessions import patient_activation, short_node_heartbeat
+from veil.flower_sessions import clean_stale_receive, patient_activation, short_node_heartbeat
 
 DEFAULT_POLL_INTERVAL = 0.25  # seconds; Flower's own: 3 s between empty pulls, 0.5 s while awaiting a reply
 LOCAL_WAIT = 0.02  # seconds between the SuperNode's looks at its own state while the executor works (Flower: 0.5)
@@ -245,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shorten_object_pull_backoff()
     short_node_heartbeat()  # a killed node is offline after 20 s, not 60 (veil.flower_sessions, fix 2)
     patient_activation()  # a restarted node waits out its own stale session instead of exiting (fix 1)
+    clean_stale_receive()  # a message of a run that ended mid-pull is dropped, not left to wedge the node (fix 5)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *args]

@@ -26,7 +26,7 @@ __all__ = ["Endpoint", "FlwrCli", "SuperLinkError", "start_superlink"]
 
 log = logging.getLogger("veil.server")
 
-GROUP_FILE = "superlink.pgid"  # in the state directory: the SuperLink's process group, for end_leftovers
+GROUP_FILE = "superlink.pid"  # in the state directory: the SuperLink's pid, for end_leftovers
 CONNECTION = "veil"  # the CLI's name for this SuperLink connection
 
 
@@ -69,7 +69,7 @@ def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: 
     ready: list[str] = []
     proc = Supervised("superlink", argv, log_path=log_dir / "superlink.log", env=env, cwd=state_dir,
                       on_line=lambda line: ready.append(line) if "Uvicorn running on" in line else None)
-    (state_dir / GROUP_FILE).write_text(str(proc.pid), encoding="utf-8")  # its own process group: see end_leftovers
+    (state_dir / GROUP_FILE).write_text(str(proc.pid), encoding="utf-8")  # see end_leftovers
     deadline = time.monotonic() + ready_timeout
     while not ready:
         if proc.poll() is not None:
@@ -88,30 +88,35 @@ def end_leftovers(state_dir: Path) -> list[str]:
     """SIGKILL what a coordinator killed with SIGKILL left running on ``state_dir`` (Linux); returns what it ended.
 
     The SuperLink dies with ``veil server`` (``PR_SET_PDEATHSIG``), and Flower's processes below it follow their
-    parent's pid, but a ``flwr-serverapp`` shutting down retries the dead SuperLink for a while (30 s and more under
-    load, issue 27): a ``--resume`` started meanwhile would share the run directory with it. Only members of the
-    SuperLink's process group (recorded at its start) that run a Flower command are ended."""
+    parent's pid (``flower-superexec --parent-pid``, which starts ``flwr-serverapp --parent-pid``, each in a session
+    of its own), but a ``flwr-serverapp`` shutting down retries the dead SuperLink for a while (30 s and more under
+    load, issue 27): a ``--resume`` started meanwhile would share the run directory with it. Only Flower commands
+    that descend from the recorded SuperLink through ``--parent-pid`` are ended, and only once that SuperLink is
+    gone."""
     try:
-        group = int((state_dir / GROUP_FILE).read_text(encoding="utf-8"))
-        leader = Path(f"/proc/{group}/cmdline").read_bytes()
-    except FileNotFoundError:  # the SuperLink is gone, as after a crash: look for what it left
-        leader = b""
+        superlink = int((state_dir / GROUP_FILE).read_text(encoding="utf-8"))
+        Path(f"/proc/{superlink}").stat()
+        return []  # that SuperLink still runs (not a crash), or its pid is another process's now: nothing to end
+    except FileNotFoundError:
+        pass
     except (OSError, ValueError):
         return []
-    if leader:  # that SuperLink still runs (not a crash), or its pid is another process's now: nothing to end
-        return []
+    flower = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if "flwr" in command or "flower" in command:
+                flower[int(cmdline.parent.name)] = command
+    below, grew = {superlink}, True
+    while grew:  # flower-superexec --parent-pid SUPERLINK, then flwr-serverapp --parent-pid SUPEREXEC
+        found = {pid for pid, command in flower.items() if any(f"--parent-pid {p} " in f"{command} " for p in below)}
+        grew = not found <= below
+        below |= found
     ended = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != group:
-                continue
-            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        if "flwr" in command or "flower" in command:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-                ended.append(command[:120])
+    for pid in sorted(below - {superlink}):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            ended.append(flower[pid][:120])
     return ended
 
 
