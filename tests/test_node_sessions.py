@@ -229,25 +229,28 @@ def test_resume_ends_only_the_flower_processes_a_crashed_coordinator_left(tmp_pa
     try:
         exe = _named("flower-superexec", superlink.pid)
         app = _named("flwr-serverapp", exe.pid)
-        other = _named("flwr-serverapp", os.getpid())
-        started += [exe, app, other]
-        (tmp_path / GROUP_FILE).write_text(str(superlink.pid))
+        orphan = _named("flwr-serverapp", 1, runtime="127.0.0.1:8123")  # its superexec already gone
+        other = _named("flwr-serverapp", os.getpid(), runtime="127.0.0.1:81234")
+        started += [exe, app, orphan, other]
+        (tmp_path / GROUP_FILE).write_text(f"{superlink.pid} 8123")
         time.sleep(0.3)
         assert end_leftovers(tmp_path) == [], "its SuperLink runs: no crash, nothing ended"
         superlink.kill()
         superlink.wait(timeout=10)
         ended = end_leftovers(tmp_path)
-        assert sorted(c.split()[0] for c in ended) == ["flower-superexec", "flwr-serverapp"], ended
-        assert exe.wait(timeout=10) and app.wait(timeout=10) and other.poll() is None, "the other one is left alone"
+        assert sorted(c.split()[0] for c in ended) == ["flower-superexec", "flwr-serverapp", "flwr-serverapp"], ended
+        assert exe.wait(timeout=10) and app.wait(timeout=10) and orphan.wait(timeout=10)
+        assert other.poll() is None, "another deployment's process is left alone"
     finally:
         for proc in started:
             proc.kill()
             proc.wait(timeout=10)
 
 
-def _named(name: str, parent: int) -> subprocess.Popen[bytes]:
+def _named(name: str, parent: int, runtime: str = "127.0.0.1:9") -> subprocess.Popen[bytes]:
     sleeper = f"{sys.executable} -c 'import time; time.sleep(60)'"
-    return subprocess.Popen(["bash", "-c", f"exec -a {name} {sleeper} --parent-pid {parent} x"])
+    return subprocess.Popen(["bash", "-c", f"exec -a {name} {sleeper} --runtime-api-address {runtime} "
+                                           f"--parent-pid {parent} x"])
 
 
 class _NodeState:

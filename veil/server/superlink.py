@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,7 +27,7 @@ __all__ = ["Endpoint", "FlwrCli", "SuperLinkError", "start_superlink"]
 
 log = logging.getLogger("veil.server")
 
-GROUP_FILE = "superlink.pid"  # in the state directory: the SuperLink's pid, for end_leftovers
+GROUP_FILE = "superlink.pid"  # in the state directory: the SuperLink's pid and port, for end_leftovers
 CONNECTION = "veil"  # the CLI's name for this SuperLink connection
 
 
@@ -69,7 +70,7 @@ def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: 
     ready: list[str] = []
     proc = Supervised("superlink", argv, log_path=log_dir / "superlink.log", env=env, cwd=state_dir,
                       on_line=lambda line: ready.append(line) if "Uvicorn running on" in line else None)
-    (state_dir / GROUP_FILE).write_text(str(proc.pid), encoding="utf-8")  # see end_leftovers
+    (state_dir / GROUP_FILE).write_text(f"{proc.pid} {endpoint.port}", encoding="utf-8")  # see end_leftovers
     deadline = time.monotonic() + ready_timeout
     while not ready:
         if proc.poll() is not None:
@@ -91,10 +92,10 @@ def end_leftovers(state_dir: Path) -> list[str]:
     parent's pid (``flower-superexec --parent-pid``, which starts ``flwr-serverapp --parent-pid``, each in a session
     of its own), but a ``flwr-serverapp`` shutting down retries the dead SuperLink for a while (30 s and more under
     load, issue 27): a ``--resume`` started meanwhile would share the run directory with it. Only Flower commands
-    that descend from the recorded SuperLink through ``--parent-pid`` are ended, and only once that SuperLink is
-    gone."""
+    that used the recorded SuperLink's port as their runtime API or descend from it through ``--parent-pid`` are
+    ended, and only once that SuperLink is gone (before a new one takes the port)."""
     try:
-        superlink = int((state_dir / GROUP_FILE).read_text(encoding="utf-8"))
+        superlink, port = (int(v) for v in (state_dir / GROUP_FILE).read_text(encoding="utf-8").split())
         Path(f"/proc/{superlink}").stat()
         return []  # that SuperLink still runs (not a crash), or its pid is another process's now: nothing to end
     except FileNotFoundError:
@@ -107,7 +108,10 @@ def end_leftovers(state_dir: Path) -> list[str]:
             command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             if "flwr" in command or "flower" in command:
                 flower[int(cmdline.parent.name)] = command
-    below, grew = {superlink}, True
+    # its runtime API was its own port: flwr-serverapp --runtime-api-address HOST:PORT (its superexec may be gone)
+    runtime = re.compile(rf"--runtime-api-address \S*:{port}(\s|$)")
+    below = {superlink} | {pid for pid, command in flower.items() if runtime.search(command)}
+    grew = True
     while grew:  # flower-superexec --parent-pid SUPERLINK, then flwr-serverapp --parent-pid SUPEREXEC
         found = {pid for pid, command in flower.items() if any(f"--parent-pid {p} " in f"{command} " for p in below)}
         grew = not found <= below
