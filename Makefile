@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: setup demo demo-llm test test-fast test-bench clean
+.PHONY: setup demo demo-llm lint test test-fast test-bench bench-page clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,11 @@ LLM_DEMO := task=causal_lm model=smollm2 data=banking77_instructions federation.
 demo-llm: setup
 	$(VENV)/bin/veil simulate $(LLM_DEMO)
 
-test: setup
+lint: setup  # ruff on everything, mypy --strict on the modules listed in pyproject.toml [tool.mypy] (~1 min cold)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: setup lint
 	$(PY) -m pytest -q --durations=15 -m "not bench"
 
 test-fast: setup
@@ -45,6 +49,9 @@ test-fast: setup
 
 test-bench: setup  # the benchmark scripts end to end at their --quick sizes (a loopback deployment: minutes)
 	$(PY) -m pytest -q --durations=15 -m bench
+
+bench-page: setup  # docs/benchmarks.md, docs/benchmarks-history.md and docs/img/*.png from benchmarks/results/*.jsonl
+	$(PY) -m benchmarks.page
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,6 +1,13 @@
 """The one-run privacy audit (issue 13; Steinke, Nasr, Jagielski, arXiv:2305.08846): the empirical lower bound on ε
 from ``veil audit`` beside the claimed ε, for target ε ∈ {1, 4, 8} and without DP, on the tiny BERT (CPU).
 
+``--score grad`` (the default, issue 26) audits with white-box gradient canaries (veil/audit/gradient.py):
+1,000 Dirac canaries at the clip norm, 100 guessed in and 100 out, in one data owner's DP-SGD steps (tiny BERT, full
+fine-tuning, so that most canary coordinates are word-embedding rows no record uses; plain SGD and FedAvg, so that the
+score is linear in the injected gradients; 2 rounds × 5 full-batch steps, q = 1). Each DP row runs the audit's
+control arm too (same canaries, DP off); the "ideal attack" is the median bound of scores μ·[included] + N(0, 1), μ =
+sqrt(T)/σ with the σ the node calibrates: what any score could show against the Gaussian noise at this m and k.
+
 Every configuration is one real ``veil audit`` command (subprocess), one after the other, on the same synthetic
 4-class file, with the audit design the CI tests use (random-word canaries with random labels, full-batch local
 steps so that an included canary is in every step, k guessed in and k out), scored black-box (the final model's
@@ -12,8 +19,9 @@ more than that.
 ``privacy=none privacy.level=client`` for ∞): m canary clients beside 3 data owners, each sending a random direction
 at the clip norm or, when not included, a zero update, scored by the published model's change along its direction.
 
-    python -m benchmarks.audit                                            # 256 canaries; appends to docs/benchmarks.md
-    python -m benchmarks.audit --score gradient --epsilons 8,inf          # the white-box score
+    python -m benchmarks.audit --epsilons 4                               # gradient canaries, with the control arm
+    python -m benchmarks.audit --score loss                               # 256 canary records; the loss score
+    python -m benchmarks.audit --score gradient --epsilons 8,inf          # canary records, white-box
     python -m benchmarks.audit --level client                             # 200 canary clients, 2 rounds
     python -m benchmarks.audit --quick --no-record                        # 64 canaries, 1 round (for the test)
 """
@@ -35,7 +43,8 @@ from benchmarks.common import add_output_args, machine_info, now, pick_device, r
 from veil.privacy.audit_bound import epsilon_lower_bound  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-_SCORED = {"loss": "the final model's loss (black-box)",
+_SCORED = {"grad": "the published model's change at each gradient canary's coordinate (white-box)",
+           "loss": "the final model's loss (black-box)",
            "gradient": "Σ over rounds of the global update against each canary's gradient direction (white-box)",
            "direction": "the published model's change w_R − w_0 against each canary client's direction (white-box)"}
 _WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why a fee on transfer",
@@ -69,6 +78,13 @@ def _plan(args: argparse.Namespace) -> tuple[int, int, int, int, str, list[str]]
         base = ["model=tiny_bert", "federation.batch_size=64", "federation.partitioner=iid", "federation.num_clients=3",
                 f"federation.local_steps={steps}", f"federation.rounds={rounds}", "federation.seed=0"]
         return m, m // 4, rounds, steps, "direction", base
+    if (args.score or "grad") == "grad":
+        m = args.canaries or (200 if args.quick else 1000)
+        rounds, steps = args.rounds or (1 if args.quick else 2), args.steps or 5
+        base = ["model=tiny_bert", "model.tuning=full", "federation.batch_size=256", "federation.optimizer=sgd",
+                "federation.lr=0.1", "federation.partitioner=iid", f"federation.local_steps={steps}",
+                "federation.num_clients=1", f"federation.rounds={rounds}", "secagg=off", "federation.seed=0"]
+        return m, m // 10, rounds, steps, "grad", base
     m = args.canaries or (64 if args.quick else 256)
     rounds, steps = args.rounds or (1 if args.quick else 3), args.steps or 40
     base = ["model=tiny_bert", f"federation.batch_size={4 * m}", "federation.lr=0.05", "federation.partitioner=iid",
@@ -95,13 +111,19 @@ def ideal_bound(*, m: int, k: int, mu: float, draws: int = 400, seed: int = 0) -
     return float(np.median(bounds))
 
 
-def _ideal(level: str, eps: str, *, m: int, k: int, rounds: int) -> str:
-    if level != "client":
-        return "–"
-    from veil.privacy.client_level import calibrate_client_level
+def _ideal(level: str, eps: str, *, m: int, k: int, rounds: int, score: str = "", steps: int = 0) -> str:
+    if level == "client":
+        from veil.privacy.client_level import calibrate_client_level
 
-    mu = float("inf") if eps == "inf" else rounds ** 0.5 / calibrate_client_level(
-        target_epsilon=float(eps), delta=1e-5, client_rate=1.0, rounds=rounds)
+        mu = float("inf") if eps == "inf" else rounds ** 0.5 / calibrate_client_level(
+            target_epsilon=float(eps), delta=1e-5, client_rate=1.0, rounds=rounds)
+    elif score == "grad":  # one owner, q = 1: C per step against noise σC per step, over T = rounds × steps
+        from veil.privacy.calibration import calibrate_noise_multiplier
+
+        mu = float("inf") if eps == "inf" else (rounds * steps) ** 0.5 / calibrate_noise_multiplier(
+            target_epsilon=float(eps), delta=1e-5, sample_rate=1.0, steps=rounds * steps)
+    else:
+        return "–"
     return f"{ideal_bound(m=m, k=k, mu=mu):.3f}"
 
 
@@ -116,13 +138,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--level", choices=("sample", "client"), default="sample",
                     help="sample: canary records, DP-SGD (default); client: canary clients, client-level DP")
-    ap.add_argument("--canaries", type=int, default=None, help="m (default 256, client level 200; --quick 64 / 24)")
-    ap.add_argument("--rounds", type=int, default=None, help="default 3, client level 2; --quick 1")
-    ap.add_argument("--steps", type=int, default=None, help="local steps per round (default 40, client level 2)")
+    ap.add_argument("--canaries", type=int, default=None,
+                    help="m (default: grad 1000, loss/gradient 256, client level 200; --quick 200 / 64 / 24)")
+    ap.add_argument("--rounds", type=int, default=None, help="default: grad 2, loss/gradient 3, client level 2; --quick 1")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="local steps per round (default: grad 5, loss/gradient 40, client level 2)")
     ap.add_argument("--epsilons", default="1,4,8,inf", help="target ε values; inf: DP off")
-    ap.add_argument("--score", choices=("loss", "gradient"), default=None,
-                    help="sample level: loss, black-box (final model's loss, default); gradient: white-box (each "
-                         "round's update). Client level always scores the canary clients' directions")
+    ap.add_argument("--score", choices=("grad", "loss", "gradient"), default=None,
+                    help="sample level: grad, white-box gradient canaries (default); loss, canary records by the "
+                         "final model's loss (black-box); gradient, canary records by each round's update. Client "
+                         "level always scores the canary clients' directions")
     add_output_args(ap, quick="64 canaries (24 canary clients), 1 round, ε ∈ {8, inf} (for the test)", root=ROOT)
     args = ap.parse_args(argv)
     m, k, rounds, steps, score, base = _plan(args)
@@ -137,10 +162,19 @@ def main(argv: list[str] | None = None) -> None:
             r = run_one(name, ["--canaries", str(m), "--guesses", str(k), "--score", score],
                         [*base, *_privacy(args.level, eps), *data], Path(tmp) / eps)
             claimed = "∞" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f}"
-            rows.append([name, claimed, f"{r['lower_bound']:.3f}", _ideal(args.level, eps, m=m, k=k, rounds=rounds),
+            control = r.get("control")
+            power = "–" if not control else f"{control['lower_bound']:.3f} ({control['correct']}/{control['guesses']})"
+            rows.append([name, claimed, f"{r['lower_bound']:.3f}", power,
+                         _ideal(args.level, eps, m=m, k=k, rounds=rounds, score=score, steps=steps),
                          f"{r['correct']}/{r['guesses']}", str(r["verdict"]), f"{r['seconds']:.0f}"])
     ceiling = epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=1e-5, beta=0.05)
-    if args.level == "client":
+    if score == "grad":
+        settings = (f"tiny BERT, full fine-tuning (model.tuning=full), 1 data owner (a 60-text 4-class file), {rounds} "
+                    f"rounds × {steps} full-batch local DP-SGD steps (q = 1), plain SGD lr 0.1, FedAvg, SecAgg+ off, "
+                    f"δ = 1e-5; {m} gradient canaries (Dirac, norm C = 1, each included with probability 1/2), {k} "
+                    f"guessed in + {k} out by {_SCORED[score]}; 95% confidence; each DP row with its control arm "
+                    "(same canaries, DP off)")
+    elif args.level == "client":
         settings = (f"client level: tiny BERT + LoRA r=4, 3 data owners (IID share of a 60-text 4-class file) and {m} "
                     f"canary clients, every client in each of {rounds} rounds ({steps} local steps for the owners), "
                     f"client_dp (clip S = 0.5, distributed noise shares, z calibrated to the target over {rounds} "
@@ -159,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                      "sqrt(rounds)/z, i.e. the best any score can do against the Gaussian noise of the sum at this m "
                      "and k (benchmarks/audit.py, ideal_bound)")
     report("audit", args, argv, info, settings=settings,
-           headers=["configuration", "claimed ε", "lower bound (95%)", "ideal attack (median)", "right guesses",
+           headers=["configuration", "claimed ε", "lower bound (95%)", "without DP (control)", "ideal attack (median)",
+                    "right guesses",
                     "verdict", "seconds"],
            rows=rows, notes=notes, elapsed=now() - started, extra_versions=("flwr",))
 

@@ -1,5 +1,7 @@
-"""Shared helpers for veil's benchmarks: device-aware timing and peak memory, a description of the machine, and
-plain-text / Markdown tables appended to ``docs/benchmarks.md`` (issue 7).
+"""Shared helpers for veil's benchmarks: device-aware timing and peak memory, a description of the machine,
+plain-text tables, and ``report()``, through which every benchmark records its run: one raw record per run appended
+to ``benchmarks/results/<module>.jsonl`` (issue 25), from which ``python -m benchmarks.page`` generates
+docs/benchmarks.md.
 
 Peak memory on CPU is read from the kernel, not from ``tracemalloc`` (which only sees Python's allocator, not
 torch's): writing ``5`` to ``/proc/self/clear_refs`` resets the process' resident-set high-water mark ``VmHWM``, so
@@ -14,6 +16,7 @@ import argparse
 import ctypes
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -24,6 +27,9 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
+
+from benchmarks import records
+from benchmarks.records import Record
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
@@ -151,7 +157,7 @@ def versions(packages: tuple[str, ...] = ("torch", "opacus", "transformers", "pe
 def machine_info(device: torch.device) -> dict[str, str]:
     """What a reader needs to compare figures: CPU, cores, torch threads, accelerator, load, library versions."""
     info = {
-        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "load average at start": load_average(),
@@ -168,18 +174,10 @@ def text_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
+DOC_HEADER = """# veil benchmarks (scratch)
 
-
-DOC_HEADER = """# veil benchmarks
-
-Measured figures, newest section last. Each section is appended by a script under `benchmarks/` (it says which)
-and records the machine (CPU model, cores, torch threads, accelerator), the load average when it ran (these machines
-are shared), the date and the library versions, so figures are only compared within a section or across sections
-with the same machine line. Do not edit figures by hand; rerun the script.
+Sections appended by `--output`; the records beside them (`.jsonl`) go into benchmarks/results/ with
+`python -m benchmarks.page --add FILE.jsonl`, and docs/benchmarks.md is generated from those (`make bench-page`).
 """
 
 
@@ -190,38 +188,60 @@ def append_section(path: Path, body: str) -> None:
     path.write_text(text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n", encoding="utf-8")
 
 
-def section_head(script: str, argv: list[str] | None, info: dict[str, str], settings: str,
-                 extra_versions: tuple[str, ...] = ()) -> list[str]:
-    """The first lines of a recorded section: title with date, the command, settings, machine, load, versions
-    (``extra_versions`` adds packages beyond torch/opacus/transformers/peft, e.g. flwr and ray)."""
-    args = argv if argv is not None else sys.argv[1:]
-    lines = [f"## {script} — {info['date']}", "", f"`python -m benchmarks.{script} {shlex.join(args)}`".replace(
-        f"{script} `", f"{script}`"), "", f"- settings: {settings}"]
-    lines += [f"- {k}: {v}" for k, v in info.items() if k not in ("date", "versions")]
-    lines.append(f"- versions: {versions((*('torch', 'opacus', 'transformers', 'peft'), *extra_versions))}")
-    return lines
-
-
 def add_output_args(ap: argparse.ArgumentParser, *, quick: str, root: Path) -> None:
-    """The flags every benchmark shares: ``--quick`` (its help says what it shrinks), ``--no-record``, ``--output``."""
+    """The flags every benchmark shares: ``--quick`` (its help says what it shrinks), ``--no-record``, ``--output``
+    and ``--results``. ``root`` is the repository (records go to ``root/benchmarks/results``)."""
     ap.add_argument("--quick", action="store_true", help=quick)
-    ap.add_argument("--no-record", action="store_true", help="print only; do not append to the output file")
-    ap.add_argument("--output", type=Path, default=root / "docs" / "benchmarks.md")
+    ap.add_argument("--no-record", action="store_true", help="print only; record nothing")
+    ap.add_argument("--output", type=Path, default=None,
+                    help="scratch run: append the Markdown section to this file and the record to the same name with "
+                    ".jsonl, instead of the repository's benchmarks/results/")
+    ap.add_argument("--results", type=Path, default=root / "benchmarks" / "results",
+                    help="where the run's record is appended, as <module>.jsonl (default: %(default)s)")
+
+
+def make_record(script: str, argv: list[str] | None, info: dict[str, str], *, settings: str, headers: list[str],
+                rows: list[list[str]], notes: list[str], elapsed: float, extra_versions: tuple[str, ...] = (),
+                details: tuple[str, ...] = (), notes_heading: str = "") -> Record:
+    """The raw record of one run (``benchmarks.records`` describes the keys)."""
+    args = argv if argv is not None else sys.argv[1:]
+    machine = {k: v for k, v in info.items() if k != "date"}
+    machine["versions"] = versions((*("torch", "opacus", "transformers", "peft"), *extra_versions))
+    machine["load average at end"] = load_average()
+    record: Record = {"script": script, "date": info["date"],
+                      "command": f"python -m benchmarks.{script.split()[0]} {shlex.join(args)}".rstrip(),
+                      "settings": settings, "machine": machine, "elapsed": round(elapsed), "details": list(details),
+                      "headers": headers, "rows": rows}
+    if notes_heading:
+        record["notes_heading"] = notes_heading
+    record["notes"] = notes
+    return record
 
 
 def report(script: str, args: argparse.Namespace, argv: list[str] | None, info: dict[str, str], *, settings: str,
            headers: list[str], rows: list[list[str]], notes: list[str], elapsed: float,
-           extra_versions: tuple[str, ...] = ()) -> None:
-    """Print settings, table and notes; unless ``args.no_record``, append them as a dated section to
-    ``args.output`` (machine, load average at start and end, library versions)."""
+           extra_versions: tuple[str, ...] = (), details: tuple[str, ...] = (), notes_heading: str = "") -> None:
+    """Print settings, table and notes; unless ``args.no_record``, append the run's raw record (machine, load
+    average at start and end, library versions, command) to ``benchmarks/results/<module>.jsonl`` (``--results``),
+    or with ``--output FILE`` to ``FILE``'s ``.jsonl`` twin plus a Markdown section to ``FILE``. The page,
+    docs/benchmarks.md, is generated from the results by ``python -m benchmarks.page`` (``make bench-page``)."""
     print(settings)
     print(text_table(headers, rows))
+    if notes_heading:
+        print(notes_heading)
     print("\n".join(notes))
     print(f"elapsed {elapsed:.0f} s; load average at start {info['load average at start']}, at end {load_average()}")
     if args.no_record:
         return
-    lines = section_head(script, argv, info, settings, extra_versions)
-    lines += [f"- load average at end: {load_average()} (run took {elapsed:.0f} s)", "",
-              markdown_table(headers, rows), ""] + [f"- {ln}" for ln in notes]
-    append_section(args.output, "\n".join(lines))
-    print(f"appended to {args.output}")
+    record = make_record(script, argv, info, settings=settings, headers=headers, rows=rows, notes=notes,
+                         elapsed=elapsed, extra_versions=extra_versions, details=details, notes_heading=notes_heading)
+    output: Path | None = getattr(args, "output", None)
+    if output is not None:
+        append_section(output, records.render(record))
+        path = output.with_suffix(".jsonl")
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print(f"appended to {output} and {path}")
+        return
+    path = records.append(record, getattr(args, "results", records.RESULTS))
+    print(f"recorded in {path}; regenerate docs/benchmarks.md with: python -m benchmarks.page")

@@ -9,7 +9,7 @@ steady state is the median of rounds 2.. . Client compute is measured apart, in 
 timestamps): the median per-node ``fit`` of rounds 2.. . The nodes run concurrently on the same cores in the
 deployment, so ``waiting = round - compute`` is an upper bound on what the transport's polling costs.
 
-    python -m benchmarks.deploy_overhead                      # 3 rounds; appends to docs/benchmarks.md
+    python -m benchmarks.deploy_overhead                      # 3 rounds; records to benchmarks/results/
     python -m benchmarks.deploy_overhead --quick --no-record  # 2 rounds (about 2 minutes on 2 cores)
     python -m benchmarks.deploy_overhead --before be7cb10     # that revision's veil first, then this tree's
 """
@@ -112,7 +112,7 @@ def client_compute(root: Path, test: Path, node_files: list[Path], rounds: int,
     from veil.client.app import VeilClient
     from veil.client.settings import node_settings
     from veil.server.deploy import resolve_config
-    from veil.conf.preflight import preflight
+    from veil.preflight import preflight
     from veil.task.model import build_model, get_trainable
 
     cfg = resolve_config(preflight([*overrides(test, rounds), "data.train_path=${data.test_path}"]), root / "sim")

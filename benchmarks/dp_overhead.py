@@ -9,7 +9,7 @@ interleaved in one process: one warm-up step each, then ``--repeats`` rounds in 
 forward, loss, backward, ``optimizer.step()`` (clipping and noise for DP), then ``zero_grad``. Batches are fed
 directly at exactly B examples (the Poisson loader is not used), so every configuration does the same work.
 
-    python -m benchmarks.dp_overhead                  # MiniLM-L6, B=32, T=64; appends to docs/benchmarks.md
+    python -m benchmarks.dp_overhead                  # MiniLM-L6, B=32, T=64; records to benchmarks/results/
     python -m benchmarks.dp_overhead --quick --no-record   # tiny BERT, seconds (tests)
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -31,8 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    PeakMemory, append_section, configure_allocator, load_average, machine_info, markdown_table, now,
-    pick_device, sync, text_table,
+    PeakMemory, add_output_args, configure_allocator, machine_info, now, pick_device, report, sync,
 )
 from veil.conf.schema import ModelConfig  # noqa: E402
 from veil.privacy.dpsgd import make_private  # noqa: E402
@@ -188,9 +186,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     "machine shared with other jobs")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights' dtype")
     ap.add_argument("--tuning", choices=("all",) + TUNINGS, default="all", help="measure LoRA, full fine-tuning or both")
-    ap.add_argument("--quick", action="store_true", help="tiny BERT, B=4, T=16, 1 step, 1 repeat (for tests)")
-    ap.add_argument("--no-record", action="store_true", help="print only; do not append to the output file")
-    ap.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    add_output_args(ap, quick="tiny BERT, B=4, T=16, 1 step, 1 repeat (for tests)", root=ROOT)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_size, args.seq_len, args.steps, args.repeats = 4, 16, 1, 1
@@ -223,22 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = (f"{model}, B={args.batch_size}, T={args.seq_len}, {pads:.0%} pad tokens, {args.steps} steps x "
                 f"{args.repeats} repeats per configuration (interleaved), AdamW, sigma=1, C=1, device {device.type}, "
                 f"{args.dtype}")
-    print(settings)
-    print(text_table(headers, rows))
-    print("\n".join(verdicts))
-    print(f"elapsed {elapsed:.0f} s; load average at start {info['load average at start']}, at end {load_average()}")
-    if not args.no_record:
-        memory_note = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                       "peak RSS of a step above the resident baseline (/proc VmHWM) + parameters and optimizer state")
-        lines = [f"## dp_overhead — {info['date']}", "",
-                 f"`python -m benchmarks.dp_overhead {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
-                 f"- settings: {settings}"]
-        lines += [f"- {k}: {v}" for k, v in info.items() if k != "date"]
-        lines += [f"- load average at end: {load_average()} (run took {elapsed:.0f} s)",
-                  f"- memory: {memory_note}", "", markdown_table(headers, rows), "", "Targets (issues 7 and 14):", ""]
-        lines += [f"- {v}" for v in verdicts]
-        append_section(args.output, "\n".join(lines))
-        print(f"appended to {args.output}")
+    memory_note = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                   "peak RSS of a step above the resident baseline (/proc VmHWM) + parameters and optimizer state")
+    report("dp_overhead", args, argv, info, settings=settings, headers=headers, rows=rows, notes=verdicts,
+           elapsed=elapsed, details=(f"memory: {memory_note}",), notes_heading="Targets (issues 7 and 14):")
     return 0
 
 

@@ -2,8 +2,9 @@
 # The prepared GPU measurement of issue 14 item 4, for a session that is lent a device (about 10 minutes):
 #   run(command="bash benchmarks/gpu_suite.sh", timeout_s=600)      # the device tool sets $OUT
 # Each step has its own time limit and writes its section to $OUT/<step>.md (dp_overhead, utility) and its log to
-# $OUT/<step>.log, so a step that fails or runs out of time leaves the others' figures. Afterwards copy the
-# sections into docs/benchmarks.md (they carry the GPU model, versions and load) and update the summary.
+# $OUT/<step>.log, so a step that fails or runs out of time leaves the others' figures. Afterwards file the
+# records beside them (python -m benchmarks.page --add $OUT/*.jsonl: they carry the GPU model, versions and
+# load), regenerate the page (make bench-page) and update the notes in benchmarks/notes/.
 #
 # Steps (CUDA is picked automatically by the benchmarks; device=auto in veil):
 #   1. dp_overhead, MiniLM-L6, float32, B=32, T=64: LoRA and full, non-private / hooks / ghost   (~2 min)

@@ -22,7 +22,6 @@ import copy
 import itertools
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,8 @@ TASK = get_task("classification")
 def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, epsilon: float | None, rounds: int,
             steps: int, batch: int) -> VeilConfig:
     model = ModelConfig(tuning="head", path=args.model_path, source=args.source, pooling=args.pooling,
-                        max_length=args.max_length)
+                        max_length=args.max_length, feature_center=args.feature_center,
+                        feature_scale=args.feature_scale)
     fed = FederationConfig(num_clients=args.banks, rounds=rounds, local_steps=steps, batch_size=batch, lr=lr,
                            optimizer=args.optimizer, alpha=args.alpha)
     priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip)
@@ -92,10 +92,20 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
         labels = resolve_labels(base.data)
         t0 = time.perf_counter()
         examples = read_examples(str(train), base.data)
-        everything = TASK.tensors(examples, labels, base, path=str(train))
-        splits = {"validation": TASK.tensors(read_examples(str(val_path), base.data), labels, base, path=str(val_path))}
-        if args.test:
-            splits["test"] = TASK.tensors(read_examples(str(TEST), base.data), labels, base, path=str(TEST))
+        key = f"{args.model_path or args.source}-{args.pooling}-{args.max_length}-{args.val_per_class}"
+        cached = Path(args.feature_cache) / f"head_study-{key.replace('/', '_')}.pt" if args.feature_cache else None
+        if cached is not None and cached.is_file():  # the frozen encoder's features of the same texts
+            everything, splits = torch.load(cached, weights_only=True)
+        else:
+            everything = TASK.tensors(examples, labels, base, path=str(train))
+            splits = {"validation": TASK.tensors(read_examples(str(val_path), base.data), labels, base,
+                                                 path=str(val_path)),
+                      "test": TASK.tensors(read_examples(str(TEST), base.data), labels, base, path=str(TEST))}
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save((everything, splits), cached)
+        if not args.test:
+            splits.pop("test")
         featurize_s = time.perf_counter() - t0
         _ids, parts = simulated_partitions(TASK, examples, labels, {**vars(base.federation)}, path=str(train))
         shards = [{k: t[torch.as_tensor(parts[i])] for k, t in everything.items()} for i in range(args.banks)]
@@ -124,7 +134,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             row(f"federated {what}, {args.optimizer} lr={lr:g}, C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
                 f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s")
     settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen, pooling {args.pooling} "
-                f"(resolved: {template.pooling if hasattr(template, 'pooling') else 'pooler'}), head from label "
+                f"(resolved: {template.pooling if hasattr(template, 'pooling') else 'pooler'}), feature map "
+                f"{args.feature_center} x {args.feature_scale:g}, head from label "
                 f"names; validation: {args.val_per_class} texts per label carved from train.csv; features for "
                 f"{len(examples)} training texts computed in {featurize_s:.0f} s"
                 + ("; test: the BANKING77 test split" if args.test else ""))
@@ -146,11 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", default="256")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--pooling", default="auto")
+    ap.add_argument("--feature-center", default="none", help="model.feature_center: none | label_names")
+    ap.add_argument("--feature-scale", type=float, default=1.0, help="model.feature_scale")
     ap.add_argument("--model-path", default="")
     ap.add_argument("--source", default="minilm", help="a packaged model when --model-path is empty: minilm | smollm2")
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--val-per-class", type=int, default=10)
     ap.add_argument("--test", action="store_true", help="also score the test split (chosen settings only)")
+    ap.add_argument("--feature-cache", default="", help="a directory keeping the frozen features between runs")
     from benchmarks.common import add_output_args
 
     add_output_args(ap, quick="--epsilons 4 --rounds 2 --steps 2", root=Path(__file__).resolve().parents[1])

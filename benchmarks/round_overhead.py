@@ -10,7 +10,7 @@ Each exchange splits into dispatch (server push -> first ClientApp starts: the e
 every 0.1 s), client span (first ClientApp start -> last ClientApp end: Ray round trips, ``actors`` at a time) and
 collection (last ClientApp end -> the server holds every reply: the grid's pull interval).
 
-    python -m benchmarks.round_overhead                      # appends to docs/benchmarks.md
+    python -m benchmarks.round_overhead                      # records to benchmarks/results/
     python -m benchmarks.round_overhead --quick --no-record  # 4 nodes, 1 repeat (tests)
 """
 

@@ -7,7 +7,7 @@ A node draws 1 private + (neighbours) pairwise masks per round; the server draws
 (plus pairwise masks of dropped nodes). So the per-round mask cost is (1 + neighbours) x the "per mask" column on a
 node and clients_per_round x it on the server.
 
-    python -m benchmarks.secagg_crypto                       # 75k and 1M values; appends to docs/benchmarks.md
+    python -m benchmarks.secagg_crypto                       # 75k and 1M values; records to benchmarks/results/
     python -m benchmarks.secagg_crypto --quick --no-record   # 1k values (tests)
 """
 

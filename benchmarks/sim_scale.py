@@ -229,12 +229,14 @@ def client_app_bytes(population: int) -> int:
 
     from veil.conf.runconfig import to_run_config
     from veil.conf.schema import VeilConfig
-    from veil.simulation import NamedCauses, _simulated_client_app, simulated_node_configs
+    from veil.client.app import make_client_app
+    from veil.simulation import NamedCauses, simulated_node_configs
 
     cfg = VeilConfig()
     cfg.data.train_path, cfg.data.test_path = str(DATA / "train.csv"), str(DATA / "test.csv")
     cfg.federation.num_clients = population
-    app = NamedCauses(_simulated_client_app(to_run_config(cfg), Path("nodes"), simulated_node_configs(cfg), ()))
+    app = NamedCauses(make_client_app(to_run_config(cfg), simulation_root=Path("nodes") / "nodes",
+                                      simulated_nodes=simulated_node_configs(cfg)))
     return len(cloudpickle.dumps(lambda: app))
 
 

@@ -8,7 +8,7 @@ tensor through ``ndarray_to_bytes`` (``np.save``: 4 bytes a value plus a header)
 ``modulus_range``), so the masked vector's dtype and size are Flower's own. The SecAgg+ key-exchange stages add a
 few hundred bytes per neighbour and round; they are counted separately (measured sizes of the keys and shares).
 
-    python -m benchmarks.upload_bytes                    # MiniLM-L6; appends to docs/benchmarks.md
+    python -m benchmarks.upload_bytes                    # MiniLM-L6; records to benchmarks/results/
     python -m benchmarks.upload_bytes --quick --no-record   # tiny BERT (tests)
 """
 

@@ -1,7 +1,7 @@
 """Test-only: a deliberately broken DP mechanism, for the tests of ``veil audit``.
 
 It lives in tests/, outside the veil package, so no installed veil and no run config can turn it on: a test
-passes :func:`broken_noise` as a Flower mod to :func:`veil.privacy.audit.run_audit` (a Python argument), and Flower
+passes :func:`broken_noise` as a Flower mod to :func:`veil.audit.cli.run_audit` (a Python argument), and Flower
 ships it to the simulated clients. Each client then trains with its Gaussian noise scaled down by
 ``NOISE_SCALE`` inside Opacus, while veil plans, calibrates and books the configured σ in the node's ledger: the
 claimed ε stays the configured one, the real ε is far larger, and the audit must say so.

@@ -57,7 +57,7 @@ def main() -> None:
     from veil.conf import CONF_DIR
     from veil.conf.runconfig import to_run_config, to_veil_config
     from veil.server.app import make_server_app
-    from veil.conf.preflight import register_schema, resolve_paths_and_labels
+    from veil.preflight import register_schema, resolve_paths_and_labels
 
     out_dir, kind, partition, overrides = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     register_schema()

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from helpers import data_overrides
-from veil.conf.preflight import preflight, resolve_paths_and_labels
+from veil.preflight import preflight, resolve_paths_and_labels
 from veil.errors import ConfigError
 from veil.privacy.audit_bound import guess_top_bottom
-from veil.privacy.audit_clients import (
+from veil.audit.clients import (
     CanaryClient,
     canary_direction,
     canary_run_config,
@@ -138,7 +138,7 @@ def test_canary_node_runs_the_ordinary_release(small_csv: tuple[Path, Path], tmp
 
     from veil.client.app import REPLY_KEYS, VeilClient, make_client_fn
     from veil.conf.runconfig import to_run_config
-    from veil.privacy.audit_clients import CanaryClients
+    from veil.audit.clients import CanaryClients
     from veil.privacy.ledger import PrivacyLedger
     from veil.simulation import simulated_node_configs
     from veil.task import get_task
@@ -172,7 +172,7 @@ def test_canary_node_runs_the_ordinary_release(small_csv: tuple[Path, Path], tmp
 def test_report_shows_the_client_level_audit(tmp_path: Path) -> None:
     from test_report import fake_run
 
-    from veil.privacy.audit import SCORES, AuditResult
+    from veil.audit.result import SCORES, AuditResult
     from veil.report import find_runs, load_run, write_report
 
     fake_run(tmp_path / "a", eps=0.98, clients=43)

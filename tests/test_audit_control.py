@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from veil.privacy import audit as audit_mod
-from veil.privacy.audit import AuditResult, configure_parser, write_outputs
-from veil.privacy.audit_control import power_warning, side_by_side, write_control
+from veil.atomic import atomic_write
+from veil.audit import cli as audit_mod
+from veil.audit.cli import configure_parser
+from veil.audit.control import power_warning, side_by_side, write_control
+from veil.audit.result import AuditResult, write_outputs
 
 
 def _result(bound: float, *, claimed: float = 4.0, correct: int = 60) -> AuditResult:
@@ -31,7 +33,7 @@ def test_both_bounds_side_by_side_and_a_warning_only_without_power(tmp_path: Pat
     assert line is not None and "\n" not in line and "no power" in line and "federation.rounds" in line
 
     write_outputs(tmp_path, dp, [])
-    write_control(tmp_path, dp, weak, audit_mod._write_atomic)
+    write_control(tmp_path, dp, weak, atomic_write)
     doc = json.loads((tmp_path / "audit.json").read_text())
     assert doc["lower_bound"] == 0.0 and doc["control"]["lower_bound"] == 0.02
     md = (tmp_path / "audit.md").read_text()
@@ -51,7 +53,7 @@ def test_the_control_arm_draws_the_same_canaries_with_dp_off(tmp_path: Path, mon
         return result
 
     monkeypatch.setattr(audit_mod, "run_audit", fake_run_audit)
-    monkeypatch.setattr("veil.simulation.preflight", lambda overrides: VeilConfig())
+    monkeypatch.setattr("veil.preflight.preflight", lambda overrides: VeilConfig())
     parser = argparse.ArgumentParser()
     configure_parser(parser)
     assert audit_mod.run(parser.parse_args([f"hydra.run.dir={tmp_path / 'a'}"])) == 0

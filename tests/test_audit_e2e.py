@@ -3,7 +3,10 @@ claim, and a deliberately broken mechanism (noise scaled down, the configured σ
 VIOLATION with a non-zero exit. The audit design for CI size: 128 canaries, 16 guessed in and 16 out, 2 clients,
 3 rounds of 40 full-batch local steps (batch_size above every shard: q = 1) so that a canary is in every step.
 A claim of ε = 0.1 is refuted by 22 right guesses out of 32; without noise the runs measured here got 26-31 with the
-loss score and 24-27 with the white-box gradient score (both read from each of three runs)."""
+loss score and 24-27 with the record-gradient score (both read from each of three runs). The first two tests use the
+default score, gradient canaries (`--score grad`, issue 26): on this LoRA/AdamW configuration its control arm passed
+the > 0.2 check (one run); its own design, the numbers it reaches and its hand-checked test are in
+tests/test_audit_gradient.py and docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Pat
     from audit_hooks import broken_noise
 
     from veil.cli import main
-    from veil.privacy import audit
+    from veil.audit import cli as audit
 
     monkeypatch.setattr(audit, "run_audit", functools.partial(audit.run_audit, client_mods=[broken_noise]))
     run_dir = tmp_path / "broken"
@@ -139,7 +142,7 @@ def test_broken_client_level_noise_is_flagged(small_csv: tuple[Path, Path], tmp_
     reading only the published model, says VIOLATION."""
     from audit_hooks import broken_client_noise
 
-    from veil.privacy import audit
+    from veil.audit import cli as audit
 
     monkeypatch.setattr(audit, "run_audit", functools.partial(audit.run_audit, client_mods=[broken_client_noise]))
     code, doc = _client_audit(small_csv, tmp_path / "broken", "privacy=client_dp", "privacy.target_epsilon=1")

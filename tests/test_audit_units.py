@@ -12,7 +12,8 @@ import pytest
 
 from test_report import fake_run
 from veil.errors import ConfigError
-from veil.privacy.audit import SCORES, AuditResult, Canaries, make_canaries, write_planted
+from veil.audit.records import Canaries, make_canaries, write_planted
+from veil.audit.result import SCORES, AuditResult
 from veil.task.data import TextExamples
 from veil.task.shards import with_planted
 
@@ -76,16 +77,35 @@ def test_report_shows_the_audit_beside_the_claim(tmp_path: Path) -> None:
     assert text.count("VIOLATION") == 1, "only the audited run has an audit row"
 
 
-def test_audit_refuses_an_unknown_score_and_a_task_without_labels() -> None:
+def test_report_shows_the_control_arm_beside_the_dp_bound_and_warns_without_power(tmp_path: Path) -> None:
+    from veil.report import find_runs, load_run, write_report
+
+    for name, control_bound in (("strong", 4.166), ("weak", 0.0)):
+        fake_run(tmp_path / name, eps=4.0, clients=1)
+        control = {**_result(math.inf, control_bound).to_json(), "correct": 200 if control_bound else 100,
+                   "guesses": 200}
+        (tmp_path / name / "audit.json").write_text(json.dumps({**_result(3.997, 1.505).to_json(), "control": control}))
+    write_report([load_run(p) for p in find_runs([tmp_path])], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if "4.166 (200 of 200)" in line)
+    assert "| 3.997 | 1.505 |" in row, row
+    said = [line for line in text.splitlines() if "without DP this attack finds ε ≥" in line]
+    assert len(said) == 2 and "with DP ≥ 1.505; claimed 3.997" in said[0]
+    assert sum("no power" in line for line in said) == 1, "one warning, for the control that found nothing"
+
+
+def test_audit_refuses_an_unknown_score_and_record_canaries_for_a_task_without_labels() -> None:
     import dataclasses
 
     from veil.conf.schema import DataConfig, VeilConfig
-    from veil.privacy.audit import _check
+    from veil.audit.cli import _check
 
     cfg = VeilConfig(data=DataConfig(train_path="a.csv", test_path="b.csv"))
     _check(cfg, canaries=100, guesses=10, confidence=0.95, score="gradient")  # accepted
     with pytest.raises(ConfigError, match="--score=hessian"):
         _check(cfg, canaries=100, guesses=10, confidence=0.95, score="hessian")
     lm = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="causal_lm"))
-    with pytest.raises(ConfigError, match="task=classification"):
+    with pytest.raises(ConfigError, match="task=classification") as err:
         _check(lm, canaries=100, guesses=10, confidence=0.95, score="loss")
+    assert "--score grad" in str(err.value), "the refusal names the score that fits"
+    _check(lm, canaries=100, guesses=10, confidence=0.95, score="grad")  # gradient canaries fit any task

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from helpers import data_overrides
-from veil.conf.preflight import preflight, resolve_paths_and_labels
+from veil.preflight import preflight, resolve_paths_and_labels
 from veil.errors import ConfigError
-from veil.privacy.audit import canary_vocabulary
+from veil.audit.records import canary_vocabulary
 from veil.privacy.audit_bound import guess_top_bottom
-from veil.privacy.audit_whitebox import alignment_scores, gradient_scores, round_weights
+from veil.audit.whitebox import alignment_scores, gradient_scores, round_weights
 from veil.server.checkpoint import save_checkpoint
 from veil.task import get_task
 from veil.task.data import TextExamples

@@ -72,7 +72,7 @@ def _check_refused(case: Case, argv: list[str], capsys: pytest.CaptureFixture[st
 def _check_accepted(accept: dict[str, Any]) -> None:
     """The file parses with the given data settings; with `preflight`, veil simulate's checks pass too."""
     from veil.conf.schema import DataConfig
-    from veil.conf.preflight import preflight
+    from veil.preflight import preflight
     from veil.task.data import read_examples
 
     examples = read_examples(accept["path"], DataConfig(**accept["data"]))

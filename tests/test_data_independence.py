@@ -75,7 +75,8 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
 
 def _settings(data: Path, ledger: Path, **policy: Any) -> NodeSettings:
     return NodeSettings(**{**dict(data_path=str(data), text_column=None, label_column=None, ledger_path=ledger,
-                                  device="cpu", partition_id=None, num_partitions=None), **OWNER, **policy})
+                                  device="cpu", partition_id=None, num_partitions=None, allow_test_model=True),
+                              **OWNER, **policy})
 
 
 def _weights(cfg: VeilConfig) -> list[np.ndarray]:

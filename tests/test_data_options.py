@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from veil.conf.preflight import follow_defaults, preflight
+from veil.preflight import follow_defaults, preflight
 from veil.conf.schema import DataConfig, FederationConfig, VeilConfig
 from veil.errors import ConfigError, DataFileError
 from veil.task.data import read_examples
@@ -118,7 +118,7 @@ def test_num_clients_alone_passes_the_checks_from_any_directory(tmp_path: Path, 
 def test_every_shipped_data_group_works_from_any_directory(tmp_path: Path, monkeypatch, group: str,
                                                            task: str) -> None:
     """A shipped data group names files inside the package, never a path relative to a checkout."""
-    from veil.conf.preflight import preflight
+    from veil.preflight import preflight
 
     monkeypatch.chdir(tmp_path)
     model = "tiny_bert" if task == "classification" else "tiny_llama"

@@ -166,6 +166,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                 "client", "--superlink", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"),
                 "--key", str(certs / f"node-{n}.key"), "--data", str(node_files[n - 1]), "--node-dir", str(node_dir),
                 "--max-epsilon", "100", "--min-noise-multiplier", min_sigma, "--max-sample-rate", max_q,
+                "--allow-test-model",  # the run's model is the tiny BERT built in code
                 # standing nodes (docs/deployment.md): they must outlive the coordinator's restart for the resume
                 # below; the default 5 retries can be spent by Flower's jittered back-off within ~6 s
                 "--max-retries", "0", "--max-wait-time", "240",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from veil.client.settings import node_settings
-from veil.conf.preflight import preflight
+from veil.preflight import preflight
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.server.deploy import NODE_LOCAL, resolve_config
 from veil.task.causal_lm import IGNORE

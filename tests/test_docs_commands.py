@@ -76,7 +76,7 @@ def _compose(overrides: list[str], *, server: bool) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from veil.conf import CONF_DIR
-    from veil.conf.preflight import _sweep_variants, follow_defaults, register_schema
+    from veil.preflight import _sweep_variants, follow_defaults, register_schema
     from veil.conf.runconfig import to_veil_config
 
     plain = [o for o in follow_defaults(overrides) if not o.startswith(("-", "hydra.", "hydra/"))]

@@ -125,7 +125,7 @@ def test_a_deployed_node_runs_the_owners_engine_not_the_runs(tmp_path: Any, monk
     for engine in ("hooks", "bk", "auto"):
         settings = NodeSettings(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
                                 ledger_path=tmp_path / f"{engine}.json", device="cpu", partition_id=None,
-                                num_partitions=None, dp_engine=engine)
+                                num_partitions=None, dp_engine=engine, allow_test_model=True)
         _u, weight, _m = VeilClient(cfg, settings, run_id=1).fit(get_trainable(build_model(cfg.model, LABELS, seed=0)),
                                                                  {"server_round": 1})
         assert weight == 1
@@ -184,3 +184,17 @@ def test_the_noisy_sum_is_divided_by_the_fixed_expected_batch_not_the_batch_draw
         for got, want in zip(released, reference):
             torch.testing.assert_close(got, want / fixed, rtol=1e-4, atol=1e-6)
     assert sizes != {fixed}, "the batches drawn were not the fixed size (else the test proves nothing)"
+
+
+def test_no_node_setting_or_run_config_turns_ghost_on_for_a_deployed_node(tmp_path: Any) -> None:
+    """The owner cannot pick ghost either: --dp-engine ghost is refused in one line when the node starts; every
+    accepted engine resolves to hooks or bk whatever privacy.grad_sample_mode the run sends."""
+    from veil.client.settings import node_settings
+    from veil.errors import ConfigError
+
+    base = {"data-path": str(tmp_path / "d.csv"), "max-epsilon": 8.0, "ledger-path": str(tmp_path / "l.json")}
+    with pytest.raises(ConfigError, match="dp-engine='ghost' is invalid"):
+        node_settings({**base, "dp-engine": "ghost"})
+    lora = build_model(ModelConfig(tiny=True, max_length=8, lora=True), LABELS, seed=0)
+    for engine in OWNER_ENGINES:
+        assert resolve_owner_engine(node_settings({**base, "dp-engine": engine}).dp_engine, lora) in ("hooks", "bk")

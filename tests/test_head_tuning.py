@@ -137,8 +137,31 @@ def test_label_name_head_goes_through_the_chosen_pooling() -> None:
     assert not torch.allclose(cls.head.weight, want, atol=1e-3)  # another pooling, another prototype
 
 
-def test_exported_classifier_gives_veils_evaluation_logits(tmp_path: Path) -> None:
-    model = build_model(ModelConfig(tiny=True, tuning="lora", pooling="mean"), LABELS, seed=0)
+def test_feature_map_centres_on_the_label_names_and_scales_by_hand() -> None:
+    mapped = ModelConfig(tiny=True, tuning="head", pooling="mean", feature_center="label_names", feature_scale=3.0)
+    model = build_model(mapped, LABELS, seed=0).eval()
+    names = [label.replace("_", " ") for label in LABELS]
+    enc = tokenize(load_tokenizer(HEAD), names, max_length=32)
+    with torch.no_grad():
+        prototypes = pool(model.encoder(**enc).last_hidden_state, enc["attention_mask"], "mean")  # (K, H)
+        center = prototypes.mean(dim=0)
+        radius = (prototypes - center).norm(dim=-1).mean()
+        text = _enc()
+        feats = model.embed(text["input_ids"], text["attention_mask"])
+        got = model(features=feats).logits
+    want = (3.0 / radius) * (feats - center) @ model.head.weight.T + model.head.bias
+    assert torch.allclose(got, want, atol=1e-5)
+    # the map is not a parameter: it never trains and never travels; the label-name head is unchanged by it
+    assert trainable_names(model) == ["head.weight", "head.bias"]
+    plain = build_model(HEAD, LABELS, seed=0)
+    assert torch.allclose(model.head.weight, plain.head.weight, atol=1e-5)
+    pooler = build_model(ModelConfig(tiny=True, tuning="head", pooling="auto", feature_scale=2.0), LABELS, seed=0)
+    assert not isinstance(pooler, PooledClassifier)  # the family's own classifier: no pooled embedding to map
+
+
+@pytest.mark.parametrize("feature_map", [{}, {"feature_center": "label_names", "feature_scale": 3.0}])
+def test_exported_classifier_gives_veils_evaluation_logits(tmp_path: Path, feature_map: dict[str, object]) -> None:
+    model = build_model(ModelConfig(tiny=True, tuning="lora", pooling="mean", **feature_map), LABELS, seed=0)
     with torch.no_grad():  # move the adapters and the head away from their start, so the merge matters
         for name, p in model.named_parameters():
             if p.requires_grad:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from veil.errors import LedgerError, PrivacyBudgetExhausted
-from veil.privacy import ledger as ledger_module
+from veil import atomic
 from veil.privacy.accounting import compute_epsilon
 from veil.privacy.ledger import LEDGER_VERSION, LedgerEvent, PrivacyLedger
 
@@ -68,7 +68,7 @@ def test_crash_between_temp_write_and_rename_keeps_old_ledger(
     def crash(src: str, dst: str) -> None:
         raise KeyboardInterrupt("power cut")  # not an OSError: must propagate unchanged
 
-    monkeypatch.setattr(ledger_module, "_replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         ledger.record(event(1))
     monkeypatch.undo()
@@ -89,7 +89,7 @@ def test_failed_rename_is_a_ledger_error_and_leaves_no_temp(tmp_path: Path, monk
     def disk_full(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ledger_module, "_replace", disk_full)
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
     with pytest.raises(LedgerError, match="ledger.json"):
         ledger.record(event(0))
 
@@ -191,3 +191,18 @@ def test_missing_ledger_without_create_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="does not exist"):
         PrivacyLedger.open(tmp_path / "absent.json", create=False)
     assert not (tmp_path / "absent.json").exists()
+
+
+def test_stopped_runs_survive_a_reopen_and_every_later_write(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path)
+    ledger.record(LedgerEvent(run_id="r1", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=3, delta=1e-5))
+    ledger.stop_run("r1")
+    other = PrivacyLedger.open(path)  # another process, opened after the stop
+    other.record(LedgerEvent(run_id="r2", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=3, delta=1e-5))
+    reread = PrivacyLedger.open(path, create=False)
+    assert reread.stopped("r1") and not reread.stopped("r2") and len(reread) == 2
+    assert json.loads(path.read_text())["stopped_runs"] == ["r1"]
+    assert not list(tmp_path.glob(".ledger.json.*.tmp")), "written through a temp file, renamed"
+    with pytest.raises(LedgerError, match="only grows"):
+        reread.load_state_dict({**reread.state_dict(), "stopped_runs": []})  # a stop is never undone

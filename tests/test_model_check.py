@@ -65,3 +65,37 @@ def test_any_special_token_outside_the_vocabulary_is_refused(tmp_path: Path, spe
     _model_dir(tmp_path / "m", tokenizer={"eos_token": "</s>", special: "<new>"})  # "<new>" is added as id 13
     with pytest.raises(ModelError, match=f"{special} '<new>' has id 13, outside the model's vocabulary"):
         check_model_files(_cfg(tmp_path / "m"))
+
+
+def test_a_deployed_node_refuses_a_model_it_cannot_train_in_one_line_before_reading_data(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner's --model has no pad token (the corpus' bert_no_pad): the node's first round is a plain refusal,
+    logged in one line that names the problem and the fix; the data file is never read and nothing is booked."""
+    import json
+
+    import numpy as np
+
+    import veil.task.shards
+    from veil.client.app import REPLY_KEYS, VeilClient
+    from veil.client.settings import NodeSettings
+    from veil.conf.schema import DataConfig
+
+    _model_dir(tmp_path / "owner_model", family="bert", config={"pad_token_id": None})
+    data = tmp_path / "own.csv"
+    data.write_text("text,label\nmy card was lost,card\nwhy a fee,fee\n", encoding="utf-8")
+    monkeypatch.setattr(veil.task.shards, "read_examples", lambda *a, **k: pytest.fail("the data was read"))
+    cfg = VeilConfig(model=ModelConfig(path="/the/coordinators/choice", tiny=False, max_length=16, tuning="head",
+                                       head_init="random"),
+                     data=DataConfig(train_path="unused.csv", test_path="unused.csv", label_column="label",
+                                     labels=json.dumps(["card", "fee"]))).validate()
+    settings = NodeSettings(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
+                            ledger_path=tmp_path / "ledger.json", device="cpu", partition_id=None,
+                            num_partitions=None, model_path=str(tmp_path / "owner_model"))
+
+    update, weight, reply = VeilClient(cfg, settings, run_id=1).fit([np.zeros(3, np.float32)], {"server_round": 1})
+
+    assert weight == 0 and reply["refused"] == 1 and set(reply) == set(REPLY_KEYS) and not update[0].any()
+    said = [r.getMessage() for r in caplog.records if "cannot train" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "neither a pad token nor an end-of-sequence token" in said[0] and "pad_token" in said[0]
+    assert str(tmp_path / "owner_model") in said[0] and not (tmp_path / "ledger.json").exists()

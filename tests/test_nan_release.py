@@ -46,7 +46,8 @@ def _cfg(**privacy: Any) -> VeilConfig:
 def _settings(data: Path, tmp_path: Path, **policy: Any) -> NodeSettings:
     return NodeSettings(**{**dict(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
                                   ledger_path=tmp_path / f"{data.stem}-{len(policy)}.json", device="cpu",
-                                  partition_id=None, num_partitions=None, max_sample_rate=0.05), **policy})
+                                  partition_id=None, num_partitions=None, max_sample_rate=0.05,
+                                  allow_test_model=True), **policy})
 
 
 def _data(tmp_path: Path, *, all_target: bool) -> Path:

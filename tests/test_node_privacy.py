@@ -55,7 +55,7 @@ def _cfg(**privacy: Any) -> VeilConfig:
 def _settings(data: Path, tmp_path: Path, **policy: Any) -> NodeSettings:
     base: dict[str, Any] = dict(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
                                 ledger_path=tmp_path / f"ledger-{data.stem}.json", device="cpu", partition_id=None,
-                                num_partitions=None)
+                                num_partitions=None, allow_test_model=True)  # model.tiny: a test node
     return NodeSettings(**{**base, **policy})
 
 
@@ -395,7 +395,7 @@ def test_every_message_a_node_sends_in_a_secagg_round_is_data_independent(files:
     for node, (data, budget) in configs.items():
         rnd.contexts[node] = dataclasses.replace(rnd.contexts[node], run_config=flat, node_config={
             "data-path": str(data), "max-epsilon": budget, "ledger-path": str(tmp_path / f"{node}.json"),
-            "device": "cpu"})
+            "device": "cpu", "allow-test-model": True})
     weights = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(_weights(cfg)), {"server_round": 1}),
                                           keep_input=True)
     sent: dict[int, list[Any]] = {n: [] for n in NODES}
@@ -465,7 +465,8 @@ def test_a_text_only_node_refuses_classification_whatever_column_the_run_names(f
     from veil.client.settings import node_settings
 
     settings = node_settings({"data-path": str(files["big"]), "label-column": "", "max-epsilon": 50.0,
-                              "ledger-path": str(tmp_path / "t.json"), "device": "cpu"})
+                              "ledger-path": str(tmp_path / "t.json"), "device": "cpu",
+                              "allow-test-model": True})
     assert settings.text_only
     cfg = _cfg()  # data.label_column=label: a column of the owner's file the owner never named
     _u, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
@@ -486,3 +487,38 @@ def test_a_ledger_that_cannot_be_written_declines_unbooked_and_asks_to_be_asked_
     lock.rmdir()
     _update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 2})
     assert weight == 1 and metrics["refused"] == 0 and [e.round for e in _events(settings)] == [2]
+
+
+# (N8) ----------------------------------------------------------------------------------------------------------
+def test_model_tiny_never_replaces_the_owners_model_on_a_deployed_node(files: dict[str, Path], tmp_path: Path) -> None:
+    """A run saying model.tiny made a deployed node train a model built in code instead of its owner's --model
+    (review N8). It is refused now, before any data is read, the same way for every owner."""
+    cfg = _cfg()
+    replies = []
+    for name, model_path in (("big", None), ("small", str(tmp_path / "owners-model"))):
+        settings = _settings(files[name], tmp_path, allow_test_model=False, model_path=model_path)
+        assert client_app.owner_model(cfg, settings).path == (model_path or "") and not settings.allow_test_model
+        update, weight, metrics = VeilClient(cfg, settings, run_id=1).fit(_weights(cfg), {"server_round": 1})
+        replies.append((weight, metrics, [u.any() for u in update]))
+        assert _events(settings) == [], "nothing trained, nothing booked"
+    assert replies[0] == replies[1] and replies[0][0] == 0 and replies[0][1]["refused"] == 1
+
+
+# (N10) ---------------------------------------------------------------------------------------------------------
+def test_a_restarted_node_keeps_refusing_a_run_it_told_it_cannot_train(files: dict[str, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a reply with can_train_next=False the node refuses the rest of that run on its own (review N10), also
+    after a restart, even when the budget would then allow the round: the stop is kept in the owner's ledger."""
+    cfg = _cfg(noise_multiplier=1.0)  # q = 8/40, 2 steps a round: eps 2.94 after one round, 3.63 after two
+    tight = _settings(files["big"], tmp_path, max_epsilon=3.3)
+    _u, weight, metrics = VeilClient(cfg, tight, run_id=7).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 1 and metrics["can_train_next"] is False
+    assert PrivacyLedger.open(tight.ledger_path, create=False).stopped("7"), "the ledger reader sees the stop"
+    from veil.client import round_plan
+
+    monkeypatch.setattr(round_plan, "_STOPPED", set(), raising=False)  # a fresh process: no memory of the run
+    roomy = dataclasses.replace(tight, max_epsilon=50.0)  # restarted with a budget that would allow round 2
+    _u, weight, metrics = VeilClient(cfg, roomy, run_id=7).fit(_weights(cfg), {"server_round": 2})
+    assert weight == 0 and metrics["refused"] == 1 and [e.round for e in _events(roomy)] == [1]
+    _u, weight, _m = VeilClient(cfg, roomy, run_id=8).fit(_weights(cfg), {"server_round": 1})
+    assert weight == 1, "another run may ask again"

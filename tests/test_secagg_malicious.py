@@ -18,8 +18,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
-from flwr.supercore.primitives.asymmetric import (bytes_to_public_key, generate_key_pairs, private_key_to_bytes,
-                                                   public_key_to_bytes)
+from flwr.supercore.primitives.asymmetric import (bytes_to_public_key, generate_key_pairs, public_key_to_bytes)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from secagg_loopback import QUANTUM, LoopbackGrid, node_app, run_round, update_of
 
@@ -28,7 +27,7 @@ from veil import flower_patches
 from veil.client.secagg_guard import REFUSAL_CODE, REFUSAL_REASON, secagg_policy
 from veil.conf.schema import VeilConfig
 from veil.flower_patches import full_key_masks, full_strength_masks
-from veil.security.roster import OWNER_KEY, RECORD, SIGNATURE_KEY, Roster, raw_public
+from veil.security.roster import OWNER_KEY, RECORD, Roster, raw_public
 
 NODES = (11, 22, 33)
 

@@ -1,5 +1,6 @@
-"""Server optimisers (FedAdam, FedYogi, FedAvgM) and robust aggregators (median, trimmed mean, Krum) against steps
-computed by hand on small vectors; a FedAdam run resumed from a checkpoint equals the uninterrupted run; robust
+"""Server optimisers (FedAdam, FedYogi, FedAdagrad, FedAvgM) against steps computed by hand on small vectors and
+against Flower's own strategies over several rounds (the oracle); robust aggregators (median, trimmed mean, Krum)
+against hand-computed values; a FedAdam run resumed from a checkpoint equals the uninterrupted run; robust
 strategies are refused with SecAgg+ on."""
 
 from __future__ import annotations
@@ -87,6 +88,57 @@ def test_failed_round_does_not_advance_the_optimiser() -> None:
     assert params is None and strategy.optimizer.steps == 0  # type: ignore[union-attr]
     assert _round(strategy, 2, ROUNDS[0]) == pytest.approx([1.3, -2.2], rel=1e-6)  # a first step, no momentum yet
 
+
+
+def _flower_oracle(name: str, *, shapes: list[tuple[int, ...]], lr: float, momentum: float = 0.0,
+                   beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3):  # type: ignore[no-untyped-def]
+    """The step of Flower's own strategy for a mean update Δ: handed one result holding Δ while its reference
+    weights are zero, its pseudo-gradient is exactly Δ and the weights it returns are exactly the step."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.server.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
+
+    zeros = [np.zeros(s, np.float32) for s in shapes]
+    common = {"initial_parameters": ndarrays_to_parameters(zeros), "fit_metrics_aggregation_fn": lambda _: {}}
+    if name == "fedavgm":
+        flower = FedAvgM(**common, server_learning_rate=lr, server_momentum=momentum)
+    elif name == "fedadagrad":
+        flower = FedAdagrad(**common, eta=lr, tau=tau)  # Flower fixes beta_1 = beta_2 = 0
+    else:
+        flower = (FedAdam if name == "fedadam" else FedYogi)(**common, eta=lr, beta_1=beta_1, beta_2=beta_2, tau=tau)
+
+    def step(server_round: int, delta: list[np.ndarray]) -> list[np.ndarray]:
+        if name == "fedavgm":
+            flower.initial_parameters = ndarrays_to_parameters(zeros)
+        else:
+            flower.current_weights = [z.copy() for z in zeros]
+        params, _ = flower.aggregate_fit(server_round, [(None, FitRes(Status(Code.OK, ""),
+                                                                       ndarrays_to_parameters(delta), 1, {}))], [])
+        return parameters_to_ndarrays(params)
+
+    return step
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("fedadam", {"lr": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+    ("fedyogi", {"lr": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-2}),
+    ("fedadagrad", {"lr": 0.05, "beta_1": 0.0, "tau": 1e-3}),
+    ("fedavgm", {"lr": 0.5, "momentum": 0.9}),
+    ("fedavgm", {"lr": 0.7, "momentum": 0.0}),
+])
+def test_numpy_server_optimisers_equal_flowers_strategies_over_rounds(name: str, kwargs: dict) -> None:
+    shapes = [(3, 2), (4,)]
+    ours = ServerOptimizer(name, shapes=shapes, **kwargs)
+    oracle = _flower_oracle(name, shapes=shapes, **kwargs)
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    for server_round in range(1, 6):
+        delta = [rng.normal(scale=0.1, size=s).astype(np.float32) for s in shapes]
+        expected = [(w.astype(np.float64) + s).astype(np.float32)
+                    for w, s in zip(weights, oracle(server_round, delta), strict=True)]
+        weights = ours.apply(weights, delta)
+        for got, want in zip(weights, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert ours.steps == 5
 
 ROBUST = [
     ("median", {}, [[1.0], [5.0], [3.0]], [3.0]),

@@ -108,3 +108,20 @@ def test_robust_aggregators_give_the_same_weights_on_flat_replies(name: str) -> 
     for a, b in zip(got["tensors"], got["flat"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not all(np.allclose(a, t) for a, t in zip(got["flat"], initial, strict=True)), "the weights moved"
+
+
+def test_the_node_and_the_coordinator_share_one_reply_contract(caplog: pytest.LogCaptureFixture) -> None:
+    """The keys a node's reply carries are the keys the coordinator aggregates, from the one table in veil.wire;
+    a reply with exactly those keys is aggregated without a warning."""
+    from veil import wire
+    from veil.client import app as node_app
+    from veil.strategies import fedavg
+
+    assert node_app.REPLY_KEYS is wire.REPLY_KEYS
+    assert fedavg.REPLY_METRIC_KEYS == set(wire.REPLY_KEYS)
+    assert wire.REPLY_KEYS == ("can_train_next", "refused", "upload_bytes", "noise_std")  # docs/privacy.md's table
+    reply = {"can_train_next": True, "refused": 0, "upload_bytes": 8, "noise_std": 0.5}
+    assert set(reply) == set(wire.REPLY_KEYS)
+    with caplog.at_level("WARNING", logger="veil.strategies"):
+        fedavg.aggregate_client_metrics([(1, reply)])
+    assert caplog.text == ""

@@ -21,7 +21,7 @@ from veil.errors import VeilError
 _COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("veil.simulation", "run a simulated federation on this machine (Hydra overrides follow)"),
     "report": ("veil.report", "tables and plots of runs or a sweep: accuracy, loss, ε per round, privacy–utility curve"),
-    "audit": ("veil.privacy.audit", "an empirical lower bound on ε from one simulated run with canaries (simulate overrides follow)"),
+    "audit": ("veil.audit.cli", "an empirical lower bound on ε from one simulated run with canaries (simulate overrides follow)"),
     "privacy": ("veil.privacy.report", "inspect a node's privacy ledger (`veil privacy report --ledger PATH`)"),
     "certs": ("veil.security.certs", "create a CA, a server certificate and node key pairs"),
     "server": ("veil.server.deploy", "start the coordinator (SuperLink with TLS + node auth) and submit a run"),

@@ -40,18 +40,19 @@ Why patches: none of the three is a setting of ``flower-supernode``, the SuperLi
    SHA-256 of the *whole* key, so finding a mask costs a 256-bit key search. Node and ServerApp must use the same
    generator or the masks do not cancel: veil's workflow announces :data:`MASK_GENERATOR` in its SETUP message and
    a node refuses a SETUP without it (:mod:`veil.client.secagg_guard`). The patch refuses any Flower version
-   outside :data:`MASK_PATCH_TESTED` (one line). Upstream proposal: docs/benchmarks.md, "Upstream proposals".
+   outside :data:`MASK_PATCH_TESTED` (one line). Upstream proposal: docs/upstream/mask-seed-strength.md.
 
 5. **Node sessions** (issue 27): a SuperNode restarted after a kill is refused while the SuperLink still holds
    its old session, a dead node counts as online for a minute, and a resumed SuperLink counts every node of the
    crashed run as online; a reply half-pushed by a killed node held a SecAgg+ stage for minutes. The fixes live in
-   :mod:`veil.flower_sessions`; :func:`main` applies the two that run in the SuperNode (a 10-s heartbeat, activation
-   retried for as long as a stale session can last), ``veil server --resume`` the third, the ServerApp the fourth.
+   :mod:`veil.flower_sessions`; :func:`main` applies the three that run in the SuperNode (a 10-s heartbeat, activation
+   retried for as long as a stale session can last, a message of a run that ended mid-pull dropped), ``veil server
+   --resume`` the third, the ServerApp the fourth. Upstream proposal: docs/upstream/node-sessions.md.
 
 Each patch checks that the code it patches is still there and fails with one line otherwise; it changes nothing
 else, and the processes it runs in are veil's own (the node's SuperNode and executor, the ServerApp of a
-deployment). The upstream proposal (a ``--poll-interval`` on ``flower-supernode``, a ``pull_interval`` on the grid,
-and a first object-pull retry in tens of milliseconds or a long-poll ``PullObject``) is in docs/benchmarks.md.
+deployment). Upstream proposals, one file each: docs/upstream/ (poll-interval.md, object-pull.md, node-sweep.md,
+mask-seed-strength.md).
 
     python -m veil.flower_patches --poll-interval 0.25 -- --superlink HOST:PORT ...   # a patched flower-supernode
 """
@@ -99,7 +100,9 @@ class _CappedSleepTime(ModuleType):
 
 
 def cap_supernode_sleeps(limit: float) -> ModuleType:
-    """Make Flower's SuperNode loop wait at most ``limit`` seconds between polls; returns the patched module."""
+    """Make Flower's SuperNode loop wait at most ``limit`` seconds between polls; returns the patched module.
+
+    Upstream proposal: docs/upstream/poll-interval.md."""
     if not limit > 0:
         raise ValueError(f"poll interval must be > 0 seconds, got {limit}")
     module = importlib.import_module(_SUPERNODE_LOOP)
@@ -127,7 +130,9 @@ def _with_short_backoff(pull_objects: Callable[..., Any], first: float, cap: flo
 
 
 def shorten_object_pull_backoff(first: float = PULL_BACKOFF, cap: float = PULL_BACKOFF_CAP) -> None:
-    """Make Flower's object pulls retry after ``first`` s, at most ``cap`` s apart (idempotent)."""
+    """Make Flower's object pulls retry after ``first`` s, at most ``cap`` s apart (idempotent).
+
+    Upstream proposal: docs/upstream/object-pull.md."""
     if not 0 < first <= cap:
         raise ValueError(f"need 0 < first <= cap seconds, got first={first}, cap={cap}")
     original = _unwrapped(importlib.import_module(_PULL_OBJECTS).pull_objects)
@@ -153,7 +158,9 @@ def _addressed_nodes(state: Any, nodes: Any) -> list[int] | None:
 
 
 def sweep_only_addressed_nodes() -> Callable[..., Any]:
-    """Make the simulation engine poll only the nodes that have a message waiting (idempotent); returns the sweep."""
+    """Make the simulation engine poll only the nodes that have a message waiting (idempotent); returns the sweep.
+
+    Upstream proposal: docs/upstream/node-sweep.md."""
     engine = importlib.import_module(_ENGINE)
     flower_sweep = _unwrapped(engine.add_messages_to_queue)
     code = getattr(flower_sweep, "__code__", None)

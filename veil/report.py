@@ -264,19 +264,32 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _audit_lines(runs: list[Run], factors: list[str]) -> list[str]:
-    """The claimed ε beside the empirical lower bound of `veil audit`, for the runs that were audited."""
+    """The claimed ε beside the empirical lower bounds of `veil audit` with DP and, when its control arm ran, without
+    DP (the attack's power), for the runs that were audited; then each run's sentence and no-power warning."""
+    from types import SimpleNamespace
+
+    from veil.audit.control import power_warning, side_by_side
+
     audited = [r for r in runs if r.audit]
     if not audited:
         return []
     lines = ["", "Privacy audit (one run, arXiv:2305.08846): a lower bound above the claimed ε is a bug; below it "
-             "proves nothing.", "", "| run | claimed ε | empirical lower bound on ε | confidence | guesses (right) | score "
-             "| verdict |", "|---|---|---|---|---|---|---|"]
+             "proves nothing, and without DP it shows what the attack can find at all.", "",
+             "| run | claimed ε | lower bound on ε | without DP (control) | confidence | guesses (right) | score "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for r in audited:
-        a = r.audit
+        a, control = r.audit, r.audit.get("control")
         claimed = "∞ (no DP)" if a.get("claimed_epsilon") is None else f"{a['claimed_epsilon']:.3f}"
-        lines.append(f"| {run_label(r, factors)} | {claimed} | {a['lower_bound']:.3f} | {a['confidence']:.0%} "
+        power = "–" if not control else f"{control['lower_bound']:.3f} ({control['correct']} of {control['guesses']})"
+        lines.append(f"| {run_label(r, factors)} | {claimed} | {a['lower_bound']:.3f} | {power} | {a['confidence']:.0%} "
                      f"| {a['guesses']} ({a['correct']}) | {str(a.get('score', '')).split(':')[0]} | {a['verdict']} |")
-    return lines
+        if control:
+            dp = SimpleNamespace(lower_bound=a["lower_bound"], claimed_epsilon=a.get("claimed_epsilon") or math.inf)
+            off = SimpleNamespace(lower_bound=control["lower_bound"])
+            notes.append(f"- {run_label(r, factors)}: " + side_by_side(dp, off).replace(">=", "≥").replace("epsilon", "ε")
+                         + "." + (f" **{power_warning(off)}**" if power_warning(off) else ""))
+    return lines + ([""] + notes if notes else [])
 
 
 def write_markdown(runs: list[Run], factors: list[str], path: Path, *, plots: list[str]) -> Path:

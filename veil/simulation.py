@@ -19,11 +19,11 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from veil.conf.preflight import follow_defaults, preflight, resolve_paths_and_labels
+from veil.preflight import follow_defaults, preflight, resolve_paths_and_labels
 from veil.errors import ConfigError, VeilError
 
 log = logging.getLogger("veil")
@@ -105,14 +105,22 @@ def _remove_if_empty(out_dir: Path) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
-             canary_clients: Any = None) -> dict[str, Any]:
+class ClientAppFactory(Protocol):
+    """Builds the simulated nodes' ClientApp from the flat run config (``defaults``), the directory under which each
+    simulated node keeps its ledger, and the simulated owners' node configs: the signature of
+    :func:`veil.client.app.make_client_app`, the default."""
+
+    def __call__(self, defaults: Mapping[str, Any], *, simulation_root: Path,
+                 simulated_nodes: Mapping[int, Mapping[str, Any]]) -> Any: ...
+
+
+def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | None = None) -> dict[str, Any]:
     """Run one simulated federation into ``out_dir``; returns the final summary.
 
-    ``client_mods``: extra Flower mods around every simulated ClientApp (Python callers only, never from a
-    config: the tests' deliberately broken mechanism for ``veil audit`` enters here). ``canary_clients``: the
-    client-level audit's canary nodes (:class:`veil.privacy.audit_clients.CanaryClients`), the last
-    ``federation.canary_clients`` nodes; their draw reaches them only through this argument.
+    ``client_app``: a :class:`ClientAppFactory` for the simulated nodes (Python callers only, never from a config);
+    default veil's own ClientApp. ``veil audit`` passes one that builds its canary nodes around the same client
+    (:mod:`veil.audit.nodes`), so the canaries' draw reaches the nodes only through Python, and the tests' broken
+    mechanisms enter the same way. ``federation.canary_clients`` needs such a factory: without one it is refused.
     """
     from omegaconf import OmegaConf
 
@@ -120,7 +128,8 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
 
     # (1) compose and validate
     cfg = to_veil_config(dict_cfg)
-    _check_canary_clients(cfg, canary_clients)
+    if client_app is None and cfg.federation.canary_clients:
+        raise ConfigError("federation.canary_clients is set by veil audit only (privacy.level=client); drop it")
     # (2) absolute paths (Ray workers may start elsewhere) and one label set for every process
     cfg = resolve_paths_and_labels(cfg, out_dir)
     # (3) the resolved config next to the outputs
@@ -147,7 +156,7 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
     # (4) simulate
-    _run_flower(cfg, flat, out_dir, client_mods=client_mods, canary_clients=canary_clients)
+    _run_flower(cfg, flat, out_dir, client_app=client_app)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
@@ -172,16 +181,6 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_mods: Sequence[Any] = (),
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}{reference}{ppl}; {eps}; "
           f"model in {out_dir / 'model'}", flush=True)
     return summary
-
-
-def _check_canary_clients(cfg: Any, canary_clients: Any) -> None:
-    fed = cfg.federation
-    count = 0 if canary_clients is None else len(canary_clients)
-    if fed.canary_clients != count:
-        raise ConfigError("federation.canary_clients is set by veil audit only (privacy.level=client); drop it")
-    if count and canary_clients.first_partition != fed.num_clients - count:
-        raise ValueError(f"canary clients start at node {canary_clients.first_partition}, "
-                         f"not {fed.num_clients - count}")
 
 
 def majority_baseline_of(cfg: Any) -> float:
@@ -295,10 +294,10 @@ def ray_init_args(address: str) -> dict[str, Any]:
     return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
 
 
-def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: Sequence[Any] = (),
-                canary_clients: Any = None) -> None:
+def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_app: ClientAppFactory | None = None) -> None:
     from flwr.simulation import run_simulation
 
+    from veil.client.app import make_client_app
     from veil.flower_patches import sweep_only_addressed_nodes
     from veil.server.app import make_server_app
 
@@ -307,13 +306,14 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_mods: S
         "client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
         "init_args": ray_init_args(fed.ray_address),
     }
-    client_app = _simulated_client_app(flat, out_dir, simulated_node_configs(cfg), client_mods, canary_clients)
+    app = (client_app or make_client_app)(flat, simulation_root=out_dir / "nodes",
+                                          simulated_nodes=simulated_node_configs(cfg))
     sweep_only_addressed_nodes()  # Flower's engine polls only nodes with a message, not all N (veil.flower_patches)
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
     with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            run_simulation(server_app=make_server_app(flat), client_app=NamedCauses(client_app),
+            run_simulation(server_app=make_server_app(flat), client_app=NamedCauses(app),
                            num_supernodes=fed.num_clients, backend_config=backend)
         except VeilError as err:
             raise _with_log(err, out_dir / FLOWER_LOG) from None
@@ -390,22 +390,3 @@ def _flower_log(path: Path) -> Iterator[None]:
         for handler in consoles:
             handler.removeFilter(quiet)
         to_file.close()
-
-
-def _simulated_client_app(flat: dict[str, Any], out_dir: Path, nodes: dict[int, dict[str, Any]],
-                          client_mods: Sequence[Any], canary_clients: Any = None) -> Any:
-    """The veil ClientApp for the simulated nodes; with ``client_mods`` (tests only), those mods inside the node's
-    SecAgg+ guard (so they see the update before it is masked); with ``canary_clients`` (``veil audit``), the
-    canary nodes' client behind the same guard and mods."""
-    from flwr.clientapp import ClientApp
-
-    from veil.client.app import make_client_app, make_client_fn, make_secagg_mod
-
-    root = out_dir / "nodes"
-    if not client_mods and canary_clients is None:
-        return make_client_app(flat, simulation_root=root, simulated_nodes=nodes)
-    client_fn = make_client_fn(flat, simulation_root=root, simulated_nodes=nodes)
-    if canary_clients is not None:
-        client_fn = canary_clients.client_fn(client_fn, flat, simulation_root=root, simulated_nodes=nodes)
-    guard = make_secagg_mod(flat, simulation_root=root, simulated_nodes=nodes)
-    return ClientApp(client_fn=client_fn, mods=[guard, *client_mods])

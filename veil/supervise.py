@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
+
 __all__ = ["Supervised", "dies_with_this_process", "flower_command", "flower_env", "free_port", "stop_on_signals"]
 
 log = logging.getLogger("veil")
@@ -157,20 +159,11 @@ class Supervised:
 
 
 def _descendants(root: int) -> list[int]:
-    """PIDs of every live descendant of ``root`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """PIDs of every live descendant of ``root`` (empty when ``root`` is gone)."""
+    try:
+        return [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -3,14 +3,17 @@
 Why: Flower 1.41 sends a message's ``ArrayRecord`` as one object per array (and its chunks), and a deployed hop
 moves each object in its own HTTP request (TLS, node authentication, a SQL session in the SuperLink), pushed and
 pulled two at a time. A SecAgg+ fit exchange crosses ServerApp -> SuperLink -> SuperNode -> executor and back, so
-a LoRA model's 10 (tiny BERT) to 26 (MiniLM-L6) tensors cost ~1.5 s of a ~4.5 s deployed round for 2,180 values
-(docs/benchmarks.md, deploy_overhead 2026-12-01 15:59). One vector per message is one array object whatever the
+a LoRA model's 10 (tiny BERT) to 26 (MiniLM-L6) tensors cost about a third of a deployed round for 2,180 values
+(benchmark deploy_overhead, docs/benchmarks.md). One vector per message is one array object whatever the
 model; the arithmetic on it (the mean, SecAgg+'s per-value quantisation and masks, robust aggregators, which are
 coordinate-wise or use distances over all values) is the same as on the tensors.
 
 The coordinator sends ``[flatten(global)]``; a node unflattens it against its own model's trainable tensors
 (:func:`unflatten`, which refuses a vector of the wrong size before any data is read) and replies in the layout it
 received, so a node also accepts the per-tensor list. Hand-written: Flower has no option to pack a record's arrays.
+
+The reply contract lives here too, for both sides: :data:`REPLY_KEYS` is everything a node's reply carries
+besides the update and its weight; the node sends exactly these keys and the coordinator aggregates only these.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+__all__ = ["REPLY_KEYS", "flatten", "is_flat", "unflatten"]
+
+# Everything a node's reply carries besides the update and its weight (1: contribution, 0: refusal); none of it
+# depends on the owner's data beyond one bit per round (DESIGN.md decision 7, docs/privacy.md "What leaves a node").
+REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
 
 
 def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:

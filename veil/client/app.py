@@ -18,6 +18,8 @@ and the owner's flags only (review 2026-12-07, N1). One round on the node, in th
    release (NaN-safe clip plus this node's noise share). No usable example, a non-finite update or a failure while
    training: noise alone of the declared std (:mod:`veil.privacy.release`), never zeros, the reply unchanged;
 5. the reply: the update (scaled into the SecAgg+ range if needed, logged) with weight 1, and :data:`REPLY_KEYS`.
+   A reply with ``can_train_next=False`` is kept in the owner's ledger: the node refuses the rest of that run on its
+   own, across restarts (review N10).
 
 Every refusal (policy, budget, bad weights) is the same reply: zero update, weight 0, the same keys. Training loss,
 example count, sampling rate and ε stay in the node's log and ledger.
@@ -52,13 +54,14 @@ from veil.client.round_plan import (
 from veil.client.trainer import LocalPlan, LocalResult, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
-from veil.errors import LedgerWriteError, NodeRefusal, VeilError
+from veil.errors import LedgerError, LedgerWriteError, NodeRefusal, VeilError
 from veil.task import get_task
 from veil.task.base import batch_size_of
 from veil.task.model import get_trainable, resolve_device
 from veil.privacy.modes import resolve_owner_engine
 from veil.privacy.release import all_finite, noise_only_update
 from veil.task.shards import NoUsableExamples, client_shard, node_labels, run_labels
+from veil.wire import REPLY_KEYS as REPLY_KEYS  # the reply contract, shared with the coordinator
 from veil.wire import flatten, is_flat, unflatten
 
 if TYPE_CHECKING:
@@ -66,9 +69,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.client")
 
-# Everything a reply carries besides the update and its weight (docs/privacy.md, "What leaves a node").
-REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
 # Received weights beyond this magnitude are refused before any data is touched (LoRA adapters and heads are O(1)).
+# Kept at 1e4, not lowered (review 2026-12-07, N2): the engines a node runs, hooks and bk, hold ||contribution|| <= C
+# for adversarial weights at this very bound (tests/test_engine_bound.py); only ghost clipping broke it (from ~1e3
+# up), and a node never runs ghost. A tighter bound would add no privacy and could refuse honest runs whose weights
+# grow (a head at a large model.head_init_scale, many FedAdam rounds).
 MAX_RECEIVED_ABS = 1e4
 
 
@@ -78,12 +83,25 @@ def _template(flat_json: str) -> Any:
     return get_task(cfg.task.name).build_model(cfg, run_labels(cfg), seed=cfg.federation.seed)
 
 
+@functools.lru_cache(maxsize=2)
+def _check_owner_model(flat_json: str) -> None:
+    """The model pre-flight (:func:`veil.task.model_check.check_model_files`) on a deployed node's own ``--model``
+    for the run's task, once per run config: a model the node cannot train is a ModelError, one line naming the
+    problem and the fix, and the round a plain refusal (decided from the model directory and the run config: no data
+    is read). A simulation's coordinator runs the same check on its model before any round."""
+    from veil.task.model_check import check_model_files
+
+    check_model_files(from_run_config(json.loads(flat_json)))
+
+
 _calibrated_sigma = calibrated_sigma  # the name tests and older callers use
 
 
 def owner_model(cfg: VeilConfig, settings: NodeSettings) -> ModelConfig:
-    """The model this node loads: a deployed node's own ``--model`` directory (never a run-config path)."""
-    if settings.simulated or cfg.model.tiny:
+    """The model this node loads: a deployed node's own ``--model`` directory (never a run-config path); the run's
+    ``model.tiny`` only on a node whose owner passed ``--allow-test-model`` (:func:`veil.client.floor.check_run`
+    refuses it otherwise, review N8)."""
+    if settings.simulated or (cfg.model.tiny and settings.allow_test_model):
         return cfg.model
     return dataclasses.replace(cfg.model, path=settings.model_path or "")
 
@@ -119,6 +137,8 @@ class VeilClient(NumPyClient):
             check_delta(settings, run_delta=cfg.privacy.delta, owner_delta=settings.delta_limit)
         check_not_stopped(settings, run_id)
         own = dataclasses.replace(cfg, model=owner_model(cfg, settings))
+        if not settings.simulated:  # the owner's --model against the run's task, before the model is built
+            _check_owner_model(json.dumps(to_run_config(own), sort_keys=True))
         template = _template(json.dumps(to_run_config(own), sort_keys=True))
         expected = get_trainable(template)
         flat = is_flat(parameters, expected)  # the coordinator's one-vector layout (veil.wire); reply in kind
@@ -148,7 +168,7 @@ class VeilClient(NumPyClient):
             can_train_next = ledger.epsilon_if(following, delta=delta,
                                                accountant=cfg.privacy.accountant).epsilon <= settings.max_epsilon
         if not can_train_next:
-            mark_stopped(settings, run_id)
+            _keep_stopped(settings, run_id, server_round)
         log.info("round %d: trained on %d examples, %d steps, sigma %.4f, q %.5f, ledger epsilon %.3f (delta %g)",
                  server_round, examples, plan.steps, plan.noise_multiplier, sampling.sample_rate, epsilon, delta)
         # Weight 1 for every client: SecAgg+ scales each vector by weight/max_weight (max_weight=1 keeps full
@@ -198,7 +218,7 @@ class VeilClient(NumPyClient):
     def _train(self, template: Any, parameters: list[np.ndarray], shard: dict[str, Any], *, plan: LocalPlan,
                device: Any, seed: int) -> LocalResult:
         """The round's local training (step 4); the release and the reply follow in :meth:`_fit`. The audit's
-        canary clients (:mod:`veil.privacy.audit_clients`, simulation only) replace this step and :meth:`_shard`."""
+        canary clients (:mod:`veil.audit.clients`, simulation only) replace this step and :meth:`_shard`."""
         return train_round(template, parameters, shard, plan=plan, device=device, seed=seed,
                            task=get_task(self.cfg.task.name))
 
@@ -215,6 +235,8 @@ class VeilClient(NumPyClient):
         could not be written (the budget allows the round; the disk did not: a fact of the machine, not of the data
         or the policy); the reason goes to the owner's log only."""
         log.warning("round %d: refusing to train: %s", server_round, refusal)
+        if not can_train_next:
+            _keep_stopped(self.settings, str(self.run_id), server_round)
         zeros = [np.zeros(np.shape(p), dtype=np.float32) for p in parameters]
         return zeros, 0, self._reply(zeros, can_train_next=can_train_next, refused=True, noise_std=0.0)
 
@@ -235,6 +257,17 @@ class VeilClient(NumPyClient):
         plan, event = plan_sample_level(cfg, settings, sampling, ledger=ledger, run_id=run_id,
                                         server_round=server_round, engine=engine)
         return plan, event, ledger
+
+
+def _keep_stopped(settings: NodeSettings, run_id: str, server_round: int) -> None:
+    """Persist in the owner's ledger that this node said ``can_train_next=False`` in run ``run_id``: it refuses the
+    rest of that run on its own, also after a restart (review N10). A ledger that cannot be written is logged; the
+    reply is unchanged (it already says the node will not train again)."""
+    try:
+        mark_stopped(settings, run_id)
+    except LedgerError as err:
+        log.error("round %d: could not keep run %s's stop in the ledger (%s); a restarted node would forget it",
+                  server_round, run_id, err)
 
 
 def check_received(parameters: list[np.ndarray], expected: list[np.ndarray]) -> None:

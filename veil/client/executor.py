@@ -7,7 +7,7 @@ starts this module instead. For every task it pulls the task input through Flowe
 ``sha256`` of the FAB *content* (not the hash the SuperLink declares) against the FAB the node rebuilds from its
 installed veil (:mod:`veil.security.bundle`), and only then calls the *installed* ``veil.client.app:app``; the FAB is
 never unpacked or imported. A foreign FAB gets an error reply and one log line, and the executor waits for the next
-task, so the node stays up for legitimate runs.
+task, so the node stays up for legitimate runs. Upstream proposal: docs/upstream/fab-hash-pin.md.
 
 The owner's policy is applied inside the ClientApp (:mod:`veil.client.floor`), whose refusals are ordinary replies.
 An error reply never carries an error's text or even its class: either may depend on the owner's data or name local
@@ -152,8 +152,8 @@ ACTIVE_SECONDS = 30.0
 
 def poll_interval(since_last_task: float) -> float:
     """How long to wait before asking again: a SecAgg+ round is four or five tasks in a row, so while a run is under
-    way the next one is near (0.05 s instead of 0.2 s, with the SuperNode's shorter local waits, took a deployed
-    round from 3.4 to 2.8 s, docs/benchmarks.md deploy_overhead 2026-12-01 16:26); an idle node asks twice a second."""
+    way the next one is near (0.05 s instead of 0.2 s, with the SuperNode's shorter local waits, shortened a deployed
+    round by about a sixth: benchmark deploy_overhead, docs/benchmarks.md); an idle node asks twice a second."""
     return ACTIVE_POLL if since_last_task < ACTIVE_SECONDS else IDLE_POLL
 
 

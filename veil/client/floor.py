@@ -87,7 +87,9 @@ def check_run(settings: Any, cfg: Any) -> None:
     PrivacyFloorError
         DP-SGD off on a node with any limit; plain aggregation on a node that requires SecAgg+; client-level DP
         with central noise without the owner's opt-in, or distributed noise that SecAgg+ does not hide; a model
-        directory or label source the owner did not give (deployed nodes never open run-config paths).
+        directory or label source the owner did not give (deployed nodes never open run-config paths); on a
+        deployed node, ``model.tiny`` without the owner's ``--allow-test-model``, and a step count in epochs
+        (``federation.local_steps=0``) without ``--max-sample-rate``, which would make it the data's size.
     """
     priv, secagg = cfg.privacy, cfg.secagg
     if not priv.enabled and has_floor(settings):
@@ -104,6 +106,13 @@ def check_run(settings: Any, cfg: Any) -> None:
             _refuse("client-level noise shares sized for a cohort need SecAgg+ to hide each share; "
                     "run with secagg on, or the owner sets --min-cohort 1")
     if not getattr(settings, "simulated", True):
+        if cfg.model.tiny and not getattr(settings, "allow_test_model", False):
+            _refuse("the run asks for model.tiny (a test model built in code); this node loads only its owner's "
+                    "model (--model DIR): ask the operator for a real model, or pass --allow-test-model (tests only)")
+        if cfg.federation.local_steps == 0 and not float(getattr(settings, "max_sample_rate", 1.0)) < 1.0:
+            _refuse("the run counts local work in epochs (federation.local_steps=0), so this node's step count, and "
+                    "its reply's latency, would follow its data size; ask the operator for federation.local_steps "
+                    "> 0, or start the node with --max-sample-rate Q (an epoch is then 1/Q steps)")
         if cfg.model.path and not cfg.model.tiny and getattr(settings, "model_path", None) is None:
             _refuse(f"the run names the model directory {cfg.model.path!r}; this node loads only its owner's model: "
                     "start it with --model DIR")

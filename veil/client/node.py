@@ -78,6 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp-engine", choices=("auto", "hooks", "bk"), default="auto",
                         help="per-sample clipping engine (default auto: hooks for adapters, bk for full "
                              "fine-tuning); the run's privacy.grad_sample_mode is never used on a node")
+    parser.add_argument("--allow-test-model", action="store_true",
+                        help="tests only: accept runs with model.tiny (a small model built in code instead of "
+                             "--model); without it such runs are refused")
     parser.add_argument("--allow-plain-aggregation", action="store_true",
                         help="also answer rounds without SecAgg+ (the coordinator then sees this node's update)")
     parser.add_argument("--min-cohort", type=int, default=1,
@@ -140,6 +143,10 @@ def preflight(args: argparse.Namespace) -> None:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not a Hugging Face model directory (no config.json); "
                           "give the directory holding config.json and the weights")
+    if args.model is not None:  # one line for a model no task can train; the run's task is checked at its first round
+        from veil.task.model_check import check_model_dir
+
+        check_model_dir(args.model)
     if not args.poll_interval > 0:
         raise ConfigError(f"--poll-interval={args.poll_interval} is invalid; give the seconds between polls (> 0)")
     if args.threads < 0:
@@ -189,6 +196,7 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         "allow-central-noise": bool(args.allow_central_noise), "no-budget": bool(args.no_budget),
         "max-dropouts": int(getattr(args, "max_dropouts", 0)),
         "dp-engine": str(getattr(args, "dp_engine", "auto")),
+        "allow-test-model": bool(getattr(args, "allow_test_model", False)),
     }
     for key, path in (("roster-path", getattr(args, "roster", None)),
                       ("signing-key-path", getattr(args, "signing_key", None))):
@@ -232,8 +240,8 @@ def node_config_arg(config: dict[str, object]) -> str:
 def executor_env(env: dict[str, str], threads: int) -> dict[str, str]:
     """The executor's environment: with ``threads`` > 0, torch's and the BLAS libraries' thread pools at that size
     (read once, when torch loads). Three nodes of 2 threads each on a 2-core machine trained in oversubscribed OpenMP
-    threads: 4.1 s per deployed round against 3.3 s with one thread each (docs/benchmarks.md, deploy_overhead
-    2026-12-01 16:18 and 16:20)."""
+    threads, and a deployed round took about a quarter longer than with one thread each (benchmark deploy_overhead,
+    ``--node-threads``; docs/benchmarks.md)."""
     if threads <= 0:
         return env
     return {**env, **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}

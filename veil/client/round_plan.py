@@ -38,10 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("veil.client")
 
-# (ledger path, run id) of runs in which this node already answered can_train_next=False: it refuses the rest (N10)
-_STOPPED: set[tuple[str, str]] = set()
-
-
 @dataclass(frozen=True)
 class Sampling:
     """How this node samples in a round: Poisson rate, steps, the fixed divisor (None: Opacus' N·q), δ."""
@@ -187,11 +183,18 @@ def planned_event(sigma: float, q: float, steps: int, delta: float) -> LedgerEve
 
 
 def check_not_stopped(settings: NodeSettings, run_id: str) -> None:
-    """Refuse every round of a run after this node said ``can_train_next=False`` in it (review N10)."""
-    if (str(settings.ledger_path), run_id) in _STOPPED:
+    """Refuse every round of a run after this node said ``can_train_next=False`` in it (review N10), also after a
+    restart: the stop is kept in the owner's ledger (:meth:`veil.privacy.ledger.PrivacyLedger.stop_run`)."""
+    from veil.privacy.ledger import PrivacyLedger
+
+    path = Path(settings.ledger_path)
+    if path.exists() and PrivacyLedger.open(path, create=False).stopped(run_id):
         raise PrivacyBudgetExhausted(f"this node told run {run_id} that it cannot train another round; it refuses "
-                                     "the rest of the run")
+                                     "the rest of the run (a new run may ask again)")
 
 
 def mark_stopped(settings: NodeSettings, run_id: str) -> None:
-    _STOPPED.add((str(settings.ledger_path), run_id))
+    """Persist, in the owner's ledger, that this node answered ``can_train_next=False`` in run ``run_id``."""
+    from veil.privacy.ledger import PrivacyLedger
+
+    PrivacyLedger.open(settings.ledger_path).stop_run(run_id)

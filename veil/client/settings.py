@@ -34,6 +34,7 @@ SIGNING_KEY_PATH = "signing-key-path"  # SecAgg+: the owner's Ed25519 key that s
 MODEL_PATH = "model-path"  # the only model directory this node loads (absent: the installed default model)
 DATA_ROWS = "data-rows"  # rows of the data file when the node started (fixes the default δ and batch once)
 DP_ENGINE = "dp-engine"  # the owner's DP engine: auto | hooks | bk (never the run's privacy.grad_sample_mode)
+ALLOW_TEST_MODEL = "allow-test-model"  # tests only: accept runs with model.tiny (a model built in code, not --model)
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
@@ -66,6 +67,7 @@ class NodeSettings:
     start_rows: int | None = None  # rows of the data file at node start (None: counted once by the ClientApp)
     dp_engine: str = "auto"  # the owner's DP engine on a deployed node
     text_only: bool = False  # --label-column '': a text-only file; classification runs are refused (review N7)
+    allow_test_model: bool = False  # tests only: model.tiny runs accepted (otherwise refused: review N8)
 
     @property
     def simulated(self) -> bool:
@@ -144,6 +146,7 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         start_rows=None if rows in (None, "") else int(rows),
         dp_engine=engine,
         text_only=node_config.get(LABEL_COLUMN) == "",
+        allow_test_model=_flag(node_config, ALLOW_TEST_MODEL),
     )
 
 

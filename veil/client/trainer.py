@@ -7,11 +7,12 @@ update (trained - received).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +42,17 @@ class LocalPlan:
     expected_batch_size: int | None = None  # the fixed divisor of each noisy sum (None: Opacus' N·q)
 
 
+class GradientInjector(Protocol):
+    """``veil audit``'s gradient canaries (:class:`veil.audit.gradient.CanaryInjector`), called once per step
+    with the trainable parameters. ``mode`` says where a per-sample gradient goes in the step's engine: ``rows``
+    (Opacus' hooks: a row appended to every ``p.grad_sample``, which Opacus clips and sums with the batch's), ``sum``
+    (ghost and book-keeping: added to ``p.grad``, the clipped sum before the noise) or ``mean`` (no DP: one more
+    example of the mean over the step's ``batch`` examples). ``sample_rate``: the Poisson rate q, or without DP the
+    chance batch / N that a record of a plain shuffled loader is in a step's batch."""
+
+    def __call__(self, params: list[nn.Parameter], *, mode: str, sample_rate: float, batch: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class LocalResult:
     update: list[np.ndarray]  # trained - received, trainable tensors only
@@ -56,10 +68,14 @@ def sample_rate_for(*, batch_size: int, examples: int) -> float:
 
 
 def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str, torch.Tensor], *,
-                plan: LocalPlan, device: torch.device, seed: int, task: Task) -> LocalResult:
+                plan: LocalPlan, device: torch.device, seed: int, task: Task,
+                inject: GradientInjector | None = None) -> LocalResult:
     """Train a fresh copy of ``template`` from ``received`` and return the update.
 
     ``data`` holds the task's (N, ...) tensors; ``task.per_example_loss`` gives the (B,) losses DP-SGD clips.
+    ``inject``: ``veil audit``'s gradient canaries (:mod:`veil.audit.gradient`), called once per step
+    between the backward pass and the optimizer step. Only the audit's simulated canary node passes it; the node's
+    own client (:class:`veil.client.app.VeilClient`) never does, and no config reaches it.
     """
     torch.manual_seed(seed)  # dropout (and plain shuffling); DP sampling and noise have OS-seeded generators
     model = fresh_copy(template).to(device)
@@ -86,12 +102,18 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
         summed = dp.grad_sample_mode in ("ghost", "bk")  # the optimizer noises p.grad, already clipped and summed
     losses: list[float] = []
     steps = zeroed = 0
+    canaries = None  # the audit's canary gradients: where they go in this engine, and how often a record is drawn
+    if inject is not None:
+        canaries = functools.partial(
+            inject, params, mode=("sum" if summed else "rows") if plan.private else "mean",
+            sample_rate=sample_rate if plan.private else min(1.0, plan.batch_size / max(1, len(dataset))))
     for tensors in _batches(loader, plan.steps):
         batch = {k: t.to(device) for k, t in zip(keys, tensors, strict=True)}
         optimizer.zero_grad(set_to_none=True)
         loss = _loss(module, task, batch, mean_loss, ghost=ghost)
         if loss is None:  # an empty Poisson batch (or nothing finite in it) still releases noise
-            _noise_only_step(module, optimizer, ghost=summed)
+            _noise_only_step(module, optimizer, ghost=summed,
+                             inject=None if canaries is None else functools.partial(canaries, batch=0))
             steps += 1
             continue
         loss.backward()
@@ -99,6 +121,8 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
             zeroed += dp.bookkeeping.take_zeroed()  # bk zeroes them itself, in its one backward
         elif plan.private and not ghost:
             zeroed += zero_nonfinite_samples(module)
+        if canaries is not None:
+            canaries(batch=batch_size_of(batch))
         optimizer.step()
         losses.append(float(loss.detach()))
         steps += 1
@@ -162,10 +186,13 @@ def _loss(module: nn.Module, task: Task, batch: dict[str, torch.Tensor], mean_lo
     return _loss(module, task, {k: t[keep] for k, t in batch.items()}, mean_loss, ghost=False)
 
 
-def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer, *, ghost: bool = False) -> None:
+def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer, *, ghost: bool = False,
+                     inject: Callable[[], None] | None = None) -> None:
     for p in module.parameters():
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # (0, ...) no examples
             if ghost:  # the ghost optimizer sums p.grad (already clipped) and adds noise to it
                 p.grad = torch.zeros_like(p)
+    if inject is not None:
+        inject()
     optimizer.step()

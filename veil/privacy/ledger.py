@@ -6,6 +6,11 @@ Gopi, Lee, Wutschitz arXiv:2106.02848; RDP, Mironov arXiv:1702.07476 and Mironov
 arXiv:1908.10530). The file survives restarts and is never reset: there is no API that removes an event, an
 unreadable file is an error (never a fresh start), and every write is atomic (temp file in the same
 directory, flush, fsync, rename, fsync of the directory), so a crash leaves either the old or the new ledger.
+
+The ledger also keeps the runs in which this node told the coordinator it cannot train another round
+(``can_train_next=False``): the optional key ``stopped_runs``, a sorted list of run ids that only grows, so a
+restarted node still refuses the rest of such a run (review 2026-12-07, N10). A ledger without it reads as before;
+a veil release older than this key refuses a ledger that has it, in one line (it never resets it).
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from veil.atomic import atomic_write
 from veil.errors import LedgerError, LedgerWriteError, PrivacyBudgetExhausted
 from veil.privacy.accounting import EpsilonResult, Event, compute_epsilon, validate_delta, validate_event
 
@@ -33,10 +38,6 @@ __all__ = ["LEDGER_FORMAT", "LEDGER_VERSION", "LedgerEvent", "PrivacyLedger"]
 
 LEDGER_FORMAT = "veil-privacy-ledger"
 LEDGER_VERSION = 1
-
-# Seam for tests: the rename that commits a write. Monkeypatch it to raise to simulate a crash before commit.
-_replace = os.replace
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LedgerEvent:
@@ -87,12 +88,15 @@ class LedgerEvent:
 
 _EVENT_KEYS = frozenset(f.name for f in dataclasses.fields(LedgerEvent))
 _STATE_KEYS = frozenset({"format", "version", "events"})
+_STOPPED_KEY = "stopped_runs"  # optional: run ids this node stopped in (written only when there is one)
 
 
-def _parse_state(state: Any, source: str) -> list[LedgerEvent]:
-    """Events of a ledger document; LedgerError (one line naming ``source`` and the fix) on any mismatch."""
+def _parse_state(state: Any, source: str) -> tuple[list[LedgerEvent], frozenset[str]]:
+    """Events and stopped runs of a ledger document; LedgerError (one line naming ``source`` and the fix) on any
+    mismatch."""
     fix = "restore it from a backup or move it aside to start a new ledger (veil never resets one)"
-    if not isinstance(state, Mapping) or set(state) != _STATE_KEYS or state["format"] != LEDGER_FORMAT:
+    if (not isinstance(state, Mapping) or set(state) - {_STOPPED_KEY} != _STATE_KEYS
+            or state["format"] != LEDGER_FORMAT):
         raise LedgerError(f"privacy ledger {source} is not a veil ledger (expected keys {sorted(_STATE_KEYS)}); {fix}")
     if state["version"] != LEDGER_VERSION:
         raise LedgerError(
@@ -109,7 +113,10 @@ def _parse_state(state: Any, source: str) -> list[LedgerEvent]:
             events.append(LedgerEvent(**raw))
         except (TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {source}: event {i} is invalid ({err}); {fix}") from None
-    return events
+    stopped = state.get(_STOPPED_KEY, [])
+    if not isinstance(stopped, list) or not all(isinstance(r, str) for r in stopped):
+        raise LedgerError(f"privacy ledger {source}: '{_STOPPED_KEY}' must be a list of run ids; {fix}")
+    return events, frozenset(stopped)
 
 
 class PrivacyLedger:
@@ -121,6 +128,7 @@ class PrivacyLedger:
     def __init__(self, path: str | os.PathLike[str], events: list[LedgerEvent] | None = None) -> None:
         self.path = Path(path)
         self._events: list[LedgerEvent] = list(events or [])
+        self._stopped: frozenset[str] = frozenset()
 
     # ---- loading and saving -------------------------------------------------------------------------------
     @classmethod
@@ -134,7 +142,7 @@ class PrivacyLedger:
         """
         ledger = cls(path)
         if ledger.path.exists():
-            ledger._events = ledger._read()
+            ledger._events, ledger._stopped = ledger._read()
         elif create:
             try:
                 ledger.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +150,14 @@ class PrivacyLedger:
                 raise LedgerError(f"cannot create the folder of privacy ledger {ledger.path}: {err}") from None
             with ledger._locked():
                 if ledger.path.exists():  # another process created it meanwhile
-                    ledger._events = ledger._read()
+                    ledger._events, ledger._stopped = ledger._read()
                 else:
-                    ledger._write(ledger._events)
+                    ledger._write(ledger._events, ledger._stopped)
         else:
             raise LedgerError(f"privacy ledger {ledger.path} does not exist; check the --ledger path")
         return ledger
 
-    def _read(self) -> list[LedgerEvent]:
+    def _read(self) -> tuple[list[LedgerEvent], frozenset[str]]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -163,37 +171,26 @@ class PrivacyLedger:
             ) from None
         return _parse_state(state, str(self.path))
 
-    def _document(self, events: list[LedgerEvent]) -> dict[str, Any]:
-        return {"format": LEDGER_FORMAT, "version": LEDGER_VERSION,
-                "events": [dataclasses.asdict(e) for e in events]}
+    def _document(self, events: list[LedgerEvent], stopped: frozenset[str] = frozenset()) -> dict[str, Any]:
+        doc: dict[str, Any] = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION,
+                               "events": [dataclasses.asdict(e) for e in events]}
+        if stopped:
+            doc[_STOPPED_KEY] = sorted(stopped)
+        return doc
 
-    def _write(self, events: list[LedgerEvent]) -> None:
-        """Atomically replace the file with ``events``: temp file, flush, fsync, rename, fsync of the folder."""
-        data = json.dumps(self._document(events), indent=1, allow_nan=False).encode("utf-8")
+    def _write(self, events: list[LedgerEvent], stopped: frozenset[str]) -> None:
+        """Atomically replace the file with ``events`` and ``stopped``: temp file, flush, fsync, rename, fsync of
+        the folder."""
+        data = json.dumps(self._document(events, stopped), indent=1, allow_nan=False).encode("utf-8")
         folder = self.path.parent
         for stale in folder.glob(f".{self.path.name}.*.tmp"):  # a writer killed mid-write (we hold the lock)
             with contextlib.suppress(OSError):
                 stale.unlink()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _replace(tmp, self.path)
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(err, OSError):
-                raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
-                                  "and permissions (the previous ledger is intact)") from None
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable; not every filesystem allows it
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, data, mode=0o600)
+        except OSError as err:
+            raise LedgerWriteError(f"cannot write privacy ledger {self.path}: {err}; check disk space "
+                                   "and permissions (the previous ledger is intact)") from None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -224,19 +221,40 @@ class PrivacyLedger:
         if not isinstance(event, LedgerEvent):
             raise TypeError(f"event must be a LedgerEvent, got {type(event).__name__}")
         with self._locked():
-            on_disk = self._read() if self.path.exists() else []
-            if on_disk[: len(self._events)] != self._events:
-                raise LedgerError(f"privacy ledger {self.path} changed on disk and lost events this node recorded; "
-                                  "restore it from a backup (veil never shrinks a ledger)")
+            on_disk, stopped = self._on_disk()
             events = [*on_disk, event]
-            self._write(events)
-            self._events = events
+            self._write(events, stopped)
+            self._events, self._stopped = events, stopped
+
+    def stop_run(self, run_id: str) -> None:
+        """Persist that this node told run ``run_id`` it cannot train another round (atomically, like
+        :meth:`record`); :meth:`stopped` is then true for it in every later process."""
+        if not isinstance(run_id, str):
+            raise TypeError(f"run_id must be a string, got {run_id!r}")
+        with self._locked():
+            events, stopped = self._on_disk()
+            if run_id not in stopped:
+                self._write(events, stopped | {run_id})
+            self._events, self._stopped = events, stopped | {run_id}
+
+    def _on_disk(self) -> tuple[list[LedgerEvent], frozenset[str]]:
+        """The file's events and stopped runs (call with the lock held); LedgerError if it lost what this object
+        holds (a ledger only grows)."""
+        on_disk, stopped = self._read() if self.path.exists() else ([], frozenset())
+        if on_disk[: len(self._events)] != self._events or not self._stopped <= stopped:
+            raise LedgerError(f"privacy ledger {self.path} changed on disk and lost events this node recorded; "
+                              "restore it from a backup (veil never shrinks a ledger)")
+        return on_disk, stopped
 
     # ---- queries ------------------------------------------------------------------------------------------
     @property
     def events(self) -> tuple[LedgerEvent, ...]:
         """All recorded events, oldest first (read-only)."""
         return tuple(self._events)
+
+    def stopped(self, run_id: str) -> bool:
+        """True when this node told run ``run_id`` that it cannot train another round (:meth:`stop_run`)."""
+        return run_id in self._stopped
 
     def history(self) -> list[Event]:
         """The ``(noise_multiplier, sample_rate, steps)`` triples of every release, oldest first."""
@@ -269,7 +287,7 @@ class PrivacyLedger:
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The ledger as a JSON-serialisable document (the same schema as the file)."""
-        return self._document(self._events)
+        return self._document(self._events, self._stopped)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load ``state`` (from :meth:`state_dict`) and persist it; it may only extend the current events.
@@ -279,14 +297,15 @@ class PrivacyLedger:
         veil.errors.LedgerError
             On wrong keys, format or version, or if ``state`` would drop or alter a recorded event.
         """
-        events = _parse_state(state, "state_dict")
+        events, stopped = _parse_state(state, "state_dict")
         with self._locked():
-            current = self._read() if self.path.exists() else self._events
-            if events[: len(current)] != current or current[: len(self._events)] != self._events:
+            current, current_stopped = self._read() if self.path.exists() else (self._events, self._stopped)
+            if (events[: len(current)] != current or current[: len(self._events)] != self._events
+                    or not current_stopped <= stopped or not self._stopped <= stopped):
                 raise LedgerError(f"refusing to load a ledger state that drops or alters events of {self.path}; "
                                   "a privacy ledger only grows")
-            self._write(events)
-        self._events = events
+            self._write(events, stopped)
+        self._events, self._stopped = events, stopped
 
     def __len__(self) -> int:
         return len(self._events)

@@ -12,9 +12,9 @@ tests/test_families.py); they differ only in cost (docs/benchmarks.md, dp_overhe
   0.31-0.53x and 1.12-1.17x.
 * ``bk`` (book-keeping, Bu et al., arXiv:2210.00038; :mod:`veil.privacy.bookkeeping`) needs one backward, without
   weight gradients, and builds the clipped summed gradients from each layer's inputs and output gradients: for full
-  fine-tuning it is the fastest of the three, 0.91x at 1.50x memory in the last run (docs/benchmarks.md), as it
-  holds every trainable layer's inputs and output gradients until the clip factors are known; with a memory limit,
-  choose ``ghost``.
+  fine-tuning it is the fastest of the three (benchmark dp_overhead, docs/benchmarks.md); it holds each trainable
+  layer's inputs and output gradients until that layer's clip factors are known; with a tight memory limit, choose
+  ``ghost``.
 
 The rule: ``hooks`` when the trainable parameters are a small share of the model and no embedding table trains;
 otherwise ``bk`` when every trainable layer is one it clips exactly

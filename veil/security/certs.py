@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from veil.atomic import fsync_dir
 from veil.errors import ConfigError, CredentialError
 
 __all__ = ["build_files", "configure_parser", "make_ca", "make_node_key_pair", "make_server_certificate",
@@ -176,20 +177,6 @@ def _stage(staging: Path, name: str, content: bytes, mode: int) -> Path:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in ``path`` durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _rollback(placed: list[tuple[Path, Path | None]]) -> bool:
     """Undo the renames of :func:`write_files`; returns False when some old file could not be put back."""
     complete = True
@@ -233,7 +220,7 @@ def write_files(out: Path, files: dict[str, tuple[bytes, int]], *, force: bool) 
                 os.replace(dest, backup)
             placed.append((dest, backup))
             os.replace(path, dest)
-        _fsync_dir(out)
+        fsync_dir(out)
     except BaseException as err:
         keep_staging = not _rollback(placed)
         if not isinstance(err, OSError):

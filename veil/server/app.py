@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import secrets
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
+from veil.atomic import atomic_write
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import VeilConfig
 from veil.errors import ConfigError, VeilError
@@ -243,13 +243,9 @@ def run_server(grid: Grid, context: Context, cfg: VeilConfig, *, simulation: boo
 
 
 def save_global(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
-    """The global trainable tensors by name, written atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **dict(zip(names, arrays, strict=True)))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """The global trainable tensors by name, written atomically (veil.atomic)."""
+    payload = dict(zip(names, arrays, strict=True))
+    atomic_write(path, lambda fh: np.savez(fh, **payload))
 
 
 def load_global(path: Path, names: list[str]) -> list[np.ndarray]:

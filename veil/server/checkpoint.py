@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from veil.atomic import atomic_write
 from veil.errors import ConfigError
 
 log = logging.getLogger("veil")
@@ -61,17 +61,10 @@ def save_checkpoint(run_dir: Path, *, round: int, names: list[str], arrays: list
         "weights_sha256": weights_sha256(arrays + list(state_arrays.values())), "rng": _rng_state(),
     }
     path = directory / f"round-{round:04d}.npz"
-    tmp = path.with_name(path.name + ".tmp")
     payload = {f"param/{n}": a for n, a in zip(names, arrays, strict=True)}
     payload.update(state_arrays)
     payload["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory)
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, **payload))
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
@@ -154,14 +147,6 @@ def _rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
     }
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_resumable(cfg: Any, flat: dict[str, Any]) -> None:

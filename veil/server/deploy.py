@@ -129,7 +129,7 @@ def _prepare(cfg: Any, run_dir: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from veil.conf.preflight import follow_defaults, preflight
+    from veil.preflight import follow_defaults, preflight
 
     overrides = follow_defaults(list(args.overrides))
     if "data=csv" in overrides and not any(o.startswith(("data.test_path=", "+data.test_path=")) for o in overrides):

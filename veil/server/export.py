@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from veil.atomic import atomic_write
 from veil.conf.schema import VeilConfig
 from veil.task import get_task
 from veil.task.model import set_trainable
@@ -25,9 +25,7 @@ def export_global_model(template: nn.Module, arrays: list[np.ndarray], out_dir: 
     set_trainable(model, arrays)
     get_task(cfg.task.name).export(model, cfg, out_dir)
     card = out_dir / "README.md"
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(model_card(cfg, summary), encoding="utf-8")
-    os.replace(tmp, card)
+    atomic_write(card, model_card(cfg, summary))
     return out_dir
 
 
@@ -106,6 +104,10 @@ def _model_line(cfg: VeilConfig) -> str:
             line += (f" The head reads the {pooling.mode}-pooled{' and L2-normalised' if pooling.normalize else ''} "
                      "sentence embedding; load it with `SentenceTransformer(dir).encode(texts)` (logits) or "
                      "`veil.load_classifier(dir).predict(texts)` (label names).")
+            if model.feature_center != "none" or model.feature_scale != 1.0:
+                centre = " minus the label names' mean embedding (public)" if model.feature_center != "none" else ""
+                line += (f" The head read that embedding{centre}, times {model.feature_scale:g}; the map is folded "
+                         "into the exported dense layer.")
         else:
             line += " Load it with `AutoModelForSequenceClassification.from_pretrained(dir)`."
         if model.init_from:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from veil.atomic import atomic_write
+
 log = logging.getLogger("veil.server")
 
 
@@ -29,12 +31,7 @@ class MetricsLog:
     def truncate_after(self, round: int) -> None:
         """Drop rows of rounds after ``round`` (a round in flight when the server died), atomically."""
         keep = [r for r in self.rows() if int(r["round"]) <= round]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():

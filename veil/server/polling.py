@@ -6,7 +6,7 @@ change. SecAgg+ makes four or five such exchanges per round, so in a deployment 
 per round. :class:`PollingGrid` wraps the grid Flower hands the ServerApp (composition through ``Grid``'s public
 abstract interface, not a patch): every call is delegated, and ``send_and_receive`` keeps Flower's contract (push,
 then pull until every reply is in or ``timeout`` passes) with ``interval`` seconds between pulls. The pulls go to
-the SuperLink's local Runtime API, so a short interval costs little.
+the SuperLink's local Runtime API, so a short interval costs little. Upstream proposal: docs/upstream/poll-interval.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Those nodes never entered the protocol's masks either: a client adds a pairwise 
 encrypted shares it received (``_collect_masked_vectors`` in ``flwr/client/mod/secure_aggregation``). So after
 SHARE_KEYS this workflow forgets them: ``sampled`` becomes the nodes that shared their keys, and a later drop-out
 (at COLLECT_MASKED_VECTORS, the case Flower handles) is unmasked as before. Nothing else is changed; no setting of
-the workflow does this.
+the workflow does this. Upstream proposal: docs/upstream/secagg-dropout.md.
 
 Two more things for nodes that do not trust the coordinator (issue 24): every round runs with the full-strength
 mask generator (:func:`veil.flower_patches.full_strength_masks`, the same patch the nodes apply) and announces it in

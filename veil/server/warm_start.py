@@ -22,7 +22,7 @@ from veil.errors import ConfigError
 from veil.task.model import get_trainable, set_trainable, trainable_names
 
 # what must agree between the two runs for the tensors to mean the same thing
-_SAME = ("path", "source", "tiny", "pooling", "max_length")
+_SAME = ("path", "source", "tiny", "pooling", "max_length", "feature_center", "feature_scale")
 
 
 def _earlier(cfg: VeilConfig) -> Path:

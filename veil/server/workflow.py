@@ -4,7 +4,7 @@ Flower's ``DefaultWorkflow`` always runs rounds 1..N and offers no hook after a 
 checkpoints, resume from round k, stopping cleanly). So this loop re-composes the same Flower pieces —
 ``start_update_client_manager_thread``, a fit workflow (``SecAggPlusWorkflow`` or Flower's default fit workflow),
 the strategy's central evaluation — and calls :class:`RoundHooks` after each round. No transport or aggregation
-is written here.
+is written here. Upstream proposal: docs/upstream/after-round-hook.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The run's strategy from its configuration: :class:`DeltaFedAvg` composed with a robust aggregator
 (``median``, ``trimmed_mean``, ``krum``; SecAgg+ off only) or a server optimiser (``fedavgm``, ``fedadam``,
-``fedyogi``), or neither (``fedavg``)."""
+``fedyogi``, ``fedadagrad``), or neither (``fedavg``)."""
 
 from __future__ import annotations
 

@@ -34,16 +34,15 @@ from flwr.server.strategy import FedAvg
 from veil.privacy.client_level import ClientLevelAccountant, add_gaussian_noise
 from veil.strategies.robust import Aggregator
 from veil.strategies.server_opt import ServerOptimizer
-from veil.wire import flatten, is_flat, unflatten
+from veil.wire import REPLY_KEYS, flatten, is_flat, unflatten
 
 log = logging.getLogger("veil.strategies")
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
 
-# What a node's reply carries besides the update and its weight (1: contribution, 0: refusal); none of it
-# depends on the owner's data beyond one bit per round (DESIGN.md decision 7, docs/privacy.md "What leaves a node").
-REPLY_METRIC_KEYS = frozenset({"can_train_next", "refused", "upload_bytes", "noise_std"})
+# The reply contract (veil.wire.REPLY_KEYS, shared with the node) as a set for lookups.
+REPLY_METRIC_KEYS = frozenset(REPLY_KEYS)
 
 
 def aggregate_client_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:

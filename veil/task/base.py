@@ -57,8 +57,9 @@ class Task(Protocol):
         ...
 
     def tensors(self, examples: Examples, labels: list[str], cfg: VeilConfig, *, path: str,
-                evaluation: bool = False) -> dict[str, torch.Tensor]:
-        """The tokenized examples: a dict of (N, ...) tensors (``evaluation``: with what evaluation needs too)."""
+                evaluation: bool = False, fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        """The tokenized examples: a dict of (N, ...) tensors (``evaluation``: with what evaluation needs too;
+        ``fixed_length``: every sequence padded to ``model.max_length``, as a deployed node trains on them)."""
         ...
 
     def build_model(self, cfg: VeilConfig, labels: list[str], *, seed: int, dropout: float | None = None) -> nn.Module:

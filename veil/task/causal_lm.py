@@ -101,14 +101,15 @@ def encode_completion(tokenizer: object, completion: str) -> list[int]:
     return _ids(tokenizer(completion, add_special_tokens=False)) + ([end] if end is not None else [])  # type: ignore[operator]
 
 
-def _pad(rows: list[list[int]], value: int, *, left: bool = False) -> torch.Tensor:
-    width = max(1, max(map(len, rows)))
+def _pad(rows: list[list[int]], value: int, *, left: bool = False, width: int = 0) -> torch.Tensor:
+    width = max(1, width, max(map(len, rows)))
     return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
 
 
 def tokenize_examples(tokenizer: object, examples: PromptExamples, *, max_length: int, chat: bool,
-                      generate_max_tokens: int = 0) -> dict[str, torch.Tensor]:
-    """``input_ids``/``attention_mask``/``labels`` (N, T), right-padded, labels -100 on prompt and pad tokens.
+                      generate_max_tokens: int = 0, fixed_length: bool = False) -> dict[str, torch.Tensor]:
+    """``input_ids``/``attention_mask``/``labels`` (N, T), right-padded, labels -100 on prompt and pad tokens; T is
+    the longest sequence, or with ``fixed_length`` ``max_length`` itself (a deployed node: review 2026-12-07, N6).
 
     With ``generate_max_tokens`` > 0 and every completion that short, also ``gen_ids``/``gen_mask`` (N, P): the
     prompts left-padded for batched greedy generation, ``target_ids`` (N, L): the completions (-100 padded), and
@@ -124,8 +125,10 @@ def tokenize_examples(tokenizer: object, examples: PromptExamples, *, max_length
         labels.append([IGNORE] * len(p) + c)
         prompts.append(p)
         targets.append(c[:-1] if _end_id(tokenizer) is not None else c)
-    ids = _pad(seqs, pad)
-    out = {"input_ids": ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0), "labels": _pad(labels, IGNORE)}
+    width = max_length if fixed_length else 0
+    ids = _pad(seqs, pad, width=width)
+    out = {"input_ids": ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0, width=width),
+           "labels": _pad(labels, IGNORE, width=width)}
     if generate_max_tokens > 0 and all(examples.prompts) and max(map(len, targets)) <= generate_max_tokens:
         out["gen_ids"], out["gen_mask"] = _pad(prompts, pad, left=True), _pad([[1] * len(p) for p in prompts], 0, left=True)
         out["target_ids"] = _pad(targets, IGNORE)
@@ -174,10 +177,11 @@ class CausalLMTask:
         return np.array([index[c] for c in examples.completions], dtype=np.int64)
 
     def tensors(self, examples: PromptExamples, labels: list[str], cfg: VeilConfig, *,  # type: ignore[override]
-                path: str, evaluation: bool = False) -> dict[str, torch.Tensor]:
+                path: str, evaluation: bool = False, fixed_length: bool = False) -> dict[str, torch.Tensor]:
         tokenizer = load_tokenizer(cfg.model)
         out = tokenize_examples(tokenizer, examples, max_length=cfg.model.max_length, chat=cfg.task.chat_template,
-                                generate_max_tokens=cfg.task.generate_max_tokens if evaluation else 0)
+                                generate_max_tokens=cfg.task.generate_max_tokens if evaluation else 0,
+                                fixed_length=fixed_length)
         if evaluation and labels and all(examples.prompts):  # a closed set: choice_accuracy each round
             prompts = [encode_prompt(tokenizer, p, chat=cfg.task.chat_template) for p in examples.prompts]
             out.update(choice_tensors(prompts, examples.completions, labels,

@@ -45,8 +45,9 @@ class ClassificationTask:
         return labels
 
     def tensors(self, examples: TextExamples, labels: list[str], cfg: VeilConfig, *,  # type: ignore[override]
-                path: str, evaluation: bool = False) -> dict[str, torch.Tensor]:
-        enc = tokenize(load_tokenizer(cfg.model), examples.texts, max_length=cfg.model.max_length)
+                path: str, evaluation: bool = False, fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        enc = tokenize(load_tokenizer(cfg.model), examples.texts, max_length=cfg.model.max_length,
+                       fixed_length=fixed_length)
         targets = torch.as_tensor(encode_labels(examples, labels, path=path))  # (N,)
         if uses_features(cfg.model):  # model.tuning=head: the frozen encoder runs once, here; the head trains on these
             return {"features": sentence_features(cfg.model, enc, seed=cfg.federation.seed), "labels": targets}

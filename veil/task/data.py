@@ -15,7 +15,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -239,9 +238,13 @@ def encode_labels(examples: TextExamples, names: list[str], *, path: str) -> np.
         ) from err
 
 
-def tokenize(tokenizer: object, texts: list[str], *, max_length: int) -> dict[str, torch.Tensor]:
-    """Token ids and attention masks, padded to the longest text (at most ``max_length``)."""
+def tokenize(tokenizer: object, texts: list[str], *, max_length: int,
+             fixed_length: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids and attention masks, padded to the longest text (at most ``max_length``), or with ``fixed_length``
+    to ``max_length`` itself: a deployed node's tensors, whose shape (and each step's cost) then says nothing about
+    its longest record (review 2026-12-07, N6)."""
     enc = tokenizer(  # type: ignore[operator]
-        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        texts, padding="max_length" if fixed_length else "longest", truncation=True, max_length=max_length,
+        return_tensors="pt"
     )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (N, T) each

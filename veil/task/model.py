@@ -100,6 +100,8 @@ def build_model(cfg: ModelConfig, labels: list[str], *, seed: int, dropout: floa
             raise ModelError(f"cannot load a model from {path} ({str(err).splitlines()[0]}); check model.path") from err
     tokenizer = load_tokenizer(cfg)
     pad_token_for(tokenizer, model)
+    if cfg.feature_center != "none" or cfg.feature_scale != 1.0:
+        set_feature_map(model, tokenizer, labels, cfg)
     if cfg.head_init == "label_names":
         init_head_from_label_names(model, tokenizer, labels, scale=cfg.head_init_scale)
     return with_tuning(model, cfg, num_labels=len(labels), seed=seed)
@@ -162,6 +164,41 @@ def _tiny_config(**kwargs: object) -> object:
                       intermediate_size=64, max_position_embeddings=128, **kwargs)
 
 
+def _label_name_inputs(tokenizer: object, labels: list[str]) -> dict[str, torch.Tensor]:
+    names = [label.replace("_", " ").replace("-", " ") for label in labels]
+    return tokenizer(names, padding="longest", truncation=True, max_length=32, return_tensors="pt")  # type: ignore[operator,no-any-return]
+
+
+@torch.no_grad()
+def set_feature_map(model: nn.Module, tokenizer: object, labels: list[str], cfg: ModelConfig) -> None:
+    """Set a pooled head's fixed input map x -> ``feature_scale`` * (x - c) / r (``model.feature_center/scale``).
+
+    c is the mean pooled embedding of the label names (``label_names``; 0 under ``none``) and r the mean norm of the
+    label names' embeddings after subtracting c, so ``feature_scale`` is the norm the head's inputs have whatever
+    the model's own embedding scale (MiniLM's unit vectors, a decoder's states in the hundreds): one recipe (lr,
+    clipping norm) serves both. The label names are public (part of the run config), as for the head
+    initialisation, so every process computes the same map and it costs no privacy. Subtracting c removes the
+    direction every sentence embedding shares; the scale gives the head's weights, not its bias, most of each
+    example's clipped gradient. Only a pooled head has the map: ``model.pooling=pooler`` (the family's own
+    classifier) ignores it.
+    """
+    if not isinstance(model, PooledClassifier):
+        return
+    enc = _label_name_inputs(tokenizer, labels)
+    was_training = model.training
+    model.eval()
+    try:
+        names = model.embed(enc["input_ids"], enc["attention_mask"]).double()
+    finally:
+        model.train(was_training)
+    center = names.mean(dim=0) if cfg.feature_center == "label_names" else torch.zeros(names.shape[1], dtype=names.dtype)
+    radius = float((names - center).norm(dim=-1).mean())
+    if not math.isfinite(radius) or radius <= 0:
+        raise ModelError(f"model.feature_center={cfg.feature_center}: the label names' embeddings are all equal, so "
+                         "they give no scale; set model.feature_center=none model.feature_scale=1")
+    model.set_feature_map(center.float(), cfg.feature_scale / radius)
+
+
 @torch.no_grad()
 def init_head_from_label_names(model: nn.Module, tokenizer: object, labels: list[str], *, scale: float) -> None:
     """Start the classifier from the label names: row k is the (centred, unit-norm, scaled) feature vector that the
@@ -177,8 +214,7 @@ def init_head_from_label_names(model: nn.Module, tokenizer: object, labels: list
     no signal; use ``model.head_init=random`` for them.
     """
     head = _final_layer(model, len(labels))
-    names = [label.replace("_", " ").replace("-", " ") for label in labels]
-    enc = tokenizer(names, padding="longest", truncation=True, max_length=32, return_tensors="pt")  # type: ignore[operator]
+    enc = _label_name_inputs(tokenizer, labels)
     seen: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     was_training = model.training

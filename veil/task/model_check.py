@@ -27,7 +27,7 @@ from typing import Any
 from veil.conf.schema import VeilConfig
 from veil.errors import ModelError
 
-__all__ = ["check_model_files", "check_token_ids"]
+__all__ = ["check_model_dir", "check_model_files", "check_token_ids"]
 
 SPECIAL = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # the tokenizer's special-token attributes
 CONFIG_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -39,21 +39,40 @@ def check_model_files(cfg: VeilConfig) -> None:
     A tiny test model (``model.tiny``) is built from its tokenizer in code and needs no check.
     """
     from veil.task import get_task
-    from veil.task.model import load_tokenizer, model_dir
 
     if cfg.model.tiny:
         return
-    path = model_dir(cfg.model)
+    path, config, tokenizer = _read(cfg.model)
+    check_token_ids(tokenizer, config, path)
+    own_check = getattr(get_task(cfg.task.name), "check_tokenizer", None)
+    if own_check is not None:
+        own_check(tokenizer, config, path)
+    _check_pad(tokenizer, path)
+
+
+def check_model_dir(path: Path) -> None:
+    """The checks of :func:`check_model_files` that hold for every task (1, 2 and 4), on a model directory alone: what
+    ``veil client --model`` runs at the node's start, before the run's task is known."""
+    from veil.conf.schema import ModelConfig
+
+    where, config, tokenizer = _read(ModelConfig(path=str(path), tiny=False))
+    check_token_ids(tokenizer, config, where)
+    _check_pad(tokenizer, where)
+
+
+def _read(model: Any) -> tuple[Path, dict[str, Any], object]:
+    from veil.task.model import load_tokenizer, model_dir
+
+    path = model_dir(model)
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelError(f"model directory {path}: config.json is not readable JSON ({err}); "
                          "give a Hugging Face model directory") from err
-    tokenizer = load_tokenizer(cfg.model)
-    check_token_ids(tokenizer, config, path)
-    own_check = getattr(get_task(cfg.task.name), "check_tokenizer", None)
-    if own_check is not None:
-        own_check(tokenizer, config, path)
+    return path, config, load_tokenizer(model)
+
+
+def _check_pad(tokenizer: object, path: Path) -> None:
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ModelError(f"model directory {path}: the tokenizer has neither a pad token nor an end-of-sequence "
                          "token to pad batches with; set \"pad_token\" in tokenizer_config.json to a token of the "

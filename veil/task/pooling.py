@@ -119,6 +119,20 @@ class PooledClassifier(nn.Module):
         hidden = int(getattr(encoder.config, "hidden_size", 0) or getattr(encoder.config, "n_embd"))
         self.head = nn.Linear(hidden, num_labels)
         self.config = encoder.config  # what callers read of an HF model (pad_token_id, model_type, labels)
+        # the fixed map before the head, x -> feature_scale * (x - feature_center) (veil.task.model.set_feature_map);
+        # not a parameter: never trained, never sent, rebuilt by every process from the public label names
+        self.register_buffer("feature_center", torch.zeros(hidden), persistent=False)
+        self.feature_scale = 1.0
+
+    def set_feature_map(self, center: torch.Tensor, scale: float) -> None:
+        self.feature_center.copy_(center.detach().to(self.feature_center))
+        self.feature_scale = float(scale)
+
+    def head_input(self, features: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the pooled embedding through the fixed centre-and-scale map."""
+        if self.feature_scale == 1.0 and not bool(self.feature_center.any()):
+            return features
+        return (features - self.feature_center.to(features)) * self.feature_scale
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The pooled (and normalised) sentence embeddings, (B, H)."""
@@ -132,7 +146,7 @@ class PooledClassifier(nn.Module):
             if input_ids is None or attention_mask is None:
                 raise ValueError("PooledClassifier needs input_ids and attention_mask, or features")
             features = self.embed(input_ids, attention_mask)
-        return SequenceClassifierOutput(logits=self.head(features))
+        return SequenceClassifierOutput(logits=self.head(self.head_input(features)))
 
 
 def export_sentence_transformer(model: PooledClassifier, out_dir: Path, labels: list[str], *, max_length: int) -> None:
@@ -165,8 +179,10 @@ def export_sentence_transformer(model: PooledClassifier, out_dir: Path, labels: 
     for name, content in files.items():
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    head = {"linear.weight": model.head.weight.detach().cpu().float().contiguous(),
-            "linear.bias": model.head.bias.detach().cpu().float().contiguous()}
+    # the centre-and-scale map folds into the dense layer: W s (x - c) + b = (s W) x + (b - s W c)
+    weight = model.head.weight.detach().cpu().double() * model.feature_scale
+    bias = model.head.bias.detach().cpu().double() - weight @ model.feature_center.detach().cpu().double()
+    head = {"linear.weight": weight.float().contiguous(), "linear.bias": bias.float().contiguous()}
     save_file(head, str(out_dir / dense / "model.safetensors"))
 
 

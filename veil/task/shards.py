@@ -113,8 +113,10 @@ def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partiti
             return task.tensors(mine, labels, cfg, path=data.train_path)
         return _simulated_features(cfg, int(partition or 0),
                                    lambda: task.tensors(mine, labels, cfg, path=data.train_path))
+    # a deployed owner's file: every sequence padded to model.max_length, so that no tensor shape, and no step's
+    # cost, depends on the owner's longest record (review 2026-12-07, N6); simulation keeps the faster "longest"
     return task.tensors(known_labels_only(task.read(data_path, cfg, data), labels, path=data_path), labels, cfg,
-                        path=data_path)
+                        path=data_path, fixed_length=True)
 
 
 def _simulated_features(cfg: VeilConfig, partition: int, compute: Any) -> dict[str, torch.Tensor]:

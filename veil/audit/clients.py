@@ -1,8 +1,8 @@
 """``veil audit`` at client level: whole canary *clients*, each a simulated Flower node, scored on the published model.
 
-The one place of audit-only node behaviour. Under client-level DP (:mod:`veil.privacy.client_level`) the unit of
-privacy is a client's whole contribution, so a canary must be a whole client. Each canary client is an ordinary
-simulated node of the federation (:class:`CanaryClient`: the veil ClientApp, the node's policy and ledger, the
+One of the two places of audit-only node behaviour (the other: :mod:`veil.audit.gradient`). Under
+client-level DP (:mod:`veil.privacy.client_level`) the unit of privacy is a client's whole contribution, so a canary
+must be a whole client. Each canary client is an ordinary simulated node of the federation (:class:`CanaryClient`: the veil ClientApp, the node's policy and ledger, the
 client-level clip and noise share, the SecAgg+ guard and masking, sampled by the coordinator like any other node)
 whose local training is replaced by a fixed update: ``S·u_i``, a random unit direction ``u_i`` of the trainable
 tensors scaled to the clip norm S, when canary i is included, and a zero update when it is not.
@@ -191,9 +191,10 @@ def claimed_client_epsilon(cfg: VeilConfig, out_dir: Path) -> float:
 
 def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidence: float,
                      client_mods: Sequence[Any] = (), rng: np.random.Generator | None = None) -> Any:
-    """The client-level audit of :func:`veil.privacy.audit.run_audit` (same arguments); returns its AuditResult."""
-    from veil.privacy.audit import SCORES, AuditResult, write_outputs
+    """The client-level audit of :func:`veil.audit.cli.run_audit` (same arguments); returns its AuditResult."""
+    from veil.audit.result import SCORES, AuditResult, write_outputs
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
+    from veil.audit.nodes import audited_client_app
     from veil.simulation import simulate
 
     labels: list[str] = json.loads(cfg.data.labels)
@@ -201,7 +202,11 @@ def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     run_cfg = canary_run_config(cfg, canaries)
     log.info("audit: %d canary clients (%d send their direction) beside %d data owners, %d clients per round",
              canaries, sum(drawn.included), cfg.federation.num_clients, run_cfg.federation.clients_per_round)
-    simulate(run_cfg, out_dir, client_mods=client_mods, canary_clients=drawn)
+    fed = run_cfg.federation
+    if fed.canary_clients != len(drawn) or drawn.first_partition != fed.num_clients - len(drawn):
+        raise ValueError(f"canary clients start at node {drawn.first_partition} and number {len(drawn)}, not "
+                         f"{fed.num_clients - fed.canary_clients} and {fed.canary_clients}")
+    simulate(run_cfg, out_dir, client_app=audited_client_app(canaries=drawn, client_mods=client_mods))
     scores = published_scores(run_cfg, labels, out_dir, drawn.seeds)
     included = np.array(drawn.included)
     result = guess_top_bottom(scores, included, k_in=guesses, k_out=guesses)

@@ -1,0 +1,117 @@
+"""Reply latency must not tell the coordinator an owner's longest record or its data size (review 2026-12-07, N6).
+
+The review timed a node: its shard was padded to the longest text (one 120-token record among 40 short ones more
+than doubled a round's time), and with ``federation.local_steps=0`` the step count was E·⌈N/B⌉. What sets a
+round's work is the shape of the tensors each step sees and the number of steps. Reference: two owners whose files
+differ only in one record's length, or only in N. Driving the real ``VeilClient.fit`` (no timing assertion), they
+must train on tensors of the same per-example shape (``model.max_length``) for the same number of steps, or refuse
+alike. Simulation keeps padding to the longest text (its speed is the researcher's, not an owner's secret).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from veil.client import app as client_app
+from veil.client.settings import NodeSettings
+from veil.conf.schema import DataConfig, ModelConfig, TaskConfig, VeilConfig
+from veil.task import get_task
+from veil.task.causal_lm import PromptExamples
+from veil.task.model import build_model, get_trainable
+
+LABELS = ["card", "cash", "fee", "pin"]
+MAX_LENGTH = 24
+LONG = " ".join(f"word{i}" for i in range(60))  # far beyond MAX_LENGTH tokens: truncated, but the longest record
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("\n".join(["text,label", *(f"{t},{lab}" for t, lab in rows)]) + "\n", encoding="utf-8")
+    return path
+
+
+def _short(n: int) -> list[tuple[str, str]]:
+    return [(f"my card {i}", LABELS[i % 4]) for i in range(n)]
+
+
+def _cfg(*, local_steps: int = 2, local_epochs: int = 1) -> VeilConfig:
+    cfg = VeilConfig(model=ModelConfig(name="tiny", tiny=True, max_length=MAX_LENGTH),
+                     data=DataConfig(train_path="unused.csv", test_path="unused.csv", label_column="label",
+                                     labels=json.dumps(LABELS)))
+    cfg.federation.batch_size, cfg.federation.rounds = 4, 2
+    cfg.federation.local_steps, cfg.federation.local_epochs = local_steps, local_epochs
+    cfg.privacy.target_epsilon, cfg.privacy.noise_multiplier = 0.0, 1.0
+    return cfg.validate()
+
+
+def _settings(data: Path, ledger: Path, **policy: Any) -> NodeSettings:
+    return NodeSettings(**{**dict(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
+                                  ledger_path=ledger, device="cpu", partition_id=None, num_partitions=None,
+                                  allow_test_model=True), **policy})
+
+
+def _round_work(cfg: VeilConfig, settings: NodeSettings, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    """What sets one round's time on the node: the per-example shape of every tensor trained on and the steps the
+    trainer ran (None when the node refused), with the reply's weight."""
+    seen: list[tuple[Any, ...]] = []
+    real = client_app.train_round
+
+    def spy(template: Any, received: Any, shard: dict[str, Any], **kwargs: Any) -> Any:
+        result = real(template, received, shard, **kwargs)
+        seen.append((tuple(sorted((k, tuple(v.shape[1:])) for k, v in shard.items())), kwargs["plan"].steps,
+                     result.steps))
+        return result
+
+    monkeypatch.setattr(client_app, "train_round", spy)
+    weights = get_trainable(build_model(cfg.model, LABELS, seed=cfg.federation.seed))
+    _update, weight, _metrics = client_app.VeilClient(cfg, settings, run_id=5).fit(weights, {"server_round": 1})
+    return weight, (seen[0] if seen else None)
+
+
+def test_one_long_record_changes_no_tensor_shape_on_a_deployed_node(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    short = _write(tmp_path / "short.csv", _short(20))
+    long = _write(tmp_path / "long.csv", [*_short(19), (LONG, "card")])
+    cfg = _cfg()
+    work_short = _round_work(cfg, _settings(short, tmp_path / "a.json"), monkeypatch)
+    work_long = _round_work(cfg, _settings(long, tmp_path / "b.json"), monkeypatch)
+    assert work_short == work_long, "the longest record changes what a step computes on"
+    weight, (shapes, _planned, _ran) = work_short
+    assert weight == 1 and dict(shapes)["input_ids"] == (MAX_LENGTH,)
+
+
+@pytest.mark.parametrize("cap", [0.05, 1.0])
+def test_the_data_size_never_sets_the_step_count_in_epochs_mode(cap: float, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a --max-sample-rate an epoch is 1/q steps whatever N; without one, epochs mode is refused alike."""
+    small = _write(tmp_path / "small.csv", _short(12))
+    large = _write(tmp_path / "large.csv", _short(48))
+    cfg = _cfg(local_steps=0, local_epochs=1)
+    work_small = _round_work(cfg, _settings(small, tmp_path / "s.json", max_sample_rate=cap), monkeypatch)
+    work_large = _round_work(cfg, _settings(large, tmp_path / "l.json", max_sample_rate=cap), monkeypatch)
+    assert work_small == work_large, "N sets the number of local steps"
+    if cap < 1.0:
+        weight, (_shapes, planned, ran) = work_small
+        assert weight == 1 and planned == ran == round(1 / cap)
+    else:
+        assert work_small == (0, None), "refused before any data is read"
+
+
+def test_a_causal_lm_node_pads_every_sequence_to_max_length() -> None:
+    task = get_task("causal_lm")
+    cfg = VeilConfig(task=TaskConfig(name="causal_lm"), model=ModelConfig(tiny=True, lora=False, max_length=20))
+    short = PromptExamples(["hi"], ["yes"])
+    long = PromptExamples(["hi", LONG], ["yes", "no"])
+    shapes = [{k: tuple(v.shape[1:]) for k, v in task.tensors(ex, [], cfg, path="x", fixed_length=True).items()}
+              for ex in (short, long)]
+    assert shapes[0] == shapes[1] == {"input_ids": (20,), "attention_mask": (20,), "labels": (20,)}
+    plain = task.tensors(short, [], cfg, path="x")  # simulation: the longest sequence, as before
+    assert plain["input_ids"].shape[1] < 20
+    padded = task.tensors(short, [], cfg, path="x", fixed_length=True)
+    width = plain["input_ids"].shape[1]  # the padding adds only ignored, masked tokens
+    assert np.array_equal(padded["input_ids"][:, :width], plain["input_ids"])
+    assert not padded["attention_mask"][:, width:].any() and (padded["labels"][:, width:] == -100).all()
