@@ -138,12 +138,13 @@ def _coordinator_kills(root: Path, stages: list[str]) -> list[str]:
             lb.start_node(n)
         lb.wait_round(1)
         notes = [_kill_coordinator_at(lb, stage, overrides) for stage in stages]
-        assert lb.server is not None
-        wait_for(lambda: lb.server.poll() is not None, 900, "the resumed run to finish")
-        lb.server.wait_output()
+        server = lb.server
+        assert server is not None
+        wait_for(lambda: server.poll() is not None, 900, "the resumed run to finish")
+        server.wait_output()
         rows = [json.loads(ln) for ln in (lb.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         saved = {read_checkpoint(p).round: read_checkpoint(p).meta["weights_sha256"] for p in checkpoint_files(lb.run_dir)}
-        notes += [f"coordinator kills: veil server exit {lb.server.poll()}; metrics rounds "
+        notes += [f"coordinator kills: veil server exit {server.poll()}; metrics rounds "
                  f"{[r['round'] for r in rows]} (planned 1..{rounds}, each once); checkpoint weights == metrics "
                  f"weights for every round: {all(saved.get(r['round']) == r['weights_sha256'] for r in rows)}"]
         for n in (1, 2, 3):

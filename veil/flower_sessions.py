@@ -210,7 +210,8 @@ def clean_stale_receive() -> None:
             except RunNotRunningException:
                 raise StaleRunMessage(f"run {run_id} is no longer running") from None
 
-        return inner(*args, pull_object=pull, **kwargs)
+        return flower_receive(*args, pull_object=pull, **kwargs)
 
+    flower_receive: Any = inner
     pull_and_store.veil_clean_stale = True  # type: ignore[attr-defined]
     module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]
