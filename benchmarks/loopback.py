@@ -126,7 +126,9 @@ class Loopback:
             "client", "--superlink", f"127.0.0.1:{port}", "--root-cert", str(self.certs / "ca.crt"),
             "--key", str(self.certs / f"node-{n}.key"), "--data", str(self.data[n - 1]),
             "--node-dir", str(self.node_dir(n)), "--ledger", str(self.ledger_path(n)), "--max-epsilon", "100",
-            "--max-retries", "0", "--max-wait-time", "300", "--threads", "1", *self.node_flags])
+            "--max-retries", "0", "--max-wait-time", "300", "--threads", "1",
+            "--allow-test-model",  # the run's model is the tiny BERT built in code (a node refuses it otherwise)
+            *self.node_flags])
         self.clients[n] = proc
         return proc
 
