@@ -95,7 +95,7 @@ def test_sim_scale_quick_prints_table() -> None:
 
 @pytest.mark.bench
 @pytest.mark.slow
-def test_deploy_faults_quick_prints_scale_and_soak() -> None:
+def test_deploy_faults_quick_prints_scale_soak_and_a_coordinator_kill() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.deploy_faults", "--quick", "--no-record"], cwd=ROOT,
@@ -103,3 +103,4 @@ def test_deploy_faults_quick_prints_scale_and_soak() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scale: 3 nodes" in proc.stdout and "soak: 3 nodes" in proc.stdout
     assert "soak coordinator: RSS" in proc.stdout and "ledger events" in proc.stdout
+    assert "coordinator kill at unmask: " in proc.stdout and "resumed from its weights" in proc.stdout

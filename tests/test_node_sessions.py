@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -216,3 +217,96 @@ def test_a_refused_activation_outranks_the_reconnection_give_up_that_follows() -
     plain = _Watch(argparse.Namespace(root_cert=Path("ca.crt"), key=Path("node-1.key")))
     plain("ERROR : Giving up reconnection after 60.00 seconds")
     assert "no SuperLink answered" in str(plain.final_refusal())  # without a refused activation: the address
+
+
+def test_resume_ends_only_the_flower_processes_a_crashed_coordinator_left(tmp_path: Path) -> None:
+    from veil.server.superlink import GROUP_FILE, end_leftovers
+
+    # a SuperLink (its stand-in), a "superexec" that follows its pid, a "serverapp" that follows the superexec's,
+    # and a Flower-named process that follows another pid
+    superlink = subprocess.Popen(["sleep", "60"])
+    started = [superlink]
+    try:
+        exe = _named("flower-superexec", superlink.pid)
+        app = _named("flwr-serverapp", exe.pid)
+        orphan = _named("flwr-serverapp", 1, runtime="127.0.0.1:8123")  # its superexec already gone
+        other = _named("flwr-serverapp", os.getpid(), runtime="127.0.0.1:81234")
+        started += [exe, app, orphan, other]
+        (tmp_path / GROUP_FILE).write_text(f"{superlink.pid} 8123")
+        time.sleep(0.3)
+        assert end_leftovers(tmp_path) == [], "its SuperLink runs: no crash, nothing ended"
+        superlink.kill()
+        superlink.wait(timeout=10)
+        ended = end_leftovers(tmp_path)
+        assert sorted(c.split()[0] for c in ended) == ["flower-superexec", "flwr-serverapp", "flwr-serverapp"], ended
+        assert exe.wait(timeout=10) and app.wait(timeout=10) and orphan.wait(timeout=10)
+        assert other.poll() is None, "another deployment's process is left alone"
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _named(name: str, parent: int, runtime: str = "127.0.0.1:9") -> subprocess.Popen[bytes]:
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(60)'"
+    return subprocess.Popen(["bash", "-c", f"exec -a {name} {sleeper} --runtime-api-address {runtime} "
+                                           f"--parent-pid {parent} x"])
+
+
+class _NodeState:
+    """Records what Flower's receive step does to the node's state (only the calls it makes)."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+        self.deleted: list[str] = []
+        self.finished: list[tuple[int, str]] = []
+
+    def get_run(self, run_id: int) -> Any:
+        from flwr.supercore.constant import TaskType
+
+        return SimpleNamespace(run_id=run_id, fab_hash="fab", primary_task_type=TaskType.CLIENT_APP)
+
+    def create_task(self, **_: Any) -> int:
+        return 7
+
+    def store_message(self, message: Any) -> None:
+        self.stored.append(message.metadata.message_id)
+
+    def delete_messages(self, message_ids: list[str]) -> None:
+        self.deleted += message_ids
+
+    def finish_task(self, task_id: int, sub_status: str, details: str) -> bool:
+        self.finished.append((task_id, sub_status))
+        return True
+
+
+def _receive_a_message_of_a_run_that_ended() -> _NodeState:
+    import flwr.supernode.start_client_internal as flower
+    from flwr.supercore.run import RunNotRunningException
+
+    def pull_object(run_id: int, object_id: str) -> bytes:
+        raise RunNotRunningException  # the SuperLink, resumed, no longer runs the crashed run
+
+    message = SimpleNamespace(metadata=SimpleNamespace(run_id=5, group_id="11", message_type="train",
+                                                      message_id="m1"))
+    state = _NodeState()
+    store = SimpleNamespace(preregister=lambda run_id, tree: ["o1"], put=lambda *a: None, delete=lambda *a: None)
+    assert flower._pull_and_store_message(
+        state=state, object_store=store, node_config={}, receive=lambda: (message, object()), get_run=None,
+        get_fab=None, pull_object=pull_object, confirm_message_received=None, trusted_entities=None) is None
+    return state
+
+
+def test_a_message_of_a_run_that_ended_mid_pull_is_dropped_not_left_to_wedge_the_node(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supernode.start_client_internal as flower
+
+    monkeypatch.setattr(flower, "_pull_and_store_message", flower._pull_and_store_message)  # restored afterwards
+    flowers_own = _receive_a_message_of_a_run_that_ended()
+    assert flowers_own.stored == ["m1"] and not flowers_own.deleted and not flowers_own.finished, \
+        "Flower alone leaves the message stored and its task open (the executor then waits for ever)"
+    flower_sessions.clean_stale_receive()
+    flower_sessions.clean_stale_receive()  # idempotent
+    patched = _receive_a_message_of_a_run_that_ended()
+    assert patched.stored == ["m1"] and patched.deleted == ["m1"], patched.deleted
+    assert [status for _, status in patched.finished] == ["failed"], patched.finished

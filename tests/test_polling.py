@@ -57,6 +57,19 @@ def test_polling_grid_returns_what_arrived_when_the_timeout_passes() -> None:
     assert 2 <= inner.pulls < 100
 
 
+def test_polling_grid_takes_one_last_look_when_a_pull_held_it_past_the_timeout() -> None:
+    class _HeldGrid(_FakeGrid):  # the first pull lasts past the deadline (a half-pushed reply's objects)
+        def pull_messages(self, ids: Any) -> list[Any]:
+            if self.pulls == 0:
+                time.sleep(0.15)
+            return super().pull_messages(ids)
+
+    inner = _HeldGrid(ready=[1, 2, 10_000])  # m1 reached the SuperLink while the first pull was held
+    replies = list(PollingGrid(inner, interval=0.01).send_and_receive(["a", "b", "c"], timeout=0.1))  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert inner.pulls == 2, "one last pull after the deadline, no more"
+
+
 def test_polling_grid_refuses_a_non_positive_interval() -> None:
     with pytest.raises(ValueError, match="interval"):
         PollingGrid(_FakeGrid([]), interval=0)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATCHING = ["veil/flower_patches.py", "veil/server/polling.py", "veil/server/workflow.py",
+PATCHING = ["veil/flower_patches.py", "veil/flower_sessions.py", "veil/server/polling.py", "veil/server/workflow.py",
             "veil/server/secagg_workflow.py", "veil/client/executor.py"]
 
 
@@ -21,7 +21,7 @@ def test_each_patching_module_links_an_existing_upstream_proposal() -> None:
 
 def test_each_proposal_names_the_flower_version_why_and_the_change() -> None:
     proposals = sorted(p for p in (ROOT / "docs/upstream").glob("*.md") if p.name != "README.md")
-    assert len(proposals) == 7
+    assert len(proposals) == 9
     index = (ROOT / "docs/upstream/README.md").read_text(encoding="utf-8")
     for path in proposals:
         text = path.read_text(encoding="utf-8")

@@ -45,8 +45,9 @@ Why patches: none of the three is a setting of ``flower-supernode``, the SuperLi
 5. **Node sessions** (issue 27): a SuperNode restarted after a kill is refused while the SuperLink still holds
    its old session, a dead node counts as online for a minute, and a resumed SuperLink counts every node of the
    crashed run as online; a reply half-pushed by a killed node held a SecAgg+ stage for minutes. The fixes live in
-   :mod:`veil.flower_sessions`; :func:`main` applies the two that run in the SuperNode (a 10-s heartbeat, activation
-   retried for as long as a stale session can last), ``veil server --resume`` the third, the ServerApp the fourth.
+   :mod:`veil.flower_sessions`; :func:`main` applies the three that run in the SuperNode (a 10-s heartbeat, activation
+   retried for as long as a stale session can last, a message of a run that ended mid-pull dropped), ``veil server
+   --resume`` the third, the ServerApp the fourth. Upstream proposal: docs/upstream/node-sessions.md.
 
 Each patch checks that the code it patches is still there and fails with one line otherwise; it changes nothing
 else, and the processes it runs in are veil's own (the node's SuperNode and executor, the ServerApp of a
@@ -70,7 +71,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from veil.flower_sessions import patient_activation, short_node_heartbeat
+from veil.flower_sessions import clean_stale_receive, patient_activation, short_node_heartbeat
 
 DEFAULT_POLL_INTERVAL = 0.25  # seconds; Flower's own: 3 s between empty pulls, 0.5 s while awaiting a reply
 LOCAL_WAIT = 0.02  # seconds between the SuperNode's looks at its own state while the executor works (Flower: 0.5)
@@ -251,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shorten_object_pull_backoff()
     short_node_heartbeat()  # a killed node is offline after 20 s, not 60 (veil.flower_sessions, fix 2)
     patient_activation()  # a restarted node waits out its own stale session instead of exiting (fix 1)
+    clean_stale_receive()  # a message of a run that ended mid-pull is dropped, not left to wedge the node (fix 5)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *args]

@@ -27,9 +27,17 @@ faults follow (the fault probe of 2026-12-07; docs/deployment.md, "What survives
    session expires, whatever the stage's ``timeout``: an unmask stage with a 10-s timeout took 196 s in
    tests/test_faults_e2e.py. :func:`bound_reply_pulls` caps the grid's object pulls at the stage timeout.
 
+5. **A message of a run that ended while the node pulled it wedges the node.** After ``veil server --resume`` (a
+   new run), a node still pulling the crashed run's message gets ``RunNotRunningException`` from its object pulls.
+   ``start_client_internal._pull_and_store_message`` catches it (a ``BaseException``: its ``except Exception``
+   clean-up is skipped) after it has stored the message and created a task: the executor acquires that task and
+   waits for objects that never come, and the SuperNode waits for its reply for ever, heartbeating, so every round
+   samples it and waits out a stage timeout (tests/test_faults_e2e.py, the node behind the lossy link).
+   :func:`clean_stale_receive` turns that exception, raised by the object pulls, into an ordinary error, so
+   Flower's own clean-up deletes the message and fails the task.
+
 Each fix checks the Flower version (:data:`SESSION_PATCH_TESTED`) and that what it patches is still there, and fails
-with one line otherwise. Upstream proposal: docs/benchmarks.md, "Upstream proposal: node sessions that end with their
-node" (benchmarks/notes/06-upstream-node-sessions.md).
+with one line otherwise. Upstream proposal: docs/upstream/node-sessions.md.
 """
 
 from __future__ import annotations
@@ -41,8 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVATION_WINDOW", "bound_reply_pulls", "HEARTBEAT_INTERVAL", "SESSION_PATCH_TESTED", "forget_online_nodes",
-           "patient_activation", "short_node_heartbeat"]
+__all__ = ["ACTIVATION_WINDOW", "bound_reply_pulls", "clean_stale_receive", "HEARTBEAT_INTERVAL", "SESSION_PATCH_TESTED",
+           "forget_online_nodes", "patient_activation", "short_node_heartbeat"]
 
 log = logging.getLogger("veil")
 
@@ -53,6 +61,7 @@ ACTIVATION_RETRY = 1.0  # seconds between activation attempts
 _CONNECTION = "flwr.supernode.fleet_http_connection"
 _HEARTBEAT = "flwr.supercore.heartbeat"
 _GRID = "flwr.superlink.grid.http_grid"
+_RECEIVE = "flwr.supernode.start_client_internal"
 ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 
 
@@ -172,3 +181,37 @@ def bound_reply_pulls(max_time: float) -> None:
     pull.veil_bounded = inner  # type: ignore[attr-defined]
     pull.__wrapped__ = getattr(inner, "__wrapped__", inner)  # type: ignore[attr-defined] # Flower's, for other patches
     grid.pull_objects = pull  # type: ignore[attr-defined]
+
+
+class StaleRunMessage(RuntimeError):
+    """The run of a message being received is no longer running (Flower's ``RunNotRunningException``)."""
+
+
+def clean_stale_receive() -> None:
+    """Make this process's SuperNode drop a message whose run ended while its objects were pulled (fix 5;
+    idempotent): the object pulls raise :class:`StaleRunMessage` instead of ``RunNotRunningException``, so
+    ``_pull_and_store_message`` deletes the stored message and fails its task, as for any failed pull."""
+    version = _check_version("stale receive")
+    from flwr.supercore.run import RunNotRunningException
+
+    module = importlib.import_module(_RECEIVE)
+    inner = getattr(module, "_pull_and_store_message", None)
+    if getattr(inner, "veil_clean_stale", False):
+        return
+    code = getattr(inner, "__code__", None)
+    if code is None or "pull_object" not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+        raise RuntimeError(f"flwr {version}: {_RECEIVE} no longer pulls objects through _pull_and_store_message("
+                           "pull_object=...); veil's stale-receive patch does not fit it")
+
+    def pull_and_store(*args: Any, pull_object: Any, **kwargs: Any) -> Any:
+        def pull(run_id: int, object_id: str) -> bytes:
+            try:
+                return pull_object(run_id, object_id)  # type: ignore[no-any-return]
+            except RunNotRunningException:
+                raise StaleRunMessage(f"run {run_id} is no longer running") from None
+
+        return flower_receive(*args, pull_object=pull, **kwargs)
+
+    flower_receive: Any = inner
+    pull_and_store.veil_clean_stale = True  # type: ignore[attr-defined]
+    module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["Supervised", "flower_command", "flower_env", "free_port", "stop_on_signals"]
+__all__ = ["Supervised", "dies_with_this_process", "flower_command", "flower_env", "free_port", "stop_on_signals"]
 
 log = logging.getLogger("veil")
 
@@ -60,6 +60,12 @@ def _die_with(parent: int, sig: int) -> Callable[[], None] | None:
             os.kill(os.getpid(), sig)
 
     return preexec
+
+
+def dies_with_this_process(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a short-lived child (a ``flwr`` CLI call): it gets ``sig`` when this process dies, so a
+    SIGKILL of ``veil server`` leaves no call in flight behind (None off Linux)."""
+    return _die_with(os.getpid(), sig)
 
 
 def _bin_dir() -> Path:

@@ -269,6 +269,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None, *, simulation: bo
     def main(grid: Grid, context: Context) -> None:
         cfg = operator_config(from_run_config({**base, **dict(context.run_config)}))
         if not simulated:  # a deployment's object pulls retry after 0.02 s, not 1 s (veil.flower_patches)
+            # the operator's serverapp.log gets veil's INFO lines too ("resuming after round k from weights ...")
+            logging.getLogger("veil").setLevel(logging.INFO)
             shorten_object_pull_backoff()
             if cfg.secagg.enabled:  # a reply half-pushed by a dead node holds a stage no longer than its timeout
                 bound_reply_pulls(cfg.secagg.timeout)

@@ -158,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     stop_on_signals()
     if args.resume:  # nodes the crashed SuperLink held as online are not there until they heartbeat again
         from veil.flower_sessions import forget_online_nodes
+        from veil.server.superlink import end_leftovers
 
+        for command in end_leftovers(run_dir / "state"):
+            log.warning("resume: ended a process the crashed coordinator left running: %s", command)
         forget_online_nodes(run_dir / "state" / "superlink.db")
     with Session(run_dir, host=args.host, port=args.port, tls=tls) as session:  # (4)-(6)
         for key in keys:

@@ -62,16 +62,25 @@ class PollingGrid(DelegatingGrid):
         self.interval = interval
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages``, then pull until every reply is in or ``timeout`` seconds pass (None: no limit)."""
+        """Push ``messages``, then pull until every reply is in or ``timeout`` seconds pass (None: no limit).
+
+        Once the timeout has passed, one last pull collects what reached the SuperLink in time: a single pull can
+        itself last until the deadline, held by the objects of a reply that a dying node half-pushed
+        (``veil.flower_sessions.bound_reply_pulls``), and the replies that arrived meanwhile count (issue 27:
+        without it a node killed at unmask sank a round that its survivors had answered in time)."""
         pending = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        last = False
         while pending:
             got = list(self.inner.pull_messages(pending))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending or last:
                 break
+            if deadline is not None and time.monotonic() >= deadline:
+                last = True
+                continue
             time.sleep(self.interval)
         return replies
 

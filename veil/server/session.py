@@ -46,8 +46,9 @@ class Session:
             if self.run_id is not None and not self.finished:
                 log.warning("stopping run %d", self.run_id)
                 self.cli.stop(self.run_id)
-            if self.run_id is not None:
-                (self.run_dir / "logs" / "serverapp.log").write_text(self.cli.logs(self.run_id), encoding="utf-8")
+            if self.run_id is not None:  # appended: a resumed run keeps the log of the run it continues
+                with (self.run_dir / "logs" / "serverapp.log").open("a", encoding="utf-8") as out:
+                    out.write(f"==== flwr run {self.run_id} ====\n{self.cli.logs(self.run_id)}")
         finally:
             if self.superlink is not None:
                 self.superlink.stop()

@@ -8,8 +8,12 @@ caller (:mod:`veil.server.deploy`) does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from veil.errors import VeilError
-from veil.supervise import Supervised, flower_command, flower_env
+from veil.supervise import Supervised, dies_with_this_process, flower_command, flower_env
 
 __all__ = ["Endpoint", "FlwrCli", "SuperLinkError", "start_superlink"]
 
 log = logging.getLogger("veil.server")
 
+GROUP_FILE = "superlink.pid"  # in the state directory: the SuperLink's pid and port, for end_leftovers
 CONNECTION = "veil"  # the CLI's name for this SuperLink connection
 
 
@@ -65,6 +70,7 @@ def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: 
     ready: list[str] = []
     proc = Supervised("superlink", argv, log_path=log_dir / "superlink.log", env=env, cwd=state_dir,
                       on_line=lambda line: ready.append(line) if "Uvicorn running on" in line else None)
+    (state_dir / GROUP_FILE).write_text(f"{proc.pid} {endpoint.port}", encoding="utf-8")  # see end_leftovers
     deadline = time.monotonic() + ready_timeout
     while not ready:
         if proc.poll() is not None:
@@ -77,6 +83,45 @@ def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: 
         time.sleep(0.2)
     log.info("SuperLink listening on %s (%s)", endpoint.address, "TLS + node auth" if endpoint.tls else "PLAINTEXT")
     return proc
+
+
+def end_leftovers(state_dir: Path) -> list[str]:
+    """SIGKILL what a coordinator killed with SIGKILL left running on ``state_dir`` (Linux); returns what it ended.
+
+    The SuperLink dies with ``veil server`` (``PR_SET_PDEATHSIG``), and Flower's processes below it follow their
+    parent's pid (``flower-superexec --parent-pid``, which starts ``flwr-serverapp --parent-pid``, each in a session
+    of its own), but a ``flwr-serverapp`` shutting down retries the dead SuperLink for a while (30 s and more under
+    load, issue 27): a ``--resume`` started meanwhile would share the run directory with it. Only Flower commands
+    that used the recorded SuperLink's port as their runtime API or descend from it through ``--parent-pid`` are
+    ended, and only once that SuperLink is gone (before a new one takes the port)."""
+    try:
+        superlink, port = (int(v) for v in (state_dir / GROUP_FILE).read_text(encoding="utf-8").split())
+        Path(f"/proc/{superlink}").stat()
+        return []  # that SuperLink still runs (not a crash), or its pid is another process's now: nothing to end
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return []
+    flower = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if "flwr" in command or "flower" in command:
+                flower[int(cmdline.parent.name)] = command
+    # its runtime API was its own port: flwr-serverapp --runtime-api-address HOST:PORT (its superexec may be gone)
+    runtime = re.compile(rf"--runtime-api-address \S*:{port}(\s|$)")
+    below = {superlink} | {pid for pid, command in flower.items() if runtime.search(command)}
+    grew = True
+    while grew:  # flower-superexec --parent-pid SUPERLINK, then flwr-serverapp --parent-pid SUPEREXEC
+        found = {pid for pid, command in flower.items() if any(f"--parent-pid {p} " in f"{command} " for p in below)}
+        grew = not found <= below
+        below |= found
+    ended = []
+    for pid in sorted(below - {superlink}):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            ended.append(flower[pid][:120])
+    return ended
 
 
 def _last_error(path: Path) -> str:
@@ -105,7 +150,7 @@ class FlwrCli:
         argv = [flower_command("flwr"), *args, "--format", "json"]
         try:
             done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
-                                  cwd=self.home)
+                                  cwd=self.home, preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
         except subprocess.TimeoutExpired:
             raise SuperLinkError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s; is the SuperLink up?") from None
         try:
@@ -151,7 +196,7 @@ class FlwrCli:
         argv = [flower_command("flwr"), "log", str(run_id), CONNECTION, "--show"]
         try:
             done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60, check=False,
-                                  cwd=self.home)
+                                  cwd=self.home, preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
         except subprocess.TimeoutExpired:
             return ""
         return done.stdout
