@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bad_inputs.corpus import _model_dir
+from veil.privacy.ledger import PrivacyLedger
 from veil.conf.schema import ModelConfig, TaskConfig, VeilConfig
 from veil.errors import ModelError
 from veil.task.causal_lm import IGNORE, PromptExamples, build_causal_lm, tokenize_examples
@@ -98,4 +99,7 @@ def test_a_deployed_node_refuses_a_model_it_cannot_train_in_one_line_before_read
     said = [r.getMessage() for r in caplog.records if "cannot train" in r.getMessage()]
     assert len(said) == 1 and "\n" not in said[0], said
     assert "neither a pad token nor an end-of-sequence token" in said[0] and "pad_token" in said[0]
-    assert str(tmp_path / "owner_model") in said[0] and not (tmp_path / "ledger.json").exists()
+    assert str(tmp_path / "owner_model") in said[0]
+    # nothing booked: a refusal that says can_train_next=False only records, in the ledger, that this run stopped
+    ledger = tmp_path / "ledger.json"
+    assert not ledger.exists() or len(PrivacyLedger.open(ledger, create=False).events) == 0
