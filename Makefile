@@ -42,7 +42,7 @@ lint: setup  # ruff on everything, mypy --strict on the modules listed in pyproj
 	$(PY) -m mypy
 
 test: setup lint
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m "not bench"
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup -m "not bench"
 
 test-fast: setup
 	$(PY) -m pytest -q --durations=15 -m "not slow and not bench"
