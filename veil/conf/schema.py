@@ -59,7 +59,7 @@ class ModelConfig:
     # of the label names (public: the run's label set) under label_names, 0 under none, r the label names' mean norm
     # after that: the head's inputs have norm ~feature_scale whatever the model. Centring removes the direction every
     # sentence shares, and the scale moves the per-example clipping budget from the head's bias to its weights: on
-    # BANKING77 under DP, 2-3 points at the same epsilon (docs/demo.md). Pooled heads only (pooler ignores it).
+    # BANKING77 under DP, 3-5 points at epsilon 4 and 8 (docs/demo.md). Pooled heads only (pooler ignores it).
     feature_center: str = "none"
     feature_scale: float = 1.0
 
