@@ -310,3 +310,48 @@ def test_a_message_of_a_run_that_ended_mid_pull_is_dropped_not_left_to_wedge_the
     patched = _receive_a_message_of_a_run_that_ended()
     assert patched.stored == ["m1"] and patched.deleted == ["m1"], patched.deleted
     assert [status for _, status in patched.finished] == ["failed"], patched.finished
+
+
+def test_a_tls_port_is_told_from_a_silent_one(tmp_path: Path) -> None:
+    """A plaintext node that gave up reconnecting is told the SuperLink speaks TLS when the port completes a TLS
+    handshake (gRPC's own words for that case vary with load), and not when nothing answers there."""
+    import datetime
+    import socket
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from veil.client.node import _speaks_tls
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with server.wrap_socket(conn, server_side=True):
+                pass
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert _speaks_tls(f"127.0.0.1:{port}", timeout=10)
+    thread.join(timeout=10)
+    listener.close()
+    assert not _speaks_tls(f"127.0.0.1:{port}", timeout=2)  # closed: nothing answers

@@ -274,6 +274,8 @@ class _Watch:
         that may follow it while the node retries (a node still retrying is not stopped early on the warning)."""
         if self.activation_refused and self.rank > 1:
             self._match(_REFUSALS[1][0])
+        if self.rank == len(_REFUSALS) - 1 and getattr(self.args, "insecure", False) and _speaks_tls(self.args.superlink):
+            self._match(_REFUSALS[2][0])  # Flower's words for a plaintext node at a TLS port vary with timing
         return self.refusal
 
     def __call__(self, line: str) -> None:
@@ -323,6 +325,24 @@ def run(args: argparse.Namespace) -> int:
         for proc in (executor, supernode):
             if proc is not None:
                 proc.stop()
+
+
+def _speaks_tls(superlink: str, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (no certificate check: only the protocol is asked). Used to
+    name the cause when a plaintext node gave up reconnecting: gRPC reports a TLS port to a plaintext client as a
+    dropped connection or as a timeout, depending on the server's load."""
+    import socket
+    import ssl
+
+    host, _, port = superlink.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]") or None):
+                return True
+    except (OSError, ValueError):
+        return False
 
 
 def _watch_until_end(supernode: Supervised, executor: Supervised, watch: _Watch, superlink: str) -> int:
