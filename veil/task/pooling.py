@@ -122,15 +122,15 @@ class PooledClassifier(nn.Module):
         # the fixed map before the head, x -> feature_scale * (x - feature_center) (veil.task.model.set_feature_map);
         # not a parameter: never trained, never sent, rebuilt by every process from the public label names
         self.register_buffer("feature_center", torch.zeros(hidden), persistent=False)
-        self.feature_scale = 1.0
+        self.feature_scale, self.feature_mapped = 1.0, False
 
     def set_feature_map(self, center: torch.Tensor, scale: float) -> None:
         self.feature_center.copy_(center.detach().to(self.feature_center))
-        self.feature_scale = float(scale)
+        self.feature_scale, self.feature_mapped = float(scale), True
 
     def head_input(self, features: torch.Tensor) -> torch.Tensor:
         """What the head reads: the pooled embedding through the fixed centre-and-scale map."""
-        if self.feature_scale == 1.0 and not bool(self.feature_center.any()):
+        if not self.feature_mapped:  # a flag, not a test of the buffer: no device sync on every step
             return features
         return (features - self.feature_center.to(features)) * self.feature_scale
 
