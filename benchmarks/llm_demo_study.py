@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallel", action="store_true", help="run the arms side by side (wall clocks then overlap)")
     ap.add_argument("--test", action="store_true", help="score on the BANKING77 test split, training on the whole "
                     "training file, exactly as make demo-llm (only for arms chosen on validation)")
-    ap.add_argument("--val-per-class", type=int, default=2, help="validation texts per intent carved from train.csv")
+    ap.add_argument("--val-per-class", type=int, default=2, help="validation texts per intent carved from train.csv (at least 2: data.choices=auto takes the "
+                    "closed set from completions that repeat)")
     add_output_args(ap, quick="unused (each arm is one real run)", root=ROOT)
     args = ap.parse_args(argv)
     info = machine_info(pick_device())

@@ -13,7 +13,6 @@ once per example; its key/value cache is repeated over the candidates.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from typing import Any
@@ -61,36 +60,28 @@ def closed_set(choices: str, completions: Callable[[], list[str]]) -> list[str]:
 def choice_scores(model: nn.Module, prompt: list[int], candidates: list[list[int]]) -> torch.Tensor:
     """Log-likelihood of each candidate's tokens after ``prompt``: sum_t log p(c_t | prompt, c_<t); (K,).
 
-    The prompt runs once; the candidates run in batches of equal length, each on a copy of the prompt's cache
-    repeated over the batch: no padded position is computed (BANKING77's 77 intent names take 481 positions after
-    their first token, against 1309 padded to the longest).
+    The prompt runs once; its cache is repeated K times and the candidates (right-padded: padding comes after every
+    counted token, so causal attention keeps it out of them) run as one batch.
     """
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     first = out.logits[0, -1].float().log_softmax(dim=-1)  # (V,): the candidates' first token
-    scores = first[torch.tensor([c[0] for c in candidates], device=device)]  # (K,)
-    by_length: dict[int, list[int]] = {}
-    for i, cand in enumerate(candidates):
-        by_length.setdefault(len(cand), []).append(i)
-    for length, rows in by_length.items():
-        if length > 1:
-            ids = torch.tensor([candidates[i] for i in rows], device=device)  # (k, L)
-            scores[rows] += _continuation(model, prompt, out.past_key_values, ids)
-    return scores.cpu()
-
-
-def _continuation(model: nn.Module, prompt: list[int], cache: Any, ids: torch.Tensor) -> torch.Tensor:
-    """sum_{t>=1} log p(ids[:, t] | prompt, ids[:, <t]) for k candidates of one length L >= 2; (k,)."""
-    k, width = ids.shape
+    k, width = len(candidates), max(map(len, candidates))
+    ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in candidates], device=device)  # (K, L)
+    counted = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in candidates], device=device)
+    cache = out.past_key_values
+    scores = first[ids[:, 0]]  # (K,)
+    if width == 1:
+        return scores.cpu()
     if cache is not None and hasattr(cache, "batch_repeat_interleave"):
-        cache = copy.deepcopy(cache)  # repeated in place: each batch needs its own copy
         cache.batch_repeat_interleave(k)
-        mask = torch.ones(k, len(prompt) + width - 1, dtype=torch.long, device=ids.device)
-        logits = model(input_ids=ids[:, :-1], attention_mask=mask, past_key_values=cache).logits  # (k, L-1, V)
+        mask = torch.ones(k, len(prompt) + width - 1, dtype=torch.long, device=device)
+        logits = model(input_ids=ids[:, :-1], attention_mask=mask, past_key_values=cache).logits  # (K, L-1, V)
     else:  # no reusable cache: the whole sequence per candidate
-        full = torch.cat([torch.tensor([prompt], device=ids.device).expand(k, -1), ids[:, :-1]], dim=1)
-        logits = model(input_ids=full).logits[:, len(prompt):]  # (k, L-1, V)
-    return logits.float().log_softmax(dim=-1).gather(2, ids[:, 1:, None])[..., 0].sum(dim=1)
+        full = torch.cat([torch.tensor([prompt], device=device).expand(k, -1), ids[:, :-1]], dim=1)
+        logits = model(input_ids=full).logits[:, len(prompt):]  # (K, L-1, V)
+    logp = logits.float().log_softmax(dim=-1).gather(2, ids[:, 1:, None])[..., 0]  # (K, L-1)
+    return (scores + (logp * counted[:, 1:]).sum(dim=1)).cpu()
 
 
 def choice_accuracy(model: nn.Module, data: dict[str, torch.Tensor]) -> float:
