@@ -2,6 +2,10 @@
 or an explicit step count), or plain minibatch steps when privacy is off, with AdamW or plain SGD
 (``federation.optimizer``) on the client's tokenized shard, starting from the global trainable weights; returns the
 update (trained - received).
+
+The loop calls one engine object and never asks which mode it is: a DP engine from
+:func:`veil.privacy.dpsgd.make_private` (hooks, ghost or book-keeping, each a
+:class:`~veil.privacy.dpsgd.PrivateTraining`) or :class:`PlainTraining` when privacy is off.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class GhostTraining(HooksTraining):
 
     def mean_loss(self, per_example: torch.Tensor) -> Any:
         """Opacus' two-pass loss tensor, which clips between its two backwards."""
-        return DPTensorFastGradientClipping(self.module, self.optimizer, per_example, "mean")  # type: ignore[arg-type]
+        return DPTensorFastGradientClipping(self.module, self.optimizer, per_example, "mean")
 
     def drop_nonfinite(self, per_example: torch.Tensor) -> torch.Tensor | None:
         keep = torch.isfinite(per_example.detach())  # (B,)

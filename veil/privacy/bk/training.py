@@ -44,7 +44,7 @@ class BookKeepingCriterion(nn.Module):
         super().__init__()
         self.bookkeeping = bookkeeping
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> BookKeepingLoss:  # type: ignore[override]
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> BookKeepingLoss:
         per_example = nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
         return BookKeepingLoss(self.bookkeeping, per_example)
 
