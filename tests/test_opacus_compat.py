@@ -65,6 +65,21 @@ def test_an_untested_opacus_fails_in_one_line_naming_both_versions(monkeypatch: 
     assert not hasattr(model, "_module"), "nothing was attached"
 
 
+
+def test_veil_simulate_refuses_an_untested_opacus_before_anything_starts(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from veil import simulation
+    from veil.cli import main
+
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(simulation, "simulate", never)
+    monkeypatch.setattr(opacus, "__version__", "9.9.9")
+    assert main(["simulate", "model=tiny_bert"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("veil: error: opacus 9.9.9 is installed") and "1.6.0" in err[0], err
+
 def test_opacus_compat_links_an_upstream_proposal_for_the_tested_version() -> None:
     links = re.findall(r"docs/upstream/([\w/-]+\.md)", (ROOT / "veil/privacy/opacus_compat.py").read_text())
     assert links
