@@ -177,7 +177,7 @@ def sweep_only_addressed_nodes() -> Callable[..., Any]:
                     queue.put(msg)
             f_stop.wait(0.1)
 
-    engine.add_messages_to_queue = sweep
+    engine.add_messages_to_queue = sweep  # type: ignore[attr-defined]
     return sweep
 
 

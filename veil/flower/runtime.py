@@ -103,7 +103,7 @@ def pull_task(client: Any) -> tuple[Any, Any, Any, Any]:
     """The acquired task's (message, context, run, fab); ``fab.content`` is the bundle's bytes."""
     from flwr.supernode.runtime.run_clientapp import pull_task_input
 
-    return pull_task_input(client)  # type: ignore[no-any-return]
+    return pull_task_input(client)
 
 
 def push_reply(client: Any, reply: Any, context: Any) -> None:

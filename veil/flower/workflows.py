@@ -128,14 +128,14 @@ class RoundLoop:
                 self.on_initial(float(res[0]), dict(res[1]))
         for rnd in range(self.start_round, context.config.num_rounds + 1):
             if getattr(strategy, "stop_reason", ""):
-                log.warning("stopping before round %d: %s", rnd, strategy.stop_reason)
+                log.warning("stopping before round %d: %s", rnd, getattr(strategy, "stop_reason"))
                 break
             cfg[Key.CURRENT_ROUND] = rnd
             before = _fit_rows(context)
             started = time.perf_counter()
             self.fit_workflow(grid, context)
             if getattr(strategy, "stop_reason", "") and not self._had_fit(context, before):
-                log.warning("stopping at round %d: %s", rnd, strategy.stop_reason)
+                log.warning("stopping at round %d: %s", rnd, getattr(strategy, "stop_reason"))
                 break
             fit_rows = context.history.metrics_distributed_fit
             completed = len(fit_rows.get("clients", [])) > before
