@@ -186,7 +186,8 @@ def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: Run
 
 def fit_workflow_for(cfg: VeilConfig) -> Any:
     """SecAgg+ (Bell et al., arXiv:2009.09039; Flower's workflow, surviving early drop-outs:
-    :mod:`veil.flower.workflows`; veil's records relayed: :mod:`veil.server.key_relay`) when on, else Flower's plain fit workflow."""
+    :mod:`veil.flower.workflows`; veil's records relayed: :mod:`veil.server.key_relay`) when on, else Flower's plain
+    fit workflow."""
     sa = cfg.secagg
     if not sa.enabled:
         return plain_fit_workflow
