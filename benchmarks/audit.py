@@ -1,7 +1,7 @@
 """The one-run privacy audit (issue 13; Steinke, Nasr, Jagielski, arXiv:2305.08846): the empirical lower bound on ε
 from ``veil audit`` beside the claimed ε, for target ε ∈ {1, 4, 8} and without DP, on the tiny BERT (CPU).
 
-``--score grad`` (the default, issue 26) audits with white-box gradient canaries (veil/audit/gradient.py):
+``--score gradient-canary`` (the default, issue 26) audits with white-box gradient canaries (veil/audit/gradient.py):
 1,000 Dirac canaries at the clip norm, 100 guessed in and 100 out, in one data owner's DP-SGD steps (tiny BERT, full
 fine-tuning, so that most canary coordinates are word-embedding rows no record uses; plain SGD and FedAvg, so that the
 score is linear in the injected gradients; 2 rounds × 5 full-batch steps, q = 1). Each DP row runs the audit's
@@ -40,10 +40,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import add_output_args, machine_info, now, pick_device, report  # noqa: E402
+from veil.audit.result import score_name  # noqa: E402
 from veil.privacy.audit_bound import epsilon_lower_bound  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-_SCORED = {"grad": "the published model's change at each gradient canary's coordinate (white-box)",
+_SCORED = {"gradient-canary": "the published model's change at each gradient canary's coordinate (white-box)",
            "loss": "the final model's loss (black-box)",
            "gradient": "Σ over rounds of the global update against each canary's gradient direction (white-box)",
            "direction": "the published model's change w_R − w_0 against each canary client's direction (white-box)"}
@@ -78,13 +79,13 @@ def _plan(args: argparse.Namespace) -> tuple[int, int, int, int, str, list[str]]
         base = ["model=tiny_bert", "federation.batch_size=64", "federation.partitioner=iid", "federation.num_clients=3",
                 f"federation.local_steps={steps}", f"federation.rounds={rounds}", "federation.seed=0"]
         return m, m // 4, rounds, steps, "direction", base
-    if (args.score or "grad") == "grad":
+    if (args.score or "gradient-canary") == "gradient-canary":
         m = args.canaries or (200 if args.quick else 1000)
         rounds, steps = args.rounds or (1 if args.quick else 2), args.steps or 5
         base = ["model=tiny_bert", "model.tuning=full", "federation.batch_size=256", "federation.optimizer=sgd",
                 "federation.lr=0.1", "federation.partitioner=iid", f"federation.local_steps={steps}",
                 "federation.num_clients=1", f"federation.rounds={rounds}", "secagg=off", "federation.seed=0"]
-        return m, m // 10, rounds, steps, "grad", base
+        return m, m // 10, rounds, steps, "gradient-canary", base
     m = args.canaries or (64 if args.quick else 256)
     rounds, steps = args.rounds or (1 if args.quick else 3), args.steps or 40
     base = ["model=tiny_bert", f"federation.batch_size={4 * m}", "federation.lr=0.05", "federation.partitioner=iid",
@@ -117,7 +118,7 @@ def _ideal(level: str, eps: str, *, m: int, k: int, rounds: int, score: str = ""
 
         mu = float("inf") if eps == "inf" else rounds ** 0.5 / calibrate_client_level(
             target_epsilon=float(eps), delta=1e-5, client_rate=1.0, rounds=rounds)
-    elif score == "grad":  # one owner, q = 1: C per step against noise σC per step, over T = rounds × steps
+    elif score == "gradient-canary":  # one owner, q = 1: C per step against noise σC per step, over T = rounds × steps
         from veil.privacy.calibration import calibrate_noise_multiplier
 
         mu = float("inf") if eps == "inf" else (rounds * steps) ** 0.5 / calibrate_noise_multiplier(
@@ -139,13 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--level", choices=("sample", "client"), default="sample",
                     help="sample: canary records, DP-SGD (default); client: canary clients, client-level DP")
     ap.add_argument("--canaries", type=int, default=None,
-                    help="m (default: grad 1000, loss/gradient 256, client level 200; --quick 200 / 64 / 24)")
-    ap.add_argument("--rounds", type=int, default=None, help="default: grad 2, loss/gradient 3, client level 2; --quick 1")
+                    help="m (default: gradient-canary 1000, loss/gradient 256, client level 200; --quick 200 / 64 / 24)")
+    ap.add_argument("--rounds", type=int, default=None, help="default: gradient-canary 2, loss/gradient 3, client level 2; --quick 1")
     ap.add_argument("--steps", type=int, default=None,
-                    help="local steps per round (default: grad 5, loss/gradient 40, client level 2)")
+                    help="local steps per round (default: gradient-canary 5, loss/gradient 40, client level 2)")
     ap.add_argument("--epsilons", default="1,4,8,inf", help="target ε values; inf: DP off")
-    ap.add_argument("--score", choices=("grad", "loss", "gradient"), default=None,
-                    help="sample level: grad, white-box gradient canaries (default); loss, canary records by the "
+    ap.add_argument("--score", type=score_name, choices=("gradient-canary", "loss", "gradient"), default=None,
+                    help="sample level: gradient-canary (formerly grad), white-box gradient canaries (default); loss, canary records by the "
                          "final model's loss (black-box); gradient, canary records by each round's update. Client "
                          "level always scores the canary clients' directions")
     add_output_args(ap, quick="64 canaries (24 canary clients), 1 round, ε ∈ {8, inf} (for the test)", root=ROOT)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                          _ideal(args.level, eps, m=m, k=k, rounds=rounds, score=score, steps=steps),
                          f"{r['correct']}/{r['guesses']}", str(r["verdict"]), f"{r['seconds']:.0f}"])
     ceiling = epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=1e-5, beta=0.05)
-    if score == "grad":
+    if score == "gradient-canary":
         settings = (f"tiny BERT, full fine-tuning (model.tuning=full), 1 data owner (a 60-text 4-class file), {rounds} "
                     f"rounds × {steps} full-batch local DP-SGD steps (q = 1), plain SGD lr 0.1, FedAvg, SecAgg+ off, "
                     f"δ = 1e-5; {m} gradient canaries (Dirac, norm C = 1, each included with probability 1/2), {k} "

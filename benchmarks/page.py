@@ -77,6 +77,8 @@ AREAS = (
          "on validation texts carved from the training file; test figures were read after the choice.",
          (Source("head_study", "{arm}", ("validation acc %", "test acc %", "note"), ("--banks", "--source"),
                  ("arm", r"^bank \d+ alone")),
+          Source("llm_demo_study", "SmolLM2-135M + LoRA (make demo-llm), {arm}, {split}",
+                 ("choice acc. round 0", "choice acc. last round", "perplexity", "ε (δ=1e-5)", "wall clock min")),
           Source("utility_banking77", "{configuration}", ("accuracy", "ε (δ=1e-5)")),
           Source("utility_banking77 --study", "{arm}", ("val. accuracy", "mean σ"),
                  ("--rounds", "--steps", "--batch-size")))),

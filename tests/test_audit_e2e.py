@@ -4,7 +4,7 @@ VIOLATION with a non-zero exit. The audit design for CI size: 128 canaries, 16 g
 3 rounds of 40 full-batch local steps (batch_size above every shard: q = 1) so that a canary is in every step.
 A claim of ε = 0.1 is refuted by 22 right guesses out of 32; without noise the runs measured here got 26-31 with the
 loss score and 24-27 with the record-gradient score (both read from each of three runs). The first two tests use the
-default score, gradient canaries (`--score grad`, issue 26): on this LoRA/AdamW configuration its control arm passed
+default score, gradient canaries (`--score gradient-canary`, issue 26): on this LoRA/AdamW configuration its control arm passed
 the > 0.2 check (one run); its own design, the numbers it reaches and its hand-checked test are in
 tests/test_audit_gradient.py and docs/benchmarks.md."""
 

@@ -1,6 +1,6 @@
-"""Gradient canaries of `veil audit --score grad` without a federation: the trainer's injected canaries and their
+"""Gradient canaries of `veil audit --score gradient-canary` without a federation: the trainer's injected canaries and their
 scores equal a hand computation (a numpy loop over examples) on a one-layer model, in each engine; the draw and its
-refusal; and a deployed node cannot inject them."""
+refusal; a deployed node cannot inject them; and the audit flags a mechanism that claims ε with far too little noise."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from veil.audit.gradient import (
     coordinate_scores,
     draw_gradient_canaries,
 )
+from veil.privacy.accounting import compute_epsilon
+from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
+from veil.privacy.calibration import calibrate_noise_multiplier
 
 N, D, K, C, LR, STEPS = 6, 4, 3, 0.5, 0.3, 3
 
@@ -115,3 +118,42 @@ def test_a_deployed_node_cannot_inject_gradient_canaries(tmp_path: Path) -> None
                 m.endswith("audit.gradient") for m in modules):
             users.add(path.relative_to(package).as_posix())
     assert users == {"audit/gradient.py", "audit/cli.py"}, users
+
+
+def _audit_one_node(noise_multiplier: float, *, steps: int, m: int, k: int) -> float:
+    """One node, q = 1 (the batch exceeds the shard), plain SGD through veil's own trainer and injector: ``m``
+    gradient canaries on weights no record moves (the inputs are zero there), each included with probability 1/2;
+    the audit's score, guesses (k highest "in", k lowest "out") and bound at 95%, as ``veil audit --score gradient``."""
+    n, d, classes = 16, m // 10 + 1, 10
+    x = torch.zeros(n, d)
+    x[:, 0] = torch.randn(n)  # the records move column 0 and the bias; the canaries sit in the other columns
+    y = torch.randint(0, classes, (n,))
+    model = nn.Linear(d, classes)
+    w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
+    flat = np.arange(w0.size).reshape(w0.shape)[:, 1:].ravel()  # (classes·(d−1),) coordinates no record touches
+    rng = np.random.default_rng()
+    coordinates = rng.choice(flat, size=m, replace=False)
+    included = rng.random(m) < 0.5
+    plan = LocalPlan(steps=steps, batch_size=64, lr=0.1, private=True, noise_multiplier=noise_multiplier,
+                     max_grad_norm=C, grad_sample_mode="hooks", optimizer="sgd")
+    result = train_round(model, [w0, b0], {"x": x, "y": y}, plan=plan, device=torch.device("cpu"), seed=0,
+                         task=_CrossEntropy(), inject=CanaryInjector(coordinates[included].tolist(), clip=C))  # type: ignore[arg-type]
+    scores = coordinate_scores([w0, b0], [w0 + result.update[0], b0 + result.update[1]], coordinates.tolist())
+    guesses = guess_top_bottom(scores, included, k_in=k, k_out=k)
+    return epsilon_lower_bound(m=guesses.m, r=guesses.r, v=guesses.v, delta=1e-5, beta=0.05)
+
+
+def test_the_audit_flags_a_mechanism_that_claims_epsilon_with_a_hundredth_of_its_noise() -> None:
+    """A broken DP-SGD: σ calibrated for a claimed ε = 1 (δ = 1e-5, q = 1, 5 steps), then divided by 100 before
+    it noises. The one-run bound must exceed the claim (with 100 right guesses of 100 it reaches about 3.4); the
+    honest σ must not. If the injection, the score's sign or index, the guesses or the bound lost their power, the
+    broken mechanism would pass unnoticed and this test fails."""
+    steps, claimed = 5, 1.0
+    sigma = calibrate_noise_multiplier(target_epsilon=claimed, delta=1e-5, sample_rate=1.0, steps=steps)
+    assert compute_epsilon([(sigma, 1.0, steps)], delta=1e-5).epsilon <= claimed * 1.02  # the claim holds at σ
+
+    broken = _audit_one_node(sigma / 100, steps=steps, m=400, k=50)
+    honest = _audit_one_node(sigma, steps=steps, m=400, k=50)
+
+    assert broken > claimed + 1.0, f"the audit missed σ/100: lower bound {broken:.2f} against the claimed ε {claimed}"
+    assert honest <= claimed, f"the honest mechanism's bound {honest:.2f} exceeds its claim {claimed}"

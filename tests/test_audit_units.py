@@ -107,5 +107,23 @@ def test_audit_refuses_an_unknown_score_and_record_canaries_for_a_task_without_l
     lm = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="causal_lm"))
     with pytest.raises(ConfigError, match="task=classification") as err:
         _check(lm, canaries=100, guesses=10, confidence=0.95, score="loss")
-    assert "--score grad" in str(err.value), "the refusal names the score that fits"
-    _check(lm, canaries=100, guesses=10, confidence=0.95, score="grad")  # gradient canaries fit any task
+    assert "--score gradient-canary" in str(err.value), "the refusal names the score that fits"
+    _check(lm, canaries=100, guesses=10, confidence=0.95, score="gradient-canary")  # gradient canaries fit any task
+
+
+def test_score_has_one_name_and_the_cli_still_reads_its_earlier_spelling() -> None:
+    """``--score grad`` (main from 2026-12-07 until the rename) parses as ``gradient-canary``; ``gradient`` stays the
+    other score (canary records), and an unknown name is still refused by argparse."""
+    import argparse
+
+    from veil.audit.cli import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args(["--score", "grad"]).score == "gradient-canary"
+    assert parser.parse_args(["--score", "gradient-canary"]).score == "gradient-canary"
+    assert parser.parse_args(["--score", "gradient"]).score == "gradient"
+    assert parser.parse_args([]).score is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--score", "hessian"])
+    assert "grad" not in SCORES and "gradient-canary" in SCORES

@@ -1,6 +1,6 @@
 """``veil audit``: an empirical lower bound on ε from one simulated federation, next to the claimed ε.
 
-The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846). By default (``--score grad``)
+The one-run audit of Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846). By default (``--score gradient-canary``)
 its white-box form: m gradient canaries, chosen per-sample gradients that the simulated nodes' DP-SGD steps draw like
 records (:mod:`veil.audit.gradient`), scored by the published model's change along each. With ``--score loss``
 or ``gradient``, canary records (:mod:`veil.audit.records`): (1) make m canary
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from veil.audit.result import LEVEL_SCORES, SCORES, AuditResult
+from veil.audit.result import LEVEL_SCORES, SCORES, AuditResult, score_name
 from veil.errors import ConfigError, VeilError
 
 VIOLATION_EXIT = 3
@@ -61,7 +61,7 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
 
         return run_client_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
                                 client_mods=client_mods, rng=rng)
-    if score == "grad":
+    if score == "gradient-canary":
         from veil.audit.gradient import run_gradient_audit
 
         return run_gradient_audit(cfg, out_dir, canaries=canaries, guesses=guesses, confidence=confidence,
@@ -74,9 +74,9 @@ def run_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, confidenc
 
 def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: str) -> None:
     level = cfg.privacy.level
-    if level == "sample" and score != "grad" and cfg.task.name != "classification":
+    if level == "sample" and score != "gradient-canary" and cfg.task.name != "classification":
         raise ConfigError(f"--score {score} plants labelled canary records: it needs task=classification, not "
-                          f"{cfg.task.name} (or --score grad: gradient canaries fit any task)")
+                          f"{cfg.task.name} (or --score gradient-canary: gradient canaries fit any task)")
     if score not in LEVEL_SCORES.get(level, ()):
         raise ConfigError(f"--score={score} is invalid for privacy.level={level}: expected "
                           f"{' or '.join(LEVEL_SCORES.get(level, ()))}")
@@ -97,8 +97,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guesses", type=int, default=0,
                         help="k: canaries guessed in, and as many guessed out (default m/10)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
-    parser.add_argument("--score", choices=sorted(SCORES), default=None,
-                        help="sample level: grad (default), white-box gradient canaries injected into the simulated "
+    parser.add_argument("--score", type=score_name, choices=sorted(SCORES), default=None,
+                        help="sample level: gradient-canary (default; formerly grad), white-box gradient canaries injected into the simulated "
                              "nodes' DP-SGD steps; loss, canary records scored by the final model's loss (black-box: "
                              "what the published model alone reveals); gradient, canary records scored by every "
                              "round's update against their gradient; client level: direction (the default and only "

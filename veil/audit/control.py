@@ -39,7 +39,7 @@ def power_warning(control: Any) -> str | None:
         return None
     return (f"warning: without DP this attack finds only epsilon >= {control.lower_bound:.3f}, so it has no power at "
             "this setting and the DP bound says nothing; give it power with more federation.rounds or "
-            "federation.local_steps, fewer clients (federation.num_clients), or --score grad with model.tuning=full")
+            "federation.local_steps, fewer clients (federation.num_clients), or --score gradient-canary with model.tuning=full")
 
 
 def write_control(out_dir: Path, audit: Any, control: Any, write: Any) -> None:

@@ -1,4 +1,4 @@
-"""``veil audit --score grad`` (the default at sample level): white-box *gradient canaries* injected into DP-SGD.
+"""``veil audit --score gradient-canary`` (the default at sample level): white-box *gradient canaries* injected into DP-SGD.
 
 Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023 (arXiv:2305.08846), §6,
 white-box: a canary is not a record but a per-sample gradient chosen by the auditor. Here canary i is the Dirac
@@ -213,7 +213,7 @@ def run_gradient_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, 
         lower_bound=epsilon_lower_bound(m=result.m, r=result.r, v=result.v, delta=cfg.privacy.delta,
                                         beta=1 - confidence),
         confidence=confidence, canaries=canaries, included=int(included.sum()), guesses=result.r, correct=result.v,
-        score=SCORES["grad"], privacy="sample-level DP-SGD" if cfg.privacy.enabled else "DP off", unit="gradient",
+        score=SCORES["gradient-canary"], privacy="sample-level DP-SGD" if cfg.privacy.enabled else "DP off", unit="gradient",
     )
     write_outputs(out_dir, audit, [{"coordinate": j, "partition": p, "included": inc, "score": float(s)}
                                    for j, p, inc, s in zip(drawn.coordinates, drawn.partition, drawn.included, scores,

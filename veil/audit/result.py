@@ -16,13 +16,21 @@ from typing import Any
 from veil.atomic import atomic_write
 
 REFERENCE = "Steinke, Nasr, Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 (arXiv:2305.08846)"
-SCORES = {"grad": "white-box, gradient canaries: the published model's change at each canary's coordinate, the sum "
+SCORES = {"gradient-canary": "white-box, gradient canaries: the published model's change at each canary's coordinate, the sum "
                   "over rounds of the aggregate updates (higher: guessed in)",
           "loss": "black-box: the final model's loss on each canary (lower: guessed in)",
           "gradient": "white-box: each round's global update against the canary's gradient direction (higher: guessed in)",
           "direction": "white-box, canary clients: the published model's change against each canary client's "
                        "direction (higher: guessed in)"}
-LEVEL_SCORES = {"sample": ("grad", "loss", "gradient"), "client": ("direction",)}  # the scores of each unit of privacy
+# Earlier spellings the CLI still accepts: "grad" named the gradient-canary score on main from 9582a77 (2026-12-07,
+# never in a release; benchmark records and issue 26 use it), one letter-run away from the unrelated "gradient"
+OLD_SPELLINGS = {"grad": "gradient-canary"}
+LEVEL_SCORES = {"sample": ("gradient-canary", "loss", "gradient"), "client": ("direction",)}  # the scores of each unit of privacy
+
+
+def score_name(value: str) -> str:
+    """``--score``'s value in its current spelling (argparse ``type``: the choices are then checked)."""
+    return OLD_SPELLINGS.get(value, value)
 
 
 @dataclass(frozen=True)

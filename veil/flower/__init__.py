@@ -33,7 +33,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
-from veil.errors import VeilError
+from veil.errors import DependencyError
 
 __all__ = ["PUBLIC", "TESTED", "FlowerVersionError", "Reach", "check_version", "installed_version", "problem"]
 
@@ -44,8 +44,9 @@ PUBLIC = frozenset({"flwr", "flwr.app", "flwr.clientapp", "flwr.serverapp", "flw
                     "flwr.simulation"})
 
 
-class FlowerVersionError(VeilError, RuntimeError):
-    """The installed Flower is not one the wing was tested on, or no longer has what a guard patches."""
+class FlowerVersionError(DependencyError, RuntimeError):
+    """The installed Flower is not one the wing was tested on, or no longer has what a guard patches (a
+    :class:`veil.errors.DependencyError`, as for an untested Opacus)."""
 
 
 def installed_version() -> str:
