@@ -2,7 +2,7 @@
 clients do no work.
 
 The pieces are veil's own where they matter: the ClientApp carries :mod:`veil.client.secagg_guard`
-(so SecAgg+ runs exactly as in veil), the server runs :class:`veil.server.workflow.RoundLoop` with
+(so SecAgg+ runs exactly as in veil), the server runs :class:`veil.flower.workflows.RoundLoop` with
 :class:`veil.strategies.fedavg.DeltaFedAvg` and the fit workflow of :func:`veil.server.app.fit_workflow_for`
 (Flower's ``SecAggPlusWorkflow`` or its default fit workflow). Only the client's ``fit`` is replaced: it returns a
 fixed random update of the shape it received (values N(0, 0.01), inside SecAgg+'s clipping range), weight 1.
@@ -44,10 +44,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 
 from veil.client.secagg_guard import make_secagg_guard, secagg_policy
-from veil.server.polling import DelegatingGrid
+from veil.flower.polling import DelegatingGrid
 from veil.conf.schema import SecAggConfig, VeilConfig
 from veil.server.app import fit_workflow_for
-from veil.server.workflow import RoundLoop, RoundOutcome
+from veil.flower.workflows import RoundLoop, RoundOutcome
 from veil.strategies.fedavg import DeltaFedAvg
 
 

@@ -1,6 +1,6 @@
 """What issue 24 adds to a SecAgg+ round, per node and per server, measured side by side in one process: Flower's
 32-bit-seeded mask generator (``np.random.RandomState``) against veil's ChaCha20 one
-(:func:`veil.flower_patches.full_key_masks`), and the owner signature (Ed25519 sign of one statement, verify of each
+(:func:`veil.flower.secagg.full_key_masks`), and the owner signature (Ed25519 sign of one statement, verify of each
 neighbour's) that roster pinning adds.
 
 A node draws 1 private + (neighbours) pairwise masks per round; the server draws one private mask per active node
@@ -27,7 +27,7 @@ import flwr  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from benchmarks.common import add_output_args, machine_info, now, pick_device, report  # noqa: E402
-from veil.flower_patches import full_key_masks  # noqa: E402
+from veil.flower.secagg import full_key_masks  # noqa: E402
 from veil.security.roster import key_statement, raw_public, verify_statement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard
 from veil.conf.schema import VeilConfig
-from veil.server.secagg_workflow import DropoutTolerantSecAggPlus
+from veil.flower.workflows import DropoutTolerantSecAggPlus
+from veil.server.key_relay import KeyRelay
 
 RUN_ID = 7
 SA = VeilConfig().secagg
@@ -104,7 +105,8 @@ def run_round(grid: LoopbackGrid) -> np.ndarray | None:
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
     workflow = DropoutTolerantSecAggPlus(num_shares=SA.num_shares, reconstruction_threshold=SA.reconstruction_threshold,
                                          max_weight=1.0, clipping_range=float(SA.clipping_range),
-                                         quantization_range=SA.quantization_range, modulus_range=SA.modulus_range)
+                                         quantization_range=SA.quantization_range, modulus_range=SA.modulus_range,
+                                         relay=KeyRelay)
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1  # as in the ServerApp's process
     try:

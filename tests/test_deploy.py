@@ -231,7 +231,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 def test_server_resume_continues_from_the_checkpoint(deployment: Scenario) -> None:
     assert not deployment.resume_error, deployment.resume_error
     assert deployment.resume_status == 0, deployment.resume_out[-20:]
-    # the crashed SuperLink's "online" nodes wait for their next heartbeat (veil.flower_sessions.forget_online_nodes)
+    # the crashed SuperLink's "online" nodes wait for their next heartbeat (veil.flower.sessions.forget_online_nodes)
     assert any("3 node(s) the SuperLink held as online are offline" in ln for ln in deployment.resume_out)
     rows = [json.loads(line) for line in (deployment.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 2)), "each round exactly once, one more after resume"

@@ -35,7 +35,7 @@ def test_dropout_before_or_after_key_sharing_keeps_the_round(small_csv: tuple[Pa
     data = data_overrides(*small_csv)
     secagg = _fault_run(tmp_path / "secagg", "crash", [*SIX, *data, *SHARES])
     assert secagg.returncode == 0, secagg.stderr[-3000:]
-    # the same node dropping one stage earlier, before it shared its keys (veil.server.secagg_workflow)
+    # the same node dropping one stage earlier, before it shared its keys (veil.flower.workflows)
     early = _fault_run(tmp_path / "early", "crash-keys", [*SIX, *data, *SHARES])
     assert early.returncode == 0, early.stderr[-3000:]
     plain = _fault_run(tmp_path / "plain", "crash", [*SIX, *data, "secagg=off"])

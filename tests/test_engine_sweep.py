@@ -1,4 +1,4 @@
-"""veil.flower_patches.sweep_only_addressed_nodes: the simulation engine's sweep delivers exactly what Flower's own
+"""veil.flower.patches.sweep_only_addressed_nodes: the simulation engine's sweep delivers exactly what Flower's own
 sweep delivers (every addressed node's messages, one per node per pass), and keeps Flower's loop for other states."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from benchmarks.sim_scale import engine_state
-from veil import flower_patches
+from veil.flower import patches as flower_patches
 
 
 @pytest.fixture

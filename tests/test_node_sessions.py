@@ -1,4 +1,4 @@
-"""Node sessions (issue 27, veil.flower_sessions and veil.supervise): what outlives a killed node, checked against
+"""Node sessions (issue 27, veil.flower.sessions and veil.supervise): what outlives a killed node, checked against
 Flower's own classes and the kernel, without a deployment (tests/test_faults_e2e.py runs the real one)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from veil import flower_sessions
+from veil.flower import sessions as flower_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_version_guard_names_the_tested_releases(monkeypatch: pytest.MonkeyPatch
 def test_reply_pulls_end_at_the_stage_timeout_and_other_patches_still_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     import flwr.superlink.grid.http_grid as grid
 
-    from veil import flower_patches
+    from veil.flower import patches as flower_patches
 
     monkeypatch.setattr(grid, "pull_objects", grid.pull_objects)  # restored after the test
     calls: list[dict[str, Any]] = []

@@ -1,5 +1,5 @@
 """Shorter waits for replies: the ServerApp's PollingGrid keeps Flower's send_and_receive contract, and veil's one
-module of Flower patches (veil.flower_patches) caps only the SuperNode loop's sleeps and shortens only the back-off
+module of Flower patches (veil.flower.patches) caps only the SuperNode loop's sleeps and shortens only the back-off
 of Flower's object pulls."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from veil import flower_patches as supernode_polling
-from veil.server.polling import PollingGrid
+from veil.flower import patches as supernode_polling
+from veil.flower.polling import PollingGrid
 
 
 class _FakeGrid:

@@ -27,8 +27,8 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from veil.flower_patches import MASK_GENERATOR
-from veil.flower_patches import full_key_masks as pseudo_rand_gen  # the ServerApp's generator (veil's patch)
+from veil.flower.secagg import MASK_GENERATOR
+from veil.flower.secagg import full_key_masks as pseudo_rand_gen  # the ServerApp's generator (veil's patch)
 from veil.security.roster import MASK_GENERATOR_KEY, RECORD
 from veil.client.secagg_guard import REFUSAL_CODE, REFUSAL_REASON, SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.conf.schema import VeilConfig

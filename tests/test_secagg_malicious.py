@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from secagg_loopback import QUANTUM, LoopbackGrid, node_app, run_round, update_of
 
 import flwr
-from veil import flower_patches
+from veil.flower import secagg as flower_secagg
 from veil.client.secagg_guard import REFUSAL_CODE, REFUSAL_REASON, secagg_policy
 from veil.conf.schema import VeilConfig
-from veil.flower_patches import full_key_masks, full_strength_masks
+from veil.flower.secagg import full_key_masks, full_strength_masks
 from veil.security.roster import OWNER_KEY, RECORD, Roster, raw_public
 
 NODES = (11, 22, 33)
@@ -194,7 +194,7 @@ def test_masks_come_from_the_whole_key() -> None:
     flower = _flowers_own_generator()
     assert np.array_equal(flower(bytes(a), 2**32, shapes)[0], flower(bytes(b), 2**32, shapes)[0])  # the weakness
     run_round(LoopbackGrid(_apps(NODES)))  # the node's guard and veil's workflow have run in this process
-    for name in flower_patches._MASK_CALLERS:
+    for name in flower_secagg._MASK_CALLERS:
         gen = sys.modules[name].pseudo_rand_gen
         assert not np.array_equal(gen(bytes(a), 2**32, shapes)[0], gen(bytes(b), 2**32, shapes)[0]), name
 

@@ -134,7 +134,7 @@ def _recorder(tmp_path: Path, cfg: VeilConfig, *, simulation: bool):  # type: ig
 
 
 def _outcome(rnd: int, fit: dict[str, object]):  # type: ignore[no-untyped-def]
-    from veil.server.workflow import RoundOutcome
+    from veil.flower.workflows import RoundOutcome
 
     return RoundOutcome(round=rnd, seconds=1.0, completed=True, loss=1.0, accuracy=0.5, fit_metrics=fit)
 

@@ -298,7 +298,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_app: Cl
     from flwr.simulation import run_simulation
 
     from veil.client.app import make_client_app
-    from veil.flower_patches import sweep_only_addressed_nodes
+    from veil.flower.patches import sweep_only_addressed_nodes
     from veil.server.app import make_server_app
 
     fed = cfg.federation
@@ -308,7 +308,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_app: Cl
     }
     app = (client_app or make_client_app)(flat, simulation_root=out_dir / "nodes",
                                           simulated_nodes=simulated_node_configs(cfg))
-    sweep_only_addressed_nodes()  # Flower's engine polls only nodes with a message, not all N (veil.flower_patches)
+    sweep_only_addressed_nodes()  # Flower's engine polls only nodes with a message, not all N (veil.flower.patches)
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
     with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 from flwr.common import Context
 
 from veil.client.floor import check_delta, check_run
@@ -55,6 +54,7 @@ from veil.client.trainer import LocalPlan, LocalResult, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import ModelConfig, VeilConfig
 from veil.errors import LedgerError, LedgerWriteError, NodeRefusal, VeilError
+from veil.flower.names import Mod
 from veil.task import get_task
 from veil.task.base import batch_size_of
 from veil.task.model import get_trainable, resolve_device

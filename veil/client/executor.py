@@ -7,7 +7,8 @@ starts this module instead. For every task it pulls the task input through Flowe
 ``sha256`` of the FAB *content* (not the hash the SuperLink declares) against the FAB the node rebuilds from its
 installed veil (:mod:`veil.security.bundle`), and only then calls the *installed* ``veil.client.app:app``; the FAB is
 never unpacked or imported. A foreign FAB gets an error reply and one log line, and the executor waits for the next
-task, so the node stays up for legitimate runs. Upstream proposal: docs/upstream/fab-hash-pin.md.
+task, so the node stays up for legitimate runs. Upstream proposal: docs/upstream/fab-hash-pin.md. What talks to the
+Runtime API (Flower's private client and task helpers) is :mod:`veil.flower.runtime`; this module decides.
 
 The owner's policy is applied inside the ClientApp (:mod:`veil.client.floor`), whose refusals are ordinary replies.
 An error reply never carries an error's text or even its class: either may depend on the owner's data or name local
@@ -20,54 +21,18 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 from veil.errors import VeilError
+from veil.flower.runtime import TaskHeartbeat, acquire_task, error_reply, pull_task, push_output, push_reply
+from veil.flower.runtime import runtime_client, secagg_stage
 
 log = logging.getLogger("veil.client")
 
-_HEARTBEAT_SECONDS = 10.0
 DECLINED = "veil node declined the round; the reason is in the node's own log"
-
-
-def _runtime_client(address: str, token: str | None) -> Any:
-    """A Runtime API client for the node's loopback API (plain HTTP on 127.0.0.1, like flower-superexec's)."""
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-
-    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
-    if token:
-        interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
-                                                 interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
-
-
-class _Heartbeat:
-    """Tells the node a long task is alive (Flower's own sender raises SIGINT on a stale task; we only log)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client, self.stop = client, threading.Event()
-        self.thread = threading.Thread(target=self._beat, name="veil-task-heartbeat", daemon=True)
-
-    def _beat(self) -> None:
-        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
-
-        while not self.stop.wait(_HEARTBEAT_SECONDS):
-            try:
-                self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
-            except Exception as err:  # a missed beat is not fatal: the node expires the task itself
-                log.debug("task heartbeat failed: %s", err)
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=2)
 
 
 def _veil_error_in(err: BaseException) -> VeilError | None:
@@ -80,52 +45,33 @@ def _veil_error_in(err: BaseException) -> VeilError | None:
     return None
 
 
-def _stage(message: Any) -> str:
-    """The SecAgg+ stage a message asks for (``plain`` without SecAgg+), for the node's log."""
-    try:
-        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
-        return str(configs.get(Key.STAGE)) if configs is not None else "plain"
-    except Exception:  # noqa: BLE001 - a log line never fails a task
-        return "?"
-
-
-def _execute(message: Any, context: Any) -> tuple[Any, str, str]:
-    """Run the installed veil ClientApp on one message; returns (reply, sub-status, details for the server)."""
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode, SubStatus
-
+def _execute(message: Any, context: Any) -> tuple[Any, bool, str]:
+    """Run the installed veil ClientApp on one message; returns (reply, completed, details for the server)."""
     from veil.client.app import app as installed_app
 
-    log.info("run %d: %s message (%s)", context.run_id, message.metadata.message_type, _stage(message))
+    log.info("run %d: %s message (%s)", context.run_id, message.metadata.message_type, secagg_stage(message))
     try:
-        return installed_app(message=message, context=context), SubStatus.COMPLETED, ""
+        return installed_app(message=message, context=context), True, ""
     except Exception as err:  # every failure becomes the same error reply; the executor lives on
         veil_err = _veil_error_in(err)
         if veil_err is not None:
             log.error("run %d: round declined: %s", context.run_id, veil_err)
         else:
             log.exception("run %d: the veil ClientApp failed", context.run_id)
-        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=DECLINED), reply_to=message)
-        return reply, SubStatus.FAILED, DECLINED
+        return error_reply(message, reason=DECLINED), False, DECLINED
 
 
 def run_task(address: str, token: str, expected_hash: str) -> bool:
     """Handle one acquired task; returns False when its bundle was refused."""
     import hashlib
 
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
     from veil.security.bundle import describe_difference
 
-    client = _runtime_client(address, token)
-    context, status, details, trusted = None, SubStatus.FAILED, "veil node failed to read the task", True
+    client = runtime_client(address, token)
+    context, completed, details, trusted = None, False, "veil node failed to read the task", True
     try:
-        with _Heartbeat(client):
-            message, context, run, fab = pull_task_input(client)
+        with TaskHeartbeat(client):
+            message, context, run, fab = pull_task(client)
             actual = hashlib.sha256(fab.content).hexdigest()
             if actual != expected_hash:
                 trusted = False
@@ -133,14 +79,14 @@ def run_task(address: str, token: str, expected_hash: str) -> bool:
                           "node (FAB %s): %s; none of its code was run", run.run_id, actual[:12], run.fab_id or "?",
                           expected_hash[:12], describe_difference(fab.content))
                 details = "veil node refused the app bundle: not byte-identical to its installed veil ClientApp"
-                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
+                reply = error_reply(message, reason=details, bad_bundle=True)
             else:
-                reply, status, details = _execute(message, context)
-            push_message(client, reply, context)
+                reply, completed, details = _execute(message, context)
+            push_reply(client, reply, context)
     except Exception as err:  # the node expires a task we could not finish; keep serving
         log.error("a task could not be completed: %s", type(err).__name__)
     finally:
-        push_task_output(client=client, context=context, sub_status=status, details=details)
+        push_output(client, context, completed=completed, details=details)
         client.close()
     return trusted
 
@@ -159,19 +105,15 @@ def poll_interval(since_last_task: float) -> float:
 
 def serve(address: str, *, expected_hash: str, stop: threading.Event | None = None) -> None:
     """Acquire and run ClientApp tasks from the node's Runtime API until ``stop`` is set."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.constant import TaskType
-
     stop = stop or threading.Event()
-    client = _runtime_client(address, None)
-    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    client = runtime_client(address, None)
     log.info("executor ready: runs only the installed veil ClientApp (FAB %s)", expected_hash[:12])
     last_task = float("-inf")
     try:
         while not stop.is_set():
-            res = client.AcquireTask(request)
-            if res.HasField("task") and res.token:
-                run_task(address, res.token, expected_hash)
+            token = acquire_task(client)
+            if token is not None:
+                run_task(address, token, expected_hash)
                 last_task = time.monotonic()
             else:
                 stop.wait(poll_interval(time.monotonic() - last_task))
@@ -204,19 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from veil.client.app import quiet_worker
-    from veil.flower_patches import shorten_object_pull_backoff
+    from veil.client.secagg_guard import quiet_worker
+    from veil.flower.patches import shorten_object_pull_backoff
     from veil.security.bundle import fab_hash
 
     quiet_worker()
-    shorten_object_pull_backoff()  # a task's objects: first retry after 0.02 s, not 1 s
     stop = threading.Event()
-    if args.supernode_pid is not None:
-        _watch_process(args.supernode_pid, stop)
     try:
+        shorten_object_pull_backoff()  # a task's objects: first retry after 0.02 s, not 1 s
+        if args.supernode_pid is not None:
+            _watch_process(args.supernode_pid, stop)
         serve(args.runtime_api_address, expected_hash=fab_hash(), stop=stop)
     except KeyboardInterrupt:
         return 130
+    except VeilError as err:  # an untested Flower (veil.flower.check_version): one line, no traceback
+        print(f"veil: error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Sized
 from pathlib import Path
 
-from veil.flower_patches import DEFAULT_POLL_INTERVAL
-from veil.flower_sessions import ACTIVATION_WINDOW
+from veil.flower.patches import DEFAULT_POLL_INTERVAL
+from veil.flower.sessions import ACTIVATION_WINDOW
 from veil.errors import ConfigError, VeilError
 from veil.supervise import Supervised, flower_env, free_port, stop_on_signals
 
@@ -249,7 +249,7 @@ def executor_env(env: dict[str, str], threads: int) -> dict[str, str]:
 
 def _supernode_argv(args: argparse.Namespace, runtime_port: int) -> list[str]:
     # Flower's own flower-supernode, run through veil's one Flower patch: it polls every --poll-interval s, not 3 s
-    argv = [sys.executable, "-m", "veil.flower_patches", "--poll-interval", str(args.poll_interval), "--",
+    argv = [sys.executable, "-m", "veil.flower.patches", "--poll-interval", str(args.poll_interval), "--",
             "--superlink", args.superlink, "--isolation", "process",
             "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config_arg(_node_config(args))]
     if args.max_retries > 0:
@@ -267,7 +267,7 @@ class _Watch:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.refusal, self.rank, self.last_error = args, None, len(_REFUSALS), ""
-        self.activation_refused = False  # veil.flower_sessions' retry warning: the SuperLink said 2004 at least once
+        self.activation_refused = False  # veil.flower.sessions' retry warning: the SuperLink said 2004 at least once
 
     def final_refusal(self) -> str | None:
         """The refusal to report when the SuperNode ended: a refused activation outranks the reconnection give-up

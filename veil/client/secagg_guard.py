@@ -15,7 +15,7 @@ and the owner's policy, never the data, and every refusal has the same reply (on
 node's own log names the reason.
 
 Against a malicious coordinator (issue 24, privacy review N5) the guard also: (1) makes every mask of this process
-come from the whole key (:func:`veil.flower_patches.full_strength_masks`) and refuses a SETUP whose ServerApp does
+come from the whole key (:func:`veil.flower.secagg.full_strength_masks`) and refuses a SETUP whose ServerApp does
 not announce the same generator; (2) refuses a SHARE_KEYS, COLLECT or UNMASK whose neighbourhood is smaller than
 the one SETUP announced by more than the owner's ``max_dropouts`` (default 0: no node is ever unmasked against
 fewer neighbours than planned, so a coordinator cannot withhold ciphertexts to isolate it, and with no node "dead"
@@ -40,12 +40,10 @@ from typing import TYPE_CHECKING, TypeGuard
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from veil.client.secagg_roster import roster_refusal, setup_roster_refusal, sign_setup_reply
-from veil.flower_patches import MASK_GENERATOR, full_strength_masks
+from veil.flower.names import ClientAppCallable, ErrorCode, Mod
+from veil.flower.secagg import MASK_GENERATOR, RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage, full_strength_masks
 from veil.security.roster import MASK_GENERATOR_KEY, RECORD
 
 if TYPE_CHECKING:

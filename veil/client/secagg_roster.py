@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, Metadata
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from veil.flower.secagg import RECORD_KEY_CONFIGS, Key
 from veil.security.roster import (OWNER_KEY, RECORD, SIGNATURE_KEY, Roster, check_neighbour_keys, key_statement,
                                   raw_public, sign_statement)
 

@@ -84,7 +84,7 @@ def build_fab() -> bytes:
     """The FAB bytes ``flwr run`` produces from :func:`write_app_dir`'s directory (Flower's own builder)."""
     import warnings
 
-    from flwr.cli.build import build_fab_from_files
+    from veil.flower.names import build_fab_from_files
 
     with warnings.catch_warnings():  # pathspec's notice about its own pattern names, raised inside Flower's builder
         warnings.filterwarnings("ignore", "GitWildMatchPattern", DeprecationWarning)

@@ -24,13 +24,16 @@ from typing import Any
 import numpy as np
 from flwr.common import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from veil.atomic import atomic_write
 from veil.conf.runconfig import from_run_config, to_run_config
 from veil.conf.schema import VeilConfig
 from veil.errors import ConfigError, VeilError
+from veil.flower.patches import shorten_object_pull_backoff
+from veil.flower.polling import PollingGrid
+from veil.flower.sessions import bound_reply_pulls
+from veil.flower.workflows import DropoutTolerantSecAggPlus, RoundLoop, RoundOutcome, plain_fit_workflow
 from veil.privacy.client_level import run_noise_multiplier
 from veil.server.checkpoint import (
     Checkpoint,
@@ -43,15 +46,11 @@ from veil.server.checkpoint import (
 from veil.server.evaluate import make_evaluate_fn
 from veil.server.export import export_global_model
 from veil.server.guarantee import coordinator_epsilon, epsilon_basis, simulated_ledgers, simulated_node_figures
+from veil.server.key_relay import KeyRelay
 from veil.server.metrics import MetricsLog, console_line
 from veil.server.operator import operator_config
-from veil.flower_patches import shorten_object_pull_backoff
-from veil.flower_sessions import bound_reply_pulls
-from veil.server.polling import PollingGrid
-from veil.server.secagg_workflow import DropoutTolerantSecAggPlus
 from veil.server.progress import RoundProgress
 from veil.server.tensorboard import TensorBoardHook
-from veil.server.workflow import RoundLoop, RoundOutcome
 from veil.strategies.factory import make_strategy
 from veil.strategies.fedavg import DeltaFedAvg
 from veil.task import get_task
@@ -187,15 +186,16 @@ def _resume(cfg: VeilConfig, out_dir: Path, strategy: DeltaFedAvg, recorder: Run
 
 def fit_workflow_for(cfg: VeilConfig) -> Any:
     """SecAgg+ (Bell et al., arXiv:2009.09039; Flower's workflow, surviving early drop-outs:
-    :mod:`veil.server.secagg_workflow`) when on, else Flower's plain fit workflow."""
+    :mod:`veil.flower.workflows`; veil's records relayed: :mod:`veil.server.key_relay`) when on, else Flower's plain
+    fit workflow."""
     sa = cfg.secagg
     if not sa.enabled:
-        return default_fit_workflow
+        return plain_fit_workflow
     return DropoutTolerantSecAggPlus(
         num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=1.0,  # every client sends weight 1 (see VeilClient.fit): full quantisation precision
         clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
-        modulus_range=sa.modulus_range, timeout=sa.timeout,
+        modulus_range=sa.modulus_range, timeout=sa.timeout, relay=KeyRelay,
     )
 
 
@@ -268,7 +268,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None, *, simulation: bo
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = operator_config(from_run_config({**base, **dict(context.run_config)}))
-        if not simulated:  # a deployment's object pulls retry after 0.02 s, not 1 s (veil.flower_patches)
+        if not simulated:  # a deployment's object pulls retry after 0.02 s, not 1 s (veil.flower.patches)
             # the operator's serverapp.log gets veil's INFO lines too ("resuming after round k from weights ...")
             logging.getLogger("veil").setLevel(logging.INFO)
             shorten_object_pull_backoff()

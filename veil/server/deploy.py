@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     stop_on_signals()
     if args.resume:  # nodes the crashed SuperLink held as online are not there until they heartbeat again
-        from veil.flower_sessions import forget_online_nodes
+        from veil.flower.sessions import forget_online_nodes
         from veil.server.superlink import end_leftovers
 
         for command in end_leftovers(run_dir / "state"):

@@ -26,11 +26,10 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_manager import ClientManager
-from flwr.server.criterion import Criterion
-from flwr.server.client_proxy import ClientProxy
+from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
+from veil.flower.names import ClientProxy, Criterion
 from veil.privacy.client_level import ClientLevelAccountant, add_gaussian_noise
 from veil.strategies.robust import Aggregator
 from veil.strategies.server_opt import ServerOptimizer

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flwr.common import NDArrays
-from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+from veil.flower.names import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
 ROBUST = ("median", "trimmed_mean", "krum")
 

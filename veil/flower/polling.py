@@ -7,6 +7,10 @@ per round. :class:`PollingGrid` wraps the grid Flower hands the ServerApp (compo
 abstract interface, not a patch): every call is delegated, and ``send_and_receive`` keeps Flower's contract (push,
 then pull until every reply is in or ``timeout`` passes) with ``interval`` seconds between pulls. The pulls go to
 the SuperLink's local Runtime API, so a short interval costs little. Upstream proposal: docs/upstream/poll-interval.md.
+
+Not a patch, but bound to the shape of ``Grid`` (:data:`REACHES`): Flower 1.43.dev renames
+``pull_messages(message_ids)`` to ``pull_messages(reply_to_message_ids=None, *, message_ids=None)``, so
+:class:`PollingGrid` checks the Flower version when it is built (:func:`veil.flower.check_version`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,20 @@ from flwr.common import Message
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
+from veil.flower import Reach, check_version
+
 PULL_INTERVAL = 0.05  # seconds between pulls for replies (Flower: 3 s deployed, 0.1 s simulated)
+
+REACHES = (
+    Reach("flwr.supercore.run", "Run"),
+    Reach("flwr.serverapp", "Grid.pull_messages", ("self", "message_ids")),
+    Reach("flwr.serverapp", "Grid.push_messages", ("self", "messages")),
+    Reach("flwr.serverapp", "Grid.send_and_receive", ("self", "messages"), keywords=("timeout",)),
+    Reach("flwr.serverapp", "Grid.create_message",
+          ("self", "content", "message_type", "dst_node_id", "group_id", "ttl")),
+    Reach("flwr.serverapp", "Grid.get_node_ids", ("self",)),
+    Reach("flwr.serverapp", "Grid.set_run", ("self", "run")),
+)
 
 
 class DelegatingGrid(Grid):
@@ -58,6 +75,7 @@ class PollingGrid(DelegatingGrid):
     def __init__(self, inner: Grid, *, interval: float = PULL_INTERVAL) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval}")
+        check_version("reply polling grid")
         super().__init__(inner)
         self.interval = interval
 
@@ -66,7 +84,7 @@ class PollingGrid(DelegatingGrid):
 
         Once the timeout has passed, one last pull collects what reached the SuperLink in time: a single pull can
         itself last until the deadline, held by the objects of a reply that a dying node half-pushed
-        (``veil.flower_sessions.bound_reply_pulls``), and the replies that arrived meanwhile count (issue 27:
+        (:func:`veil.flower.sessions.bound_reply_pulls`), and the replies that arrived meanwhile count (issue 27:
         without it a node killed at unmask sank a round that its survivors had answered in time)."""
         pending = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -1,5 +1,5 @@
 """Node sessions on the SuperLink that outlive their node: three fixes for Flower's deployment (issue 27), used by
-:mod:`veil.flower_patches` (the only place veil patches Flower) and by ``veil server --resume``.
+:mod:`veil.flower.patches` (the patched SuperNode), the ServerApp and ``veil server --resume``.
 
 The SuperLink counts a node as online until ``online_until`` = its last heartbeat + ``HEARTBEAT_PATIENCE`` (2) x the
 interval the node announced (``HEARTBEAT_DEFAULT_INTERVAL`` = 30 s in flwr 1.41, hard-coded in the SuperNode). Three
@@ -36,8 +36,8 @@ faults follow (the fault probe of 2026-12-07; docs/deployment.md, "What survives
    :func:`clean_stale_receive` turns that exception, raised by the object pulls, into an ordinary error, so
    Flower's own clean-up deletes the message and fails the task.
 
-Each fix checks the Flower version (:data:`SESSION_PATCH_TESTED`) and that what it patches is still there, and fails
-with one line otherwise. Upstream proposal: docs/upstream/node-sessions.md.
+Each fix checks the Flower version (:func:`veil.flower.check_version`) and that what it patches is still there (the
+rows of :data:`REACHES`), and fails with one line otherwise. Upstream proposal: docs/upstream/node-sessions.md.
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVATION_WINDOW", "bound_reply_pulls", "clean_stale_receive", "HEARTBEAT_INTERVAL", "SESSION_PATCH_TESTED",
+from veil.flower import FlowerVersionError, Reach, check_version
+
+__all__ = ["ACTIVATION_WINDOW", "HEARTBEAT_INTERVAL", "REACHES", "bound_reply_pulls", "clean_stale_receive",
            "forget_online_nodes", "patient_activation", "short_node_heartbeat"]
 
 log = logging.getLogger("veil")
 
-SESSION_PATCH_TESTED = ("1.41.0", "1.42.0")  # Flower versions whose node sessions were read (linkstate, supernode)
 HEARTBEAT_INTERVAL = 10.0  # seconds; Flower's minimum (HEARTBEAT_MIN_INTERVAL), its default is 30
 ACTIVATION_WINDOW = 35.0  # seconds: > HEARTBEAT_PATIENCE (2) x HEARTBEAT_INTERVAL, plus a heartbeat's call timeout
 ACTIVATION_RETRY = 1.0  # seconds between activation attempts
@@ -64,20 +65,25 @@ _GRID = "flwr.superlink.grid.http_grid"
 _RECEIVE = "flwr.supernode.start_client_internal"
 ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 
-
-def _check_version(what: str) -> str:
-    import flwr
-
-    version = getattr(flwr, "__version__", "?")
-    if version not in SESSION_PATCH_TESTED:
-        raise RuntimeError(f"flwr {version}: veil's {what} patch is tested on flwr {', '.join(SESSION_PATCH_TESTED)} "
-                           "only; install one of those")
-    return version
+REACHES = (
+    Reach(_CONNECTION, "HEARTBEAT_DEFAULT_INTERVAL"),
+    Reach(_HEARTBEAT, "HEARTBEAT_DEFAULT_INTERVAL"),
+    Reach("flwr.common.constant", "HEARTBEAT_MIN_INTERVAL"),
+    Reach("flwr.common.constant", "HEARTBEAT_MAX_INTERVAL"),
+    Reach(_CONNECTION, "FleetHttpClient.ActivateNode", ("self", "request")),
+    Reach("flwr.supercore.error", "FlowerError.from_json"),
+    Reach("flwr.supercore.error", "ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED"),
+    Reach("flwr.supercore.constant", "NodeStatus.ONLINE"),
+    Reach("flwr.supercore.constant", "NodeStatus.OFFLINE"),
+    Reach(_GRID, "pull_objects", keywords=("max_time",)),
+    Reach("flwr.supercore.run", "RunNotRunningException"),
+    Reach(_RECEIVE, "_pull_and_store_message", keywords=("pull_object",)),
+)
 
 
 def short_node_heartbeat(interval: float = HEARTBEAT_INTERVAL) -> None:
     """Make this process's SuperNode announce and send heartbeats every ``interval`` s (idempotent; fix 2)."""
-    version = _check_version("heartbeat")
+    version = check_version("heartbeat patch")
     from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
 
     if not HEARTBEAT_MIN_INTERVAL <= interval <= HEARTBEAT_MAX_INTERVAL:
@@ -86,8 +92,8 @@ def short_node_heartbeat(interval: float = HEARTBEAT_INTERVAL) -> None:
     modules = [importlib.import_module(name) for name in (_CONNECTION, _HEARTBEAT)]
     for module in modules:
         if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
-            raise RuntimeError(f"flwr {version}: {module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; "
-                               "veil's heartbeat patch does not fit it")
+            raise FlowerVersionError(f"flwr {version}: {module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; "
+                                     "veil's heartbeat patch does not fit it")
     for module in modules:
         module.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
 
@@ -107,14 +113,14 @@ def patient_activation(window: float = ACTIVATION_WINDOW, retry: float = ACTIVAT
 
     A refusal that lasts the whole window (an unregistered or revoked key, or another live node holding this key)
     ends the SuperNode as Flower does, ``[code: 2004]``, ``window`` seconds later. Returns the client class in use."""
-    version = _check_version("activation")
+    version = check_version("activation patch")
     module = importlib.import_module(_CONNECTION)
     flower_client = getattr(module, "FleetHttpClient", None)
     if getattr(flower_client, "veil_patient_activation", False):
         return flower_client  # type: ignore[return-value]
     if flower_client is None or not callable(getattr(flower_client, "ActivateNode", None)):
-        raise RuntimeError(f"flwr {version}: {_CONNECTION} no longer activates through FleetHttpClient.ActivateNode; "
-                           "veil's activation patch does not fit it")
+        raise FlowerVersionError(f"flwr {version}: {_CONNECTION} no longer activates through "
+                                 "FleetHttpClient.ActivateNode; veil's activation patch does not fit it")
 
     class PatientFleetHttpClient(flower_client):  # type: ignore[misc, valid-type]
         """Flower's Fleet client whose ``ActivateNode`` waits out a stale session of this node's key."""
@@ -145,7 +151,7 @@ def forget_online_nodes(database: Path) -> int:
 
     Run it only while no SuperLink uses the database (before ``veil server --resume`` starts one). A missing
     database (nothing to resume) changes nothing."""
-    version = _check_version("resume")
+    version = check_version("resume patch")
     if not database.is_file():
         return 0
     from flwr.supercore.constant import NodeStatus
@@ -153,8 +159,8 @@ def forget_online_nodes(database: Path) -> int:
     with sqlite3.connect(database, timeout=30) as conn:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(node)")}
         if not {"status", "online_until"} <= columns:
-            raise RuntimeError(f"flwr {version}: the SuperLink database {database} has no node table with status and "
-                               "online_until; veil's resume patch does not fit it")
+            raise FlowerVersionError(f"flwr {version}: the SuperLink database {database} has no node table with "
+                                     "status and online_until; veil's resume patch does not fit it")
         done = conn.execute("UPDATE node SET status = ?, online_until = ? WHERE status = ?",
                             (NodeStatus.OFFLINE, time.time(), NodeStatus.ONLINE)).rowcount
     log.info("resume: %d node(s) the SuperLink held as online are offline until their next heartbeat", done)
@@ -165,14 +171,15 @@ def bound_reply_pulls(max_time: float) -> None:
     """Make the ServerApp's grid give up pulling a reply's objects after ``max_time`` s (fix 4; idempotent: a new
     bound replaces the old). The reply then arrives as Flower's own error message ("Reply message objects are
     unavailable"), which the SecAgg+ stage counts as a drop-out."""
-    version = _check_version("reply pull")
+    version = check_version("reply pull patch")
     if not max_time > 0:
         raise ValueError(f"max_time must be > 0 seconds, got {max_time}")
     grid = importlib.import_module(_GRID)
     current = getattr(grid, "pull_objects", None)
     inner = getattr(current, "veil_bounded", current)  # what was there before an earlier bound
     if not callable(inner):
-        raise RuntimeError(f"flwr {version}: {_GRID} no longer calls pull_objects; veil's reply-pull patch does not fit")
+        raise FlowerVersionError(f"flwr {version}: {_GRID} no longer calls pull_objects; "
+                                 "veil's reply-pull patch does not fit it")
 
     def pull(*args: Any, max_time: float | None = None, **kwargs: Any) -> Any:
         return inner(*args, max_time=bound if max_time is None else min(max_time, bound), **kwargs)
@@ -191,7 +198,7 @@ def clean_stale_receive() -> None:
     """Make this process's SuperNode drop a message whose run ended while its objects were pulled (fix 5;
     idempotent): the object pulls raise :class:`StaleRunMessage` instead of ``RunNotRunningException``, so
     ``_pull_and_store_message`` deletes the stored message and fails its task, as for any failed pull."""
-    version = _check_version("stale receive")
+    version = check_version("stale receive patch")
     from flwr.supercore.run import RunNotRunningException
 
     module = importlib.import_module(_RECEIVE)
@@ -200,8 +207,8 @@ def clean_stale_receive() -> None:
         return
     code = getattr(inner, "__code__", None)
     if code is None or "pull_object" not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
-        raise RuntimeError(f"flwr {version}: {_RECEIVE} no longer pulls objects through _pull_and_store_message("
-                           "pull_object=...); veil's stale-receive patch does not fit it")
+        raise FlowerVersionError(f"flwr {version}: {_RECEIVE} no longer pulls objects through _pull_and_store_message("
+                                 "pull_object=...); veil's stale-receive patch does not fit it")
 
     def pull_and_store(*args: Any, pull_object: Any, **kwargs: Any) -> Any:
         def pull(run_id: int, object_id: str) -> bytes:
