@@ -17,7 +17,8 @@ and the owner's flags only (review 2026-12-07, N1). One round on the node, in th
 4. DP-SGD (OS-seeded Poisson sampling and noise, non-finite per-sample gradients dropped), or the client-level
    release (NaN-safe clip plus this node's noise share). No usable example, a non-finite update or a failure while
    training: noise alone of the declared std (:mod:`veil.privacy.release`), never zeros, the reply unchanged;
-5. the reply: the update (scaled into the SecAgg+ range if needed, logged) with weight 1, and :data:`REPLY_KEYS`.
+5. the reply: the update (scaled into the SecAgg+ range if needed, logged) with weight 1, and :data:`REPLY_KEYS`,
+   held until the owner's ``--reply-after`` (:mod:`veil.client.reply_time`), refusals too.
    A reply with ``can_train_next=False`` is kept in the owner's ledger: the node refuses the rest of that run on its
    own, across restarts (review N10).
 
@@ -46,6 +47,7 @@ from veil.client.floor import check_delta, check_run
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.security.roster import load_roster, load_signing_key
 from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
+from veil.client.reply_time import ReplyTimer
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.round_plan import (
     Sampling, calibrated_sigma, check_not_stopped, mark_stopped, owner_sampling, plain_plan, plan_client_level,
@@ -109,11 +111,22 @@ def owner_model(cfg: VeilConfig, settings: NodeSettings) -> ModelConfig:
 class VeilClient(NumPyClient):
     """Trains on one node's data; returns only the DP release and data-independent fields (:data:`REPLY_KEYS`)."""
 
-    def __init__(self, cfg: VeilConfig, settings: NodeSettings, run_id: int) -> None:
+    def __init__(self, cfg: VeilConfig, settings: NodeSettings, run_id: int, *,
+                 timer: ReplyTimer | None = None) -> None:
         self.cfg, self.settings, self.run_id = cfg, settings, run_id
+        self.timer = timer or ReplyTimer()
 
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Answer one training instruction; the reply leaves at the owner's ``--reply-after`` (review N6), whatever
+        the round did: trained, noise only or refused."""
+        started = self.timer.start()
         server_round = int(config.get("server_round", 0))
+        reply = self._answer(parameters, server_round)
+        self.timer.hold(started, hold=self.settings.reply_after, server_round=server_round)
+        return reply
+
+    def _answer(self, parameters: list[np.ndarray],
+                server_round: int) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         try:
             return self._fit(parameters, server_round)
         except NodeRefusal as refusal:
