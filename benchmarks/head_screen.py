@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import add_output_args, machine_info, now, report
 from benchmarks.utility_study import TRAIN, carve_validation
+from veil.client.round_plan import noise_scaled_lr
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, VeilConfig
 from veil.privacy.calibration import calibrate_noise_multiplier
 from veil.task import get_task
@@ -41,16 +42,31 @@ def _sigma(epsilon: float, q: float, steps: int) -> float:
     return calibrate_noise_multiplier(target_epsilon=epsilon, delta=1e-5, sample_rate=q, steps=steps, accountant="prv")
 
 
+def _label_name_features(args: argparse.Namespace, labels: list[str]) -> torch.Tensor:
+    """The label names' pooled embeddings (K, H), through the same encoder and pooling as the cached features."""
+    from veil.task.model import _label_name_inputs, load_tokenizer
+
+    cfg = ModelConfig(tuning="head", path=args.model_path, source=args.source, pooling=args.pooling,
+                      max_length=args.max_length, feature_center="none", feature_scale=1.0)
+    model = build_model(cfg, labels, seed=0)
+    enc = _label_name_inputs(load_tokenizer(cfg), labels)
+    model.eval()
+    with torch.no_grad():
+        return model.embed(enc["input_ids"], enc["attention_mask"]).float()
+
+
 def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, bias: torch.Tensor, *,
              epsilon: float, lr: float, clip: float, rounds: int, steps: int, batch: int, seed: int,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             decay: float = 0.0, lr_noise_ref: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The global head after ``rounds`` of local DP-SGD on every shard (``epsilon`` 0: no DP)."""
     gen = torch.Generator().manual_seed(seed)
+    weight0, bias0 = weight.clone(), bias.clone()
     sigmas = [_sigma(epsilon, min(1.0, batch / len(y)), rounds * steps) if epsilon else 0.0 for _x, y in shards]
     for _ in range(rounds):
         d_w, d_b = torch.zeros_like(weight), torch.zeros_like(bias)
         for (xs, ys), sigma in zip(shards, sigmas, strict=True):
             w, b, n = weight.clone(), bias.clone(), len(ys)
+            step = noise_scaled_lr(lr, sigma=sigma, ref=lr_noise_ref)  # veil's rule (federation.lr_noise_ref)
             q = min(1.0, batch / n)
             for _ in range(steps):
                 take = torch.rand(n, generator=gen) < q
@@ -65,11 +81,32 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
                     g_w += torch.randn(g_w.shape, generator=gen) * sigma * clip
                     g_b += torch.randn(g_b.shape, generator=gen) * sigma * clip
                 divisor = batch if q < 1 else n
-                w, b = w - lr * g_w / divisor, b - lr * g_b / divisor
+                w, b = w - step * g_w / divisor, b - step * g_b / divisor
+                if decay:  # shrink toward the public start (the label-name head): a prior against the noise walk
+                    w, b = w - step * decay * (w - weight0), b - step * decay * (b - bias0)
             d_w += (w - weight) / len(shards)
             d_b += (b - bias) / len(shards)
         weight, bias = weight + d_w, bias + d_b
     return weight, bias
+
+
+def public_transform(kind: str, names: torch.Tensor) -> torch.Tensor:
+    """A linear map of the head's inputs built from the label names' mapped embeddings ``names`` (K, H) alone (public,
+    no ε): ``none`` (identity), ``project`` (onto the span of the centred names: K - 1 directions) or ``whiten:λ``
+    ((Σ + λ tr(Σ)/H I)^(-1/2), Σ the names' covariance). Screen-only levers (issue 22, the 10-bank gap): DP noise
+    grows with the head's input dimension; a public subspace or a public preconditioner may spend it better."""
+    eye = torch.eye(names.shape[1], dtype=torch.float64)
+    centred = (names - names.mean(dim=0)).double()
+    if kind == "none":
+        return eye.float()
+    if kind == "project":
+        u, s, _vt = torch.linalg.svd(centred.T, full_matrices=False)
+        basis = u[:, s > s.max() * 1e-6]
+        return (basis @ basis.T).float()
+    lam = float(kind.split(":", 1)[1])
+    cov = centred.T @ centred / len(names)
+    vals, vecs = torch.linalg.eigh(cov + lam * cov.trace() / names.shape[1] * eye)
+    return (vecs @ torch.diag(vals.rsqrt()) @ vecs.T).float()
 
 
 def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
@@ -91,7 +128,9 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
         _ids, parts = simulated_partitions(TASK, examples, labels, {**vars(cfg.federation)}, path=str(train))
     val_x, val_y = splits["validation"]["features"], splits["validation"]["labels"]
     rows: list[list[str]] = []
-    for center, scale in itertools.product(args.centers.split(","), [float(v) for v in args.scales.split(",")]):
+    name_feats = _label_name_features(args, labels)
+    for center, scale, kind in itertools.product(args.centers.split(","), [float(v) for v in args.scales.split(",")],
+                                                 args.transforms.split(",")):
         # scale 0: no feature map (the raw pooled embedding), else veil's own map for that centre and scale
         if scale == 0 and center != args.centers.split(",")[0]:
             continue
@@ -99,25 +138,45 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
                                 "feature_scale": scale or 1.0})
         model = build_model(mapped, labels, seed=0)
         with torch.no_grad():
-            head_in = model.head_input if hasattr(model, "head_input") else (lambda t: t)
+            mapped_in = model.head_input if hasattr(model, "head_input") else (lambda t: t)
+            names_in = mapped_in(name_feats)
+            transform = public_transform(kind, names_in)
+            # after the transform, the names' mean centred norm is the one veil's map gave (the scale stays a lever)
+            ref = (names_in - names_in.mean(dim=0)).norm(dim=1).mean()
+            moved = (names_in - names_in.mean(dim=0)) @ transform.T
+            rescale = float(ref / moved.norm(dim=1).mean())
+
+            def head_in(t: torch.Tensor) -> torch.Tensor:
+                return mapped_in(t) @ transform.T * rescale
+
+            init_w = model.head.weight.detach().clone()
+            if kind != "none":  # the label-name head, read in the transformed space (as veil builds it)
+                tn = head_in(name_feats)
+                init_w = torch.nn.functional.normalize(tn - tn.mean(dim=0), dim=-1) * init_w.norm(dim=1, keepdim=True)
             shards = [(head_in(everything["features"][torch.as_tensor(parts[i])]),
                        everything["labels"][torch.as_tensor(parts[i])]) for i in range(args.banks)]
+            if args.central:  # one trusted curator holds every bank's rows: the reference veil's trust model forgoes
+                shards = [(torch.cat([x for x, _ in shards]), torch.cat([y for _, y in shards]))]
             val_in = head_in(val_x)
-            for eps, lr in itertools.product([float(v) for v in args.epsilons.split(",")],
-                                             [float(v) for v in args.lrs.split(",")]):
+            for eps, lr, ref in itertools.product([float(v) for v in args.epsilons.split(",")],
+                                                  [float(v) for v in args.lrs.split(",")],
+                                                  [float(v) for v in args.lr_noise_refs.split(",")]):
                 accs = []
                 for seed in range(args.seeds):
-                    w, b = federate(shards, model.head.weight.detach().clone(), model.head.bias.detach().clone(),
+                    w, b = federate(shards, init_w.clone(), model.head.bias.detach().clone(),
                                     epsilon=eps, lr=lr, clip=args.clip, rounds=args.rounds, steps=args.steps,
-                                    batch=args.batch, seed=seed)
+                                    batch=args.batch, seed=seed, decay=args.decay, lr_noise_ref=ref)
                     accs.append(float(((val_in @ w.T + b).argmax(dim=1) == val_y).float().mean()))
-                what = "none" if scale == 0 else f"{center} x {scale:g}"
-                rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}",
+                what = ("none" if scale == 0 else f"{center} x {scale:g}") + ("" if kind == "none" else f", {kind}")
+                rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}" + (f" × min(1, {ref:g}/σ)" if ref else ""),
                              f"{100 * sum(accs) / len(accs):.1f}", " / ".join(f"{100 * a:.1f}" for a in accs)])
                 print(" | ".join(rows[-1]), flush=True)
     settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen "
                 f"(pooling {args.pooling}), head from label names, SGD, C={args.clip:g}, {args.rounds}x{args.steps} "
-                f"steps, B={args.batch}; validation: {args.val_per_class} texts per label; replica of veil's head step")
+                f"steps, B={args.batch}; validation: {args.val_per_class} texts per label; replica of veil's head step"
+                + ("; CENTRAL: the banks' rows pooled at one trusted curator (not veil's trust model)" if args.central
+                   else "") + (f"; shrinkage toward the label-name head {args.decay:g} x lr per step" if args.decay
+                               else ""))
     report("head_screen", args, argv, info, settings=settings,
            headers=["feature map", "ε", "lr", "validation acc %", "per seed"], rows=rows,
            notes=["feature map: veil's model.feature_center x model.feature_scale (none: the raw pooled embedding)",
@@ -134,7 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lrs", default="5")
     ap.add_argument("--centers", default="label_names", help="comma list of model.feature_center values")
     ap.add_argument("--scales", default="0,3", help="comma list of model.feature_scale values; 0 = no map")
+    ap.add_argument("--transforms", default="none",
+                    help="comma list of public input transforms: none, project, whiten:LAMBDA (see public_transform)")
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--central", action="store_true",
+                    help="pool the banks' rows at one curator (DP-SGD there): what per-bank noise costs")
+    ap.add_argument("--lr-noise-refs", default="0", help="comma list of federation.lr_noise_ref values (0: off)")
+    ap.add_argument("--decay", type=float, default=0.0, help="per-step shrinkage toward the label-name head (× lr)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=256)

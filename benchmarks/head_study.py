@@ -30,6 +30,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from benchmarks.common import machine_info, now, pick_device, report
 from benchmarks.utility_study import TEST, TRAIN, carve_validation
+from veil.client.round_plan import noise_scaled_lr
 from veil.client.trainer import LocalPlan, sample_rate_for, train_round
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, SecAggConfig, VeilConfig
 from veil.privacy.calibration import calibrate_noise_multiplier
@@ -49,7 +50,7 @@ def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, ep
                         max_length=args.max_length, feature_center=args.feature_center,
                         feature_scale=args.feature_scale)
     fed = FederationConfig(num_clients=args.banks, rounds=rounds, local_steps=steps, batch_size=batch, lr=lr,
-                           optimizer=args.optimizer, alpha=args.alpha)
+                           optimizer=args.optimizer, alpha=args.alpha, lr_noise_ref=args.lr_noise_ref)
     priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip)
     return VeilConfig(model=model, federation=fed, privacy=priv, secagg=SecAggConfig(enabled=False),
                       data=DataConfig(train_path=str(train), test_path=str(TEST))).validate()
@@ -68,7 +69,8 @@ def federate(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], template: t
     for rnd in range(1, fed.rounds + 1):
         results = []
         for cid, (shard, sigma) in enumerate(zip(shards, sigmas, strict=True)):
-            plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, private=priv.enabled,
+            lr = noise_scaled_lr(fed.lr, sigma=sigma, ref=fed.lr_noise_ref) if priv.enabled else fed.lr
+            plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=lr, private=priv.enabled,
                              noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=fed.optimizer)
             res = train_round(template, strategy.global_arrays, shard, plan=plan, device=torch.device("cpu"),
                               seed=rnd * 1_009 + cid, task=TASK)
@@ -131,7 +133,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             t1 = time.perf_counter()
             scores = federate(cfg, shards, template, splits)
             what = "no DP" if eps == 0 else f"ε={eps:g}"
-            row(f"federated {what}, {args.optimizer} lr={lr:g}, C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
+            row(f"federated {what}, {args.optimizer} lr={lr:g}"
+                + (f" × min(1, {args.lr_noise_ref:g}/σ)" if args.lr_noise_ref and eps else "") + f", C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
                 f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s")
     settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen, pooling {args.pooling} "
                 f"(resolved: {template.pooling if hasattr(template, 'pooling') else 'pooler'}), feature map "
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epsilons", default="4", help="comma list; 0 = no DP")
     ap.add_argument("--lrs", default="0.1")
     ap.add_argument("--clips", default="1")
+    ap.add_argument("--lr-noise-ref", type=float, default=0.0, help="federation.lr_noise_ref (0: the lr as given)")
     ap.add_argument("--rounds", default="20")
     ap.add_argument("--steps", default="20")
     ap.add_argument("--batch", default="256")

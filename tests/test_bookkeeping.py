@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from families import tiny_config
 from references import clipped_mean_gradient
-from veil.client.trainer import LocalPlan, _noise_only_step, train_round
+from veil.client.trainer import LocalPlan, train_round
 from veil.conf.schema import ModelConfig
 from veil.errors import ConfigError
-from veil.privacy.bookkeeping import unsupported_layer
+from veil.privacy.bk import unsupported_layer
 from veil.privacy.dpsgd import make_private
 from veil.task import get_task
 from veil.task.data import tokenize
@@ -42,7 +42,7 @@ def _noise_of_an_empty_batch(seed: int) -> torch.Tensor:
     dp = _private(model)
     dp.optimizer.zero_grad(set_to_none=True)
     dp.optimizer.original_optimizer.step = lambda *a, **k: None  # keep p.grad as released, skip the update
-    _noise_only_step(dp.module, dp.optimizer, ghost=True)
+    dp.noise_only_step()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 

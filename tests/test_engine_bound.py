@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from veil.client.app import VeilClient
 from veil.client.release import MAX_RECEIVED_ABS
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
-from veil.privacy.dpsgd import make_private, zero_nonfinite_samples
+from veil.privacy.dpsgd import make_private
+from veil.privacy.hooks import zero_nonfinite_samples
 from veil.privacy.modes import OWNER_ENGINES, resolve_owner_engine
 from veil.task import get_task
 from veil.task.data import TextExamples

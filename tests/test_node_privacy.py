@@ -209,7 +209,7 @@ def _set_inner(model: nn.Module, arrays: list[np.ndarray]) -> None:
 
 
 def test_non_finite_per_sample_gradients_are_zeroed_before_clipping() -> None:
-    from veil.privacy.dpsgd import zero_nonfinite_samples
+    from veil.privacy.hooks import zero_nonfinite_samples
 
     layer = nn.Linear(3, 2)
     layer.weight.grad_sample = torch.tensor([[[1.0, 2, 3], [4, 5, 6]], [[float("nan"), 0, 0], [0, 0, 0]]])
@@ -316,7 +316,6 @@ def test_one_vector_of_weights_is_cut_to_the_model_and_answered_in_kind(files: d
 
 # (k) ------------------------------------------------------------------------------------------------------------
 def test_ghost_clipping_survives_an_empty_poisson_batch() -> None:
-    from veil.client.trainer import _noise_only_step
     from veil.privacy.dpsgd import make_private
 
     torch.manual_seed(0)
@@ -328,7 +327,7 @@ def test_ghost_clipping_survives_an_empty_poisson_batch() -> None:
                       max_grad_norm=1.0, grad_sample_mode="ghost")
     before = [p.detach().clone() for p in params]
     dp.optimizer.zero_grad(set_to_none=True)
-    _noise_only_step(dp.module, dp.optimizer, ghost=True)
+    dp.noise_only_step()
     moved = [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
     assert all(moved), "an empty batch still releases (pure) noise"
     assert all(torch.isfinite(p).all() for p in params)

@@ -47,3 +47,7 @@ class LedgerWriteError(LedgerError):
 
 class CredentialError(VeilError):
     """A certificate or key file is missing, malformed, expired or from the wrong authority."""
+
+
+class DependencyError(VeilError):
+    """An installed library is a version whose internals veil was not tested against; install a tested one."""

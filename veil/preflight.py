@@ -107,11 +107,16 @@ def check_tokenizer(cfg: Any) -> None:
 
 
 def check_exact(cfg: Any) -> None:
-    """Refuse, before anything starts, a model whose DP-SGD per-sample gradients cannot be exact (one line)."""
+    """Refuse, before anything starts, an untested Opacus or a model whose DP-SGD per-sample gradients cannot be exact
+    (one line)."""
     from veil.privacy.exact import refusal_for_model_type
+    from veil.privacy.opacus_compat import require_tested_opacus
     from veil.task.model import model_dir
 
-    if cfg.model.tiny or not cfg.privacy.enabled or cfg.privacy.level != "sample":
+    if not cfg.privacy.enabled or cfg.privacy.level != "sample":
+        return
+    require_tested_opacus()  # the DP engines use Opacus internals: an untested Opacus fails here, in one line
+    if cfg.model.tiny:
         return
     config = json.loads((model_dir(cfg.model) / "config.json").read_text(encoding="utf-8"))
     reason = refusal_for_model_type(str(config.get("model_type", "")), lora=cfg.model.tuning != "full")  # head: no weight-read layer trains

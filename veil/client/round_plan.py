@@ -118,11 +118,24 @@ def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Samplin
                         delta=delta)
     ledger.check_budget(event, max_epsilon=settings.max_epsilon, delta=delta, accountant=priv.accountant)
     fed = cfg.federation
-    plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, private=True,
+    lr = noise_scaled_lr(fed.lr, sigma=sigma, ref=fed.lr_noise_ref)
+    if lr != fed.lr:
+        log.info("round %d: lr %.4g (federation.lr %.4g x lr_noise_ref %.4g / sigma %.4f)", server_round, lr, fed.lr,
+                 fed.lr_noise_ref, sigma)
+    plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=lr, optimizer=fed.optimizer, private=True,
                      noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, grad_sample_mode=engine,
                      sample_rate=None if settings.simulated else q,
                      expected_batch_size=sampling.expected_batch_size)
     return plan, event
+
+
+def noise_scaled_lr(lr: float, *, sigma: float, ref: float) -> float:
+    """The DP-SGD step size for noise multiplier ``sigma``: ``lr × min(1, ref / sigma)`` (``federation.lr_noise_ref``;
+    ``ref`` 0: ``lr``). A function of σ alone, which the release's own noise scale already shows, so it reveals
+    nothing more; and the noise the update carries (∝ lr·σ) stays at most lr·ref however small ε is."""
+    if ref <= 0 or sigma <= ref:
+        return lr
+    return lr * ref / sigma
 
 
 def sigma_for_budget(cfg: VeilConfig, settings: NodeSettings, ledger: PrivacyLedger, *, sigma: float, q: float,

@@ -2,6 +2,10 @@
 or an explicit step count), or plain minibatch steps when privacy is off, with AdamW or plain SGD
 (``federation.optimizer``) on the client's tokenized shard, starting from the global trainable weights; returns the
 update (trained - received).
+
+The loop calls one engine object and never asks which mode it is: a DP engine from
+:func:`veil.privacy.dpsgd.make_private` (hooks, ghost or book-keeping, each a
+:class:`~veil.privacy.dpsgd.PrivateTraining`) or :class:`PlainTraining` when privacy is off.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from veil.privacy.dpsgd import clear_captured_activations, make_private, zero_nonfinite_samples
+from veil.privacy.dpsgd import PrivateTraining, make_private
 from veil.task.base import Task, batch_size_of
 from veil.task.model import get_trainable, set_trainable
 
@@ -87,43 +91,30 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=plan.lr) if plan.optimizer == "sgd"
                                         else torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0))
-    mean_loss = _mean
-    sample_rate, ghost, summed = 0.0, False, False
-    module: nn.Module = model
-    dp = None
-    if plan.private:
-        dp = make_private(
-            module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm, grad_sample_mode=plan.grad_sample_mode, device=device,
-            sample_rate=plan.sample_rate, expected_batch_size=plan.expected_batch_size,
-        )
-        module, optimizer, loader, mean_loss, sample_rate = dp.module, dp.optimizer, dp.loader, dp.mean_loss, dp.sample_rate
-        ghost = dp.grad_sample_mode == "ghost"  # "auto" resolved by make_private
-        summed = dp.grad_sample_mode in ("ghost", "bk")  # the optimizer noises p.grad, already clipped and summed
+    engine: PrivateTraining | PlainTraining = make_private(
+        module=model, optimizer=optimizer, loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm, grad_sample_mode=plan.grad_sample_mode, device=device,
+        sample_rate=plan.sample_rate, expected_batch_size=plan.expected_batch_size,
+    ) if plan.private else PlainTraining(model, optimizer, loader)
     losses: list[float] = []
     steps = zeroed = 0
     canaries = None  # the audit's canary gradients: where they go in this engine, and how often a record is drawn
     if inject is not None:
-        canaries = functools.partial(
-            inject, params, mode=("sum" if summed else "rows") if plan.private else "mean",
-            sample_rate=sample_rate if plan.private else min(1.0, plan.batch_size / max(1, len(dataset))))
-    for tensors in _batches(loader, plan.steps):
+        rate = engine.sample_rate or min(1.0, plan.batch_size / max(1, len(dataset)))  # no DP: a plain batch / N
+        canaries = functools.partial(inject, params, mode=engine.canary_mode, sample_rate=rate)
+    for tensors in _batches(engine.loader, plan.steps):
         batch = {k: t.to(device) for k, t in zip(keys, tensors, strict=True)}
-        optimizer.zero_grad(set_to_none=True)
-        loss = _loss(module, task, batch, mean_loss, ghost=ghost)
+        engine.optimizer.zero_grad(set_to_none=True)
+        loss = _loss(engine, task, batch)
         if loss is None:  # an empty Poisson batch (or nothing finite in it) still releases noise
-            _noise_only_step(module, optimizer, ghost=summed,
-                             inject=None if canaries is None else functools.partial(canaries, batch=0))
+            engine.noise_only_step(None if canaries is None else functools.partial(canaries, batch=0))
             steps += 1
             continue
         loss.backward()
-        if dp is not None and dp.bookkeeping is not None:
-            zeroed += dp.bookkeeping.take_zeroed()  # bk zeroes them itself, in its one backward
-        elif plan.private and not ghost:
-            zeroed += zero_nonfinite_samples(module)
+        zeroed += engine.after_backward()
         if canaries is not None:
             canaries(batch=batch_size_of(batch))
-        optimizer.step()
+        engine.optimizer.step()
         losses.append(float(loss.detach()))
         steps += 1
     if zeroed:
@@ -132,8 +123,34 @@ def train_round(template: nn.Module, received: list[np.ndarray], data: dict[str,
     update = [t - r for t, r in zip(trained, received, strict=True)]
     return LocalResult(
         update=update, loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
-        sample_rate=sample_rate, examples=len(dataset),
+        sample_rate=engine.sample_rate, examples=len(dataset),
     )
+
+
+@dataclass
+class PlainTraining:
+    """Training without DP (``privacy.enabled=false``) behind the same calls as a DP engine
+    (:class:`veil.privacy.dpsgd.PrivateTraining`): the mean loss, a shuffled loader, nothing to zero or noise."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[Any]
+    sample_rate: float = 0.0  # no Poisson sampling (and no DP release)
+    canary_mode: str = "mean"  # a canary is one more example of the mean over the step's batch
+
+    def mean_loss(self, per_example: torch.Tensor) -> Any:
+        return per_example.mean()
+
+    def drop_nonfinite(self, per_example: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self) -> int:
+        return 0
+
+    def noise_only_step(self, before_step: Callable[[], None] | None = None) -> None:
+        if before_step is not None:
+            before_step()
+        self.optimizer.step()
 
 
 def fresh_copy(template: nn.Module) -> nn.Module:
@@ -144,11 +161,7 @@ def fresh_copy(template: nn.Module) -> nn.Module:
     return copy.deepcopy(template, memo)
 
 
-def _mean(per_example: torch.Tensor) -> torch.Tensor:
-    return per_example.mean()
-
-
-def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def _batches(loader: DataLoader[Any], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Exactly ``steps`` batches, passing over the loader as often as needed (a fresh Poisson draw each pass)."""
     done = 0
     while done < steps:
@@ -164,35 +177,16 @@ def steps_for(*, local_epochs: int, local_steps: int, sample_rate: float) -> int
     return local_steps if local_steps > 0 else local_epochs * round(1 / sample_rate)
 
 
-def _loss(module: nn.Module, task: Task, batch: dict[str, torch.Tensor], mean_loss: Callable[[torch.Tensor], Any], *,
-          ghost: bool) -> Any:
-    """The batch's loss, or None for an empty batch.
-
-    Ghost clipping cannot zero one example's gradient after the fact (its clipping coefficients mix every example
-    in the second backward), so an example whose loss is not finite is dropped from the batch before the backward:
-    a dropped example contributes a zero gradient, as :func:`veil.privacy.dpsgd.zero_nonfinite_samples` does in
-    hooks mode.
-    """
+def _loss(engine: PrivateTraining | PlainTraining, task: Task, batch: dict[str, torch.Tensor]) -> Any:
+    """The batch's loss, or None for an empty batch (or one with nothing finite in it, where the engine drops what is
+    not finite before the backward: :meth:`veil.privacy.dpsgd.PrivateTraining.drop_nonfinite`)."""
     if batch_size_of(batch) == 0:
         return None
-    per_example = task.per_example_loss(module, batch)  # (B,)
-    if not ghost or bool(torch.isfinite(per_example.detach()).all()):
-        return mean_loss(per_example)  # (B,) -> scalar; ghost: its two-pass tensor
-    keep = torch.isfinite(per_example.detach())  # (B,)
-    clear_captured_activations(module)
+    per_example = task.per_example_loss(engine.module, batch)  # (B,)
+    keep = engine.drop_nonfinite(per_example)  # (B,) or None
+    if keep is None:
+        return engine.mean_loss(per_example)  # (B,) -> scalar, or the engine's own loss object
     log.warning("%d example(s) of a batch have a non-finite loss and are dropped from it", int((~keep).sum()))
     if not bool(keep.any()):
         return None
-    return _loss(module, task, {k: t[keep] for k, t in batch.items()}, mean_loss, ghost=False)
-
-
-def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer, *, ghost: bool = False,
-                     inject: Callable[[], None] | None = None) -> None:
-    for p in module.parameters():
-        if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # (0, ...) no examples
-            if ghost:  # the ghost optimizer sums p.grad (already clipped) and adds noise to it
-                p.grad = torch.zeros_like(p)
-    if inject is not None:
-        inject()
-    optimizer.step()
+    return engine.mean_loss(task.per_example_loss(engine.module, {k: t[keep] for k, t in batch.items()}))

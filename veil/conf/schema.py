@@ -181,6 +181,10 @@ class FederationConfig:
     # the client optimizer's learning rate; 0: SGD_LR for sgd, else DP_SGD_LR for classification under DP-SGD,
     # else PLAIN_LR
     lr: float = 0.0
+    # DP-SGD (sample level): each node steps at lr × min(1, lr_noise_ref / σ), σ its own noise multiplier for the
+    # round. 0: lr as given. Under heavy noise the best step shrinks like 1/σ (the noise's random walk grows with
+    # lr·σ): one setting then serves every ε (issue 22: the head at ε 1 wanted a fifth of ε 4's lr).
+    lr_noise_ref: float = 0.0
     # the client's local optimizer: adamw, or sgd (plain SGD; with strategy=fedadam the adaptive step happens on the
     # mean of the noised updates instead of on each node's own noise: docs/demo.md). No privacy effect either way.
     optimizer: str = "adamw"
@@ -253,6 +257,9 @@ class VeilConfig:
             tuned = priv.enabled and priv.level == "sample" and self.task.name == "classification"
             fed.lr = SGD_LR if fed.optimizer == "sgd" else DP_SGD_LR if tuned else PLAIN_LR
         _positive_float("federation.lr", fed.lr)
+        if isinstance(fed.lr_noise_ref, bool) or not (isinstance(fed.lr_noise_ref, (int, float))
+                                                     and math.isfinite(fed.lr_noise_ref) and fed.lr_noise_ref >= 0):
+            _bad("federation.lr_noise_ref", fed.lr_noise_ref, "a number >= 0 (0: the lr as given)")
         _positive_float("strategy.server_lr", self.strategy.server_lr)
         _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet", "pathological"))
         if fed.partitioner == "dirichlet":

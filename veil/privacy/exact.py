@@ -39,9 +39,10 @@ module works around each of them without patching Opacus' global registries:
 Qwen2 against a per-example loop, with pad tokens.
 
 :func:`make_exact` (before Opacus wraps the model), :func:`install_samplers` (on the wrapped module, as
-instance-level overrides of the class registries ``GRAD_SAMPLERS``/``NORM_SAMPLERS``) and :func:`keep_padding_rows`
-(on the optimizer) are called by
-:func:`veil.privacy.dpsgd.make_private`. ``tests/test_dp_exact_full.py`` checks the result against a per-example loop.
+instance-level overrides of the class registries ``GRAD_SAMPLERS``/``NORM_SAMPLERS``:
+:func:`veil.privacy.opacus_compat.shadow_samplers`) and :func:`keep_padding_rows` (on the optimizer) are called by
+the DP engines (:mod:`veil.privacy.hooks`, :mod:`veil.privacy.ghost`, :mod:`veil.privacy.bk`).
+``tests/test_dp_exact_full.py`` checks the result against a per-example loop.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ import torch
 from opacus.grad_sample.embedding import compute_embedding_grad_sample
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import nn
+
+from veil.privacy.opacus_compat import shadow_samplers
 
 log = logging.getLogger("veil.privacy")
 
@@ -231,17 +234,10 @@ def layer_norm_grad_sample(layer: nn.LayerNorm, activations: list[torch.Tensor],
 
 
 def install_samplers(grad_sample_module: nn.Module) -> None:
-    """Use veil's embedding samplers in this Opacus grad-sample module only (not globally).
-
-    Opacus looks samplers up as ``self.GRAD_SAMPLERS[type(module)]`` / ``self.NORM_SAMPLERS[...]`` at backward
-    time, so instance attributes shadow the class registries for this one wrapped model.
-    """
-    overrides = {"GRAD_SAMPLERS": {nn.Embedding: embedding_grad_sample, nn.LayerNorm: layer_norm_grad_sample},
-                 "NORM_SAMPLERS": {nn.Embedding: embedding_norm_sample}}
-    for attr, fns in overrides.items():
-        registry = getattr(type(grad_sample_module), attr, None)
-        if registry is not None:
-            object.__setattr__(grad_sample_module, attr, {**registry, **fns})
+    """Use veil's embedding and LayerNorm samplers in this Opacus grad-sample module only (not globally), through
+    :func:`veil.privacy.opacus_compat.shadow_samplers`."""
+    shadow_samplers(grad_sample_module, grad={nn.Embedding: embedding_grad_sample, nn.LayerNorm: layer_norm_grad_sample},
+                    norm={nn.Embedding: embedding_norm_sample})
 
 
 def keep_padding_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -10,7 +10,7 @@ tests/test_families.py); they differ only in cost (docs/benchmarks.md, dp_overhe
   per-sample gradients, then a second backward. With full fine-tuning the word-embedding per-sample gradient alone is
   B x vocabulary x hidden (1.5 GB at B=32 for MiniLM): hooks runs at 0.17-0.32x and 8.3-8.5x memory, ghost at
   0.31-0.53x and 1.12-1.17x.
-* ``bk`` (book-keeping, Bu et al., arXiv:2210.00038; :mod:`veil.privacy.bookkeeping`) needs one backward, without
+* ``bk`` (book-keeping, Bu et al., arXiv:2210.00038; :mod:`veil.privacy.bk`) needs one backward, without
   weight gradients, and builds the clipped summed gradients from each layer's inputs and output gradients: for full
   fine-tuning it is the fastest of the three (benchmark dp_overhead, docs/benchmarks.md); it holds each trainable
   layer's inputs and output gradients until that layer's clip factors are known; with a tight memory limit, choose
@@ -18,7 +18,7 @@ tests/test_families.py); they differ only in cost (docs/benchmarks.md, dp_overhe
 
 The rule: ``hooks`` when the trainable parameters are a small share of the model and no embedding table trains;
 otherwise ``bk`` when every trainable layer is one it clips exactly
-(:func:`veil.privacy.bookkeeping.unsupported_layer`), else ``ghost``, and ``hooks`` for tied weights (neither bk nor Opacus' ghost clipping supports them). It reads only
+(:func:`veil.privacy.bk.unsupported_layer`), else ``ghost``, and ``hooks`` for tied weights (neither bk nor Opacus' ghost clipping supports them). It reads only
 the model's structure and which parameters require gradients, so every process (and every client of a run) picks the
 same mode for the same model.
 """
@@ -62,7 +62,7 @@ def resolve_grad_sample_mode(mode: str, module: nn.Module) -> str:
     if mode == "auto":
         picked = pick_grad_sample_mode(module)
         if picked == "bk":
-            from veil.privacy.bookkeeping import unsupported_layer
+            from veil.privacy.bk import unsupported_layer
 
             reason = unsupported_layer(module)
             if reason is None:
