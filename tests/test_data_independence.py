@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from veil.client import app as client_app
 from veil.client.app import VeilClient
+from veil.client.reply_time import ReplyTimer
 from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.privacy.ledger import PrivacyLedger
@@ -23,6 +25,7 @@ from veil.task.model import build_model, get_trainable
 LABELS = ["card", "cash", "fee", "pin"]
 # the deployed owner of docs/deployment.md, as the review configured it
 OWNER = dict(max_epsilon=8.0, min_noise_multiplier=0.7, max_sample_rate=0.05)
+HOLD = 60.0  # the owner's --reply-after where a test holds replies (fake seconds: above any row count read below)
 
 
 def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -83,27 +86,57 @@ def _weights(cfg: VeilConfig) -> list[np.ndarray]:
     return get_trainable(build_model(cfg.model, json.loads(cfg.data.labels), seed=cfg.federation.seed))
 
 
-def _visible(cfg: VeilConfig, settings: NodeSettings, rounds: int) -> list[Any]:
-    """What the coordinator sees of ``rounds`` rounds, random values reduced to shapes, and what the ledger booked."""
-    client, weights, seen = VeilClient(cfg, settings, run_id=11), _weights(cfg), []
+class _RowClock:
+    """A fake clock for the reply's arrival: it moves one second per row the node reads from its file (the work that
+    grows with N) and while the node sleeps; never the wall clock."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0.0
+        real = client_app.client_shard
+
+        def shard(cfg: Any, settings: Any) -> Any:
+            self.now += Path(settings.data_path).read_text(encoding="utf-8").count("\n") - 1
+            return real(cfg, settings)
+
+        monkeypatch.setattr(client_app, "client_shard", shard)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _visible(cfg: VeilConfig, settings: NodeSettings, rounds: int,
+             clock: _RowClock | None = None) -> list[Any]:
+    """What the coordinator sees of ``rounds`` rounds, random values reduced to shapes, and what the ledger booked;
+    with a ``clock``, also when each reply left (seconds after its instruction, on that fake clock)."""
+    timer = ReplyTimer(clock=clock, sleep=clock.sleep) if clock is not None else None
+    client, weights, seen = VeilClient(cfg, settings, run_id=11, timer=timer), _weights(cfg), []
     for rnd in range(1, rounds + 1):
+        started = clock() if clock is not None else 0.0
         update, weight, metrics = client.fit(weights, {"server_round": rnd})
         assert all(np.isfinite(u).all() for u in update)
         if weight:
             assert any(u.any() for u in update), "a contribution is never exact zeros"
-        seen.append((weight, dict(metrics), [(u.shape, u.dtype) for u in update]))
+        left = clock() - started if clock is not None else None
+        seen.append((weight, dict(metrics), [(u.shape, u.dtype) for u in update], left))
     events = list(PrivacyLedger.open(settings.ledger_path, create=False).events) if settings.ledger_path.exists() else []
     return [*seen, [e.triple for e in events]]
 
 
 @pytest.mark.parametrize("config", sorted(CORPUS))
 def test_owners_one_row_apart_look_alike_to_every_crafted_run(config: str, pairs: dict[str, tuple[Path, Path]],
-                                                              tmp_path: Path) -> None:
-    cfg = CORPUS[config]
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also when the reply arrives: both owners hold replies with --reply-after; their (fake) work differs by the
+    one row read, their replies leave at the same time."""
+    cfg, clock = CORPUS[config], _RowClock(monkeypatch)
     for pair, (a, b) in pairs.items():
-        seen_a = _visible(cfg, _settings(a, tmp_path / f"{pair[:5]}-a.json".replace("/", "_")), rounds=2)
-        seen_b = _visible(cfg, _settings(b, tmp_path / f"{pair[:5]}-b.json".replace("/", "_")), rounds=2)
+        held = dict(reply_after=HOLD)
+        seen_a = _visible(cfg, _settings(a, tmp_path / f"{pair[:5]}-a.json".replace("/", "_"), **held), 2, clock)
+        seen_b = _visible(cfg, _settings(b, tmp_path / f"{pair[:5]}-b.json".replace("/", "_"), **held), 2, clock)
         assert seen_a == seen_b, f"{config} on {pair}: one row changes what the coordinator sees"
+        assert [s[3] for s in seen_a[:2]] == [HOLD, HOLD], "the replies left before --reply-after"
         assert seen_a[0][0] == 1, f"{config} on {pair}: the owner's limits clamp, they do not refuse"
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from veil.client.app import MAX_RECEIVED_ABS, VeilClient
+from veil.client.app import VeilClient
+from veil.client.release import MAX_RECEIVED_ABS
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.privacy.dpsgd import make_private
 from veil.privacy.hooks import zero_nonfinite_samples

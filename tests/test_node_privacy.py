@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from veil.client import app as client_app
-from veil.client.app import REPLY_KEYS, VeilClient, postprocess_update
+from veil.client.app import REPLY_KEYS, VeilClient
+from veil.client.release import postprocess_update
 from veil.client.settings import NodeSettings
 from veil.conf.schema import DataConfig, ModelConfig, VeilConfig
 from veil.privacy.accounting import compute_epsilon

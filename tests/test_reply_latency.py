@@ -115,3 +115,128 @@ def test_a_causal_lm_node_pads_every_sequence_to_max_length() -> None:
     width = plain["input_ids"].shape[1]  # the padding adds only ignored, masked tokens
     assert np.array_equal(padded["input_ids"][:, :width], plain["input_ids"])
     assert not padded["attention_mask"][:, width:].any() and (padded["labels"][:, width:] == -100).all()
+
+
+# ---- the reply's arrival time: held to the owner's --reply-after (no wall clock: an injected clock and sleep) ----
+
+HOLD = 30.0  # the owner's --reply-after in these tests (fake seconds)
+
+
+class FakeClock:
+    """A clock that moves only when work is simulated (``advance``) or the node sleeps."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 100.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0, "a negative sleep"
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _timed_reply(cfg: VeilConfig, settings: NodeSettings, monkeypatch: pytest.MonkeyPatch,
+                 *, per_row: float = 0.05, per_example: float = 0.1) -> tuple[float, float, int]:
+    """Drive the real ``VeilClient.fit`` with work whose (fake) duration grows with the data, as on a real node:
+    reading the file costs ``per_row`` per row, each training step ``per_example`` per example in the shard.
+    Returns (when the work ended, when the reply left, the reply's weight), both after the instruction."""
+    clock = FakeClock()
+    real_shard, real_train = client_app.client_shard, client_app.train_round
+
+    def shard(cfg_: Any, settings_: Any) -> Any:
+        clock.advance(per_row * (Path(settings_.data_path).read_text(encoding="utf-8").count("\n") - 1))
+        return real_shard(cfg_, settings_)
+
+    def train(template: Any, received: Any, shard_: dict[str, Any], **kwargs: Any) -> Any:
+        result = real_train(template, received, shard_, **kwargs)
+        clock.advance(per_example * len(shard_["input_ids"]) * kwargs["plan"].steps)
+        return result
+
+    monkeypatch.setattr(client_app, "client_shard", shard)
+    monkeypatch.setattr(client_app, "train_round", train)
+    timer = client_app.ReplyTimer(clock=clock, sleep=clock.sleep)
+    weights = get_trainable(build_model(cfg.model, LABELS, seed=cfg.federation.seed))
+    start = clock()
+    _update, weight, _metrics = client_app.VeilClient(cfg, settings, run_id=5, timer=timer).fit(
+        weights, {"server_round": 1})
+    slept = sum(clock.slept)
+    return clock() - slept - start, clock() - start, weight
+
+
+def _owners(tmp_path: Path) -> dict[str, Path]:
+    return {"12 rows": _write(tmp_path / "small.csv", _short(12)),
+            "48 rows": _write(tmp_path / "large.csv", _short(48)),
+            "no usable row": _write(tmp_path / "none.csv", [(f"my card {i}", "other") for i in range(30)])}
+
+
+@pytest.mark.parametrize("local_steps", [2, 0], ids=["local_steps", "epochs"])
+def test_owners_of_different_sizes_reply_at_the_same_time(local_steps: int, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference: without the hold, the reply leaves when the work ends, which grows with N; with it, every owner
+    (and a noise-only round, and a refusal) replies exactly ``--reply-after`` after the instruction."""
+    cfg = _cfg(local_steps=local_steps, local_epochs=1)
+    policy = dict(max_sample_rate=0.25, reply_after=HOLD)
+    times = {name: _timed_reply(cfg, _settings(path, tmp_path / f"{name}.json", **policy), monkeypatch)
+             for name, path in _owners(tmp_path).items()}
+    times["refused"] = _timed_reply(cfg, _settings(_owners(tmp_path)["48 rows"], tmp_path / "r.json",
+                                                   **{**policy, "max_epsilon": 1e-3}), monkeypatch)
+    work = {name: w for name, (w, _left, _weight) in times.items()}
+    assert len(set(work.values())) == len(work), f"the fake work does not depend on the data: {work}"
+    assert max(work.values()) < HOLD
+    assert {name: left for name, (_w, left, _weight) in times.items()} == pytest.approx(dict.fromkeys(times, HOLD))
+    assert [weight for _w, _left, weight in times.values()] == [1, 1, 1, 0]  # trained, trained, noise, refused
+
+    unheld = _timed_reply(cfg, _settings(_owners(tmp_path)["48 rows"], tmp_path / "u.json", max_sample_rate=0.25),
+                          monkeypatch)
+    assert unheld[1] == unheld[0] == pytest.approx(work["48 rows"]), "without --reply-after the reply leaves when the work ends"
+
+
+def test_a_round_that_overruns_replies_at_the_next_multiple_and_warns_once(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _cfg()
+    settings = _settings(_owners(tmp_path)["48 rows"], tmp_path / "o.json", max_sample_rate=0.25, reply_after=5.0)
+    with caplog.at_level("WARNING", logger="veil.client"):
+        work, left, weight = _timed_reply(cfg, settings, monkeypatch, per_row=0.05, per_example=0.1)
+    assert work == pytest.approx(12.0)  # 48 rows read (2.4 s), then 2 steps over a shard of 48 (9.6 s)
+    assert left == pytest.approx(15.0) and weight == 1, "the update is still sent, at the next multiple of the hold"
+    warnings = [r.getMessage() for r in caplog.records if "--reply-after" in r.getMessage()]
+    assert len(warnings) == 1 and "raise --reply-after" in warnings[0], caplog.text
+
+
+def test_release_offset_against_a_hand_computation() -> None:
+    from veil.client.reply_time import release_offset
+
+    cases = [(0.0, 10.0, 10.0), (9.99, 10.0, 10.0), (10.0, 10.0, 10.0), (10.01, 10.0, 20.0), (25.0, 10.0, 30.0),
+             (3.5, 0.0, 3.5)]
+    assert [release_offset(elapsed, hold=hold) for elapsed, hold, _ in cases] == [want for *_, want in cases]
+
+
+@pytest.mark.parametrize("value", [-5, "nan", "inf", 50_000, "soon"])
+def test_a_bad_reply_after_is_one_line_naming_the_flag(value: Any) -> None:
+    from veil.client.settings import node_settings
+    from veil.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        node_settings({"data-path": "x.csv", "max-epsilon": 8.0, "ledger-path": "l.json", "reply-after": value})
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--reply-after {value} is invalid")
+
+
+def test_a_run_whose_secagg_timeout_would_drop_the_held_reply_is_refused_unbooked(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    """Decided from the run config and the owner's flag only, before the round is booked."""
+    cfg = _cfg()
+    cfg.secagg.timeout = HOLD
+    ledger = tmp_path / "t.json"
+    _work, left, weight = _timed_reply(cfg, _settings(_owners(tmp_path)["12 rows"], ledger, max_sample_rate=0.25,
+                                                      reply_after=HOLD), monkeypatch)
+    assert weight == 0 and left == HOLD
+    from veil.privacy.ledger import PrivacyLedger
+
+    assert not ledger.exists() or not PrivacyLedger.open(ledger, create=False).events, "a refused round was booked"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from veil.client.app import postprocess_update
+from veil.client.release import postprocess_update
 from veil.conf.schema import DataConfig, VeilConfig
 
 

@@ -22,11 +22,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["REPLY_KEYS", "flatten", "is_flat", "unflatten"]
+__all__ = ["CAN_TRAIN_NEXT", "NOISE_STD", "REFUSED", "REPLY_KEYS", "UPLOAD_BYTES", "flatten", "is_flat",
+           "reply_metrics", "unflatten"]
 
 # Everything a node's reply carries besides the update and its weight (1: contribution, 0: refusal); none of it
 # depends on the owner's data beyond one bit per round (DESIGN.md decision 7, docs/privacy.md "What leaves a node").
-REPLY_KEYS = ("can_train_next", "refused", "upload_bytes", "noise_std")
+CAN_TRAIN_NEXT = "can_train_next"  # bool: the owner's budget allows one more identical round
+REFUSED = "refused"  # int 0/1
+UPLOAD_BYTES = "upload_bytes"  # int: the update's size on the wire
+NOISE_STD = "noise_std"  # float: std of this node's client-level noise share (0.0 at sample level)
+REPLY_KEYS = (CAN_TRAIN_NEXT, REFUSED, UPLOAD_BYTES, NOISE_STD)
+
+
+def reply_metrics(*, can_train_next: bool, refused: bool, upload_bytes: int,
+                  noise_std: float) -> dict[str, bool | int | float]:
+    """A node's reply fields: exactly :data:`REPLY_KEYS`, each as the type the coordinator reads."""
+    return {CAN_TRAIN_NEXT: bool(can_train_next), REFUSED: int(refused), UPLOAD_BYTES: int(upload_bytes),
+            NOISE_STD: float(noise_std)}
 
 
 def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:

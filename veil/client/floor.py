@@ -89,7 +89,8 @@ def check_run(settings: Any, cfg: Any) -> None:
         with central noise without the owner's opt-in, or distributed noise that SecAgg+ does not hide; a model
         directory or label source the owner did not give (deployed nodes never open run-config paths); on a
         deployed node, ``model.tiny`` without the owner's ``--allow-test-model``, and a step count in epochs
-        (``federation.local_steps=0``) without ``--max-sample-rate``, which would make it the data's size.
+        (``federation.local_steps=0``) without ``--max-sample-rate``, which would make it the data's size, and a
+        ``secagg.timeout`` that would end the round before the owner's ``--reply-after`` releases the reply.
     """
     priv, secagg = cfg.privacy, cfg.secagg
     if not priv.enabled and has_floor(settings):
@@ -119,6 +120,11 @@ def check_run(settings: Any, cfg: Any) -> None:
         if getattr(settings, "text_only", False) and cfg.task.name == "classification":
             _refuse("the run is a classification run but this node's owner declared a text-only file "
                     "(--label-column ''); the run config never chooses a column of the owner's file")
+        hold = float(getattr(settings, "reply_after", 0.0))
+        if secagg.enabled and hold > 0 and not hold < secagg.timeout:
+            _refuse(f"the run's secagg.timeout={secagg.timeout:g} s would end each round before this node's reply, "
+                    f"held to --reply-after {hold:g} s; ask the operator for secagg.timeout > {hold:g}, or lower "
+                    "--reply-after")
         if not cfg.data.labels:
             _refuse("the run config carries no data.labels; a deployed node never derives labels from files the "
                     "run names (veil server sets data.labels from its evaluation file)")

@@ -78,6 +78,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp-engine", choices=("auto", "hooks", "bk"), default="auto",
                         help="per-sample clipping engine (default auto: hooks for adapters, bk for full "
                              "fine-tuning); the run's privacy.grad_sample_mode is never used on a node")
+    parser.add_argument("--reply-after", type=float, default=0.0, metavar="SECONDS",
+                        help="hold every training reply until SECONDS after its instruction arrived, so that its "
+                             "arrival time does not tell the coordinator how large your data is (default 0: not "
+                             "held); set it above your slowest round's time, below the run's secagg.timeout")
     parser.add_argument("--allow-test-model", action="store_true",
                         help="tests only: accept runs with model.tiny (a small model built in code instead of "
                              "--model); without it such runs are refused")
@@ -197,6 +201,7 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         "max-dropouts": int(getattr(args, "max_dropouts", 0)),
         "dp-engine": str(getattr(args, "dp_engine", "auto")),
         "allow-test-model": bool(getattr(args, "allow_test_model", False)),
+        "reply-after": float(getattr(args, "reply_after", 0.0)),
     }
     for key, path in (("roster-path", getattr(args, "roster", None)),
                       ("signing-key-path", getattr(args, "signing_key", None))):
@@ -304,8 +309,8 @@ def run(args: argparse.Namespace) -> int:
         print(NO_BUDGET_WARNING, file=sys.stderr, flush=True)
     print(f"node policy: delta {args.owner_delta:g}, ledger {_node_config(args)['ledger-path']}, secure aggregation "
           f"{'optional' if args.allow_plain_aggregation else 'required'} (drop-outs tolerated: {args.max_dropouts}, "
-          f"neighbour keys {'pinned to ' + str(args.roster) if args.roster else 'not authenticated'})",
-          file=sys.stderr, flush=True)
+          f"neighbour keys {'pinned to ' + str(args.roster) if args.roster else 'not authenticated'}), "
+          f"{_reply_policy(args.reply_after)}", file=sys.stderr, flush=True)
     stop_on_signals()
     node_dir = args.node_dir.expanduser().resolve()
     runtime_port = args.runtime_port or free_port()
@@ -325,6 +330,13 @@ def run(args: argparse.Namespace) -> int:
         for proc in (executor, supernode):
             if proc is not None:
                 proc.stop()
+
+
+def _reply_policy(reply_after: float) -> str:
+    if reply_after > 0:
+        return f"training replies held to {reply_after:g} s after each instruction"
+    return ("training replies not held (their arrival time grows with the size of --data; "
+            "--reply-after SECONDS hides it)")
 
 
 def _speaks_tls(superlink: str, timeout: float = 5.0) -> bool:

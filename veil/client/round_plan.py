@@ -1,4 +1,5 @@
-"""A node's plan for one round — σ, q, steps, δ, the divisor of each noisy sum, the engine — and its booking.
+"""A node's plan for one round — σ, q, steps, δ, the divisor of each noisy sum, the engine — which
+:mod:`veil.client.budget` books.
 
 On a deployed node every figure here is a function of the run config and the owner's flags only, plus the size of
 the owner's file *when the node started* (the default δ and the expected batch), never of the examples a run's label
@@ -31,7 +32,7 @@ from veil.client.floor import check_round
 from veil.client.settings import NodeSettings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for
 from veil.conf.schema import DataConfig, VeilConfig
-from veil.errors import PrivacyBudgetExhausted, VeilError
+from veil.errors import VeilError
 
 if TYPE_CHECKING:
     from veil.privacy.ledger import LedgerEvent, PrivacyLedger
@@ -194,20 +195,3 @@ def planned_event(sigma: float, q: float, steps: int, delta: float) -> LedgerEve
 
     return LedgerEvent(run_id="planned", round=0, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
 
-
-def check_not_stopped(settings: NodeSettings, run_id: str) -> None:
-    """Refuse every round of a run after this node said ``can_train_next=False`` in it (review N10), also after a
-    restart: the stop is kept in the owner's ledger (:meth:`veil.privacy.ledger.PrivacyLedger.stop_run`)."""
-    from veil.privacy.ledger import PrivacyLedger
-
-    path = Path(settings.ledger_path)
-    if path.exists() and PrivacyLedger.open(path, create=False).stopped(run_id):
-        raise PrivacyBudgetExhausted(f"this node told run {run_id} that it cannot train another round; it refuses "
-                                     "the rest of the run (a new run may ask again)")
-
-
-def mark_stopped(settings: NodeSettings, run_id: str) -> None:
-    """Persist, in the owner's ledger, that this node answered ``can_train_next=False`` in run ``run_id``."""
-    from veil.privacy.ledger import PrivacyLedger
-
-    PrivacyLedger.open(settings.ledger_path).stop_run(run_id)

@@ -34,11 +34,13 @@ SIGNING_KEY_PATH = "signing-key-path"  # SecAgg+: the owner's Ed25519 key that s
 MODEL_PATH = "model-path"  # the only model directory this node loads (absent: the installed default model)
 DATA_ROWS = "data-rows"  # rows of the data file when the node started (fixes the default δ and batch once)
 DP_ENGINE = "dp-engine"  # the owner's DP engine: auto | hooks | bk (never the run's privacy.grad_sample_mode)
+REPLY_AFTER = "reply-after"  # seconds after a training instruction at which the reply leaves (veil/client/reply_time.py)
 ALLOW_TEST_MODEL = "allow-test-model"  # tests only: accept runs with model.tiny (a model built in code, not --model)
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
 DEFAULT_DELTA = 1e-5
+MAX_REPLY_AFTER = 43_200.0  # Flower drops a message after its 12 h lifetime (flwr.app.DEFAULT_TTL)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class NodeSettings:
     dp_engine: str = "auto"  # the owner's DP engine on a deployed node
     text_only: bool = False  # --label-column '': a text-only file; classification runs are refused (review N7)
     allow_test_model: bool = False  # tests only: model.tiny runs accepted (otherwise refused: review N8)
+    reply_after: float = 0.0  # hold each training reply this many seconds after the instruction (0: not held; N6)
 
     @property
     def simulated(self) -> bool:
@@ -122,6 +125,7 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     engine = str(node_config.get(DP_ENGINE, "auto"))
     if engine not in ("auto", "hooks", "bk"):
         raise ConfigError(f"node config {DP_ENGINE}={engine!r} is invalid: expected auto, hooks or bk")
+    reply_after = _reply_after(node_config.get(REPLY_AFTER, 0.0))
     rows = node_config.get(DATA_ROWS)
     return NodeSettings(
         data_path=None if data_path is None else str(data_path),
@@ -147,7 +151,21 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         dp_engine=engine,
         text_only=node_config.get(LABEL_COLUMN) == "",
         allow_test_model=_flag(node_config, ALLOW_TEST_MODEL),
+        reply_after=reply_after,
     )
+
+
+def _reply_after(value: Any) -> float:
+    """The owner's reply hold in seconds: a finite number in [0, 12 h] (ConfigError otherwise, one line)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0.0 <= seconds <= MAX_REPLY_AFTER:
+        raise ConfigError(f"--reply-after {value} is invalid: give the seconds after each training instruction at "
+                          f"which this node replies, from 0 (not held) to {MAX_REPLY_AFTER:.0f} (Flower's message "
+                          "lifetime), above the slowest round's time")
+    return seconds
 
 
 def _ledger_path(node_config: dict[str, Any], partition: Any, simulation_root: Path | None) -> Path:

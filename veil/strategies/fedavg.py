@@ -33,7 +33,7 @@ from veil.flower.names import ClientProxy, Criterion
 from veil.privacy.client_level import ClientLevelAccountant, add_gaussian_noise
 from veil.strategies.robust import Aggregator
 from veil.strategies.server_opt import ServerOptimizer
-from veil.wire import REPLY_KEYS, flatten, is_flat, unflatten
+from veil.wire import CAN_TRAIN_NEXT, NOISE_STD, REFUSED, REPLY_KEYS, UPLOAD_BYTES, flatten, is_flat, unflatten
 
 log = logging.getLogger("veil.strategies")
 
@@ -55,10 +55,10 @@ def aggregate_client_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> di
     unexpected = sorted({k for m in metrics for k in m} - REPLY_METRIC_KEYS)
     if unexpected:
         log.warning("replies carry metrics veil does not use (%s); they are ignored", ", ".join(unexpected))
-    upload = [float(m["upload_bytes"]) for m in metrics if "upload_bytes" in m]  # type: ignore[arg-type]
+    upload = [float(m[UPLOAD_BYTES]) for m in metrics if UPLOAD_BYTES in m]  # type: ignore[arg-type]
     return {
         "clients": len(metrics),
-        "refused": int(sum(int(m.get("refused", 0)) for m in metrics)),  # type: ignore[call-overload]
+        "refused": int(sum(int(m.get(REFUSED, 0)) for m in metrics)),  # type: ignore[call-overload]
         "contributed": sum(1 for weight, _ in results if weight > 0),
         "upload_bytes_per_client": float(np.mean(upload)) if upload else 0.0,
     }
@@ -127,7 +127,7 @@ class DeltaFedAvg(FedAvg):
         for reason in self.last_failures:
             log.warning("round %d: a client failed: %s", server_round, reason)
         for proxy, res in results:
-            if not bool(res.metrics.get("can_train_next", True)):
+            if not bool(res.metrics.get(CAN_TRAIN_NEXT, True)):
                 self.exhausted.add(proxy.node_id)
                 log.info("round %d: node %d has no privacy budget for another round; it is not sampled again",
                          server_round, proxy.node_id)
@@ -147,7 +147,7 @@ class DeltaFedAvg(FedAvg):
             mean = parameters_to_ndarrays(mean_params)
         if self.accountant is not None:  # the sum is released from here on, whatever happens to it below
             z = self.accountant.record_round(server_round, central_std=self.central_noise_std, noise_stds=[
-                float(r.metrics.get("noise_std", 0.0)) for _, r in trained])  # type: ignore[arg-type]
+                float(r.metrics.get(NOISE_STD, 0.0)) for _, r in trained])  # type: ignore[arg-type]
             log.info("round %d: %d contributions, client-level noise multiplier of the sum %.4f",
                      server_round, len(trained), z)
         if self.central_noise_std > 0:  # the sum gets N(0, (z·S)²), so the mean of n updates gets std z·S/n
