@@ -80,6 +80,20 @@ def test_veil_simulate_refuses_an_untested_opacus_before_anything_starts(monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("veil: error: opacus 9.9.9 is installed") and "1.6.0" in err[0], err
 
+def test_veil_client_refuses_an_untested_opacus_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from veil.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhello,a\n")
+    monkeypatch.setattr(opacus, "__version__", "9.9.9")
+    assert main(["client", "--superlink", "127.0.0.1:9", "--data", str(data), "--node-dir", str(tmp_path / "n"),
+                 "--max-epsilon", "8", "--insecure"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("veil: error: opacus 9.9.9 is installed") and "1.6.0" in err[0], err
+    assert not (tmp_path / "n").exists(), "nothing was written"
+
+
 def test_opacus_compat_links_an_upstream_proposal_for_the_tested_version() -> None:
     links = re.findall(r"docs/upstream/([\w/-]+\.md)", (ROOT / "veil/privacy/opacus_compat.py").read_text())
     assert links

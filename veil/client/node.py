@@ -127,6 +127,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def preflight(args: argparse.Namespace) -> None:
     """Check data, settings and credentials; raises a VeilError naming the first problem."""
+    from veil.privacy.opacus_compat import require_tested_opacus
+
+    require_tested_opacus()  # the node's DP engines use Opacus internals: an untested Opacus is refused at start
     from veil.client.settings import node_settings
     from veil.conf.schema import DataConfig
     from veil.security.credentials import check_ca_certificate, check_node_private_key
