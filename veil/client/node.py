@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"node policy: delta {args.owner_delta:g}, ledger {_node_config(args)['ledger-path']}, secure aggregation "
           f"{'optional' if args.allow_plain_aggregation else 'required'} (drop-outs tolerated: {args.max_dropouts}, "
           f"neighbour keys {'pinned to ' + str(args.roster) if args.roster else 'not authenticated'}), "
-          f"{_reply_policy(args.reply_after)}", file=sys.stderr, flush=True)
+          f"{_reply_policy(args.reply_after)}, {_budget_policy(args)}", file=sys.stderr, flush=True)
     stop_on_signals()
     node_dir = args.node_dir.expanduser().resolve()
     runtime_port = args.runtime_port or free_port()
@@ -333,6 +333,14 @@ def run(args: argparse.Namespace) -> int:
         for proc in (executor, supernode):
             if proc is not None:
                 proc.stop()
+
+
+def _budget_policy(args: argparse.Namespace) -> str:
+    """Whether the ledger's ε, hence the budget bit and refusal, is a function of the owner's flags alone."""
+    if args.max_sample_rate < 1.0 and args.delta is not None:
+        return f"sampling rate {args.max_sample_rate:g} and delta fixed by the owner (the budget bit reads no data)"
+    return ("sampling rate and/or delta from the file's size at start (when the budget runs out can show it; "
+            "--max-sample-rate Q and --delta D hide it)")
 
 
 def _reply_policy(reply_after: float) -> str:
