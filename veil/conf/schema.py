@@ -227,12 +227,24 @@ class VeilConfig:
     resume: str = ""  # a run directory to continue from its last checkpoint (outputs go back into it)
 
     def validate(self) -> VeilConfig:
-        """Check ranges and relations; raise ConfigError naming the first bad field. Returns self.
+        """Check ranges and relations, group by group; raise ConfigError naming the first bad field. Returns self.
 
         ``federation.clients_per_round=0`` (all clients) is replaced by ``federation.num_clients`` here, so every
         process of a run sees the number.
         """
-        fed, priv, sa, model = self.federation, self.privacy, self.secagg, self.model
+        every_client = self._validate_federation()
+        self._validate_data()
+        self._validate_task()
+        self._validate_model()
+        self._validate_privacy()
+        self._validate_strategy()
+        self._validate_secagg(every_client=every_client)
+        return self
+
+    def _validate_federation(self) -> bool:
+        """The federation group (and the lr default that follows the privacy mode); True when clients_per_round was
+        0 (every client), now replaced by num_clients."""
+        fed, priv = self.federation, self.privacy
         _positive_int("federation.num_clients", fed.num_clients)
         if isinstance(fed.clients_per_round, bool) or not isinstance(fed.clients_per_round, int) or fed.clients_per_round < 0:
             _bad("federation.clients_per_round", fed.clients_per_round, "an integer >= 0 (0: all federation.num_clients)")
@@ -244,8 +256,6 @@ class VeilConfig:
         if isinstance(fed.local_steps, bool) or not isinstance(fed.local_steps, int) or fed.local_steps < 0:
             _bad("federation.local_steps", fed.local_steps, "an integer >= 0 (0: use federation.local_epochs)")
         _positive_int("federation.batch_size", fed.batch_size)
-        _positive_int("model.max_length", model.max_length)
-        _positive_int("model.lora_r", model.lora_r)
         if isinstance(fed.canary_clients, bool) or not isinstance(fed.canary_clients, int) or not (
                 0 <= fed.canary_clients < fed.num_clients):
             _bad("federation.canary_clients", fed.canary_clients, f"an integer in [0, federation.num_clients="
@@ -260,29 +270,36 @@ class VeilConfig:
         if isinstance(fed.lr_noise_ref, bool) or not (isinstance(fed.lr_noise_ref, (int, float))
                                                      and math.isfinite(fed.lr_noise_ref) and fed.lr_noise_ref >= 0):
             _bad("federation.lr_noise_ref", fed.lr_noise_ref, "a number >= 0 (0: the lr as given)")
-        _positive_float("strategy.server_lr", self.strategy.server_lr)
         _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet", "pathological"))
         if fed.partitioner == "dirichlet":
             _positive_float("federation.alpha", fed.alpha)
         if fed.partitioner == "pathological":
             _positive_int("federation.classes_per_client", fed.classes_per_client)
-        _choice("data.format", self.data.format, ("auto", "csv", "tsv", "jsonl"))
-        _choice("data.quoting", self.data.quoting, ("auto", "csv", "none"))
-        if self.data.train_path in ("", MISSING):
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        return every_client
+
+    def _validate_data(self) -> None:
+        data = self.data
+        _choice("data.format", data.format, ("auto", "csv", "tsv", "jsonl"))
+        _choice("data.quoting", data.quoting, ("auto", "csv", "none"))
+        if data.train_path in ("", MISSING):
             raise ConfigError("data.train_path is not set; give data.train_path=FILE (CSV, TSV or JSONL)")
-        if not self.data.test_path and not 0.0 < self.data.test_fraction < 1.0:
-            _bad("data.test_fraction", self.data.test_fraction, "in (0, 1) (or give data.test_path=FILE)")
-        if self.data.labels and self.data.labels != "[]":  # "[]": a task without labels (causal_lm)
-            _label_list("data.labels", self.data.labels)
+        if not data.test_path and not 0.0 < data.test_fraction < 1.0:
+            _bad("data.test_fraction", data.test_fraction, "in (0, 1) (or give data.test_path=FILE)")
+        if data.labels and data.labels != "[]":  # "[]": a task without labels (causal_lm)
+            _label_list("data.labels", data.labels)
+
+    def _validate_task(self) -> None:
         _choice("task.name", self.task.name, ("classification", "causal_lm"))
         if isinstance(self.task.generate_max_tokens, bool) or self.task.generate_max_tokens < 0:
             _bad("task.generate_max_tokens", self.task.generate_max_tokens, "an integer >= 0 (0: no generation)")
+
+    def _validate_model(self) -> None:
+        """The model group; ``model.tuning`` empty follows ``model.lora``, and ``model.lora`` then follows tuning."""
+        model = self.model
+        _positive_int("model.max_length", model.max_length)
+        _positive_int("model.lora_r", model.lora_r)
         model.lora_targets = lora_target_string(model.lora_targets)
-        _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
-        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost", "bk"))
-        _choice("privacy.level", priv.level, ("sample", "client"))
-        _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("model.head_init", model.head_init, ("label_names", "random"))
         _choice("model.lora_variant", model.lora_variant, ("lora", "ffa"))
         if not model.tuning:
@@ -297,9 +314,15 @@ class VeilConfig:
         _positive_float("model.head_init_scale", model.head_init_scale)
         _choice("model.feature_center", model.feature_center, FEATURE_CENTERS)
         _positive_float("model.feature_scale", model.feature_scale)
-        self._validate_strategy()
         if not 0.0 <= model.lora_dropout < 1.0:
             _bad("model.lora_dropout", model.lora_dropout, "in [0, 1)")
+
+    def _validate_privacy(self) -> None:
+        priv = self.privacy
+        _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
+        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost", "bk"))
+        _choice("privacy.level", priv.level, ("sample", "client"))
+        _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
         if priv.enabled:
             _positive_float("privacy.max_grad_norm", priv.max_grad_norm)
             if not 0.0 < priv.delta < 1.0:
@@ -308,36 +331,40 @@ class VeilConfig:
                 _bad("privacy.target_epsilon", priv.target_epsilon, ">= 0 (0 means: use privacy.noise_multiplier)")
             if priv.target_epsilon == 0 and not priv.noise_multiplier > 0:
                 _bad("privacy.noise_multiplier", priv.noise_multiplier, "> 0 (or set privacy.target_epsilon)")
-        if sa.enabled:
-            _positive_int("secagg.num_shares", sa.num_shares)
-            if sa.num_shares < 3:
-                _bad("secagg.num_shares", sa.num_shares, ">= 3")
-            if not 2 <= sa.reconstruction_threshold < sa.num_shares:
-                _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"in [2, secagg.num_shares={sa.num_shares})")
-            if 2 * sa.reconstruction_threshold <= sa.num_shares:  # else a coordinator gets both share kinds of a node
-                _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold,
-                     f"above secagg.num_shares/2={sa.num_shares / 2:g}")
-            if fed.clients_per_round < sa.num_shares:
-                name, value = ("federation.num_clients", fed.num_clients) if every_client else (
-                    "federation.clients_per_round", fed.clients_per_round)
-                _bad(name, value, f">= secagg.num_shares={sa.num_shares} with SecAgg+ on (or secagg=off)")
-            _positive_float("secagg.clipping_range", sa.clipping_range)
-            _positive_float("secagg.timeout", sa.timeout)
-            if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= sa.quantization_range:
-                _bad("secagg.modulus_range", sa.modulus_range, f"a power of 2 above secagg.quantization_range={sa.quantization_range}")
-            # Flower quantizes each client's values (and the weight factor it prepends) into [0, quantization_range],
-            # so the sum of n clients reaches n * quantization_range and wraps silently at modulus_range: require
-            # that plus 4x (two bits) headroom.
-            summands = fed.clients_per_round or fed.num_clients
-            if sa.modulus_range < 4 * sa.quantization_range * summands:
-                _bad("secagg.modulus_range", sa.modulus_range, f">= 4 * secagg.quantization_range * "
-                     f"federation.clients_per_round = {4 * sa.quantization_range * summands} (the sum of "
-                     f"{summands} quantized updates must not wrap)")
-        return self
+
+    def _validate_secagg(self, *, every_client: bool) -> None:
+        sa, fed = self.secagg, self.federation
+        if not sa.enabled:
+            return
+        _positive_int("secagg.num_shares", sa.num_shares)
+        if sa.num_shares < 3:
+            _bad("secagg.num_shares", sa.num_shares, ">= 3")
+        if not 2 <= sa.reconstruction_threshold < sa.num_shares:
+            _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold, f"in [2, secagg.num_shares={sa.num_shares})")
+        if 2 * sa.reconstruction_threshold <= sa.num_shares:  # else a coordinator gets both share kinds of a node
+            _bad("secagg.reconstruction_threshold", sa.reconstruction_threshold,
+                 f"above secagg.num_shares/2={sa.num_shares / 2:g}")
+        if fed.clients_per_round < sa.num_shares:
+            name, value = ("federation.num_clients", fed.num_clients) if every_client else (
+                "federation.clients_per_round", fed.clients_per_round)
+            _bad(name, value, f">= secagg.num_shares={sa.num_shares} with SecAgg+ on (or secagg=off)")
+        _positive_float("secagg.clipping_range", sa.clipping_range)
+        _positive_float("secagg.timeout", sa.timeout)
+        if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= sa.quantization_range:
+            _bad("secagg.modulus_range", sa.modulus_range, f"a power of 2 above secagg.quantization_range={sa.quantization_range}")
+        # Flower quantizes each client's values (and the weight factor it prepends) into [0, quantization_range],
+        # so the sum of n clients reaches n * quantization_range and wraps silently at modulus_range: require
+        # that plus 4x (two bits) headroom.
+        summands = fed.clients_per_round or fed.num_clients
+        if sa.modulus_range < 4 * sa.quantization_range * summands:
+            _bad("secagg.modulus_range", sa.modulus_range, f">= 4 * secagg.quantization_range * "
+                 f"federation.clients_per_round = {4 * sa.quantization_range * summands} (the sum of "
+                 f"{summands} quantized updates must not wrap)")
 
     def _validate_strategy(self) -> None:
         st, fed = self.strategy, self.federation
         _choice("strategy.name", st.name, STRATEGIES)
+        _positive_float("strategy.server_lr", st.server_lr)
         if st.name in ROBUST_STRATEGIES and self.secagg.enabled:
             raise ConfigError(f"strategy={st.name} needs every client's update, but with SecAgg+ on the server sees "
                               f"only their sum; use secagg=off, or strategy={_SUM_STRATEGIES}")
