@@ -44,9 +44,9 @@ lint: setup  # ruff on everything, mypy --strict on the modules listed in pyproj
 # make test runs two pytest sessions side by side on the 2 cores: the files that run simulations on Ray (one after
 # another: two private Ray instances at once slowed a 40 s sweep to 376 s) and everything else (loopback
 # deployments, unit tests). The Ray session's log is printed after the other's; the exit status is the worse one.
-RAY_TESTS := tests/test_any_directory_e2e.py tests/test_audit_e2e.py tests/test_budget_e2e.py \
-	tests/test_causal_lm_e2e.py tests/test_dropout_e2e.py tests/test_report.py tests/test_resume_e2e.py \
-	tests/test_simulate_e2e.py
+RAY_TESTS := tests/e2e/test_any_directory_e2e.py tests/e2e/test_audit_e2e.py tests/e2e/test_budget_e2e.py \
+	tests/e2e/test_causal_lm_e2e.py tests/e2e/test_dropout_e2e.py tests/test_report.py tests/e2e/test_resume_e2e.py \
+	tests/e2e/test_simulate_e2e.py
 test: setup lint
 	@echo "pytest: Ray simulation files in the background (log: .pytest-ray.log), the rest here"
 	@$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not bench" $(RAY_TESTS) > .pytest-ray.log 2>&1 & ray=$$!; \

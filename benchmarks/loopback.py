@@ -5,7 +5,7 @@ flags, a full disk (the node's executor gets ``RLIMIT_FSIZE`` 0: every file writ
 no root or mount is needed), a slow or lossy link (a node may reach the SuperLink through a
 :class:`~benchmarks.lossy_link.LossyLink`), and ``kill -9`` of ``veil server`` followed by ``veil server --resume``.
 
-Used by tests/test_faults_e2e.py and benchmarks/deploy_faults.py (scale curve and soak). It starts and signals only the processes it
+Used by tests/e2e/test_faults_e2e.py and benchmarks/deploy_faults.py (scale curve and soak). It starts and signals only the processes it
 started (by PID, never by name), listens on loopback only, and bounds every wait.
 """
 

@@ -1,5 +1,5 @@
 """Node sessions (issue 27, veil.flower.sessions and veil.supervise): what outlives a killed node, checked against
-Flower's own classes and the kernel, without a deployment (tests/test_faults_e2e.py runs the real one)."""
+Flower's own classes and the kernel, without a deployment (tests/e2e/test_faults_e2e.py runs the real one)."""
 
 from __future__ import annotations
 

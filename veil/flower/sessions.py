@@ -25,14 +25,14 @@ faults follow (the fault probe of 2026-12-07; docs/deployment.md, "What survives
    leaves the message listed and its objects missing; the ServerApp's grid (``http_grid.pull_messages``) then retries
    ``pull_objects`` for up to 500 tries per object (``PULL_MAX_TIME`` 7,200 s) until the SuperLink's object-push
    session expires, whatever the stage's ``timeout``: an unmask stage with a 10-s timeout took 196 s in
-   tests/test_faults_e2e.py. :func:`bound_reply_pulls` caps the grid's object pulls at the stage timeout.
+   tests/e2e/test_faults_e2e.py. :func:`bound_reply_pulls` caps the grid's object pulls at the stage timeout.
 
 5. **A message of a run that ended while the node pulled it wedges the node.** After ``veil server --resume`` (a
    new run), a node still pulling the crashed run's message gets ``RunNotRunningException`` from its object pulls.
    ``start_client_internal._pull_and_store_message`` catches it (a ``BaseException``: its ``except Exception``
    clean-up is skipped) after it has stored the message and created a task: the executor acquires that task and
    waits for objects that never come, and the SuperNode waits for its reply for ever, heartbeating, so every round
-   samples it and waits out a stage timeout (tests/test_faults_e2e.py, the node behind the lossy link).
+   samples it and waits out a stage timeout (tests/e2e/test_faults_e2e.py, the node behind the lossy link).
    :func:`clean_stale_receive` turns that exception, raised by the object pulls, into an ordinary error, so
    Flower's own clean-up deletes the message and fails the task.
 

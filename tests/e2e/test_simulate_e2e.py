@@ -1,6 +1,6 @@
 """End to end through the real `veil simulate` command: DP-SGD + SecAgg+ on a tiny BERT; the exported model
 reproduces the final global weights. (SecAgg+ equals the plain aggregate within the quantisation step:
-tests/test_dropout_e2e.py, with a drop-out on top.)"""
+tests/e2e/test_dropout_e2e.py, with a drop-out on top.)"""
 
 from __future__ import annotations
 
