@@ -9,6 +9,9 @@ last metrics line), ``report.md``, and PNG plots: accuracy, loss and ε per roun
 ``task=causal_lm`` runs, whose per-round table and sample generations go into ``report.md``) and the
 privacy–utility curve (final accuracy against final ε; one line per value of the other swept factors; non-private
 runs as dashed reference lines, the majority-class baseline dotted).
+
+Over 300 lines: one command's output (tables, plots, the control arm's lines, the generation section); a split would
+move the plots to their own module.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ private settings (data path, columns, ε budget, privacy floor, ledger, device: 
 (3) start the node's executor (:mod:`veil.client.executor`), which runs only the ClientApp of the installed veil;
 (4) watch both: a refusal by the SuperLink (unregistered key, another CA, plaintext against TLS) ends the node with
 one line and a non-zero exit instead of endless retries; Ctrl-C or either process ending stops both.
+
+Over 300 lines: the ``veil client`` command (its flags, the pre-flight, supervision of the SuperNode and the
+executor, the one-line diagnosis of a refused connection); the round's work is in :mod:`veil.client.app`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ The ledger also keeps the runs in which this node told the coordinator it cannot
 (``can_train_next=False``): the optional key ``stopped_runs``, a sorted list of run ids that only grows, so a
 restarted node still refuses the rest of such a run (review 2026-12-07, N10). A ledger without it reads as before;
 a veil release older than this key refuses a ledger that has it, in one line (it never resets it).
+
+Over 300 lines: one stateful object and its on-disk format (events, stop marks, atomic writes, the checks that
+refuse a damaged file); the ε arithmetic lives in :mod:`veil.privacy.accounting`.
 """
 
 from __future__ import annotations

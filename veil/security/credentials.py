@@ -11,6 +11,9 @@ and server key, node private keys in OpenSSH format on a NIST curve, node public
 A private key file that group or others can access is allowed, with a warning on the ``veil.security`` logger:
 Flower itself accepts it, and on some mounts (containers' secret volumes, network shares) the mode bits do not
 reflect who can really read the file, so refusing would block working setups for no gain.
+
+Over 300 lines: one check per credential file and failure, each with its own one-line message; they share parsing
+helpers, so they stay together.
 """
 
 from __future__ import annotations

