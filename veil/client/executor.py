@@ -86,7 +86,10 @@ def run_task(address: str, token: str, expected_hash: str) -> bool:
     except Exception as err:  # the node expires a task we could not finish; keep serving
         log.error("a task could not be completed: %s", type(err).__name__)
     finally:
-        push_output(client, context, completed=completed, details=details)
+        try:
+            push_output(client, context, completed=completed, details=details)
+        except Exception as err:  # the task is gone (its run stopped): nothing to hand back, keep serving
+            log.error("a task's end state could not be handed back: %s", type(err).__name__)
         client.close()
     return trusted
 

@@ -32,6 +32,7 @@ REACHES = (
     Reach("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", keywords=("component_name",)),
     Reach("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor"),
     Reach("flwr.supercore.retry", "make_simple_http_retry_invoker"),
+    Reach("flwr.supercore.retry", "RetryInvoker.__init__", keywords=("should_giveup",)),
     Reach("flwr.supercore.runtime", "RuntimeHttpClient.from_server_address",
           keywords=("server_address", "insecure", "root_certificates", "interceptors", "retry_invoker")),
     Reach("flwr.supercore.runtime", "RuntimeHttpClient.AcquireTask"),
@@ -59,10 +60,30 @@ def runtime_client(address: str, token: str | None) -> Any:
     from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    invoker = make_simple_http_retry_invoker()
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+        invoker.should_giveup = _task_gone_gives_up(invoker.should_giveup)
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
-                                                 interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+                                                 interceptors=interceptors, retry_invoker=invoker)
+
+
+def _task_gone_gives_up(should_giveup: Any) -> Any:
+    """A task client's retry rule: HTTP 401 (the task's token is no longer valid: its run stopped, e.g. the
+    coordinator died mid-round) ends that call with its error instead of Flower's reaction.
+
+    Flower's invoker answers a 401 with SIGINT to its own process (``flwr.supercore.retry.http_retry``): right for
+    ``flwr-clientapp``, one process per task, but veil's executor is one long-lived process for every task, and the
+    signal stopped the whole node (found by the fault suite's coordinator kill). Here the call raises; the executor
+    logs that the task could not be completed and asks for the next one."""
+    import httpx
+
+    def giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return bool(should_giveup(exc)) if should_giveup is not None else False
+
+    return giveup
 
 
 def acquire_task(client: Any) -> str | None:
