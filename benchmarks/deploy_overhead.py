@@ -38,7 +38,7 @@ STOCK = "~32 s per round for 1.3 s of client compute (LIBRARY_NOTES.md, 2 nodes)
 
 def overrides(test_file: Path, rounds: int) -> list[str]:
     return ["model=tiny_bert", "federation.batch_size=16", "federation.lr=0.02", "federation.partitioner=iid",
-            "data=csv", f"data.test_path={test_file}", f"federation.num_clients={NODES}",
+            "data=csv", f"data.test_path={test_file}", f"federation.num_clients={NODES}", "++federation.sample_rate=0.67",
             f"federation.clients_per_round={NODES}", f"federation.rounds={rounds}", "privacy.noise_multiplier=0.8"]
 
 

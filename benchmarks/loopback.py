@@ -85,7 +85,7 @@ class Loopback:
             wait_for(lambda: certs.poll() is not None, 120, "veil certs")
             assert certs.poll() == 0, (self.logs / "certs.log").read_text()[-2000:]
         self._server_args = [
-            "server", *TINY, "data=csv", f"data.test_path={self.test_file}", f"federation.num_clients={self.nodes}",
+            "server", *TINY, "data=csv", f"data.test_path={self.test_file}", f"federation.num_clients={self.nodes}", "federation.sample_rate=0.67",
             f"federation.clients_per_round={per_round or self.nodes}", *overrides, "--certs", str(self.certs), "--node-keys",
             str(self.certs), "--port", str(self.port), "--timeout", str(timeout)]
         starts = sum(1 for p in self.procs if p.name.startswith("server"))

@@ -173,3 +173,28 @@ def test_the_delta_is_fixed_at_start_not_by_the_labels_a_run_selects(tmp_path: P
         _visible(_cfg(labels=labels), settings, rounds=1)
         (event,) = PrivacyLedger.open(settings.ledger_path, create=False).events
         assert event.delta == pytest.approx(1 / (10 * 200_000)) and event.sample_rate == 0.05
+
+
+def test_an_owner_without_rate_or_delta_flags_runs_out_of_budget_in_the_same_round(
+        pairs: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """The owner gave neither --max-sample-rate nor --delta (the defaults). q used to be B/N and δ min(1e-5, 1/(10·N)),
+    so when the budget ran out followed N. Now q is the run's public ``federation.sample_rate`` and δ the constant
+    1e-5: owners one row apart refuse, train and book alike, round after round, until the budget binds."""
+    cfg = _cfg(batch_size=1)
+    cfg.federation.sample_rate = 0.05
+    bare = dict(max_sample_rate=1.0, min_noise_multiplier=0.0, max_epsilon=1.2)  # one round (ε 1.04), not three
+    for pair, (a, b) in pairs.items():
+        seen_a = _visible(cfg, _settings(a, tmp_path / f"bare{len(pair)}a.json", **bare), rounds=3)
+        seen_b = _visible(cfg, _settings(b, tmp_path / f"bare{len(pair)}b.json", **bare), rounds=3)
+        assert seen_a == seen_b, pair
+        assert [s[0] for s in seen_a[:3]] != [1, 1, 1], "the budget must bind in this test"
+        assert {e[1] for e in seen_a[-1]} == {0.05}, "q is the run's, whatever N"
+
+
+def test_a_dp_run_without_a_public_rate_is_refused_alike(pairs: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    cfg = _cfg(batch_size=1)  # no federation.sample_rate, and the owner gives no --max-sample-rate
+    bare = dict(max_sample_rate=1.0, min_noise_multiplier=0.0)
+    for pair, (a, b) in pairs.items():
+        seen_a = _visible(cfg, _settings(a, tmp_path / f"none{len(pair)}a.json", **bare), rounds=1)
+        seen_b = _visible(cfg, _settings(b, tmp_path / f"none{len(pair)}b.json", **bare), rounds=1)
+        assert seen_a == seen_b and seen_a[0][0] == 0 and seen_a[-1] == [], (pair, seen_a)

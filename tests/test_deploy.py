@@ -152,7 +152,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     port, procs = free_port(), []
     try:
         server, scenario.server_out = _veil("server", [
-            "server", *TINY, "data=csv", f"data.test_path={test_file}", "federation.num_clients=3",
+            "server", *TINY, "data=csv", f"data.test_path={test_file}", "federation.num_clients=3", "federation.sample_rate=0.5",
             "federation.clients_per_round=3", f"federation.rounds={ROUNDS}", "privacy.noise_multiplier=0.8", "privacy.target_epsilon=0",
             "--certs", str(certs), "--node-keys", str(certs), "--port", str(port), "--run-dir", str(scenario.run_dir),
             "--timeout", "420"], root / "logs")
@@ -211,7 +211,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         # reconnect to the same state database (their keys stay registered) and round ROUNDS + 1 runs.
         try:
             resumed, scenario.resume_out = _veil("server-resume", [
-                "server", *TINY, "data=csv", f"data.test_path={test_file}", "federation.num_clients=3",
+                "server", *TINY, "data=csv", f"data.test_path={test_file}", "federation.num_clients=3", "federation.sample_rate=0.5",
                 "federation.clients_per_round=3", f"federation.rounds={ROUNDS + 1}", "privacy.noise_multiplier=0.8", "privacy.target_epsilon=0",
                 "--certs", str(certs), "--node-keys", str(certs), "--port", str(port), "--resume",
                 str(scenario.run_dir), "--timeout", "240"], root / "logs")

@@ -47,6 +47,7 @@ def _cfg(**privacy: Any) -> VeilConfig:
                      data=DataConfig(train_path="unused.csv", test_path="unused.csv", label_column="label",
                                      labels=json.dumps(LABELS)))
     cfg.federation.batch_size, cfg.federation.local_steps, cfg.federation.rounds = 8, 2, 3
+    cfg.federation.sample_rate = 0.2  # public q (issue 23): deployed DP-SGD runs carry it
     cfg.privacy.target_epsilon, cfg.privacy.noise_multiplier = 0.0, 1.0
     for key, value in privacy.items():
         setattr(cfg.privacy, key, value)

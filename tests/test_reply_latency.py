@@ -242,13 +242,12 @@ def test_a_run_whose_secagg_timeout_would_drop_the_held_reply_is_refused_unbooke
     assert not ledger.exists() or not PrivacyLedger.open(ledger, create=False).events, "a refused round was booked"
 
 
-def test_the_start_line_says_whether_the_budget_bit_reads_the_files_size() -> None:
+def test_the_start_line_says_where_q_and_delta_come_from() -> None:
     import argparse
 
     from veil.client.node import _budget_policy
 
     owner = _budget_policy(argparse.Namespace(max_sample_rate=0.05, delta=1e-6))
-    assert "0.05" in owner and "reads no data" in owner
-    for max_sample_rate, delta in ((1.0, 1e-6), (0.05, None), (1.0, None)):
-        line = _budget_policy(argparse.Namespace(max_sample_rate=max_sample_rate, delta=delta))
-        assert "size at start" in line and "--max-sample-rate" in line and "--delta" in line
+    assert "capped at 0.05" in owner and "the owner's delta" in owner and "reads no data" in owner
+    bare = _budget_policy(argparse.Namespace(max_sample_rate=1.0, delta=None))
+    assert "federation.sample_rate" in bare and "--max-sample-rate" in bare and "the default delta" in bare

@@ -101,6 +101,9 @@ def test_coordinator_epsilon_for_each_basis() -> None:
     reference = pld_epsilon([(1.5, 1.0, 12)], DELTA)  # 4 steps x 3 rounds, no amplification (q = 1)
     assert reference <= eps <= 1.03 * reference
     assert eps > compute_epsilon([(1.5, 0.1, 12)], delta=DELTA).epsilon, "never the amplified figure"
+    fixed.federation.sample_rate = 0.1  # a public q that every node samples at or below: amplification is sound
+    stated = coordinator_epsilon(fixed, basis="fixed_sigma", rounds_run=3)
+    assert pld_epsilon([(1.5, 0.1, 12)], DELTA) <= stated <= 1.03 * pld_epsilon([(1.5, 0.1, 12)], DELTA) < reference
 
     epochs = _cfg(target_epsilon=0.0)
     epochs.federation.local_steps = 0  # steps per round = E/q: depends on each owner's N

@@ -223,8 +223,15 @@ def _lm_data(out: Path) -> None:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows * 4), encoding="utf-8")
 
 
+def _rows_10001(out: Path) -> None:
+    """``out`` as a CSV of 10,001 rows: one more than the default δ 1e-5 is below 1/(10·N) for."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("text,label\n" + "".join(f"my card was lost {i},card\n" for i in range(10_001)), encoding="utf-8")
+
+
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "lm_data": _lm_data,
+    "rows_10001_csv": _rows_10001,
     # no end-of-sequence token anywhere (config eos_token_id null, tokenizer without eos_token)
     "lm_no_eos": lambda out: _model_dir(out),
     # the tokenizer's eos_token is not in its vocabulary: added with id 13, past the model's 13 embeddings

@@ -88,8 +88,9 @@ def check_run(settings: Any, cfg: Any) -> None:
         DP-SGD off on a node with any limit; plain aggregation on a node that requires SecAgg+; client-level DP
         with central noise without the owner's opt-in, or distributed noise that SecAgg+ does not hide; a model
         directory or label source the owner did not give (deployed nodes never open run-config paths); on a
-        deployed node, ``model.tiny`` without the owner's ``--allow-test-model``, and a step count in epochs
-        (``federation.local_steps=0``) without ``--max-sample-rate``, which would make it the data's size, and a
+        deployed node, ``model.tiny`` without the owner's ``--allow-test-model``; DP-SGD (sample level) or a step
+        count in epochs (``federation.local_steps=0``) with neither ``federation.sample_rate`` nor
+        ``--max-sample-rate``, which would make q, hence the budget bit or the step count, the data's size; a
         ``secagg.timeout`` that would end the round before the owner's ``--reply-after`` releases the reply.
     """
     priv, secagg = cfg.privacy, cfg.secagg
@@ -110,10 +111,16 @@ def check_run(settings: Any, cfg: Any) -> None:
         if cfg.model.tiny and not getattr(settings, "allow_test_model", False):
             _refuse("the run asks for model.tiny (a test model built in code); this node loads only its owner's "
                     "model (--model DIR): ask the operator for a real model, or pass --allow-test-model (tests only)")
-        if cfg.federation.local_steps == 0 and not float(getattr(settings, "max_sample_rate", 1.0)) < 1.0:
+        public_rate = cfg.federation.sample_rate > 0 or float(getattr(settings, "max_sample_rate", 1.0)) < 1.0
+        if priv.enabled and priv.level == "sample" and not public_rate:
+            _refuse("the run sets no federation.sample_rate and this node has no --max-sample-rate, so its sampling "
+                    "rate, hence when its budget runs out, would follow its data size; ask the operator for "
+                    "federation.sample_rate=Q, or start the node with --max-sample-rate Q")
+        if cfg.federation.local_steps == 0 and not public_rate:
             _refuse("the run counts local work in epochs (federation.local_steps=0), so this node's step count, and "
                     "its reply's latency, would follow its data size; ask the operator for federation.local_steps "
-                    "> 0, or start the node with --max-sample-rate Q (an epoch is then 1/Q steps)")
+                    "> 0 or federation.sample_rate=Q, or start the node with --max-sample-rate Q (an epoch is then "
+                    "1/Q steps)")
         if cfg.model.path and not cfg.model.tiny and getattr(settings, "model_path", None) is None:
             _refuse(f"the run names the model directory {cfg.model.path!r}; this node loads only its owner's model: "
                     "start it with --model DIR")

@@ -70,14 +70,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--no-budget", action="store_true",
                         help="train without an ε budget (not recommended; warned at every start)")
     parser.add_argument("--delta", type=float, default=None,
-                        help="the owner's δ for every ε figure; runs asking for more are refused "
-                             "(default: min(1e-5, 1/(10·N)) for the N rows of --data at start; runs may then ask "
-                             "for up to 1e-5)")
+                        help="the owner's δ for every ε figure; runs asking for more are refused (default: "
+                             "1e-5, a constant so that no ε reads the data's size; a --data file of more than "
+                             "10,000 rows needs --delta)")
     parser.add_argument("--min-noise-multiplier", type=float, default=0.0,
                         help="the least noise σ this node trains with: a run asking for less gets this much")
     parser.add_argument("--max-sample-rate", type=float, default=1.0,
-                        help="the Poisson sampling rate q this node trains at, whatever the run's batch size "
-                             "(default 1: q = batch size / N at start, capped at 1)")
+                        help="caps the run's Poisson sampling rate federation.sample_rate, or sets q for a run "
+                             "without one (default 1: no cap; a DP-SGD run then needs federation.sample_rate)")
     parser.add_argument("--dp-engine", choices=("auto", "hooks", "bk"), default="auto",
                         help="per-sample clipping engine (default auto: hooks for adapters, bk for full "
                              "fine-tuning); the run's privacy.grad_sample_mode is never used on a node")
@@ -133,7 +133,7 @@ def preflight(args: argparse.Namespace) -> None:
     from veil.privacy.opacus_compat import require_tested_opacus
 
     require_tested_opacus()  # the node's DP engines use Opacus internals: an untested Opacus is refused at start
-    from veil.client.settings import node_settings
+    from veil.client.settings import DEFAULT_DELTA, DELTA_ROWS, node_settings
     from veil.conf.schema import DataConfig
     from veil.security.credentials import check_ca_certificate, check_node_private_key
     from veil.task.data import read_examples, read_rows
@@ -162,10 +162,13 @@ def preflight(args: argparse.Namespace) -> None:
     if args.threads < 0:
         raise ConfigError(f"--threads={args.threads} is invalid; give a number of CPU threads (0: one per core)")
     _check_roster(args)
+    if args.delta is None and len(examples) > DELTA_ROWS:  # the default δ is a constant, so no ε reads N
+        raise ConfigError(f"--data has {len(examples)} rows: the default delta {DEFAULT_DELTA:g} is not below "
+                          f"1/(10·N) for so many; give --delta D with D <= {1 / (10 * len(examples)):.1e}")
     args.data_sha256 = data_fingerprint(args.data)
     settings = node_settings(_node_config(args))  # ranges of the owner's limits
     bind_ledger(settings.ledger_path, args.data_sha256, new_ledger=args.new_ledger)
-    args.data_rows = len(examples)  # fixed at start: the default δ and the expected batch never move with a run
+    args.data_rows = len(examples)  # fixed at start: the expected batch q·N never moves with a run
     args.owner_delta = settings.owner_delta(len(examples))
     if args.insecure:
         if args.key is not None:
@@ -339,11 +342,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _budget_policy(args: argparse.Namespace) -> str:
-    """Whether the ledger's ε, hence the budget bit and refusal, is a function of the owner's flags alone."""
-    if args.max_sample_rate < 1.0 and args.delta is not None:
-        return f"sampling rate {args.max_sample_rate:g} and delta fixed by the owner (the budget bit reads no data)"
-    return ("sampling rate and/or delta from the file's size at start (when the budget runs out can show it; "
-            "--max-sample-rate Q and --delta D hide it)")
+    """Where the ledger's q and δ come from: public numbers only, so the budget bit and refusal read no data."""
+    rate = (f"the run's federation.sample_rate capped at {args.max_sample_rate:g}" if args.max_sample_rate < 1.0
+            else "the run's federation.sample_rate (a DP-SGD run without one is refused; --max-sample-rate Q caps it)")
+    delta = "the owner's" if args.delta is not None else "the default"
+    return f"sampling rate {rate}, {delta} delta (the budget bit reads no data)"
 
 
 def _reply_policy(reply_after: float) -> str:

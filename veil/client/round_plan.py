@@ -5,12 +5,14 @@ On a deployed node every figure here is a function of the run config and the own
 the owner's file *when the node started* (the default δ and the expected batch), never of the examples a run's label
 set selects (review 2026-12-07, N1). Where the data used to set a threshold, the node clamps instead of refusing:
 
-* q is the owner's ``--max-sample-rate`` when given (else B/N with N the file's rows at start, capped at 1): a
-  run's batch size never pushes q over the cap, and the ledger's ε depends on q, σ and the steps alone;
+* q is the run's ``federation.sample_rate`` capped by the owner's ``--max-sample-rate`` (either alone when the
+  other is unset; a run with neither is refused, :mod:`veil.client.floor`): both are public numbers, so the ledger's
+  ε, and with it whether the budget lets the node train, depends on q, σ and the steps alone, never on N (the
+  expected batch is q·N instead);
 * σ is the run's (or the one calibrated to its target ε, at this q, over the run's planned steps), raised to fit
   what the ledger leaves, and never below the owner's ``--min-noise-multiplier``;
-* δ is the owner's ``--delta``, or min(1e-5, 1/(10·N)) for the file's N at start; a run may ask for a δ up to the
-  owner's ``--delta`` (else 1e-5), a constant;
+* δ is the owner's ``--delta``, else 1e-5 (``veil client`` refuses to start without ``--delta`` on a file of more
+  than 10,000 rows, where 1e-5 would not be below 1/(10·N)); a run may ask for a δ up to that constant;
 * every noisy sum is divided by the expected batch E[B] = max(1, round(q·N)), fixed before any batch is drawn.
 
 So refusing or training, and every reply field but the DP release, is decided before the data is read: the only
@@ -70,16 +72,28 @@ def _count_rows(path: str, _mtime: int, _size: int) -> int:
 def owner_sampling(cfg: VeilConfig, settings: NodeSettings, *, rows: int) -> Sampling:
     """A deployed node's sampling: from the run config, the owner's flags and ``rows`` (the file at start)."""
     fed = cfg.federation
-    q = settings.max_sample_rate if settings.max_sample_rate < 1.0 else min(1.0, fed.batch_size / max(rows, 1))
+    q = owner_rate(fed.sample_rate, settings.max_sample_rate)
+    if q is None and cfg.privacy.enabled and cfg.privacy.level == "sample":  # check_run refuses such a run first
+        raise VeilError("the run sets no federation.sample_rate and this node has no --max-sample-rate")
+    if q is None:  # client level or no DP: no per-record ε reads q (client level books q = 1, one step)
+        q = min(1.0, fed.batch_size / max(rows, 1))
     steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
     return Sampling(sample_rate=q, steps=steps, expected_batch_size=max(1, round(q * rows)),
                     delta=settings.owner_delta(rows))
 
 
+def owner_rate(run_rate: float, owner_cap: float) -> float | None:
+    """A deployed node's Poisson rate: the run's ``federation.sample_rate`` (> 0) capped by the owner's
+    ``--max-sample-rate`` (< 1), either alone when the other is unset; None when neither is set."""
+    given = [r for r in (run_rate if run_rate > 0 else None, owner_cap if owner_cap < 1.0 else None) if r is not None]
+    return min(given) if given else None
+
+
 def shard_sampling(cfg: VeilConfig, settings: NodeSettings, *, examples: int) -> Sampling:
-    """A simulated node's sampling: q = 1/⌈N/B⌉ for its partition's N examples (the run's own rule)."""
+    """A simulated node's sampling: the run's ``federation.sample_rate`` when set (as deployed nodes do), else
+    q = 1/⌈N/B⌉ for its partition's N examples (the run's own rule)."""
     fed = cfg.federation
-    q = sample_rate_for(batch_size=fed.batch_size, examples=examples)
+    q = fed.sample_rate or sample_rate_for(batch_size=fed.batch_size, examples=examples)
     steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
     return Sampling(sample_rate=q, steps=steps, expected_batch_size=None, delta=settings.owner_delta(examples))
 

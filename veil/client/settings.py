@@ -40,6 +40,7 @@ PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
 DEFAULT_DELTA = 1e-5
+DELTA_ROWS = 10_000  # the most rows for which DEFAULT_DELTA <= 1/(10·N); a deployed node with more needs --delta
 MAX_REPLY_AFTER = 43_200.0  # Flower drops a message after its 12 h lifetime (flwr.app.DEFAULT_TTL)
 
 

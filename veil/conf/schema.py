@@ -181,6 +181,10 @@ class FederationConfig:
     local_epochs: int = 1
     local_steps: int = 5  # >0: exactly this many (DP) steps per round instead of local_epochs passes
     batch_size: int = 256  # expected Poisson batch size; q = batch_size / client examples; large: less noise per signal
+    # > 0: the Poisson sampling rate q every node trains at (public: in the run config), so a deployed node's ledger ε
+    # and its budget bit read no data (issue 23); the node's expected batch is then q·N. A deployed sample-level DP
+    # run needs it (or every owner's --max-sample-rate). 0: unset (simulation: q = 1/ceil(N/batch_size)).
+    sample_rate: float = 0.0
     # the client optimizer's learning rate; 0: SGD_LR for sgd, else DP_SGD_LR for classification under DP-SGD,
     # else PLAIN_LR
     lr: float = 0.0
@@ -259,6 +263,9 @@ class VeilConfig:
         if isinstance(fed.local_steps, bool) or not isinstance(fed.local_steps, int) or fed.local_steps < 0:
             _bad("federation.local_steps", fed.local_steps, "an integer >= 0 (0: use federation.local_epochs)")
         _positive_int("federation.batch_size", fed.batch_size)
+        if isinstance(fed.sample_rate, bool) or not (isinstance(fed.sample_rate, (int, float))
+                                                    and 0 <= fed.sample_rate <= 1):
+            _bad("federation.sample_rate", fed.sample_rate, "a number in (0, 1] (0: unset)")
         if isinstance(fed.canary_clients, bool) or not isinstance(fed.canary_clients, int) or not (
                 0 <= fed.canary_clients < fed.num_clients):
             _bad("federation.canary_clients", fed.canary_clients, f"an integer in [0, federation.num_clients="

@@ -145,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if keys and cfg.federation.num_clients > len(keys):
         raise ConfigError(f"federation.num_clients={cfg.federation.num_clients} but only {len(keys)} node keys are "
                           "registered; lower it or pass more --node-keys")
+    priv = cfg.privacy
+    if priv.enabled and priv.level == "sample" and not cfg.federation.sample_rate > 0:
+        raise ConfigError("a deployed DP-SGD run states its Poisson sampling rate, so that no node's budget bit reads "
+                          "its data size (docs/privacy.md); give federation.sample_rate=Q, e.g. "
+                          "federation.sample_rate=0.05 (each node's expected batch is then Q times its rows)")
     run_dir = (args.resume or args.run_dir or Path("outputs") / time.strftime("deploy-%Y-%m-%d-%H-%M-%S")).expanduser().resolve()
     cfg = resolve_config(cfg, run_dir)  # (3)
     if args.resume:

@@ -14,6 +14,7 @@ from torch import nn
 
 from veil.atomic import atomic_write
 from veil.conf.schema import VeilConfig
+from veil.server.guarantee import fixed_sigma_rate
 from veil.task import get_task
 from veil.task.model import set_trainable
 
@@ -172,8 +173,9 @@ def _guarantee(cfg: VeilConfig, summary: dict[str, Any]) -> str:
     if basis == "fixed_sigma":
         return (f"{head}: ε ≤ {eps:.3f} at δ = {priv.delta:g} for this run: {fed.local_steps} DP-SGD steps per round "
                 f"at noise multiplier σ ≥ {priv.noise_multiplier:g} over {summary.get('rounds_run', rounds)} rounds, "
-                "accounted without amplification by subsampling (q = 1), so it holds whatever each owner's data size; "
-                f"each owner's ledger, which knows its sampling rate, gives a tighter figure. {ledger}")
+                f"accounted at sampling rate q = {fixed_sigma_rate(cfg):g} (the run's federation.sample_rate, which every "
+                "owner's node samples at or below; 1 when the run states none), so it holds whatever each owner's data "
+                f"size; each owner's ledger gives its own figure. {ledger}")
     return (f"{head}; the coordinator cannot state ε for this run: the number of DP-SGD steps (or the noise) depends "
             f"on each owner's data, which the coordinator does not see. {ledger}")
 

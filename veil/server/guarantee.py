@@ -17,7 +17,8 @@ one of these, named by its *basis* (``summary.json``'s ``epsilon_basis``; the mo
     for the whole run, not a per-round figure. It does not hold when ``federation.rounds`` was raised on resume.
 ``fixed_sigma``
     Sample level, fixed σ and ``federation.local_steps > 0``: ε of ``local_steps × rounds run`` Gaussian steps at
-    the run's σ with q = 1, i.e. without amplification by subsampling, so valid whatever each owner's data size.
+    the run's σ, subsampled at the run's public ``federation.sample_rate`` (every deployed node's q is at most that),
+    or with q = 1 (no amplification) when the run states none; valid whatever each owner's data size.
 ``see_ledgers``
     Any other sample-level case (local epochs: the step count depends on each owner's N; rounds raised on a
     resume of a calibrated run): NaN; each owner's ledger (``veil privacy report``) holds its figure.
@@ -69,11 +70,18 @@ def coordinator_epsilon(cfg: VeilConfig, *, basis: str, rounds_run: int) -> floa
         return float(priv.target_epsilon)
     if basis == "fixed_sigma":
         steps = cfg.federation.local_steps * rounds_run
-        return compute_epsilon([(priv.noise_multiplier, 1.0, steps)], delta=priv.delta,
+        return compute_epsilon([(priv.noise_multiplier, fixed_sigma_rate(cfg), steps)], delta=priv.delta,
                                accountant=priv.accountant).epsilon
     if basis == "see_ledgers":
         return math.nan
     raise ValueError(f"basis {basis!r} is not the coordinator's own: use the accountant or the simulated ledgers")
+
+
+def fixed_sigma_rate(cfg: VeilConfig) -> float:
+    """The sampling rate the ``fixed_sigma`` bound is accounted at: the run's ``federation.sample_rate``, which every
+    deployed node's q is at most (an owner's ``--max-sample-rate`` only lowers it; ε grows with q), else 1."""
+    rate = float(cfg.federation.sample_rate)
+    return rate if 0 < rate < 1 else 1.0
 
 
 def simulated_node_figures(paths: list[Path], *, delta: float, accountant: str) -> dict[str, float]:

@@ -60,7 +60,7 @@ def console_line(row: dict[str, Any], rounds: int) -> str:
 _BASIS_NOTE = {  # veil.server.guarantee bases
     "simulated_ledgers": "largest over the simulated owners' ledgers",
     "target": "bound after all planned rounds",
-    "fixed_sigma": "bound without subsampling amplification",
+    "fixed_sigma": "bound at the run's sampling rate (q = 1 when it states none)",
     "client_level": "client level, realised contributors, q=1",
 }
 
