@@ -57,10 +57,16 @@ def _label_name_features(args: argparse.Namespace, labels: list[str]) -> torch.T
 
 def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, bias: torch.Tensor, *,
              epsilon: float, lr: float, clip: float, rounds: int, steps: int, batch: int, seed: int,
-             decay: float = 0.0, lr_noise_ref: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global head after ``rounds`` of local DP-SGD on every shard (``epsilon`` 0: no DP)."""
+             decay: float = 0.0, lr_noise_ref: float = 0.0, ema: float = 0.0,
+             local_avg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global head after ``rounds`` of local DP-SGD on every shard (``epsilon`` 0: no DP).
+
+    ``ema`` > 0: the published head is the exponential moving average (weight ``ema`` on the past) of the global
+    heads after each round, a post-processing of what the coordinator already holds (no ε). ``local_avg``: each bank
+    sends the mean of its local iterates instead of the last one, a post-processing of its own noisy steps."""
     gen = torch.Generator().manual_seed(seed)
     weight0, bias0 = weight.clone(), bias.clone()
+    avg_w, avg_b = weight.clone(), bias.clone()
     sigmas = [_sigma(epsilon, min(1.0, batch / len(y)), rounds * steps) if epsilon else 0.0 for _x, y in shards]
     for _ in range(rounds):
         d_w, d_b = torch.zeros_like(weight), torch.zeros_like(bias)
@@ -68,6 +74,7 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
             w, b, n = weight.clone(), bias.clone(), len(ys)
             step = noise_scaled_lr(lr, sigma=sigma, ref=lr_noise_ref)  # veil's rule (federation.lr_noise_ref)
             q = min(1.0, batch / n)
+            sum_w, sum_b = torch.zeros_like(w), torch.zeros_like(b)
             for _ in range(steps):
                 take = torch.rand(n, generator=gen) < q
                 x, y = xs[take], ys[take]
@@ -84,10 +91,14 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
                 w, b = w - step * g_w / divisor, b - step * g_b / divisor
                 if decay:  # shrink toward the public start (the label-name head): a prior against the noise walk
                     w, b = w - step * decay * (w - weight0), b - step * decay * (b - bias0)
+                sum_w, sum_b = sum_w + w, sum_b + b
+            if local_avg:
+                w, b = sum_w / steps, sum_b / steps
             d_w += (w - weight) / len(shards)
             d_b += (b - bias) / len(shards)
         weight, bias = weight + d_w, bias + d_b
-    return weight, bias
+        avg_w, avg_b = ema * avg_w + (1 - ema) * weight, ema * avg_b + (1 - ema) * bias
+    return (avg_w, avg_b) if ema else (weight, bias)
 
 
 def public_transform(kind: str, names: torch.Tensor) -> torch.Tensor:
@@ -158,17 +169,19 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
             if args.central:  # one trusted curator holds every bank's rows: the reference veil's trust model forgoes
                 shards = [(torch.cat([x for x, _ in shards]), torch.cat([y for _, y in shards]))]
             val_in = head_in(val_x)
-            for eps, lr, ref in itertools.product([float(v) for v in args.epsilons.split(",")],
-                                                  [float(v) for v in args.lrs.split(",")],
-                                                  [float(v) for v in args.lr_noise_refs.split(",")]):
+            for eps, lr, ref, ema in itertools.product([float(v) for v in args.epsilons.split(",")],
+                                                       [float(v) for v in args.lrs.split(",")],
+                                                       [float(v) for v in args.lr_noise_refs.split(",")],
+                                                       [float(v) for v in args.emas.split(",")]):
                 accs = []
                 for seed in range(args.seeds):
                     w, b = federate(shards, init_w.clone(), model.head.bias.detach().clone(),
                                     epsilon=eps, lr=lr, clip=args.clip, rounds=args.rounds, steps=args.steps,
-                                    batch=args.batch, seed=seed, decay=args.decay, lr_noise_ref=ref)
+                                    batch=args.batch, seed=seed, decay=args.decay, lr_noise_ref=ref,
+                                    ema=ema, local_avg=args.local_avg)
                     accs.append(float(((val_in @ w.T + b).argmax(dim=1) == val_y).float().mean()))
                 what = ("none" if scale == 0 else f"{center} x {scale:g}") + ("" if kind == "none" else f", {kind}")
-                rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}" + (f" × min(1, {ref:g}/σ)" if ref else ""),
+                rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}" + (f" × min(1, {ref:g}/σ)" if ref else "") + (f", EMA {ema:g}" if ema else ""),
                              f"{100 * sum(accs) / len(accs):.1f}", " / ".join(f"{100 * a:.1f}" for a in accs)])
                 print(" | ".join(rows[-1]), flush=True)
     settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen "
@@ -176,7 +189,7 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
                 f"steps, B={args.batch}; validation: {args.val_per_class} texts per label; replica of veil's head step"
                 + ("; CENTRAL: the banks' rows pooled at one trusted curator (not veil's trust model)" if args.central
                    else "") + (f"; shrinkage toward the label-name head {args.decay:g} x lr per step" if args.decay
-                               else ""))
+                               else "") + ("; each bank sends the mean of its local iterates" if args.local_avg else ""))
     report("head_screen", args, argv, info, settings=settings,
            headers=["feature map", "ε", "lr", "validation acc %", "per seed"], rows=rows,
            notes=["feature map: veil's model.feature_center x model.feature_scale (none: the raw pooled embedding)",
@@ -200,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="pool the banks' rows at one curator (DP-SGD there): what per-bank noise costs")
     ap.add_argument("--lr-noise-refs", default="0", help="comma list of federation.lr_noise_ref values (0: off)")
     ap.add_argument("--decay", type=float, default=0.0, help="per-step shrinkage toward the label-name head (× lr)")
+    ap.add_argument("--emas", default="0", help="comma list: EMA weight of the published head over rounds (0: last)")
+    ap.add_argument("--local-avg", action="store_true", help="each bank sends the mean of its local iterates")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=256)
