@@ -137,11 +137,26 @@ class SecAggConfig:
     timeout: float = 600.0  # seconds per stage; a vanished client never hangs a round
 
 
+# Every name list of the configuration lives here; the registries that act on the names import them from here
+# (veil.task, veil.privacy.modes, veil.privacy.accounting, veil.task.partition, veil.strategies).
+TASKS = ("classification", "causal_lm")  # veil.task registry
+PARTITIONERS = ("iid", "dirichlet", "pathological")  # veil.task.partition
+DEVICES = ("auto", "cpu", "cuda")
+DATA_FORMATS = ("auto", "csv", "tsv", "jsonl")
+QUOTINGS = ("auto", "csv", "none")
+HEAD_INITS = ("label_names", "random")
+LORA_VARIANTS = ("lora", "ffa")  # ffa: FFA-LoRA (A frozen, only B trains and travels)
+ACCOUNTANTS = ("prv", "rdp")  # veil.privacy.accounting
+DP_MODES = ("hooks", "ghost", "bk")  # the exact per-sample clipping modes: veil.privacy.modes
+GRAD_SAMPLE_MODES = ("auto", *DP_MODES)  # auto picks one of DP_MODES
+DP_LEVELS = ("sample", "client")
+NOISE_PLACEMENTS = ("distributed", "central")
 TUNINGS = ("head", "lora", "full")
 FEATURE_CENTERS = ("none", "label_names")  # veil.task.pooling.PooledClassifier
 POOLINGS = ("auto", "mean", "cls", "max", "last", "pooler")  # veil.task.pooling
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum")
-ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")  # need each update in clear: SecAgg+ off only
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # veil.strategies.server_opt
+ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")  # need each update in clear: SecAgg+ off only (.robust)
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *ROBUST_STRATEGIES)
 _SUM_STRATEGIES = "|".join(s for s in STRATEGIES if s not in ROBUST_STRATEGIES)  # work on the sum alone
 
 
@@ -280,18 +295,18 @@ class VeilConfig:
         if isinstance(fed.lr_noise_ref, bool) or not (isinstance(fed.lr_noise_ref, (int, float))
                                                      and math.isfinite(fed.lr_noise_ref) and fed.lr_noise_ref >= 0):
             _bad("federation.lr_noise_ref", fed.lr_noise_ref, "a number >= 0 (0: the lr as given)")
-        _choice("federation.partitioner", fed.partitioner, ("iid", "dirichlet", "pathological"))
+        _choice("federation.partitioner", fed.partitioner, PARTITIONERS)
         if fed.partitioner == "dirichlet":
             _positive_float("federation.alpha", fed.alpha)
         if fed.partitioner == "pathological":
             _positive_int("federation.classes_per_client", fed.classes_per_client)
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("device", self.device, DEVICES)
         return every_client
 
     def _validate_data(self) -> None:
         data = self.data
-        _choice("data.format", data.format, ("auto", "csv", "tsv", "jsonl"))
-        _choice("data.quoting", data.quoting, ("auto", "csv", "none"))
+        _choice("data.format", data.format, DATA_FORMATS)
+        _choice("data.quoting", data.quoting, QUOTINGS)
         if data.train_path in ("", MISSING):
             raise ConfigError("data.train_path is not set; give data.train_path=FILE (CSV, TSV or JSONL)")
         if not data.test_path and not 0.0 < data.test_fraction < 1.0:
@@ -300,7 +315,7 @@ class VeilConfig:
             _label_list("data.labels", data.labels)
 
     def _validate_task(self) -> None:
-        _choice("task.name", self.task.name, ("classification", "causal_lm"))
+        _choice("task.name", self.task.name, TASKS)
         if isinstance(self.task.generate_max_tokens, bool) or self.task.generate_max_tokens < 0:
             _bad("task.generate_max_tokens", self.task.generate_max_tokens, "an integer >= 0 (0: no generation)")
 
@@ -310,8 +325,8 @@ class VeilConfig:
         _positive_int("model.max_length", model.max_length)
         _positive_int("model.lora_r", model.lora_r)
         model.lora_targets = lora_target_string(model.lora_targets)
-        _choice("model.head_init", model.head_init, ("label_names", "random"))
-        _choice("model.lora_variant", model.lora_variant, ("lora", "ffa"))
+        _choice("model.head_init", model.head_init, HEAD_INITS)
+        _choice("model.lora_variant", model.lora_variant, LORA_VARIANTS)
         if not model.tuning:
             model.tuning = "lora" if model.lora else "full"
         _choice("model.tuning", model.tuning, TUNINGS)
@@ -329,10 +344,10 @@ class VeilConfig:
 
     def _validate_privacy(self) -> None:
         priv = self.privacy
-        _choice("privacy.accountant", priv.accountant, ("prv", "rdp"))
-        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, ("auto", "hooks", "ghost", "bk"))
-        _choice("privacy.level", priv.level, ("sample", "client"))
-        _choice("privacy.noise_placement", priv.noise_placement, ("distributed", "central"))
+        _choice("privacy.accountant", priv.accountant, ACCOUNTANTS)
+        _choice("privacy.grad_sample_mode", priv.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _choice("privacy.level", priv.level, DP_LEVELS)
+        _choice("privacy.noise_placement", priv.noise_placement, NOISE_PLACEMENTS)
         if priv.enabled:
             _positive_float("privacy.max_grad_norm", priv.max_grad_norm)
             if not 0.0 < priv.delta < 1.0:

@@ -47,6 +47,8 @@ from opacus.accountants.analysis.prv import (
     discretize,
 )
 
+from veil.conf.schema import ACCOUNTANTS as SCHEMA_ACCOUNTANTS
+
 __all__ = [
     "ACCOUNTANTS",
     "EpsilonResult",
@@ -63,7 +65,7 @@ log = logging.getLogger("veil.privacy")
 Event = tuple[float, float, int]
 """One release: ``(noise_multiplier, sample_rate, steps)``."""
 
-ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+ACCOUNTANTS: tuple[str, ...] = SCHEMA_ACCOUNTANTS  # named by the schema (privacy.accountant)
 
 # PRV grid budget: points × distinct (σ, q) pairs. 4e6 float64 points is ~32 MB per array and ~2.5 s on 2 cores.
 _MAX_GRID_WORK = 4e6

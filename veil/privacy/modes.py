@@ -29,9 +29,11 @@ import logging
 
 from torch import nn
 
+from veil.conf.schema import DP_MODES
+
 log = logging.getLogger("veil.privacy")
 
-MODES = ("hooks", "ghost", "bk")  # the exact modes; "auto" picks one of them
+MODES = DP_MODES  # the exact modes (named by the schema); "auto" picks one of them
 HOOKS_MAX_TRAINABLE_SHARE = 0.10  # LoRA + head is 0.5% of MiniLM-L6 (hooks fastest); full fine-tuning 100% (bk)
 
 

@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 from flwr.common import NDArrays
 
+from veil.conf.schema import ROBUST_STRATEGIES
 from veil.flower.names import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
-ROBUST = ("median", "trimmed_mean", "krum")
+ROBUST = ROBUST_STRATEGIES  # named by the schema
 
 Aggregator = Callable[[list[NDArrays]], NDArrays]
 

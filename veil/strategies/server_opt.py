@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from flwr.common import NDArrays
 
-OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+from veil.conf.schema import SERVER_OPTIMIZERS
+
+OPTIMIZERS = SERVER_OPTIMIZERS  # named by the schema
 _STATE_KEYS = {"fedavgm": ("momentum_vector",), "fedadam": ("m_t", "v_t"), "fedyogi": ("m_t", "v_t"),
                "fedadagrad": ("m_t", "v_t")}
 

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
+from veil.conf.schema import TASKS
 from veil.errors import ConfigError
 from veil.task.base import Task
 
-_REGISTRY: dict[str, str] = {  # task name -> module defining TASK (imported on first use: keeps imports light)
-    "classification": "veil.task.classification",
-    "causal_lm": "veil.task.causal_lm",
-}
-
-
-def task_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+# task name (veil.conf.schema.TASKS) -> the module defining TASK (imported on first use: keeps imports light)
+_REGISTRY: dict[str, str] = {name: f"veil.task.{name}" for name in TASKS}
 
 
 def get_task(name: str) -> Task:
