@@ -84,6 +84,11 @@ AREAS = (
           Source("utility_banking77", "{configuration}", ("accuracy", "ε (δ=1e-5)")),
           Source("utility_banking77 --study", "{arm}", ("val. accuracy", "mean σ"),
                  ("--rounds", "--steps", "--batch-size")))),
+    Area("Closed-set scoring cost", "What `choice_accuracy` costs per evaluation query on `make demo-llm`'s model "
+         "(SmolLM2-135M + LoRA, the 77 BANKING77 intent names as candidates): the padded batch against the packed "
+         "prefix tree of `veil/task/choices.py`, side by side on the same queries.",
+         (Source("choice_cost", "{path}, {threads} thread(s), OMP_WAIT_POLICY {OMP_WAIT_POLICY}",
+                 ("CPU-s per query", "wall s per query", "positions", "x padded CPU-s")),)),
     Area("Privacy audit", "One-run lower bounds on ε (Steinke, Nasr, Jagielski, arXiv:2305.08846) against the "
          "claimed ε; a bound above the claim would be a bug.",
          (Source("audit", "{configuration}", ("claimed ε", "lower bound (95%)", "right guesses", "verdict"),
