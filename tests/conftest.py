@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_small_csv
+from support.helpers import write_small_csv
 from veil.cli import quiet_environment
 
 quiet_environment()  # offline, no telemetry: the same environment the `veil` command sets

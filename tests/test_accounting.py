@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from references import pld_epsilon
+from support.references import pld_epsilon
 from veil.privacy.accounting import EpsilonResult, compute_epsilon, epsilon_after
 
 DELTA = 1e-5

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import data_overrides
+from support.helpers import data_overrides
 from veil.preflight import preflight, resolve_paths_and_labels
 from veil.errors import ConfigError
 from veil.privacy.audit_bound import guess_top_bottom

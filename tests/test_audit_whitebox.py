@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import data_overrides
+from support.helpers import data_overrides
 from veil.preflight import preflight, resolve_paths_and_labels
 from veil.errors import ConfigError
 from veil.audit.records import canary_vocabulary

@@ -14,8 +14,8 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from families import tiny_config
-from references import clipped_mean_gradient
+from support.families import tiny_config
+from support.references import clipped_mean_gradient
 from veil.client.trainer import LocalPlan, train_round
 from veil.conf.schema import ModelConfig
 from veil.errors import ConfigError

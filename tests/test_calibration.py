@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from references import pld_epsilon
+from support.references import pld_epsilon
 from veil.errors import ConfigError
 from veil.privacy.accounting import compute_epsilon
 from veil.privacy.calibration import calibrate_noise_multiplier, planned_steps

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from families import DECODERS, PAD, VOCAB, tiny_config
-from references import clipped_mean_gradient
+from support.families import DECODERS, PAD, VOCAB, tiny_config
+from support.references import clipped_mean_gradient
 from veil.conf.schema import ModelConfig
 from veil.privacy.dpsgd import make_private
 from veil.task import get_task

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from families import DECODERS, tiny_config
+from support.families import DECODERS, tiny_config
 from veil.conf.schema import DataConfig, ModelConfig, TaskConfig, VeilConfig
 from veil.errors import ConfigError
 from veil.task import get_task

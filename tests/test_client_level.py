@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from references import pld_epsilon
+from support.references import pld_epsilon
 from veil.privacy.client_level import (
     add_gaussian_noise,
     calibrate_client_level,

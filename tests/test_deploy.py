@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, run_veil
+from support.helpers import TINY, run_veil
 from veil.supervise import Supervised, flower_command, flower_env, free_port
 
 ROUNDS = 2

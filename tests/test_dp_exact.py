@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from references import clipped_mean_gradient
+from support.references import clipped_mean_gradient
 from veil.conf.schema import ModelConfig
 from veil.privacy.dpsgd import make_private
 from veil.task.data import tokenize

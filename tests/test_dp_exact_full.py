@@ -13,7 +13,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from references import clipped_mean_gradient
+from support.references import clipped_mean_gradient
 from veil.conf.schema import ModelConfig
 from veil.privacy.dpsgd import make_private
 from veil.privacy.exact import ExplicitIds, embedding_grad_sample, embedding_norm_sample, make_exact

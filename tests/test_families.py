@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from families import FAMILIES, PAD, VOCAB, tiny_config
-from references import clipped_mean_gradient
+from support.families import FAMILIES, PAD, VOCAB, tiny_config
+from support.references import clipped_mean_gradient
 from veil.conf.schema import ModelConfig
 from veil.errors import ConfigError, ModelError
 from veil.privacy.dpsgd import make_private

@@ -41,7 +41,7 @@ def test_unknown_mode_is_refused() -> None:
 def test_auto_falls_back_to_ghost_where_bk_is_not_exact_and_to_hooks_for_tied_weights() -> None:
     from transformers import AutoModelForCausalLM
 
-    from families import tiny_config
+    from support.families import tiny_config
 
     clipped = nn.Sequential(nn.Embedding(1000, 16, max_norm=1.0), nn.Linear(16, 2))  # bk refuses max_norm
     assert resolve_grad_sample_mode("auto", clipped) == "ghost"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from references import clipped_mean_gradient
+from support.references import clipped_mean_gradient
 from veil.client.trainer import LocalPlan, train_round
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, VeilConfig
 from veil.privacy.dpsgd import make_private

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from references import pld_epsilon
+from support.references import pld_epsilon
 from veil.cli import main
 from veil.privacy.ledger import LedgerEvent, PrivacyLedger
 

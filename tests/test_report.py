@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import TINY, data_overrides, metrics, run_veil
+from support.helpers import TINY, data_overrides, metrics, run_veil
 from veil.report import load_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

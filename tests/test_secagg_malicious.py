@@ -1,5 +1,5 @@
 """SecAgg+ against a malicious coordinator (issue 24, privacy review N5): veil's ServerApp workflow against real node
-ClientApps (tests/secagg_loopback.py), with the coordinator's lies played by the grid.
+ClientApps (tests/support/secagg_loopback.py), with the coordinator's lies played by the grid.
 
 References: the honest rounds unmask to the plain mean of the updates; each attack is first shown to work against
 a node without the new defence (so the test can fail), then refused by a node with it.
@@ -20,7 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
 from flwr.supercore.primitives.asymmetric import (bytes_to_public_key, generate_key_pairs, public_key_to_bytes)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from secagg_loopback import QUANTUM, LoopbackGrid, node_app, run_round, update_of
+from support.secagg_loopback import QUANTUM, LoopbackGrid, node_app, run_round, update_of
 
 import flwr
 from veil.flower import secagg as flower_secagg

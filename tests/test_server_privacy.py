@@ -15,7 +15,7 @@ import pytest
 import tomli_w
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-from references import pld_epsilon
+from support.references import pld_epsilon
 from test_strategy import _Proxy
 from veil.conf.runconfig import to_run_config
 from veil.conf.schema import VeilConfig

@@ -1,6 +1,6 @@
 """End-to-end tests: whole simulated federations (Ray) and loopback deployments, seconds to minutes each. Every test
-here is marked ``slow`` (``make test-fast`` leaves them out); shared fixtures and helpers stay in tests/ (conftest.py,
-helpers.py), which pytest puts on the import path."""
+here is marked ``slow`` (``make test-fast`` leaves them out); shared fixtures stay in tests/conftest.py, shared code
+in tests/support/ (``from support.helpers import ...``: pytest puts tests/ on the import path)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import run_veil
+from support.helpers import run_veil
 
 
 def test_from_any_directory_a_failing_client_names_its_cause(tmp_path: Path) -> None:

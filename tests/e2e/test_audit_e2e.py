@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import data_overrides, run_veil
+from support.helpers import data_overrides, run_veil
 from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Pat
     """Same run as DP on, but every client's noise is 100,000x smaller than the σ its ledger books. The audit uses
     the white-box score; the black-box (loss) guesses on the same run, from audit/canaries.jsonl, refute the claim
     too."""
-    from audit_hooks import broken_noise
+    from support.audit_hooks import broken_noise
 
     from veil.cli import main
     from veil.audit import cli as audit
@@ -140,7 +140,7 @@ def test_broken_client_level_noise_is_flagged(small_csv: tuple[Path, Path], tmp_
     """The run above with SecAgg+ on, but every node's noise share is 100,000x smaller than the share it reports,
     which the coordinator's accountant books: the canary nodes mask their updates like the owners, and the audit,
     reading only the published model, says VIOLATION."""
-    from audit_hooks import broken_client_noise
+    from support.audit_hooks import broken_client_noise
 
     from veil.audit import cli as audit
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, data_overrides, metrics, run_veil
+from support.helpers import TINY, data_overrides, metrics, run_veil
 from veil.privacy.accounting import compute_epsilon
 
 pytestmark = pytest.mark.slow

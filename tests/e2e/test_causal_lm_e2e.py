@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import metrics, run_veil
+from support.helpers import metrics, run_veil
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY, data_overrides, metrics
+from support.helpers import ROOT, TINY, data_overrides, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ SHARES = ["secagg.num_shares=5", "secagg.reconstruction_threshold=3"]  # SecAgg+
 
 def _fault_run(out: Path, fault: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_sim.py"), str(out), fault, "2", *overrides],
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fault_sim.py"), str(out), fault, "2", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY, data_overrides, metrics, run_veil, write_small_csv
+from support.helpers import ROOT, TINY, data_overrides, metrics, run_veil, write_small_csv
 
 pytestmark = pytest.mark.slow
 

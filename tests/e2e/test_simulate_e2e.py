@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, data_overrides, metrics, run_veil
+from support.helpers import TINY, data_overrides, metrics, run_veil
 
 pytestmark = pytest.mark.slow
 

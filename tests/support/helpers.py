@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ["model=tiny_bert", "federation.batch_size=16", "federation.lr=0.02", "federation.partitioner=iid"]
 

@@ -1,6 +1,6 @@
 """A simulated federation with one faulty node, for the drop-out and timeout tests.
 
-Usage: python tests/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
+Usage: python tests/support/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
 FAULT is "crash" (the node's ClientApp dies with an error after SecAgg+ key sharing, when the fit instructions
 arrive: the server gets an error reply), "crash-keys" (it dies when asked to share its keys, after SETUP; without
 SecAgg+, at the fit instructions), "hang" (it does not answer from that point until the server has recorded the round, or HANG_SECONDS at most: the
