@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: setup demo demo-llm lint test test-fast test-bench bench-page clean
+.PHONY: setup demo demo-llm lint test test-fast test-bench bench-page check-flower-newest clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,22 @@ test-bench: setup  # the benchmark scripts end to end at their --quick sizes (a 
 
 bench-page: setup  # docs/benchmarks.md, docs/benchmarks-history.md and docs/img/*.png from benchmarks/results/*.jsonl
 	$(PY) -m benchmarks.page
+
+# The Flower wing (veil/flower/) against the newest Flower release, without touching the virtualenv: the wheel goes
+# into .flwr-newest/ (no dependencies, git-ignored) and shadows the pinned flwr on PYTHONPATH; then every REACHES row
+# and the wing's behaviour tests run against it (docs/upstream/README.md, "Checking a new Flower release").
+FLWR_NEWEST ?= 1.42.0
+FLWR_NEWEST_DIR := .flwr-newest
+FLOWER_TESTS := tests/test_flower_wing.py tests/test_polling.py tests/test_node_sessions.py tests/test_secagg_guard.py \
+	tests/test_engine_sweep.py tests/test_secagg_malicious.py tests/test_executor_task_gone.py
+$(FLWR_NEWEST_DIR)/flwr-$(FLWR_NEWEST).dist-info:
+	rm -rf $(FLWR_NEWEST_DIR)
+	$(PY) -m pip install --quiet --no-deps --target $(FLWR_NEWEST_DIR) flwr==$(FLWR_NEWEST)
+check-flower-newest: setup $(FLWR_NEWEST_DIR)/flwr-$(FLWR_NEWEST).dist-info
+	PYTHONPATH=$(CURDIR)/$(FLWR_NEWEST_DIR):$(CURDIR) $(PY) -c "import flwr; v = flwr.__version__; \
+		assert v == '$(FLWR_NEWEST)', f'flwr {v} imported, not $(FLWR_NEWEST)'; print('flwr', v, 'from', flwr.__file__)"
+	PYTHONPATH=$(CURDIR)/$(FLWR_NEWEST_DIR):$(CURDIR) $(PY) -m pytest -p no:cacheprovider -m "not slow and not bench" \
+		$(FLOWER_TESTS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +19,13 @@ os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="veil-test-state-")
 
 ROOT = Path(__file__).resolve().parents[1]
 BANKING77 = ROOT / "veil" / "data" / "banking77"  # shipped inside the package
+
+
+def pytest_report_header() -> str:
+    """Which Flower this run imports (``make check-flower-newest`` shadows the pinned one), found without importing it."""
+    spec = importlib.util.find_spec("flwr")
+    where = Path(spec.origin).parent if spec and spec.origin else "not installed"
+    return f"flwr {importlib.metadata.version('flwr') if spec else '-'} ({where})"
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ interpreter imports, so install the candidate release where it shadows the pinne
 ``test_the_installed_flower_is_a_tested_release`` fails until the release is added to ``veil.flower.TESTED`` (do that
 only once the rows fit and the wing's own tests pass: tests/test_polling.py, test_engine_sweep.py,
 test_node_sessions.py, test_secagg_malicious.py, test_secagg_guard.py, test_deploy.py). docs/upstream/README.md has
-the same lines.
+the same lines; ``make check-flower-newest`` runs this file and the fast ones of those against ``FLWR_NEWEST``.
 """
 
 from __future__ import annotations
