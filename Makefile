@@ -10,6 +10,9 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 0
+# torch's OpenMP threads sleep instead of spin-waiting: make test runs many torch processes on 2 cores
+# (benchmarks/omp_wait.py: 3 processes 3.0x faster; veil/cli.py sets the same for veil's own processes)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo demo-llm lint test test-fast test-bench bench-page check-flower-newest clean
 

@@ -89,6 +89,10 @@ AREAS = (
          "prefix tree of `veil/task/choices.py`, side by side on the same queries.",
          (Source("choice_cost", "{path}, {threads} thread(s), OMP_WAIT_POLICY {OMP_WAIT_POLICY}",
                  ("CPU-s per query", "wall s per query", "positions", "x padded CPU-s")),)),
+    Area("Shared cores", "Several torch processes on the same cores (make test, a simulation's Ray workers): "
+         "torch's OpenMP threads spin-waiting (ACTIVE, libgomp's default) against sleeping (PASSIVE, what veil sets).",
+         (Source("omp_wait", "{processes} process(es) at once, {OMP_WAIT_POLICY}",
+                 ("slowest wall s", "mean CPU s", "speed-up vs ACTIVE")),)),
     Area("Privacy audit", "One-run lower bounds on ε (Steinke, Nasr, Jagielski, arXiv:2305.08846) against the "
          "claimed ε; a bound above the claim would be a bug.",
          (Source("audit", "{configuration}", ("claimed ε", "lower bound (95%)", "right guesses", "verdict"),

@@ -38,6 +38,11 @@ def quiet_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch's OpenMP threads sleep instead of spin-waiting between operators: veil runs several torch processes on
+    # the same cores (Ray's simulated clients, a node's processes, a SuperLink beside them), where a spinning thread
+    # takes the core its sibling needs (benchmarks/omp_wait.py: 3 processes on 2 cores 3.0x faster, one process
+    # alone 7% slower). Read when torch loads, so set before any import of it; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class _OneLineParser(argparse.ArgumentParser):
