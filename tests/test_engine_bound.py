@@ -124,6 +124,7 @@ def test_a_deployed_node_runs_the_owners_engine_not_the_runs(tmp_path: Any, monk
     cfg = _cfg(lora=True)
     cfg.privacy.grad_sample_mode, cfg.privacy.target_epsilon = "ghost", 0.0
     cfg.federation.local_steps, cfg.federation.batch_size = 1, 4
+    cfg.federation.sample_rate = 0.5  # a deployed DP-SGD run states its public q
     for engine in ("hooks", "bk", "auto"):
         settings = NodeSettings(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
                                 ledger_path=tmp_path / f"{engine}.json", device="cpu", partition_id=None,

@@ -89,6 +89,7 @@ def test_a_deployed_node_refuses_a_model_it_cannot_train_in_one_line_before_read
                                        head_init="random"),
                      data=DataConfig(train_path="unused.csv", test_path="unused.csv", label_column="label",
                                      labels=json.dumps(["card", "fee"]))).validate()
+    cfg.federation.sample_rate = 0.5  # a deployed DP-SGD run states its public q
     settings = NodeSettings(data_path=str(data), text_column=None, label_column=None, max_epsilon=50.0,
                             ledger_path=tmp_path / "ledger.json", device="cpu", partition_id=None,
                             num_partitions=None, model_path=str(tmp_path / "owner_model"))

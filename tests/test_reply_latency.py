@@ -77,6 +77,7 @@ def test_one_long_record_changes_no_tensor_shape_on_a_deployed_node(tmp_path: Pa
     short = _write(tmp_path / "short.csv", _short(20))
     long = _write(tmp_path / "long.csv", [*_short(19), (LONG, "card")])
     cfg = _cfg()
+    cfg.federation.sample_rate = 0.2  # a deployed DP-SGD run states its public q
     work_short = _round_work(cfg, _settings(short, tmp_path / "a.json"), monkeypatch)
     work_long = _round_work(cfg, _settings(long, tmp_path / "b.json"), monkeypatch)
     assert work_short == work_long, "the longest record changes what a step computes on"
