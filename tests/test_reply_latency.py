@@ -102,6 +102,22 @@ def test_the_data_size_never_sets_the_step_count_in_epochs_mode(cap: float, tmp_
         assert work_small == (0, None), "refused before any data is read"
 
 
+def test_the_run_s_public_rate_sets_the_epoch_s_steps_whatever_the_data_size(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """federation.sample_rate (public, in the run config) fixes q, so an epoch is 1/q steps on every node; an owner's
+    --max-sample-rate below it caps q, and the step count follows the cap, not N."""
+    small = _write(tmp_path / "small.csv", _short(12))
+    large = _write(tmp_path / "large.csv", _short(48))
+    cfg = _cfg(local_steps=0, local_epochs=1)
+    cfg.federation.sample_rate = 0.25
+    for cap, steps in ((1.0, 4), (0.125, 8)):
+        work = [_round_work(cfg, _settings(f, tmp_path / f"{f.stem}-{cap}.json", max_sample_rate=cap), monkeypatch)
+                for f in (small, large)]
+        assert work[0] == work[1], "N sets the number of local steps"
+        weight, (_shapes, planned, ran) = work[0]
+        assert weight == 1 and planned == ran == steps, (cap, work[0])
+
+
 def test_a_causal_lm_node_pads_every_sequence_to_max_length() -> None:
     task = get_task("causal_lm")
     cfg = VeilConfig(task=TaskConfig(name="causal_lm"), model=ModelConfig(tiny=True, lora=False, max_length=20))
