@@ -69,4 +69,6 @@ def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = metrics(tmp_path / "hang")[0]
     assert row["completed"] and row["clients"] == 5
-    assert row["seconds"] < 65, f"the round waited {row['seconds']:.0f} s for the silent node"
+    # had the server waited for it, the silent node (awake only once the round is recorded, or after 120 s,
+    # fault_sim.HANG_SECONDS) would have held the round 120 s; a loaded machine may take longer than 30 s + work
+    assert row["seconds"] < 120, f"the round waited {row['seconds']:.0f} s for the silent node"
