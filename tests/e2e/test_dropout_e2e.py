@@ -61,14 +61,15 @@ def test_dropout_before_or_after_key_sharing_keeps_the_round(small_csv: tuple[Pa
 
 
 def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    """The silent node stays silent until the server has recorded the round (at most 120 s): with a 30 s stage
-    timeout the round finishes without it. (The node then wakes so that the simulation's process can end: a
+    """The silent node stays silent until the server has recorded the round (at most 240 s): with a 60 s stage
+    timeout the round finishes without it (60 s, not 30: the silent node holds one of the simulation's two Ray
+    actors, and on a loaded machine the other five nodes' first stage in the remaining actor took over 30 s in CI). (The node then wakes so that the simulation's process can end: a
     simulation artefact; a real node is a process of its own.)"""
     proc = _fault_run(tmp_path / "hang", "hang", timeout=400, overrides=[
-        *SIX, *data_overrides(*small_csv), *SHARES, "secagg.timeout=30"])
+        *SIX, *data_overrides(*small_csv), *SHARES, "secagg.timeout=60"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = metrics(tmp_path / "hang")[0]
     assert row["completed"] and row["clients"] == 5
-    # had the server waited for it, the silent node (awake only once the round is recorded, or after 120 s,
-    # fault_sim.HANG_SECONDS) would have held the round 120 s; a loaded machine may take longer than 30 s + work
-    assert row["seconds"] < 120, f"the round waited {row['seconds']:.0f} s for the silent node"
+    # had the server waited for it, the silent node (awake only once the round is recorded, or after 240 s,
+    # fault_sim.HANG_SECONDS) would have held the round 240 s
+    assert row["seconds"] < 240, f"the round waited {row['seconds']:.0f} s for the silent node"

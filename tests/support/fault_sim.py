@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.simulation import run_simulation
 
 
-HANG_SECONDS = 120
+HANG_SECONDS = 240
 
 
 def _stay_silent(round_recorded: Path) -> None:
