@@ -58,7 +58,7 @@ def _label_name_features(args: argparse.Namespace, labels: list[str]) -> torch.T
 def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, bias: torch.Tensor, *,
              epsilon: float, lr: float, clip: float, rounds: int, steps: int, batch: int, seed: int,
              decay: float = 0.0, lr_noise_ref: float = 0.0, ema: float = 0.0,
-             local_avg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             local_avg: bool = False, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The global head after ``rounds`` of local DP-SGD on every shard (``epsilon`` 0: no DP).
 
     ``ema`` > 0: the published head is the exponential moving average (weight ``ema`` on the past) of the global
@@ -68,12 +68,15 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
     weight0, bias0 = weight.clone(), bias.clone()
     avg_w, avg_b = weight.clone(), bias.clone()
     sigmas = [_sigma(epsilon, min(1.0, batch / len(y)), rounds * steps) if epsilon else 0.0 for _x, y in shards]
+    rate = batch * len(shards) / sum(len(y) for _x, y in shards)  # shared: the run's public q (B / mean bank size)
+    if shared:  # privacy.share_noise: one step a round, q and divisor public, each bank adds sigma/sqrt(M)
+        sigmas = [(_sigma(epsilon, rate, rounds * steps) if epsilon else 0.0) / len(shards) ** 0.5] * len(shards)
     for _ in range(rounds):
         d_w, d_b = torch.zeros_like(weight), torch.zeros_like(bias)
         for (xs, ys), sigma in zip(shards, sigmas, strict=True):
             w, b, n = weight.clone(), bias.clone(), len(ys)
             step = noise_scaled_lr(lr, sigma=sigma, ref=lr_noise_ref)  # veil's rule (federation.lr_noise_ref)
-            q = min(1.0, batch / n)
+            q = rate if shared else min(1.0, batch / n)
             sum_w, sum_b = torch.zeros_like(w), torch.zeros_like(b)
             for _ in range(steps):
                 take = torch.rand(n, generator=gen) < q
@@ -87,7 +90,7 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
                 if epsilon:
                     g_w += torch.randn(g_w.shape, generator=gen) * sigma * clip
                     g_b += torch.randn(g_b.shape, generator=gen) * sigma * clip
-                divisor = batch if q < 1 else n
+                divisor = batch if q < 1 or shared else n
                 w, b = w - step * g_w / divisor, b - step * g_b / divisor
                 if decay:  # shrink toward the public start (the label-name head): a prior against the noise walk
                     w, b = w - step * decay * (w - weight0), b - step * decay * (b - bias0)
@@ -178,7 +181,7 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
                     w, b = federate(shards, init_w.clone(), model.head.bias.detach().clone(),
                                     epsilon=eps, lr=lr, clip=args.clip, rounds=args.rounds, steps=args.steps,
                                     batch=args.batch, seed=seed, decay=args.decay, lr_noise_ref=ref,
-                                    ema=ema, local_avg=args.local_avg)
+                                    ema=ema, local_avg=args.local_avg, shared=args.shared)
                     accs.append(float(((val_in @ w.T + b).argmax(dim=1) == val_y).float().mean()))
                 what = ("none" if scale == 0 else f"{center} x {scale:g}") + ("" if kind == "none" else f", {kind}")
                 rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}" + (f" × min(1, {ref:g}/σ)" if ref else "") + (f", EMA {ema:g}" if ema else ""),
@@ -189,7 +192,9 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
                 f"steps, B={args.batch}; validation: {args.val_per_class} texts per label; replica of veil's head step"
                 + ("; CENTRAL: the banks' rows pooled at one trusted curator (not veil's trust model)" if args.central
                    else "") + (f"; shrinkage toward the label-name head {args.decay:g} x lr per step" if args.decay
-                               else "") + ("; each bank sends the mean of its local iterates" if args.local_avg else ""))
+                               else "") + ("; each bank sends the mean of its local iterates" if args.local_avg else "")
+                + ("; SHARED noise: each bank adds sigma/sqrt(banks), one step a round, public q and divisor"
+                   if args.shared else ""))
     report("head_screen", args, argv, info, settings=settings,
            headers=["feature map", "ε", "lr", "validation acc %", "per seed"], rows=rows,
            notes=["feature map: veil's model.feature_center x model.feature_scale (none: the raw pooled embedding)",
@@ -215,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decay", type=float, default=0.0, help="per-step shrinkage toward the label-name head (× lr)")
     ap.add_argument("--emas", default="0", help="comma list: EMA weight of the published head over rounds (0: last)")
     ap.add_argument("--local-avg", action="store_true", help="each bank sends the mean of its local iterates")
+    ap.add_argument("--shared", action="store_true",
+                    help="privacy.share_noise: one step a round (--steps 1), q = B / mean bank size, divisor B, "
+                         "each bank adds sigma/sqrt(banks)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=256)

@@ -33,7 +33,7 @@ from benchmarks.utility_study import TEST, TRAIN, carve_validation
 from veil.client.round_plan import noise_scaled_lr
 from veil.client.trainer import LocalPlan, sample_rate_for, train_round
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, SecAggConfig, VeilConfig
-from veil.privacy.calibration import calibrate_noise_multiplier
+from veil.privacy.calibration import calibrate_noise_multiplier, shared_noise_sigma
 from veil.strategies.factory import make_strategy
 from veil.task import get_task
 from veil.task.data import read_examples
@@ -50,28 +50,41 @@ def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, ep
                         max_length=args.max_length, feature_center=args.feature_center,
                         feature_scale=args.feature_scale)
     fed = FederationConfig(num_clients=args.banks, rounds=rounds, local_steps=steps, batch_size=batch, lr=lr,
-                           optimizer=args.optimizer, alpha=args.alpha, lr_noise_ref=args.lr_noise_ref)
+                           optimizer=args.optimizer, alpha=args.alpha, lr_noise_ref=args.lr_noise_ref,
+                           sample_rate=args.sample_rate)
     priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip)
     return VeilConfig(model=model, federation=fed, privacy=priv, secagg=SecAggConfig(enabled=False),
                       data=DataConfig(train_path=str(train), test_path=str(TEST))).validate()
 
 
 def federate(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], template: torch.nn.Module,
-             splits: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """veil's rounds in one process (see the module docstring); the global head's accuracy on each split."""
+             splits: dict[str, dict[str, torch.Tensor]], *, shared: bool = False) -> dict[str, float]:
+    """veil's rounds in one process (see the module docstring); the global head's accuracy on each split.
+
+    ``shared``: ``privacy.share_noise`` as every bank's node plans it (:func:`veil.client.round_plan.
+    plan_sample_level`): one SGD step a round at the run's public q, each bank adding σ/sqrt(banks) of the run's σ
+    (:func:`veil.privacy.calibration.shared_noise_sigma`), every noisy sum divided by the run's batch size, the lr
+    from the run's σ. (SecAgg+ is off in this in-process replica, so the flag is not set in ``cfg``.)"""
     fed, priv = cfg.federation, cfg.privacy
     strategy = make_strategy(cfg, initial=get_trainable(template))
     sigmas = [calibrate_noise_multiplier(target_epsilon=priv.target_epsilon, delta=priv.delta,
                                          sample_rate=sample_rate_for(batch_size=fed.batch_size,
                                                                      examples=int(s["labels"].shape[0])),
                                          steps=fed.local_steps * fed.rounds, accountant=priv.accountant)
-              if priv.enabled else 0.0 for s in shards]
+              if priv.enabled and not shared else 0.0 for s in shards]
+    run_sigma, rate = 0.0, None
+    if shared:
+        rate = fed.sample_rate
+        run_sigma = shared_noise_sigma(cfg) if priv.enabled else 0.0
+        sigmas = [run_sigma / len(shards) ** 0.5] * len(shards)
     for rnd in range(1, fed.rounds + 1):
         results = []
         for cid, (shard, sigma) in enumerate(zip(shards, sigmas, strict=True)):
-            lr = noise_scaled_lr(fed.lr, sigma=sigma, ref=fed.lr_noise_ref) if priv.enabled else fed.lr
+            lr = noise_scaled_lr(fed.lr, sigma=run_sigma if shared else sigma, ref=fed.lr_noise_ref) \
+                if priv.enabled else fed.lr
             plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=lr, private=priv.enabled,
-                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=fed.optimizer)
+                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=fed.optimizer,
+                             sample_rate=rate, expected_batch_size=fed.batch_size if shared else None)
             res = train_round(template, strategy.global_arrays, shard, plan=plan, device=torch.device("cpu"),
                               seed=rnd * 1_009 + cid, task=TASK)
             results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
@@ -79,7 +92,7 @@ def federate(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], template: t
     model = copy.deepcopy(template)
     set_trainable(model, strategy.global_arrays)
     scores = {name: TASK.evaluate(model, split, device=torch.device("cpu"))["accuracy"] for name, split in splits.items()}
-    return {**scores, "sigma": float(np.mean(sigmas))}
+    return {**scores, "sigma": float(run_sigma if shared else np.mean(sigmas))}
 
 
 def _floats(text: str) -> list[float]:
@@ -131,8 +144,11 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             cfg = _config(args, train, lr=lr, clip=clip, epsilon=None if eps == 0 else eps, rounds=rounds,
                           steps=steps, batch=batch)
             t1 = time.perf_counter()
-            scores = federate(cfg, shards, template, splits)
-            what = "no DP" if eps == 0 else f"ε={eps:g}"
+            if args.share_noise:  # the run's public q: the expected batch over the mean bank's size
+                cfg.federation.sample_rate = min(1.0, batch * args.banks / len(examples))
+            scores = federate(cfg, shards, template, splits, shared=args.share_noise)
+            what = ("no DP" if eps == 0 else f"ε={eps:g}") + (
+                f", shared noise (1 step a round, q={cfg.federation.sample_rate:.3f})" if args.share_noise else "")
             row(f"federated {what}, {args.optimizer} lr={lr:g}"
                 + (f" × min(1, {args.lr_noise_ref:g}/σ)" if args.lr_noise_ref and eps else "") + f", C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
                 f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s")
@@ -167,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--source", default="minilm", help="a packaged model when --model-path is empty: minilm | smollm2")
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--val-per-class", type=int, default=10)
+    ap.add_argument("--share-noise", action="store_true",
+                    help="privacy.share_noise: each bank adds σ/sqrt(banks); use --steps 1 --optimizer sgd")
+    ap.add_argument("--sample-rate", type=float, default=0.0, help="federation.sample_rate (0: unset)")
     ap.add_argument("--test", action="store_true", help="also score the test split (chosen settings only)")
     ap.add_argument("--feature-cache", default="", help="a directory keeping the frozen features between runs")
     from benchmarks.common import add_output_args

@@ -57,3 +57,35 @@ def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tm
     card = (run_dir / "model" / "README.md").read_text()
     assert "δ" in card and "SecAgg+" in card and "honest but curious" in card
     assert "never saw a single owner's update" not in card
+
+
+def test_shared_noise_run_states_the_sum_s_epsilon_and_books_each_share(small_csv: tuple[Path, Path],
+                                                                         tmp_path: Path) -> None:
+    """privacy.share_noise through Flower and SecAgg+: each simulated owner (M = the round's 3) adds σ/sqrt(3) of
+    the run's σ and books exactly that; the coordinator states ε of one step a round at σ and the run's q
+    (reference: an independent PLD accountant); the owners' own (share-alone) ε is larger."""
+    import json
+    import math
+
+    from support.references import pld_epsilon
+
+    from veil.privacy.ledger import PrivacyLedger
+
+    run_dir, sigma, rate = tmp_path / "run", 1.5, 0.25
+    proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), "federation.num_clients=3",
+                     "federation.clients_per_round=3", "federation.rounds=2", "privacy=dp_sgd", "secagg=secaggplus",
+                     "privacy.share_noise=true", "privacy.target_epsilon=0", f"privacy.noise_multiplier={sigma}",
+                     "federation.local_steps=1", "federation.optimizer=sgd", f"federation.sample_rate={rate}",
+                     f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2] and all(r["contributed"] == 3 for r in rows)
+    assert json.loads((run_dir / "summary.json").read_text())["epsilon_basis"] == "shared_noise"
+    reference = pld_epsilon([(sigma, rate, 2)], 1e-5)
+    assert reference <= rows[1]["epsilon_max"] <= 1.03 * reference
+    ledgers = sorted((run_dir / "nodes").glob("node-*/privacy_ledger.json"))
+    assert len(ledgers) == 3
+    for path in ledgers:
+        events = PrivacyLedger.open(path, create=False).events
+        assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in events] == [(sigma / math.sqrt(3), rate, 1)] * 2
+    assert rows[1]["node_epsilon_max"] > rows[1]["epsilon_max"], "an owner's own share alone is the weaker bound"

@@ -91,8 +91,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-plain-aggregation", action="store_true",
                         help="also answer rounds without SecAgg+ (the coordinator then sees this node's update)")
     parser.add_argument("--min-cohort", type=int, default=1,
-                        help="client-level DP: honest contributors counted on in each SecAgg+ sum; this node's "
-                             "noise share is z·S/sqrt(N) (default 1: its own noise alone suffices)")
+                        help="honest contributors counted on in each SecAgg+ sum, for client-level DP (this node's "
+                             "noise share is z·S/sqrt(M)) and runs with privacy.share_noise (its DP-SGD noise is "
+                             "σ/sqrt(M)); its ledger books its own share alone (default 1: its own noise suffices)")
     parser.add_argument("--allow-central-noise", action="store_true",
                         help="accept client-level DP runs whose noise the server adds (trusts the server)")
     parser.add_argument("--max-dropouts", type=int, default=0, metavar="K",

@@ -112,12 +112,22 @@ def calibrated_sigma(*, target_epsilon: float, delta: float, sample_rate: float,
 
 def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Sampling, *, ledger: PrivacyLedger,
                       run_id: str, server_round: int, engine: str) -> tuple[LocalPlan, LedgerEvent]:
-    """σ and the ledger event of a DP-SGD round; :class:`PrivacyBudgetExhausted` if the owner's budget says no."""
+    """σ and the ledger event of a DP-SGD round; :class:`PrivacyBudgetExhausted` if the owner's budget says no.
+
+    In a shared-noise run (:func:`noise_shares`) the node's own σ is the run's σ over sqrt(M), each noisy sum is
+    divided by the run's ``federation.batch_size`` and the step size follows the run's σ: all public, so every
+    honest node sends the same kind of step. The ledger books the node's own σ (its bound against a coordinator
+    that colludes with the other owners or breaks SecAgg+)."""
+    from veil.privacy.calibration import shared_noise_sigma
     from veil.privacy.ledger import LedgerEvent
 
     priv, q, steps, delta = cfg.privacy, sampling.sample_rate, sampling.steps, sampling.delta
+    shares = noise_shares(cfg, settings)
+    run_sigma = shared_noise_sigma(cfg) if shares is not None else None
     sigma = priv.noise_multiplier
-    if priv.target_epsilon > 0:
+    if run_sigma is not None and shares is not None:
+        sigma = run_sigma / math.sqrt(shares)
+    elif priv.target_epsilon > 0:
         sigma = calibrated_sigma(target_epsilon=priv.target_epsilon, delta=delta, sample_rate=q,
                                  steps=steps * cfg.federation.rounds, accountant=priv.accountant)
     sigma = max(sigma, sigma_for_budget(cfg, settings, ledger, sigma=sigma, q=q, steps=steps,
@@ -132,15 +142,34 @@ def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Samplin
                         delta=delta)
     ledger.check_budget(event, max_epsilon=settings.max_epsilon, delta=delta, accountant=priv.accountant)
     fed = cfg.federation
-    lr = noise_scaled_lr(fed.lr, sigma=sigma, ref=fed.lr_noise_ref)
+    lr = noise_scaled_lr(fed.lr, sigma=sigma if run_sigma is None else run_sigma, ref=fed.lr_noise_ref)
     if lr != fed.lr:
         log.info("round %d: lr %.4g (federation.lr %.4g x lr_noise_ref %.4g / sigma %.4f)", server_round, lr, fed.lr,
                  fed.lr_noise_ref, sigma)
+    if run_sigma is not None and shares is not None:
+        log.info("round %d: shared noise: this node adds sigma %.4f = the run's %.4f / sqrt(%d), its --min-cohort",
+                 server_round, sigma, run_sigma, shares)
     plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=lr, optimizer=fed.optimizer, private=True,
                      noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, grad_sample_mode=engine,
-                     sample_rate=None if settings.simulated else q,
-                     expected_batch_size=sampling.expected_batch_size)
+                     sample_rate=q, expected_batch_size=fed.batch_size if run_sigma is not None
+                     else sampling.expected_batch_size)
     return plan, event
+
+
+def noise_shares(cfg: VeilConfig, settings: NodeSettings) -> int | None:
+    """M, the number of owners whose noise this node counts on in each SecAgg+ sum (``privacy.share_noise``).
+
+    The owner's ``--min-cohort`` (1: its own noise alone) when the run shares noise and the round's sum is one
+    DP-SGD step: SecAgg+ on, one plain SGD step a round, a public ``federation.sample_rate``
+    (:meth:`VeilConfig._validate_shared_noise`); None otherwise (an ordinary DP-SGD round). In a shared run every
+    node, M = 1 included, divides by the run's batch size and steps at the run's lr, so the sum stays one step.
+    Run config and owner flag only, never the data. Against a coordinator that breaks SecAgg+
+    or colludes with other owners the node's update carries its own σ/sqrt(M) alone, and its ledger books that;
+    the owner opts in (``--min-cohort`` defaults to 1) and should pin the roster with ``--max-dropouts 0``."""
+    fed = cfg.federation
+    shared = (cfg.privacy.share_noise and cfg.secagg.enabled and fed.local_steps == 1 and fed.optimizer == "sgd"
+              and 0 < fed.sample_rate < 1)
+    return max(1, int(settings.min_cohort)) if shared else None
 
 
 def noise_scaled_lr(lr: float, *, sigma: float, ref: float) -> float:

@@ -26,7 +26,7 @@ DEVICE = "device"
 MIN_NOISE_MULTIPLIER = "min-noise-multiplier"  # the owner's privacy floor (veil/client/floor.py)
 MAX_SAMPLE_RATE = "max-sample-rate"
 ALLOW_PLAIN_AGGREGATION = "allow-plain-aggregation"  # answer rounds without SecAgg+ (the server sees the update)
-MIN_COHORT = "min-cohort"  # client-level DP: honest contributors this owner counts on in each SecAgg+ sum
+MIN_COHORT = "min-cohort"  # client-level DP or privacy.share_noise: honest contributors counted on in each SecAgg+ sum
 ALLOW_CENTRAL_NOISE = "allow-central-noise"  # client-level DP with the noise added by the (trusted) server
 MAX_DROPOUTS = "max-dropouts"  # SecAgg+: neighbours that may go missing in a round (0: none; veil/client/secagg_guard.py)
 ROSTER_PATH = "roster-path"  # SecAgg+: the owners' roster this node pins (veil/security/roster.py)
@@ -60,7 +60,7 @@ class NodeSettings:
     max_sample_rate: float = 1.0  # the owner's cap on the Poisson sampling rate q (1: no cap)
     delta: float | None = None  # None: min(1e-5, 1/(10·N)) once N is known (owner_delta)
     require_secagg: bool = True  # refuse rounds whose update would reach the server unmasked
-    min_cohort: int = 1  # client-level DP: 1 = this node's own noise share alone gives z·S
+    min_cohort: int = 1  # client-level DP / shared DP-SGD noise: 1 = this node's own noise alone gives z·S or σ
     allow_central_noise: bool = False
     model_path: str | None = None
     data_sha256: str | None = None

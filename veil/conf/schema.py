@@ -123,6 +123,9 @@ class PrivacyConfig:
     # veil/privacy/client_level.py. For client level, noise_multiplier/target_epsilon are z and ε over rounds.
     level: str = "sample"
     noise_placement: str = "distributed"  # client level: distributed (each client adds its share) | central
+    # sample level: each owner's DP-SGD step adds sigma/sqrt(M) (M its --min-cohort) and SecAgg+'s sum carries sigma:
+    # one SGD step a round at the public federation.sample_rate (veil/client/round_plan.py: shared noise)
+    share_noise: bool = False
 
 
 @dataclass
@@ -356,6 +359,24 @@ class VeilConfig:
                 _bad("privacy.target_epsilon", priv.target_epsilon, ">= 0 (0 means: use privacy.noise_multiplier)")
             if priv.target_epsilon == 0 and not priv.noise_multiplier > 0:
                 _bad("privacy.noise_multiplier", priv.noise_multiplier, "> 0 (or set privacy.target_epsilon)")
+        if priv.share_noise:
+            self._validate_shared_noise()
+
+    def _validate_shared_noise(self) -> None:
+        """privacy.share_noise: the round's sum is one DP-SGD step on every owner's data only when each node sends
+        one plain SGD step, sampled at one public rate, divided by one public number, under SecAgg+."""
+        priv, fed = self.privacy, self.federation
+        fix = "or privacy.share_noise=false"
+        if not priv.enabled or priv.level != "sample":
+            _bad("privacy.share_noise", True, "false unless privacy.enabled=true and privacy.level=sample")
+        if not self.secagg.enabled:
+            _bad("privacy.share_noise", True, "false with secagg=off (each node's share needs SecAgg+ to hide it)")
+        if fed.local_steps != 1:
+            _bad("federation.local_steps", fed.local_steps, f"1 with privacy.share_noise=true ({fix})")
+        if fed.optimizer != "sgd":
+            _bad("federation.optimizer", fed.optimizer, f"sgd with privacy.share_noise=true ({fix})")
+        if not 0 < fed.sample_rate < 1:
+            _bad("federation.sample_rate", fed.sample_rate, f"in (0, 1) with privacy.share_noise=true ({fix})")
 
     def _validate_secagg(self, *, every_client: bool) -> None:
         sa, fed = self.secagg, self.federation

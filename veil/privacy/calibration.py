@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from veil.errors import ConfigError
 from veil.privacy.accounting import (
@@ -26,7 +27,10 @@ from veil.privacy.accounting import (
     validate_event,
 )
 
-__all__ = ["calibrate_noise_multiplier", "planned_steps"]
+__all__ = ["calibrate_noise_multiplier", "planned_steps", "shared_noise_sigma"]
+
+if TYPE_CHECKING:
+    from veil.conf.schema import VeilConfig
 
 log = logging.getLogger("veil.privacy")
 
@@ -171,3 +175,15 @@ def _rdp_bracket(past: list[Event], q: float, steps: int, delta: float, target: 
         else:
             hi = mid
     return hi
+
+
+def shared_noise_sigma(cfg: VeilConfig) -> float:
+    """The σ of a shared-noise run's sum (``privacy.share_noise``): the run's ``privacy.noise_multiplier``, or the σ
+    that keeps ε at the run's δ within ``privacy.target_epsilon`` after ``federation.rounds`` single steps at the
+    run's ``federation.sample_rate``. Public figures only, so every honest node and the coordinator compute the
+    same one; each node adds it over sqrt(M) (:func:`veil.client.round_plan.noise_shares`)."""
+    priv, fed = cfg.privacy, cfg.federation
+    if priv.target_epsilon <= 0:
+        return float(priv.noise_multiplier)
+    return calibrate_noise_multiplier(target_epsilon=priv.target_epsilon, delta=priv.delta,
+                                      sample_rate=fed.sample_rate, steps=fed.rounds, accountant=priv.accountant)

@@ -170,6 +170,15 @@ def _guarantee(cfg: VeilConfig, summary: dict[str, Any]) -> str:
                 f"{fed.rounds} planned rounds: each owner's node calibrated its noise so that its ε for this run, at its "
                 f"owner's δ (at most {priv.delta:g}), stays within it (an owner may add more noise). It does not rely "
                 f"on SecAgg+: each owner's node enforces it. {ledger}")
+    if basis == "shared_noise":
+        return (f"{head} **in the published model**: ε = {eps:.3f} at δ = {priv.delta:g} over "
+                f"{summary.get('rounds_run', rounds)} rounds of one DP-SGD step each, sampled at q = "
+                f"{fed.sample_rate:g} (the run's federation.sample_rate), with the noise each SecAgg+ sum carried: every "
+                "contributing owner added σ/sqrt(M) (M its own --min-cohort), so the sum carries σ when at least M "
+                "honest owners contributed to it. That is an assumption about the other owners, not something one "
+                "owner's node enforces: against a coordinator that colludes with other owners or breaks SecAgg+, "
+                "each owner's update carries only its own share, and only its own ledger's figure holds (its share "
+                f"alone, a larger ε; owners should pin the roster with --max-dropouts 0). {ledger}")
     if basis == "fixed_sigma":
         return (f"{head}: ε ≤ {eps:.3f} at δ = {priv.delta:g} for this run: {fed.local_steps} DP-SGD steps per round "
                 f"at noise multiplier σ ≥ {priv.noise_multiplier:g} over {summary.get('rounds_run', rounds)} rounds, "
@@ -190,6 +199,8 @@ def _noise_rows(cfg: VeilConfig) -> list[str]:
                 f"| noise placement | {priv.noise_placement} |"]
     asked = (f"target ε {priv.target_epsilon:g} (each node calibrates its own σ)" if priv.target_epsilon > 0
              else f"σ ≥ {priv.noise_multiplier:g} (a node may add more)")
+    if priv.share_noise:
+        asked += "; shared: each node adds σ/sqrt(M) of the sum's noise, M its owner's --min-cohort"
     return [f"| per-sample clipping norm C | {priv.max_grad_norm:g} |", f"| noise | {asked} |"]
 
 

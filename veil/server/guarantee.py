@@ -19,6 +19,12 @@ one of these, named by its *basis* (``summary.json``'s ``epsilon_basis``; the mo
     Sample level, fixed σ and ``federation.local_steps > 0``: ε of ``local_steps × rounds run`` Gaussian steps at
     the run's σ, subsampled at the run's public ``federation.sample_rate`` (every deployed node's q is at most that),
     or with q = 1 (no amplification) when the run states none; valid whatever each owner's data size.
+``shared_noise``
+    Sample level with ``privacy.share_noise``: ε of ``rounds run`` single steps at the run's σ (its
+    ``noise_multiplier``, or the σ calibrated to its target from public figures,
+    :func:`veil.privacy.calibration.shared_noise_sigma`), subsampled at the run's ``federation.sample_rate``: the
+    noise of each SecAgg+ sum, under the assumption that it holds the shares of at least M honest owners (each
+    owner's ``--min-cohort``). Each owner's own ledger books its share alone (in simulation: ``node_*`` keys).
 ``see_ledgers``
     Any other sample-level case (local epochs: the step count depends on each owner's N; rounds raised on a
     resume of a calibrated run): NaN; each owner's ledger (``veil privacy report``) holds its figure.
@@ -38,7 +44,7 @@ from veil.privacy.accounting import compute_epsilon
 
 log = logging.getLogger("veil.server")
 
-BASES = ("client_level", "simulated_ledgers", "target", "fixed_sigma", "see_ledgers", "none")
+BASES = ("client_level", "simulated_ledgers", "target", "fixed_sigma", "shared_noise", "see_ledgers", "none")
 NODES_DIR = "nodes"  # a simulation's owners live under <run dir>/nodes/node-<i>/ (veil.simulation)
 
 
@@ -54,6 +60,8 @@ def epsilon_basis(cfg: VeilConfig, *, simulation: bool, planned_rounds: set[int]
         return "none"
     if priv.level == "client":
         return "client_level"
+    if priv.share_noise:
+        return "shared_noise"
     if simulation:
         return "simulated_ledgers"
     if priv.target_epsilon > 0:
@@ -62,7 +70,13 @@ def epsilon_basis(cfg: VeilConfig, *, simulation: bool, planned_rounds: set[int]
 
 
 def coordinator_epsilon(cfg: VeilConfig, *, basis: str, rounds_run: int) -> float:
-    """``epsilon_max`` for the ``target``, ``fixed_sigma``, ``see_ledgers`` and ``none`` bases."""
+    """``epsilon_max`` for the ``target``, ``fixed_sigma``, ``shared_noise``
+    Sample level with ``privacy.share_noise``: ε of ``rounds run`` single steps at the run's σ (its
+    ``noise_multiplier``, or the σ calibrated to its target from public figures,
+    :func:`veil.privacy.calibration.shared_noise_sigma`), subsampled at the run's ``federation.sample_rate``: the
+    noise of each SecAgg+ sum, under the assumption that it holds the shares of at least M honest owners (each
+    owner's ``--min-cohort``). Each owner's own ledger books its share alone (in simulation: ``node_*`` keys).
+``see_ledgers`` and ``none`` bases."""
     priv = cfg.privacy
     if basis == "none":
         return 0.0
@@ -72,6 +86,11 @@ def coordinator_epsilon(cfg: VeilConfig, *, basis: str, rounds_run: int) -> floa
         steps = cfg.federation.local_steps * rounds_run
         return compute_epsilon([(priv.noise_multiplier, fixed_sigma_rate(cfg), steps)], delta=priv.delta,
                                accountant=priv.accountant).epsilon
+    if basis == "shared_noise":
+        from veil.privacy.calibration import shared_noise_sigma
+
+        return compute_epsilon([(shared_noise_sigma(cfg), cfg.federation.sample_rate, rounds_run)], delta=priv.delta,
+                               accountant=priv.accountant).epsilon if rounds_run else 0.0
     if basis == "see_ledgers":
         return math.nan
     raise ValueError(f"basis {basis!r} is not the coordinator's own: use the accountant or the simulated ledgers")

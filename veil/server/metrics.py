@@ -62,6 +62,7 @@ _BASIS_NOTE = {  # veil.server.guarantee bases
     "target": "bound after all planned rounds",
     "fixed_sigma": "bound at the run's sampling rate (q = 1 when it states none)",
     "client_level": "client level, realised contributors, q=1",
+    "shared_noise": "the sum's shared noise, at least M honest owners a round; own ledgers hold each owner's bound",
 }
 
 
