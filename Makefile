@@ -74,7 +74,7 @@ bench-page: setup  # docs/benchmarks.md, docs/benchmarks-history.md and docs/img
 FLWR_NEWEST ?= 1.42.0
 FLWR_NEWEST_DIR := .flwr-newest
 FLOWER_TESTS := tests/test_flower_wing.py tests/test_polling.py tests/test_node_sessions.py tests/test_secagg_guard.py \
-	tests/test_engine_sweep.py tests/test_secagg_malicious.py tests/test_executor_task_gone.py
+	tests/test_engine_sweep.py tests/test_secagg_malicious.py tests/test_executor_task_gone.py tests/test_task_claims.py
 $(FLWR_NEWEST_DIR)/flwr-$(FLWR_NEWEST).dist-info:
 	rm -rf $(FLWR_NEWEST_DIR)
 	$(PY) -m pip install --quiet --no-deps --target $(FLWR_NEWEST_DIR) flwr==$(FLWR_NEWEST)
