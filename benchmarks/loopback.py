@@ -106,7 +106,7 @@ class Loopback:
         self.leftovers += tree
         os.kill(self.server.pid, signal.SIGKILL)
         self.server.proc.wait(timeout=30)
-        superlink = [pid for pid in tree if "flower-superlink" in cmdline(pid)]
+        superlink = [pid for pid in tree if "veil.flower.task_claims" in cmdline(pid)]  # the patched SuperLink
         wait_for(lambda: not alive(superlink), 60, "the SuperLink to die with veil server")
         return tree
 
@@ -157,8 +157,21 @@ class Loopback:
 
     def wait_round(self, k: int, timeout: float = 300) -> None:
         assert self.server is not None
-        wait_for(lambda: self.rounds_done() >= k or self.server.poll() is not None, timeout, f"round {k}")
+        try:
+            wait_for(lambda: self.rounds_done() >= k or self.server.poll() is not None, timeout, f"round {k}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{self.where_the_server_is()}") from None
         assert self.rounds_done() >= k, self.server_out[-20:]
+
+    def where_the_server_is(self) -> str:
+        """For a failure message: veil server's last lines, what the SuperLink did with the run's ServerApp task
+        (started, or its process refused as too late: veil.flower.task_claims) and the coordinator's processes."""
+        superlink = self.run_dir / "logs" / "superlink.log"
+        lines = superlink.read_text(errors="replace").splitlines() if superlink.exists() else []
+        tasks = [ln for ln in lines if "Started task" in ln or "Finished task" in ln or "authentication failed" in ln]
+        tree = [self.server.pid, *_descendants(self.server.pid)] if self.server is not None else []
+        return "\n".join(["veil server:", *self.server_out[-8:], f"superlink.log ({len(lines)} lines), its tasks:",
+                          *tasks[-8:], "coordinator processes:", *(cmdline(pid)[:160] for pid in alive(tree))])
 
     def wait_stage(self, n: int, stage: str, since: int, timeout: float = 300) -> None:
         """Until node ``n``'s executor logs a message of SecAgg+ ``stage`` after byte ``since`` of its log."""

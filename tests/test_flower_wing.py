@@ -79,7 +79,7 @@ class _Grid:
 def _guards(tmp_path: Path) -> dict[str, Any]:
     """Each guard of the wing, called as veil calls it."""
     from veil.client import executor
-    from veil.flower import patches, polling, runtime, secagg, sessions, workflows
+    from veil.flower import patches, polling, runtime, secagg, sessions, task_claims, workflows
 
     return {
         "SuperNode poll patch": lambda: patches.cap_supernode_sleeps(0.25),
@@ -91,6 +91,7 @@ def _guards(tmp_path: Path) -> dict[str, Any]:
         "resume patch": lambda: sessions.forget_online_nodes(tmp_path / "superlink.db"),
         "reply pull patch": lambda: sessions.bound_reply_pulls(5.0),
         "stale receive patch": sessions.clean_stale_receive,
+        "task claim patch": task_claims.patient_task_claims,
         "reply polling grid": lambda: polling.PollingGrid(_Grid()),  # type: ignore[arg-type]
         "round loop": lambda: workflows.RoundLoop(lambda g, c: None, SimpleNamespace())(_Grid(), None),  # type: ignore[arg-type]
         "SecAgg+ drop-out workflow": lambda: workflows.DropoutTolerantSecAggPlus(3, 2, relay=lambda g: g)(_Grid(), None),
@@ -114,7 +115,10 @@ def test_every_guard_refuses_an_untested_flower_in_one_line_and_patches_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import flwr
 
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
     before = {(m, n): getattr(importlib.import_module(m), n) for m, names in _PATCHED.items() for n in names}
+    claim = SqlCoreState.claim_task
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     for what, guard in _guards(tmp_path).items():
         with pytest.raises(FlowerVersionError) as refused:
@@ -123,25 +127,28 @@ def test_every_guard_refuses_an_untested_flower_in_one_line_and_patches_nothing(
         assert "\n" not in line and line.startswith("flwr 9.9.9: veil's ") and "9.9.9" in line, what
         assert f"tested on flwr {', '.join(TESTED)} only" in line, what
     after = {(m, n): getattr(importlib.import_module(m), n) for m, names in _PATCHED.items() for n in names}
-    assert after == before, "a refused guard changed Flower"
+    assert after == before and SqlCoreState.claim_task is claim, "a refused guard changed Flower"
     assert not (tmp_path / "superlink.db").exists()
 
 
-def test_the_patched_supernode_and_the_executor_end_in_one_line_on_an_untested_flower(
+def test_the_patched_supernode_superlink_and_the_executor_end_in_one_line_on_an_untested_flower(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import flwr
 
     from veil.client import executor
-    from veil.flower import patches
+    from veil.flower import patches, task_claims
 
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # patches.main rewrites argv only once the patches are in
     with pytest.raises(SystemExit) as ended:
         patches.main(["--poll-interval", "0.25", "--", "--superlink", "127.0.0.1:9"])
     assert ended.value.code == 2
+    with pytest.raises(SystemExit) as ended:  # the patched SuperLink of veil server
+        task_claims.main(["--", "--host", "127.0.0.1", "--port", "9"])
+    assert ended.value.code == 2
     assert executor.main(["--runtime-api-address", "127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("veil: error: flwr 9.9.9: veil's ") for line in err), err
+    assert len(err) == 3 and all(line.startswith("veil: error: flwr 9.9.9: veil's ") for line in err), err
 
 
 def _flower_imports(path: Path) -> list[tuple[str, str | None, int]]:
@@ -177,7 +184,8 @@ def test_every_private_flower_import_of_the_wing_is_a_row_of_its_table() -> None
 
 def test_the_wing_imports_no_flower_at_import_time_where_a_node_starts() -> None:
     """The executor and the patched SuperNode set their quiet environment before Flower loads."""
-    for name in ("veil.flower", "veil.flower.runtime", "veil.flower.patches", "veil.flower.sessions"):
+    for name in ("veil.flower", "veil.flower.runtime", "veil.flower.patches", "veil.flower.sessions",
+                 "veil.flower.task_claims"):
         tree = ast.parse(Path(importlib.import_module(name).__file__ or "").read_text(encoding="utf-8"))
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert not [n for n in top if "flwr" in ast.unparse(n)], name

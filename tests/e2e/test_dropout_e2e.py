@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.helpers import ROOT, TINY, data_overrides, metrics
+from support.fault_sim import DONE
+from support.helpers import ROOT, TINY, data_overrides, metrics, write_small_csv
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +21,28 @@ SIX = [*TINY, "federation.num_clients=6", "federation.rounds=1", "privacy=none"]
 SHARES = ["secagg.num_shares=5", "secagg.reconstruction_threshold=3"]  # SecAgg+ that survives one drop-out of six
 
 
-def _fault_run(out: Path, fault: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The four faulty federations of this file, one after the other in one process (tests/support/fault_sim.py: its
+    imports load once): node 2 crashes after key sharing (``secagg``), before it (``early``), after the fit
+    instructions without SecAgg+ (``plain``, the reference sum), or stays silent (``hang``). Returns (their parent
+    directory, the process's stderr); each run that ended without an exception holds fault_sim.DONE."""
+    root = tmp_path_factory.mktemp("dropout")
+    data = data_overrides(*write_small_csv(root))
+    runs = {"secagg": ("crash", [*SIX, *data, *SHARES]), "early": ("crash-keys", [*SIX, *data, *SHARES]),
+            "plain": ("crash", [*SIX, *data, "secagg=off"]),
+            "hang": ("hang", [*SIX, *data, *SHARES, "secagg.timeout=60"])}
+    argv = [arg for name, (fault, overrides) in runs.items() for arg in ["--", str(root / name), fault, "2", *overrides]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fault_sim.py"), str(out), fault, "2", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fault_sim.py"), *argv[1:]], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1000, check=False)
+    return root, proc.stderr
+
+
+def _ran(runs: tuple[Path, str], name: str) -> Path:
+    root, stderr = runs
+    assert (root / name / DONE).is_file(), stderr[-3000:]
+    return root / name
 
 
 def _weights(run_dir: Path) -> dict[str, np.ndarray]:
@@ -31,22 +50,16 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def test_dropout_before_or_after_key_sharing_keeps_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    data = data_overrides(*small_csv)
-    secagg = _fault_run(tmp_path / "secagg", "crash", [*SIX, *data, *SHARES])
-    assert secagg.returncode == 0, secagg.stderr[-3000:]
-    # the same node dropping one stage earlier, before it shared its keys (veil.flower.workflows)
-    early = _fault_run(tmp_path / "early", "crash-keys", [*SIX, *data, *SHARES])
-    assert early.returncode == 0, early.stderr[-3000:]
-    plain = _fault_run(tmp_path / "plain", "crash", [*SIX, *data, "secagg=off"])
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    for run in ("secagg", "early", "plain"):
-        row = metrics(tmp_path / run)[0]
+def test_dropout_before_or_after_key_sharing_keeps_the_round(runs: tuple[Path, str]) -> None:
+    # secagg, and the same node dropping one stage earlier, before it shared its keys (veil.flower.workflows)
+    dirs = {name: _ran(runs, name) for name in ("secagg", "early", "plain")}
+    for run, run_dir in dirs.items():
+        row = metrics(run_dir)[0]
         assert row["completed"] and row["clients"] == 5, f"{run}: the five survivors make the round: {row}"
     step = 2 * 8.0 / 2**22  # one quantisation level of SecAgg+ (clipping range 8, 2**22 levels)
-    b = _weights(tmp_path / "plain")
+    b = _weights(dirs["plain"])
     for run in ("secagg", "early"):
-        a = _weights(tmp_path / run)
+        a = _weights(dirs[run])
         for name in b:
             assert float(np.abs(a[name] - b[name]).max()) <= step, f"{run}: {name}"
 
@@ -60,15 +73,12 @@ def test_dropout_before_or_after_key_sharing_keeps_the_round(small_csv: tuple[Pa
     assert moved > 1000 * step, "the round must move the weights far more than the tolerance"
 
 
-def test_silent_node_does_not_hold_the_round(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+def test_silent_node_does_not_hold_the_round(runs: tuple[Path, str]) -> None:
     """The silent node stays silent until the server has recorded the round (at most 240 s): with a 60 s stage
     timeout the round finishes without it (60 s, not 30: the silent node holds one of the simulation's two Ray
     actors, and on a loaded machine the other five nodes' first stage in the remaining actor took over 30 s in CI). (The node then wakes so that the simulation's process can end: a
     simulation artefact; a real node is a process of its own.)"""
-    proc = _fault_run(tmp_path / "hang", "hang", timeout=400, overrides=[
-        *SIX, *data_overrides(*small_csv), *SHARES, "secagg.timeout=60"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = metrics(tmp_path / "hang")[0]
+    row = metrics(_ran(runs, "hang"))[0]
     assert row["completed"] and row["clients"] == 5
     # had the server waited for it, the silent node (awake only once the round is recorded, or after 240 s,
     # fault_sim.HANG_SECONDS) would have held the round 240 s

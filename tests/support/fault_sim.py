@@ -1,6 +1,9 @@
 """A simulated federation with one faulty node, for the drop-out and timeout tests.
 
-Usage: python tests/support/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...]
+Usage: python tests/support/fault_sim.py OUT_DIR FAULT PARTITION [hydra overrides...] [-- OUT_DIR FAULT ...]...
+Several runs separated by ``--`` go one after the other in this one process (Python, torch and Flower load once);
+each that ends without an exception writes OUT_DIR/fault_sim.done, a failed one prints its traceback and the next
+runs anyway; the exit status is 1 if any failed.
 FAULT is "crash" (the node's ClientApp dies with an error after SecAgg+ key sharing, when the fit instructions
 arrive: the server gets an error reply), "crash-keys" (it dies when asked to share its keys, after SETUP; without
 SecAgg+, at the fit instructions), "hang" (it does not answer from that point until the server has recorded the round, or HANG_SECONDS at most: the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from flwr.clientapp import ClientApp
@@ -50,17 +54,40 @@ def fault_mod(kind: str, partition: int, out_dir: Path):  # noqa: ANN201
     return mod
 
 
+DONE = "fault_sim.done"  # written into a run's OUT_DIR once its simulation has returned
+
+
 def main() -> None:
+    from veil.preflight import register_schema
+
+    register_schema()
+    groups: list[list[str]] = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    failed = 0
+    for out, kind, partition, *overrides in filter(None, groups):
+        try:
+            run(Path(out), kind, int(partition), overrides)
+        except (Exception, SystemExit):  # noqa: BLE001 - reported, and the next run still goes
+            failed += 1
+            print(f"fault_sim: the run in {out} ({kind}) failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        else:
+            (Path(out) / DONE).write_text("ok\n", encoding="utf-8")
+    sys.exit(1 if failed else 0)
+
+
+def run(out_dir: Path, kind: str, partition: int, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     import veil.client.app as client_app_module
     from veil.conf import CONF_DIR
     from veil.conf.runconfig import to_run_config, to_veil_config
     from veil.server.app import make_server_app
-    from veil.preflight import register_schema, resolve_paths_and_labels
+    from veil.preflight import resolve_paths_and_labels
 
-    out_dir, kind, partition, overrides = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-    register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = resolve_paths_and_labels(to_veil_config(compose(config_name="config", overrides=overrides)), out_dir)
     flat = to_run_config(cfg)

@@ -14,6 +14,7 @@ re-composition of legacy parts, a private module's function or constant, lives i
 ``polling.py``      the ServerApp's grid with a short pull interval (composition over ``Grid``)
 ``workflows.py``    the round loop with an after-round hook, SecAgg+ surviving an early drop-out
 ``runtime.py``      the node executor's half that talks to the SuperNode's Runtime API
+``task_claims.py``  the ServerApp process's start window, ``python -m veil.flower.task_claims`` (a patched SuperLink)
 ``names.py``        private Flower names veil uses as they are (types, constants, helpers)
 ==================  ==============================================================================================
 

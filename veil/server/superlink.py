@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,11 @@ class Endpoint:
 
 def start_superlink(endpoint: Endpoint, *, state_dir: Path, log_dir: Path, env: dict[str, str],
                     ready_timeout: float = 60.0) -> Supervised:
-    """Start ``flower-superlink`` and wait until it listens; raises SuperLinkError if it exits first."""
-    argv = [flower_command("flower-superlink"), "--host", endpoint.host, "--port", str(endpoint.port),
+    """Start ``flower-superlink`` and wait until it listens; raises SuperLinkError if it exits first.
+
+    It runs patched (:mod:`veil.flower.task_claims`): the run's ServerApp process gets 300 s to start, not 30 s, so a
+    busy coordinator does not reject and restart it for ever (the run would never begin)."""
+    argv = [sys.executable, "-m", "veil.flower.task_claims", "--", "--host", endpoint.host, "--port", str(endpoint.port),
             "--database", str(state_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
     if endpoint.tls is None:
         argv.append("--insecure")
