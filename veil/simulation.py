@@ -144,6 +144,8 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | Non
                          f"federation.num_clients={cfg.federation.num_clients} nodes (veil.audit.clients)")
     # (2) absolute paths (Ray workers may start elsewhere) and one label set for every process
     cfg = resolve_paths_and_labels(cfg, out_dir)
+    if audit.planted_examples:
+        audit = dataclasses.replace(audit, planted_examples=str(Path(audit.planted_examples).resolve()))
     # (3) the resolved config next to the outputs
     if not cfg.resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{out_dir} already holds a run; pick a new hydra.run.dir or continue it with resume={out_dir}")
