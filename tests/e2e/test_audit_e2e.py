@@ -31,10 +31,10 @@ CONSISTENT = ["--confidence", "0.999"]
 # The broken mechanism's audit: with the noise gone, what limits the white-box score is the other records' updates.
 # At 128 canaries, 16+16 guesses and a claim of 0.1 the bound needs 22 of 32 right, 1.3 standard errors below its
 # rate (one full-suite run fell short). At 256 canaries, 40+40 guesses and a claim of 0.01 it needs 49 of 80. Over
-# 3 rounds it got 52-59 in eight runs of 2026-12-01, but 50-60 in eight of 2026-12-07 (mean 55, sd 3; the two beside
-# another test file got 50 and 51), and 47 or fewer once in a loaded CI run (bound 0.0), while the loss score of
-# such runs refuted the claim by far (48-58 of 64 at 32+32, need 40): the mechanism ran, the white-box score lacked
-# power. Over 6 rounds (BROKEN_RUN, five runs of 2026-12-07, on 2 cores shared with other work) it got 57-66 of 80
+# 3 rounds it got 52-59 in eight runs of 2026-12-01, but 50-60 in ten of 2026-12-07, with the audit's settings in the
+# run config and as an AuditPlan alike (mean 55, sd 3; the four beside another test file got 50, 51, 53 and 55), and
+# 47 or fewer once in a loaded CI run (bound 0.0), while the loss score of such runs refuted the claim by far (48-58
+# of 64 at 32+32, need 40): the mechanism ran, the white-box score lacked power. Over 6 rounds (BROKEN_RUN, five runs of 2026-12-07, on 2 cores shared with other work) it got 57-66 of 80
 # (mean 61, sd 4: ~3 sd of margin) and the loss score 74-78 of 80; each round after the first adds a few seconds.
 # The noise stays 1e5x too small.
 BROKEN_AUDIT = ["--canaries", "256", "--guesses", "40", "--control", "off"]  # the control runs in the consistent test
