@@ -108,7 +108,7 @@ def test_audited_run_adds_the_canary_clients_to_the_population(small_csv: tuple[
 
     cfg = _cfg(small_csv, tmp_path, "federation.num_clients=4")
     run = canary_run_config(cfg, 60)
-    assert (run.federation.num_clients, run.federation.clients_per_round, run.federation.canary_clients) == (64, 64, 60)
+    assert (run.federation.num_clients, run.federation.clients_per_round) == (64, 64)
     assert run.secagg.modulus_range >= 4 * run.secagg.quantization_range * 64 == 2**30
     sampled = canary_run_config(_cfg(small_csv, tmp_path, "federation.num_clients=4", "federation.clients_per_round=3",
                                      "secagg=off"), 4)
@@ -117,17 +117,47 @@ def test_audited_run_adds_the_canary_clients_to_the_population(small_csv: tuple[
     assert big.secagg.modulus_range == 2**34, "raised so that the sum of 1,004 quantized updates cannot wrap"
     task, labels = get_task(run.task.name), json.loads(run.data.labels)
     _, parts = simulated_partitions(task, training_examples(run), labels, dataclasses.asdict(run.federation),
-                                    path=run.data.train_path)
+                                    path=run.data.train_path, canary_clients=60)
     assert len(parts) == 4 and sum(len(p) for p in parts) == 60, "the data are split among the 4 owners only"
+
+
+@pytest.mark.parametrize("key", ["canary_clients", "planted_examples"])
+def test_the_canary_settings_are_no_run_config_keys(small_csv: tuple[Path, Path], tmp_path: Path, key: str) -> None:
+    """`veil simulate federation.canary_clients=2` fails as any unknown key does: the audit's settings are
+    arguments of the simulation (AuditPlan), not run-config keys."""
+    unknown = f"Could not override 'federation.{key}'.*Key '{key}' not in 'FederationConfig'"
+    with pytest.raises(ConfigError, match=unknown):
+        _cfg(small_csv, tmp_path, f"federation.{key}=2")
 
 
 def test_simulate_refuses_canary_clients_without_the_audit(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
     from veil.simulation import simulate
+    from veil.task.shards import AuditPlan
 
-    cfg = _cfg(small_csv, tmp_path, "federation.num_clients=4", "federation.canary_clients=2")
-    with pytest.raises(ConfigError, match="set by veil audit only"):
-        simulate(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    cfg = _cfg(small_csv, tmp_path, "federation.num_clients=4")
+    with pytest.raises(ValueError, match="needs the audit's ClientApp factory"):
+        simulate(cfg, tmp_path / "run", audit=AuditPlan(canary_clients=2))
+    with pytest.raises(ValueError, match="fewer than federation.num_clients=4"):
+        simulate(cfg, tmp_path / "run", client_app=lambda *a, **k: None, audit=AuditPlan(canary_clients=4))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_canary_settings_reach_the_simulated_nodes_only_through_their_node_configs(
+        small_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    from veil.client.settings import node_settings
+    from veil.simulation import simulated_node_configs
+    from veil.task.shards import AuditPlan
+
+    cfg = _cfg(small_csv, tmp_path, "federation.num_clients=4")
+    plan = AuditPlan(planted_examples=str(tmp_path / "planted.jsonl"), canary_clients=2)
+    audited, plain = simulated_node_configs(cfg, plan), simulated_node_configs(cfg)
+    for node in range(4):
+        settings = node_settings({"partition-id": node, **audited[node]}, simulation_root=tmp_path)
+        unaudited = node_settings({"partition-id": node, **plain[node]}, simulation_root=tmp_path)
+        assert AuditPlan.of(settings) == plan and AuditPlan.of(unaudited) == AuditPlan()
+    assert {"planted-examples", "canary-clients"}.isdisjoint(plain[0]), "a plain run's node configs are unchanged"
+    with pytest.raises(ConfigError, match="veil audit's simulated nodes only"):  # a deployed owner's node
+        node_settings({"data-path": str(small_csv[0]), "max-epsilon": 1.0, "canary-clients": 2})
 
 
 @pytest.mark.parametrize("included", [True, False])
@@ -143,9 +173,10 @@ def test_canary_node_runs_the_ordinary_release(small_csv: tuple[Path, Path], tmp
     from veil.simulation import simulated_node_configs
     from veil.task import get_task
     from veil.task.model import get_trainable
+    from veil.task.shards import AuditPlan
 
     run = canary_run_config(_cfg(small_csv, tmp_path, "federation.num_clients=3"), 2)
-    flat, nodes, root = to_run_config(run), simulated_node_configs(run), tmp_path / "nodes"
+    flat, nodes, root = to_run_config(run), simulated_node_configs(run, AuditPlan(canary_clients=2)), tmp_path / "nodes"
     canaries = CanaryClients(first_partition=3, seeds=(11, 12), included=(included, True))
     client_fn = canaries.client_fn(make_client_fn(flat, simulation_root=root, simulated_nodes=nodes), flat,
                                    simulation_root=root, simulated_nodes=nodes)

@@ -48,7 +48,7 @@ def test_planted_file_holds_only_included_canaries_and_the_shard_takes_its_own(t
 def test_unreadable_planted_file_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no partition"}\n')
-    with pytest.raises(ConfigError, match="planted_examples"):
+    with pytest.raises(ConfigError, match="planted examples .*bad.jsonl"):
         with_planted(TextExamples(["a"], ["x"]), str(bad), partition=0)
 
 

@@ -198,3 +198,26 @@ def test_a_dp_run_without_a_public_rate_is_refused_alike(pairs: dict[str, tuple[
         seen_a = _visible(cfg, _settings(a, tmp_path / f"none{len(pair)}a.json", **bare), rounds=1)
         seen_b = _visible(cfg, _settings(b, tmp_path / f"none{len(pair)}b.json", **bare), rounds=1)
         assert seen_a == seen_b and seen_a[0][0] == 0 and seen_a[-1] == [], (pair, seen_a)
+
+
+@pytest.mark.parametrize(("run_rate", "cap", "q"), [(0.0, 1.0, None), (0.1, 1.0, 0.1), (0.0, 0.05, 0.05),
+                                                    (0.1, 0.05, 0.05), (0.02, 0.05, 0.02)])
+def test_the_refusal_and_the_rate_read_one_rule(tmp_path: Path, run_rate: float, cap: float, q: float | None) -> None:
+    """The node refuses a sample-level DP run exactly when it would have no public rate, and trains at that rate:
+    the run's federation.sample_rate capped by the owner's --max-sample-rate, either alone (hand-computed ``q``)."""
+    import dataclasses
+
+    from veil.client.floor import PrivacyFloorError, check_run, owner_rate
+    from veil.client.round_plan import owner_sampling
+
+    cfg = _cfg(batch_size=1)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sample_rate=run_rate))
+    settings = _settings(tmp_path / "unused.csv", tmp_path / "ledger.json", max_sample_rate=cap,
+                         require_secagg=False)
+    assert owner_rate(run_rate, cap) == q
+    if q is None:
+        with pytest.raises(PrivacyFloorError, match="no federation.sample_rate"):
+            check_run(settings, cfg)
+    else:
+        check_run(settings, cfg)
+        assert owner_sampling(cfg, settings, rows=1000).sample_rate == q

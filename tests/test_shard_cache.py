@@ -29,9 +29,11 @@ def _cfg(train: Path, test: Path, *, partitioner: str, clients: int) -> VeilConf
     return VeilConfig(data=data, model=model, federation=fed)
 
 
-def _settings(partition: int, clients: int) -> NodeSettings:
+def _settings(partition: int, clients: int, *, planted_examples: str | None = None,
+              canary_clients: int = 0) -> NodeSettings:
     return NodeSettings(data_path=None, text_column=None, label_column=None, max_epsilon=float("inf"),
-                        ledger_path=Path("unused"), device=None, partition_id=partition, num_partitions=clients)
+                        ledger_path=Path("unused"), device=None, partition_id=partition, num_partitions=clients,
+                        planted_examples=planted_examples, canary_clients=canary_clients)
 
 
 def _fresh_shard(cfg: VeilConfig, labels: list[str], partition: int) -> dict[str, torch.Tensor]:
@@ -90,9 +92,33 @@ def test_a_worker_computes_only_the_partitions_it_is_sampled_for(tmp_path: Path)
         shards.client_shard(cfg, _settings(p, clients))
 
     (_examples, parts), = [shards._training_partitions(shards._key(cfg), json.dumps(
-        dataclasses.asdict(cfg.data), sort_keys=True))]
+        dataclasses.asdict(cfg.data), sort_keys=True), 0)]
     assert shards._training_partitions.cache_info().misses == 1
     assert parts.loaded == 3, "client 0 (the partitioner's one-off draw and check) and the two sampled clients"
+
+
+def test_an_audited_shard_is_never_a_plain_runs_cached_one(tmp_path: Path) -> None:
+    """Same run config, same partition: the audit's plan (node config, not run config) is part of the cache key."""
+    clients = 6
+    cfg = _cfg(*_uneven_csv(tmp_path), partitioner="iid", clients=clients)
+    labels = shards.resolve_labels(cfg.data)
+    planted = tmp_path / "planted.jsonl"
+    planted.write_text("".join(json.dumps({"partition": 1, "text": f"canary {i}", "label": "a"}) + "\n"
+                               for i in range(3)), encoding="utf-8")
+    shards._shard_cached.cache_clear()
+    shards._training_partitions.cache_clear()
+
+    plain = shards.client_shard(cfg, _settings(1, clients))
+    with_canaries = shards.client_shard(cfg, _settings(1, clients, planted_examples=str(planted)))
+    beside_canary_clients = shards.client_shard(cfg, _settings(1, clients, canary_clients=2))
+    plain_again = shards.client_shard(cfg, _settings(1, clients))
+
+    assert plain_again is plain
+    assert with_canaries["labels"].shape[0] == plain["labels"].shape[0] + 3, "the three canaries planted in partition 1"
+    split_among_four = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, num_clients=4))
+    want = _fresh_shard(split_among_four, labels, 1)  # reference: 2 canary clients of 6 leave 4 owners
+    assert all(torch.equal(beside_canary_clients[k], want[k]) for k in want)
+    assert beside_canary_clients["labels"].shape[0] != plain["labels"].shape[0]
 
 
 def test_the_tokenizer_is_loaded_once_per_process_and_encodes_like_a_fresh_one() -> None:

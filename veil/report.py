@@ -30,7 +30,8 @@ from veil.errors import VeilError
 log = logging.getLogger("veil")
 
 # Keys that differ between any two runs without being a factor of the study.
-_NOT_FACTORS = {"output_dir", "resume", "data.labels", "federation.planted_examples"}  # the last: each audit's own file
+# The last: each audit's own file, in run directories that `veil audit` wrote before its settings left the run config.
+_NOT_FACTORS = {"output_dir", "resume", "data.labels", "federation.planted_examples"}
 # The privacy axis of the privacy–utility curve: not a line of its own.
 _PRIVACY_AXIS = {"privacy.enabled", "privacy.name", "privacy.target_epsilon", "privacy.noise_multiplier"}
 _PLOTS = {  # file -> (metrics key, y label, title)

@@ -24,10 +24,13 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from veil.preflight import follow_defaults, preflight, resolve_paths_and_labels
 from veil.errors import ConfigError, VeilError
+
+if TYPE_CHECKING:
+    from veil.task.shards import AuditPlan
 
 log = logging.getLogger("veil")
 MAX_ALONE_REPORTED = 20  # banks whose own probe the report shows (one line each); larger populations: none
@@ -117,24 +120,32 @@ class ClientAppFactory(Protocol):
                  simulated_nodes: Mapping[int, Mapping[str, Any]]) -> Any: ...
 
 
-def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | None = None) -> dict[str, Any]:
+def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | None = None,
+             audit: AuditPlan | None = None) -> dict[str, Any]:
     """Run one simulated federation into ``out_dir``; returns the final summary.
 
     ``client_app``: a :class:`ClientAppFactory` for the simulated nodes (Python callers only, never from a config);
     default veil's own ClientApp. ``veil audit`` passes one that builds its canary nodes around the same client
     (:mod:`veil.audit.nodes`), so the canaries' draw reaches the nodes only through Python, and the tests' broken
-    mechanisms enter the same way. ``federation.canary_clients`` needs such a factory: without one it is refused.
+    mechanisms enter the same way. ``audit``: what ``veil audit`` adds to the run (:class:`veil.task.shards.AuditPlan`:
+    planted canary records, canary clients), never part of the run config; the simulated owners learn it from their
+    node configs, the partition table and the probe from here. Canary clients need a ``client_app`` that builds them.
     """
     from omegaconf import OmegaConf
 
     from veil.conf.runconfig import to_run_config, to_veil_config
+    from veil.task.shards import AuditPlan
 
     # (1) compose and validate
     cfg = to_veil_config(dict_cfg)
-    if client_app is None and cfg.federation.canary_clients:
-        raise ConfigError("federation.canary_clients is set by veil audit only (privacy.level=client); drop it")
+    audit = audit or AuditPlan()
+    if audit.canary_clients and (client_app is None or audit.canary_clients >= cfg.federation.num_clients):
+        raise ValueError(f"canary_clients={audit.canary_clients} needs the audit's ClientApp factory and fewer than "
+                         f"federation.num_clients={cfg.federation.num_clients} nodes (veil.audit.clients)")
     # (2) absolute paths (Ray workers may start elsewhere) and one label set for every process
     cfg = resolve_paths_and_labels(cfg, out_dir)
+    if audit.planted_examples:
+        audit = dataclasses.replace(audit, planted_examples=str(Path(audit.planted_examples).resolve()))
     # (3) the resolved config next to the outputs
     if not cfg.resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{out_dir} already holds a run; pick a new hydra.run.dir or continue it with resume={out_dir}")
@@ -145,12 +156,12 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | Non
         write_split(cfg, seed=cfg.federation.seed)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.resolved.yaml")
     flat = to_run_config(cfg)
-    simulated_node_configs(cfg)
+    simulated_node_configs(cfg, audit)
     if cfg.resume:
         from veil.server.checkpoint import check_resumable
 
         check_resumable(cfg, flat)
-    write_partition_table(cfg, out_dir / "partitions.csv")
+    write_partition_table(cfg, out_dir / "partitions.csv", audit=audit)
     if cfg.model.init_from and not cfg.resume:  # each simulated owner's ledger continues the earlier run's
         from veil.server.warm_start import carry_simulated_ledgers
 
@@ -159,7 +170,7 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | Non
     log.info("simulating %d clients x %d rounds (DP %s, SecAgg+ %s) into %s", cfg.federation.num_clients,
              cfg.federation.rounds, "on" if cfg.privacy.enabled else "off", "on" if cfg.secagg.enabled else "off", out_dir)
     # (4) simulate
-    _run_flower(cfg, flat, out_dir, client_app=client_app)
+    _run_flower(cfg, flat, out_dir, client_app=client_app, audit=audit)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise VeilError(f"the simulation in {out_dir} ended without a result; see the log above for the failing step")
@@ -167,7 +178,7 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | Non
     summary["majority_baseline"] = baseline
     from veil.task.probe import banks_alone
 
-    alone = banks_alone(cfg) if cfg.federation.num_clients <= MAX_ALONE_REPORTED else []
+    alone = banks_alone(cfg, audit) if cfg.federation.num_clients <= MAX_ALONE_REPORTED else []
     if alone:
         summary["banks_alone"] = alone
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -193,9 +204,11 @@ def majority_baseline_of(cfg: Any) -> float:
     return get_task(cfg.task.name).baseline(cfg)
 
 
-def write_partition_table(cfg: Any, path: Path, *, top: int = 3, shown: int = 20) -> list[dict[str, Any]]:
+def write_partition_table(cfg: Any, path: Path, *, audit: AuditPlan | None = None, top: int = 3,
+                          shown: int = 20) -> list[dict[str, Any]]:
     """Each simulated client's size and label mix, from the very split the clients make; saved as CSV, and the first
-    ``shown`` rows printed (a population of thousands is read in the file, not on the console)."""
+    ``shown`` rows printed (a population of thousands is read in the file, not on the console). The audit's canary
+    clients (``audit``) hold no data and have no row."""
     import csv
     from collections import Counter
 
@@ -208,7 +221,7 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3, shown: int = 20
     task = get_task(cfg.task.name)
     examples = training_examples(cfg)
     ids, parts = simulated_partitions(task, examples, json.loads(cfg.data.labels), dataclasses.asdict(cfg.federation),
-                                      path=cfg.data.train_path)
+                                      path=cfg.data.train_path, canary_clients=audit.canary_clients if audit else 0)
     labels = task.partition_names(examples, json.loads(cfg.data.labels))
     rows = []
     for client, idx in enumerate(parts):
@@ -231,12 +244,13 @@ def write_partition_table(cfg: Any, path: Path, *, top: int = 3, shown: int = 20
     return rows
 
 
-def simulated_node_configs(cfg: Any) -> SimulatedNodes:
+def simulated_node_configs(cfg: Any, audit: AuditPlan | None = None) -> SimulatedNodes:
     """Per-partition node config of the simulated owners.
 
     In a simulation the researcher is every owner: each simulated node accepts the run's own choices (its δ, plain
     aggregation when secagg=off, central noise when asked, a cohort of clients_per_round for client-level noise
     shares), and its ε budget comes from ``federation.node_max_epsilon``. A real node sets all of these itself.
+    ``audit`` (``veil audit`` only): the planted examples and canary clients every simulated node learns here.
     """
     fed, priv = cfg.federation, cfg.privacy
     policy: dict[str, Any] = {
@@ -246,6 +260,10 @@ def simulated_node_configs(cfg: Any) -> SimulatedNodes:
         # the researcher tolerates the drop-outs the protocol does (a deployed owner's default is 0)
         "max-dropouts": int(cfg.secagg.num_shares - cfg.secagg.reconstruction_threshold),
     }
+    if audit and audit.planted_examples:
+        policy["planted-examples"] = audit.planted_examples
+    if audit and audit.canary_clients:
+        policy["canary-clients"] = audit.canary_clients
     spec = fed.node_max_epsilon.strip()
     try:
         if not spec or ":" not in spec:
@@ -297,7 +315,8 @@ def ray_init_args(address: str) -> dict[str, Any]:
     return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
 
 
-def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_app: ClientAppFactory | None = None) -> None:
+def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_app: ClientAppFactory | None = None,
+                audit: AuditPlan | None = None) -> None:
     from flwr.simulation import run_simulation
 
     from veil.client.app import make_client_app
@@ -310,7 +329,7 @@ def _run_flower(cfg: Any, flat: dict[str, Any], out_dir: Path, *, client_app: Cl
         "init_args": ray_init_args(fed.ray_address),
     }
     app = (client_app or make_client_app)(flat, simulation_root=out_dir / "nodes",
-                                          simulated_nodes=simulated_node_configs(cfg))
+                                          simulated_nodes=simulated_node_configs(cfg, audit))
     sweep_only_addressed_nodes()  # Flower's engine polls only nodes with a message, not all N (veil.flower.patches)
     # warnings off: Ray's and transformers' FutureWarnings about their own next versions are no user's business
     with _flower_log(out_dir / FLOWER_LOG), warnings.catch_warnings():

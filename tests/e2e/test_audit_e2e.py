@@ -1,7 +1,8 @@
 """`veil audit` end to end on a tiny BERT: DP off gives a positive lower bound, DP on is consistent with its
 claim, and a deliberately broken mechanism (noise scaled down, the configured σ booked) is flagged as a
 VIOLATION with a non-zero exit. The audit design for CI size: 128 canaries, 16 guessed in and 16 out, 2 clients,
-3 rounds of 40 full-batch local steps (batch_size above every shard: q = 1) so that a canary is in every step.
+3 rounds (6 for the broken mechanism) of 40 full-batch local steps (batch_size above every shard: q = 1) so
+that a canary is in every step.
 A claim of ε = 0.1 is refuted by 22 right guesses out of 32; without noise the runs measured here got 26-31 with the
 loss score and 24-27 with the record-gradient score (both read from each of three runs). The first two tests use the
 default score, gradient canaries (`--score gradient-canary`, issue 26): on this LoRA/AdamW configuration its control arm passed
@@ -27,17 +28,21 @@ AUDIT = ["--canaries", "128", "--guesses", "16"]
 # guesses it needs 22 right, which a coin-flip score reaches in 2.5% of runs: a test that fails CI by chance). At
 # 99.9% it needs 26 (0.03%); a mechanism that leaks like DP off (26-31 right) still fails it.
 CONSISTENT = ["--confidence", "0.999"]
-# The broken mechanism's audit: with the noise gone, what limits the white-box score is the other records' updates
-# (about 70-75% of its guesses are right). At 128 canaries, 16+16 guesses and a claim of 0.1 the bound needs 22 of 32
-# right, 1.3 standard errors below that rate (one full-suite run fell short). At 256 canaries and a claim of 0.01,
-# eight runs (2026-12-01, scores kept, guesses re-counted): 32+32 guesses need 40 of 64 and got 42-48 (mean 45.6,
-# sd 2.4: ~2.5 sd of margin, ~0.6% of runs would fail); 40+40 need 49 of 80 and got 52-59 (mean 56.3, sd 2.1: ~3.7
-# sd, ~0.01%); 48+48 got 60-68 of 96 (need 57). The noise stays 1e5x too small.
+# The broken mechanism's audit: with the noise gone, what limits the white-box score is the other records' updates.
+# At 128 canaries, 16+16 guesses and a claim of 0.1 the bound needs 22 of 32 right, 1.3 standard errors below its
+# rate (one full-suite run fell short). At 256 canaries, 40+40 guesses and a claim of 0.01 it needs 49 of 80. Over
+# 3 rounds it got 52-59 in eight runs of 2026-12-01, but 50-60 in ten of 2026-12-07, with the audit's settings in the
+# run config and as an AuditPlan alike (mean 55, sd 3; the four beside another test file got 50, 51, 53 and 55), and
+# 47 or fewer once in a loaded CI run (bound 0.0), while the loss score of such runs refuted the claim by far (48-58
+# of 64 at 32+32, need 40): the mechanism ran, the white-box score lacked power. Over 6 rounds (BROKEN_RUN, five runs of 2026-12-07, on 2 cores shared with other work) it got 57-66 of 80
+# (mean 61, sd 4: ~3 sd of margin) and the loss score 74-78 of 80; each round after the first adds a few seconds.
+# The noise stays 1e5x too small.
 BROKEN_AUDIT = ["--canaries", "256", "--guesses", "40", "--control", "off"]  # the control runs in the consistent test
 BROKEN_CLAIM = 0.01
 RUN = ["model=tiny_bert", "federation.batch_size=128", "federation.lr=0.05", "federation.partitioner=iid",
        "federation.local_steps=40", "federation.num_clients=2", "federation.clients_per_round=2",
        "federation.rounds=3", "secagg=off"]
+BROKEN_RUN = [*(o for o in RUN if not o.startswith("federation.rounds=")), "federation.rounds=6"]
 
 
 def _audit_json(run_dir: Path) -> dict[str, object]:
@@ -81,18 +86,22 @@ def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Pat
 
     monkeypatch.setattr(audit, "run_audit", functools.partial(audit.run_audit, client_mods=[broken_noise]))
     run_dir = tmp_path / "broken"
-    code = main(["audit", *BROKEN_AUDIT, "--score", "gradient", *RUN, *data_overrides(*small_csv), "privacy=dp_sgd",
-                 f"privacy.target_epsilon={BROKEN_CLAIM}", f"hydra.run.dir={run_dir}"])
+    code = main(["audit", *BROKEN_AUDIT, "--score", "gradient", *BROKEN_RUN, *data_overrides(*small_csv),
+                 "privacy=dp_sgd", f"privacy.target_epsilon={BROKEN_CLAIM}", f"hydra.run.dir={run_dir}"])
     out = capsys.readouterr()
     doc = _audit_json(run_dir)
-    assert 0 < doc["claimed_epsilon"] <= BROKEN_CLAIM + 1e-6, "the ledgers book the configured σ"
-    assert doc["lower_bound"] > doc["claimed_epsilon"] and doc["verdict"] == "VIOLATION", doc
-    assert code == audit.VIOLATION_EXIT and "verdict VIOLATION" in out.out and "exceeds the claimed epsilon" in out.err
-    assert doc["score"] == audit.SCORES["gradient"]
     rows = [json.loads(line) for line in (run_dir / "audit" / "canaries.jsonl").read_text(encoding="utf-8").splitlines()]
     by_loss = guess_top_bottom(-np.array([r["loss"] for r in rows]), np.array([r["included"] for r in rows]),
-                               k_in=32, k_out=32)
-    assert epsilon_lower_bound(m=by_loss.m, r=by_loss.r, v=by_loss.v, delta=doc["delta"]) > doc["claimed_epsilon"], by_loss
+                               k_in=40, k_out=40)
+    loss_bound = epsilon_lower_bound(m=by_loss.m, r=by_loss.r, v=by_loss.v, delta=doc["delta"])
+    # both scores in every failure message: a loss score far above chance says the mechanism ran (and the white-box
+    # score fell short); both near chance say the broken noise or the canaries never reached the nodes
+    seen = f"white-box {doc['correct']}/{doc['guesses']} right, loss {by_loss.v}/{by_loss.r} (bound {loss_bound:.3f})"
+    assert 0 < doc["claimed_epsilon"] <= BROKEN_CLAIM + 1e-6, "the ledgers book the configured σ"
+    assert doc["lower_bound"] > doc["claimed_epsilon"] and doc["verdict"] == "VIOLATION", (seen, doc)
+    assert code == audit.VIOLATION_EXIT and "verdict VIOLATION" in out.out and "exceeds the claimed epsilon" in out.err
+    assert doc["score"] == audit.SCORES["gradient"]
+    assert loss_bound > doc["claimed_epsilon"], seen
 
 
 

@@ -6,14 +6,15 @@ records (:mod:`veil.audit.gradient`), scored by the published model's change alo
 or ``gradient``, canary records (:mod:`veil.audit.records`): (1) make m canary
 records (random words, random labels) and decide from OS entropy, independently with probability 1/2, which are
 included, each in a random client's data; (2) run the federation with the included canaries planted into the
-simulated clients' shards (``federation.planted_examples``; the node code sees one list of examples, so it cannot
-treat a canary differently); (3) score every canary, black-box by the final published model's loss on it (lower
-loss: more likely trained on; ``--score loss``, what the published model alone reveals) or white-box by each round's
-global update against the canary's gradient (:mod:`veil.audit.whitebox`; ``--score gradient``); (4) guess
-"in" for the k highest scores, "out" for the k lowest, abstain otherwise; (5) turn the
-number of right guesses into the bound of :mod:`veil.privacy.audit_bound` at confidence 1 − β and compare it with
-the ε the nodes' ledgers claim (the largest over nodes). A bound above the claim means the run leaked more than
-its accounting says: a bug. A bound below it proves nothing about privacy: the audit is one weak attack.
+simulated clients' shards (an argument of the simulation, :class:`veil.task.shards.AuditPlan`, never the run
+config; the node code sees one list of examples, so it cannot treat a canary differently); (3) score every canary,
+black-box by the final published model's loss on it (lower loss: more likely trained on; ``--score loss``, what the
+published model alone reveals) or white-box by each round's global update against the canary's gradient
+(:mod:`veil.audit.whitebox`; ``--score gradient``); (4) guess "in" for the k highest scores, "out" for the k lowest,
+abstain otherwise; (5) turn the number of right guesses into the bound of :mod:`veil.privacy.audit_bound` at
+confidence 1 − β and compare it with the ε the nodes' ledgers claim (the largest over nodes). A bound above the claim
+means the run leaked more than its accounting says: a bug. A bound below it proves nothing about privacy: the audit
+is one weak attack.
 
 Every score reads only what the coordinator holds (the final model; every round's aggregate), so the audit runs the
 same with SecAgg+ on or off. One score per audit: the bound holds at its confidence for the score chosen before the
@@ -80,9 +81,6 @@ def _check(cfg: Any, *, canaries: int, guesses: int, confidence: float, score: s
     if score not in LEVEL_SCORES.get(level, ()):
         raise ConfigError(f"--score={score} is invalid for privacy.level={level}: expected "
                           f"{' or '.join(LEVEL_SCORES.get(level, ()))}")
-    if cfg.federation.planted_examples or cfg.federation.canary_clients:
-        raise ConfigError("federation.planted_examples and federation.canary_clients are written by veil audit; "
-                          "drop them from the overrides")
     if cfg.resume:
         raise ConfigError("veil audit runs a fresh federation; drop resume=")
     if not 0 < 2 * guesses <= canaries:

@@ -160,7 +160,8 @@ def published_scores(cfg: VeilConfig, labels: list[str], out_dir: Path, seeds: S
 
 
 def canary_run_config(cfg: VeilConfig, count: int) -> VeilConfig:
-    """The audited run: the data owners plus ``count`` canary clients, sampled at the owners' rate.
+    """The audited run: the data owners plus ``count`` canary clients (the last nodes; the simulation learns which
+    from ``AuditPlan(canary_clients=count)``, never from this config), sampled at the owners' rate.
 
     ``clients_per_round`` grows in proportion (all when it was all), so a canary is sampled as often as an owner
     and the noise shares (sized by the cohort) still add up to z·S; SecAgg+'s modulus is raised when the larger
@@ -174,7 +175,7 @@ def canary_run_config(cfg: VeilConfig, count: int) -> VeilConfig:
         modulus = 1 << math.ceil(math.log2(4 * sa.quantization_range * per_round))
         log.info("audit: secagg.modulus_range raised to %d for %d clients per round", modulus, per_round)
         sa = dataclasses.replace(sa, modulus_range=modulus)
-    fed = dataclasses.replace(fed, num_clients=population, clients_per_round=per_round, canary_clients=count)
+    fed = dataclasses.replace(fed, num_clients=population, clients_per_round=per_round)
     return dataclasses.replace(cfg, federation=fed, secagg=sa).validate()
 
 
@@ -196,17 +197,18 @@ def run_client_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.audit.nodes import audited_client_app
     from veil.simulation import simulate
+    from veil.task.shards import AuditPlan
 
     labels: list[str] = json.loads(cfg.data.labels)
     drawn = draw_canary_clients(count=canaries, first_partition=cfg.federation.num_clients, rng=rng)
     run_cfg = canary_run_config(cfg, canaries)
     log.info("audit: %d canary clients (%d send their direction) beside %d data owners, %d clients per round",
              canaries, sum(drawn.included), cfg.federation.num_clients, run_cfg.federation.clients_per_round)
-    fed = run_cfg.federation
-    if fed.canary_clients != len(drawn) or drawn.first_partition != fed.num_clients - len(drawn):
+    if drawn.first_partition != run_cfg.federation.num_clients - len(drawn):
         raise ValueError(f"canary clients start at node {drawn.first_partition} and number {len(drawn)}, not "
-                         f"{fed.num_clients - fed.canary_clients} and {fed.canary_clients}")
-    simulate(run_cfg, out_dir, client_app=audited_client_app(canaries=drawn, client_mods=client_mods))
+                         f"{run_cfg.federation.num_clients - len(drawn)} and {len(drawn)}")
+    simulate(run_cfg, out_dir, client_app=audited_client_app(canaries=drawn, client_mods=client_mods),
+             audit=AuditPlan(canary_clients=len(drawn)))
     scores = published_scores(run_cfg, labels, out_dir, drawn.seeds)
     included = np.array(drawn.included)
     result = guess_top_bottom(scores, included, k_in=guesses, k_out=guesses)

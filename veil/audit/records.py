@@ -3,7 +3,9 @@
 Steinke, Nasr and Jagielski (NeurIPS 2023, arXiv:2305.08846), the black-box form: (1) make m canary records (random
 words, random labels) and decide from OS entropy, independently with probability 1/2, which are included, each in a
 random client's data; (2) run the federation with the included canaries planted into the simulated clients' shards
-(``federation.planted_examples``; the node code sees one list of examples, so it cannot treat a canary differently);
+(:attr:`veil.task.shards.AuditPlan.planted_examples`, an argument of the simulation that the simulated nodes learn
+from their node configs, never the run config; the node code sees one list of examples, so it cannot treat a canary
+differently);
 (3) score every canary by the final published model's loss on it (lower loss: more likely trained on; what the
 published model alone reveals) or, white-box, by each round's global update against the canary's gradient
 (:mod:`veil.audit.whitebox`). Guesses and the bound: :mod:`veil.privacy.audit_bound`; the whole procedure and the
@@ -12,7 +14,6 @@ other kinds of canary: :mod:`veil.audit.cli`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import secrets
@@ -110,6 +111,7 @@ def run_record_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
     from veil.audit.nodes import audited_client_app
     from veil.simulation import simulate
+    from veil.task.shards import AuditPlan
 
     labels: list[str] = json.loads(cfg.data.labels)
     drawn = make_canaries(count=canaries, labels=labels, vocabulary=canary_vocabulary(cfg),
@@ -117,10 +119,10 @@ def run_record_audit(cfg: Any, out_dir: Path, *, canaries: int, guesses: int, co
     planted = out_dir / "audit" / "planted.jsonl"
     planted.parent.mkdir(parents=True, exist_ok=True)
     write_planted(drawn, planted)
-    run_cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, planted_examples=str(planted)))
     log.info("audit: %d canaries, %d planted in %d clients' data", canaries, int(drawn.included.sum()),
              cfg.federation.num_clients)
-    simulate(run_cfg, out_dir, client_app=audited_client_app(client_mods=client_mods))
+    simulate(cfg, out_dir, client_app=audited_client_app(client_mods=client_mods),
+             audit=AuditPlan(planted_examples=str(planted)))
     losses = canary_losses(cfg, labels, out_dir, drawn)
     scores = -losses
     if score == "gradient":

@@ -23,7 +23,7 @@ from typing import Any
 
 from veil.errors import PrivacyBudgetExhausted
 
-__all__ = ["PrivacyFloorError", "check_delta", "check_round", "check_run", "has_floor"]
+__all__ = ["PrivacyFloorError", "check_delta", "check_round", "check_run", "has_floor", "owner_rate"]
 
 
 class PrivacyFloorError(PrivacyBudgetExhausted):
@@ -43,6 +43,14 @@ def has_floor(settings: Any) -> bool:
     """True when the owner set any privacy limit (finite ε budget, σ minimum or q cap)."""
     max_eps, min_sigma, max_q = _limits(settings)
     return math.isfinite(max_eps) or min_sigma > 0 or max_q < 1.0
+
+
+def owner_rate(run_rate: float, owner_cap: float) -> float | None:
+    """A deployed node's Poisson rate q: the run's ``federation.sample_rate`` (> 0) capped by the owner's
+    ``--max-sample-rate`` (< 1), either alone when the other is unset; None when neither is set. The one rule both
+    :func:`check_run` (is there a public rate?) and :mod:`veil.client.round_plan` (which rate?) read."""
+    given = [r for r in (run_rate if run_rate > 0 else None, owner_cap if owner_cap < 1.0 else None) if r is not None]
+    return min(given) if given else None
 
 
 def check_round(settings: Any, *, noise_multiplier: float, sample_rate: float) -> None:
@@ -111,7 +119,7 @@ def check_run(settings: Any, cfg: Any) -> None:
         if cfg.model.tiny and not getattr(settings, "allow_test_model", False):
             _refuse("the run asks for model.tiny (a test model built in code); this node loads only its owner's "
                     "model (--model DIR): ask the operator for a real model, or pass --allow-test-model (tests only)")
-        public_rate = cfg.federation.sample_rate > 0 or float(getattr(settings, "max_sample_rate", 1.0)) < 1.0
+        public_rate = owner_rate(cfg.federation.sample_rate, _limits(settings)[2]) is not None
         if priv.enabled and priv.level == "sample" and not public_rate:
             _refuse("the run sets no federation.sample_rate and this node has no --max-sample-rate, so its sampling "
                     "rate, hence when its budget runs out, would follow its data size; ask the operator for "

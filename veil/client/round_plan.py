@@ -6,9 +6,9 @@ the owner's file *when the node started* (the default δ and the expected batch)
 set selects (review 2026-12-07, N1). Where the data used to set a threshold, the node clamps instead of refusing:
 
 * q is the run's ``federation.sample_rate`` capped by the owner's ``--max-sample-rate`` (either alone when the
-  other is unset; a run with neither is refused, :mod:`veil.client.floor`): both are public numbers, so the ledger's
-  ε, and with it whether the budget lets the node train, depends on q, σ and the steps alone, never on N (the
-  expected batch is q·N instead);
+  other is unset; a run with neither is refused; one rule for both: :func:`veil.client.floor.owner_rate`): both are
+  public numbers, so the ledger's ε, and with it whether the budget lets the node train, depends on q, σ and the
+  steps alone, never on N (the expected batch is q·N instead);
 * σ is the run's (or the one calibrated to its target ε, at this q, over the run's planned steps), raised to fit
   what the ledger leaves, and never below the owner's ``--min-noise-multiplier``;
 * δ is the owner's ``--delta``, else 1e-5 (``veil client`` refuses to start without ``--delta`` on a file of more
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.client.floor import check_round
+from veil.client.floor import check_round, owner_rate
 from veil.client.settings import NodeSettings
 from veil.client.trainer import LocalPlan, sample_rate_for, steps_for
 from veil.conf.schema import DataConfig, VeilConfig
@@ -80,13 +80,6 @@ def owner_sampling(cfg: VeilConfig, settings: NodeSettings, *, rows: int) -> Sam
     steps = steps_for(local_epochs=fed.local_epochs, local_steps=fed.local_steps, sample_rate=q)
     return Sampling(sample_rate=q, steps=steps, expected_batch_size=max(1, round(q * rows)),
                     delta=settings.owner_delta(rows))
-
-
-def owner_rate(run_rate: float, owner_cap: float) -> float | None:
-    """A deployed node's Poisson rate: the run's ``federation.sample_rate`` (> 0) capped by the owner's
-    ``--max-sample-rate`` (< 1), either alone when the other is unset; None when neither is set."""
-    given = [r for r in (run_rate if run_rate > 0 else None, owner_cap if owner_cap < 1.0 else None) if r is not None]
-    return min(given) if given else None
 
 
 def shard_sampling(cfg: VeilConfig, settings: NodeSettings, *, examples: int) -> Sampling:

@@ -36,6 +36,9 @@ DATA_ROWS = "data-rows"  # rows of the data file when the node started (fixes th
 DP_ENGINE = "dp-engine"  # the owner's DP engine: auto | hooks | bk (never the run's privacy.grad_sample_mode)
 REPLY_AFTER = "reply-after"  # seconds after a training instruction at which the reply leaves (veil/client/reply_time.py)
 ALLOW_TEST_MODEL = "allow-test-model"  # tests only: accept runs with model.tiny (a model built in code, not --model)
+# Simulation only, set by the launcher for `veil audit` (veil.task.shards.AuditPlan); a deployed node refuses them
+PLANTED_EXAMPLES = "planted-examples"  # a JSONL of canary records this simulated owner mixes into its partition
+CANARY_CLIENTS = "canary-clients"  # the last N simulated nodes are canary clients: the file is split among the rest
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 NUM_PARTITIONS = "num-partitions"
 
@@ -72,6 +75,8 @@ class NodeSettings:
     text_only: bool = False  # --label-column '': a text-only file; classification runs are refused (review N7)
     allow_test_model: bool = False  # tests only: model.tiny runs accepted (otherwise refused: review N8)
     reply_after: float = 0.0  # hold each training reply this many seconds after the instruction (0: not held; N6)
+    planted_examples: str | None = None  # simulation only: veil audit's canary records (veil/task/shards.py)
+    canary_clients: int = 0  # simulation only: veil audit's canary clients, the last nodes, hold no data
 
     @property
     def simulated(self) -> bool:
@@ -127,6 +132,12 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
     if engine not in ("auto", "hooks", "bk"):
         raise ConfigError(f"node config {DP_ENGINE}={engine!r} is invalid: expected auto, hooks or bk")
     reply_after = _reply_after(node_config.get(REPLY_AFTER, 0.0))
+    planted, canary_clients = _opt_str(node_config.get(PLANTED_EXAMPLES)), int(node_config.get(CANARY_CLIENTS, 0))
+    if data_path is not None and (planted is not None or canary_clients):
+        raise ConfigError(f"node config {PLANTED_EXAMPLES} and {CANARY_CLIENTS} are for veil audit's simulated nodes "
+                          "only; drop them from this node's config")
+    if canary_clients < 0:
+        raise ConfigError(f"node config {CANARY_CLIENTS}={canary_clients} is invalid: expected an integer >= 0")
     rows = node_config.get(DATA_ROWS)
     return NodeSettings(
         data_path=None if data_path is None else str(data_path),
@@ -153,6 +164,8 @@ def node_settings(node_config: dict[str, Any], *, simulation_root: Path | None =
         text_only=node_config.get(LABEL_COLUMN) == "",
         allow_test_model=_flag(node_config, ALLOW_TEST_MODEL),
         reply_after=reply_after,
+        planted_examples=planted,
+        canary_clients=canary_clients,
     )
 
 

@@ -227,14 +227,6 @@ class FederationConfig:
     # every node, or "ID:EPS,ID:EPS" by partition id (quote it on the command line: '0:1.5,3:2').
     # Empty: no budget. A real node sets --max-epsilon itself.
     node_max_epsilon: str = ""
-    # Simulation only, written by `veil audit`: a JSONL file of extra examples ({"partition", "text", "label"})
-    # that each simulated client adds to its partition (the audit's canaries). Empty: none. A real node trains
-    # on its own data file only and ignores it.
-    planted_examples: str = ""
-    # Simulation only, written by `veil audit` at client level: the last canary_clients of the num_clients simulated
-    # nodes are the audit's canary clients (veil/audit/clients.py), not data owners; the training file is
-    # split among the first num_clients - canary_clients. 0: none. `veil simulate` refuses it without `veil audit`.
-    canary_clients: int = 0
 
 
 @dataclass
@@ -284,10 +276,6 @@ class VeilConfig:
         if isinstance(fed.sample_rate, bool) or not (isinstance(fed.sample_rate, (int, float))
                                                     and 0 <= fed.sample_rate <= 1):
             _bad("federation.sample_rate", fed.sample_rate, "a number in (0, 1] (0: unset)")
-        if isinstance(fed.canary_clients, bool) or not isinstance(fed.canary_clients, int) or not (
-                0 <= fed.canary_clients < fed.num_clients):
-            _bad("federation.canary_clients", fed.canary_clients, f"an integer in [0, federation.num_clients="
-                 f"{fed.num_clients}) (set by veil audit only)")
         if fed.clients_per_round > fed.num_clients:
             _bad("federation.clients_per_round", fed.clients_per_round, f"at most federation.num_clients={fed.num_clients}")
         _choice("federation.optimizer", fed.optimizer, CLIENT_OPTIMIZERS)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from veil.conf.schema import VeilConfig
+from veil.task.shards import AuditPlan, client_shard, eval_split
 
 PROBE_C = 10.0  # inverse L2 strength; chosen on the validation split (docs/benchmarks.md, head_study)
 
@@ -50,22 +51,27 @@ class _SimulatedBank:
     text_column: str | None = None
     label_column: str | None = None
     simulated: bool = True
+    planted_examples: str | None = None
+    canary_clients: int = 0
 
 
-def banks_alone(cfg: VeilConfig) -> list[dict[str, float]]:
+def banks_alone(cfg: VeilConfig, audit: AuditPlan | None = None) -> list[dict[str, float]]:
     """Simulation only: each simulated bank's own non-private probe on its own share's features, scored on the
     run's evaluation split: ``[{"bank": i, "examples": n, "accuracy": a}, ...]``. Empty unless the run trains a
-    head on cached features (``model.tuning=head``), where the features are at hand."""
+    head on cached features (``model.tuning=head``), where the features are at hand. ``audit``: the simulation's
+    :class:`veil.task.shards.AuditPlan` (its canary clients are no banks; a bank's share holds what was planted in
+    it, as the node's does)."""
     from veil.task.model import uses_features
-    from veil.task.shards import client_shard, eval_split
 
     if cfg.task.name != "classification" or not uses_features(cfg.model):
         return []
-    evaluation = eval_split(cfg)
-    owners = cfg.federation.num_clients - cfg.federation.canary_clients
+    evaluation, audit = eval_split(cfg), audit or AuditPlan()
+    owners = cfg.federation.num_clients - audit.canary_clients
     rows = []
     for bank in range(owners):
-        shard = client_shard(cfg, _SimulatedBank(bank, cfg.federation.num_clients))
+        shard = client_shard(cfg, _SimulatedBank(bank, cfg.federation.num_clients,
+                                                 planted_examples=audit.planted_examples or None,
+                                                 canary_clients=audit.canary_clients))
         rows.append({"bank": bank, "examples": int(shard["labels"].shape[0]),
                      "accuracy": probe_accuracy(shard, evaluation)})
     return rows

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,6 +51,35 @@ class ShardSource(Protocol):
     def num_partitions(self) -> int | None: ...
     @property
     def simulated(self) -> bool: ...
+    @property
+    def planted_examples(self) -> str | None: ...  # simulation only: veil audit's planted examples (AuditPlan)
+    @property
+    def canary_clients(self) -> int: ...  # simulation only: veil audit's canary clients (AuditPlan)
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What ``veil audit`` adds to a simulated federation, beside (never in) the run config: a Python argument of
+    :func:`veil.simulation.simulate`, which hands it to the simulated nodes in their node configs
+    (``veil.client.settings.NodeSettings``) and to the launcher's partition table and probe. Default: no audit.
+
+    ``planted_examples``: a JSONL file of canary records (``{"partition", "text", "label"}``, :func:`with_planted`)
+    that each simulated owner mixes into its partition (sample level). ``canary_clients``: the last
+    ``canary_clients`` of the ``federation.num_clients`` simulated nodes are the audit's canary clients
+    (:mod:`veil.audit.clients`), holding no data: the training file is split among the others (client level).
+    """
+
+    planted_examples: str = ""
+    canary_clients: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.canary_clients, bool) or not isinstance(self.canary_clients, int) or self.canary_clients < 0:
+            raise ValueError(f"canary_clients={self.canary_clients!r} is invalid: expected an integer >= 0")
+
+    @classmethod
+    def of(cls, source: ShardSource) -> AuditPlan:
+        """The plan as a simulated node's settings carry it."""
+        return cls(planted_examples=source.planted_examples or "", canary_clients=int(source.canary_clients))
 
 
 log = logging.getLogger("veil.task")
@@ -101,15 +131,16 @@ def eval_split(cfg: VeilConfig) -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=32)
-def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partition: int | None) -> dict[str, torch.Tensor]:
+def _shard_cached(flat_json: str, data_json: str, data_path: str | None, partition: int | None,
+                  audit: AuditPlan) -> dict[str, torch.Tensor]:
     cfg = _cfg(flat_json)
     data = DataConfig(**json.loads(data_json))
     task, labels = get_task(cfg.task.name), run_labels(cfg)
     if data_path is None:  # simulation: this partition of the run's training file (read and split once per worker)
-        examples, parts = _training_partitions(flat_json, data_json)
+        examples, parts = _training_partitions(flat_json, data_json, audit.canary_clients)
         mine = examples.subset(parts[int(partition or 0)])
-        if cfg.federation.planted_examples:  # veil audit's canaries (simulation only)
-            mine = with_planted(mine, cfg.federation.planted_examples, partition=int(partition or 0))
+        if audit.planted_examples:  # veil audit's canaries (simulation only)
+            mine = with_planted(mine, audit.planted_examples, partition=int(partition or 0))
             return task.tensors(mine, labels, cfg, path=data.train_path)
         return _simulated_features(cfg, int(partition or 0),
                                    lambda: task.tensors(mine, labels, cfg, path=data.train_path))
@@ -145,7 +176,7 @@ def _simulated_features(cfg: VeilConfig, partition: int, compute: Any) -> dict[s
 
 
 @functools.lru_cache(maxsize=2)
-def _training_partitions(flat_json: str, data_json: str) -> tuple[Examples, Partitions]:
+def _training_partitions(flat_json: str, data_json: str, canary_clients: int) -> tuple[Examples, Partitions]:
     """The run's training examples and every simulated client's indices, split once per worker process (each client's
     indices computed when that client is first sampled here: :mod:`veil.task.partition`)."""
     cfg = _cfg(flat_json)
@@ -153,24 +184,25 @@ def _training_partitions(flat_json: str, data_json: str) -> tuple[Examples, Part
     task = get_task(cfg.task.name)
     examples = training_examples(cfg, data)
     _ids, parts = simulated_partitions(task, examples, run_labels(cfg), dataclasses.asdict(cfg.federation),
-                                       path=data.train_path)
+                                       path=data.train_path, canary_clients=canary_clients)
     return examples, parts
 
 
 def with_planted(examples: Examples, path: str, *, partition: int) -> TextExamples:
-    """The seam for ``veil audit`` (simulation only): this partition's examples plus the ones planted for it in
-    ``path`` (JSONL of ``{"partition", "text", "label"}``), shuffled together in an order drawn from OS entropy,
-    so the training code sees one list of examples and cannot tell a planted one by its place."""
+    """The seam for ``veil audit`` (simulation only, :attr:`AuditPlan.planted_examples`): this partition's examples
+    plus the ones planted for it in ``path`` (JSONL of ``{"partition", "text", "label"}``), shuffled together in an
+    order drawn from OS entropy, so the training code sees one list of examples and cannot tell a planted one by its
+    place."""
     import secrets
     from pathlib import Path
 
     if not isinstance(examples, TextExamples):
-        raise ConfigError("federation.planted_examples needs task=classification (veil audit plants labelled texts)")
+        raise ConfigError("planted examples need task=classification (veil audit plants labelled texts)")
     try:
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         planted = [(str(r["text"]), str(r["label"])) for r in rows if int(r["partition"]) == partition]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"federation.planted_examples={path} is not a readable JSONL of planted examples ({err})") from err
+        raise ConfigError(f"planted examples {path} are not a readable JSONL of planted examples ({err})") from err
     texts, labels = [*examples.texts, *(t for t, _ in planted)], [*examples.labels, *(lab for _, lab in planted)]
     order = np.random.default_rng(secrets.randbits(128)).permutation(len(texts))
     return TextExamples([texts[i] for i in order], [labels[i] for i in order])
@@ -201,13 +233,14 @@ def node_labels(cfg: VeilConfig, settings: ShardSource) -> list[str]:
 
 
 def simulated_partitions(task: Task, examples: Examples, labels: list[str], fed: Mapping[str, Any], *,
-                         path: str) -> tuple[np.ndarray, Partitions]:
+                         path: str, canary_clients: int = 0) -> tuple[np.ndarray, Partitions]:
     """Partition ids of the training file and each simulated client's example indices (the one split every process
     computes: the clients for their shard, the launcher for its partition table). The audit's canary clients
-    (``canary_clients``, the last nodes) hold no data: the file is split among the others."""
+    (:attr:`AuditPlan.canary_clients`, the last nodes) hold no data: the file is split among the others."""
     ids = task.partition_ids(examples, labels, path=path)
     return ids, partition_indices(
-        ids, num_partitions=int(fed["num_clients"]) - int(fed.get("canary_clients", 0)), partitioner=str(fed["partitioner"]), alpha=float(fed["alpha"]),
+        ids, num_partitions=int(fed["num_clients"]) - canary_clients, partitioner=str(fed["partitioner"]),
+        alpha=float(fed["alpha"]),
         seed=int(fed["seed"]), min_partition_size=int(fed["min_partition_size"]),
         classes_per_client=int(fed.get("classes_per_client", 2)),
     )
@@ -228,7 +261,7 @@ def client_shard(cfg: VeilConfig, settings: ShardSource) -> dict[str, torch.Tens
             f"the simulation has {settings.num_partitions} nodes but federation.num_clients={cfg.federation.num_clients}"
         )
     return _shard_cached(_key(cfg), json.dumps(dataclasses.asdict(data), sort_keys=True), settings.data_path,
-                         settings.partition_id)
+                         settings.partition_id, AuditPlan.of(settings))
 
 
 def _key(cfg: VeilConfig) -> str:
