@@ -187,21 +187,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     limit = DEFAULT_POLL_INTERVAL
     if args[:1] == ["--poll-interval"]:
         limit, args = float(args[1]), args[2:]
-    if args[:1] == ["--"]:
-        args = args[1:]
-    try:
+    def apply() -> None:
         cap_supernode_sleeps(limit)
         shorten_object_pull_backoff()
         short_node_heartbeat()  # a killed node is offline after 20 s, not 60 (veil.flower.sessions, fix 2)
         patient_activation()  # a restarted node waits out its own stale session instead of exiting (fix 1)
         clean_stale_receive()  # a message of a run that ended mid-pull is dropped, not left to wedge the node (fix 5)
+
+    run_patched("flower-supernode", args, apply, "flwr.supernode.cli:flower_supernode")
+
+
+def run_patched(program: str, args: list[str], apply: Callable[[], object], entry: str) -> None:
+    """Apply ``apply``'s patches, then run Flower's CLI ``entry`` ("module:function", imported only after the
+    patches) as ``program`` with ``args`` (after an optional ``--``); a Flower release the patches were not tested
+    with ends in one line and its exit code."""
+    if args[:1] == ["--"]:
+        args = args[1:]
+    try:
+        apply()
     except FlowerVersionError as err:
         print(f"veil: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv = ["flower-supernode", *args]
-    flower_supernode()
+    module, function = entry.split(":")
+    sys.argv = [program, *args]
+    getattr(importlib.import_module(module), function)()
 
 
 if __name__ == "__main__":

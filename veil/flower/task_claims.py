@@ -83,17 +83,9 @@ def patient_task_claims(window: float = START_WINDOW) -> type:
 def main(argv: Sequence[str] | None = None) -> None:
     """``flower-superlink``'s own arguments (after an optional ``--``), with :func:`patient_task_claims` applied."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--"]:
-        args = args[1:]
-    try:
-        patient_task_claims()
-    except FlowerVersionError as err:
-        print(f"veil: error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
-    from flwr.superlink.cli import flower_superlink
+    from veil.flower.patches import run_patched
 
-    sys.argv = ["flower-superlink", *args]
-    flower_superlink()
+    run_patched("flower-superlink", args, patient_task_claims, "flwr.superlink.cli:flower_superlink")
 
 
 if __name__ == "__main__":
