@@ -58,7 +58,8 @@ def _label_name_features(args: argparse.Namespace, labels: list[str]) -> torch.T
 def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, bias: torch.Tensor, *,
              epsilon: float, lr: float, clip: float, rounds: int, steps: int, batch: int, seed: int,
              decay: float = 0.0, lr_noise_ref: float = 0.0, ema: float = 0.0,
-             local_avg: bool = False, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             local_avg: bool = False, shared: bool = False,
+             momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The global head after ``rounds`` of local DP-SGD on every shard (``epsilon`` 0: no DP).
 
     ``ema`` > 0: the published head is the exponential moving average (weight ``ema`` on the past) of the global
@@ -67,6 +68,7 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
     gen = torch.Generator().manual_seed(seed)
     weight0, bias0 = weight.clone(), bias.clone()
     avg_w, avg_b = weight.clone(), bias.clone()
+    mom_w, mom_b = torch.zeros_like(weight), torch.zeros_like(bias)
     sigmas = [_sigma(epsilon, min(1.0, batch / len(y)), rounds * steps) if epsilon else 0.0 for _x, y in shards]
     rate = batch * len(shards) / sum(len(y) for _x, y in shards)  # shared: the run's public q (B / mean bank size)
     if shared:  # privacy.share_noise: one step a round, q and divisor public, each bank adds sigma/sqrt(M)
@@ -99,7 +101,8 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
                 w, b = sum_w / steps, sum_b / steps
             d_w += (w - weight) / len(shards)
             d_b += (b - bias) / len(shards)
-        weight, bias = weight + d_w, bias + d_b
+        mom_w, mom_b = momentum * mom_w + d_w, momentum * mom_b + d_b
+        weight, bias = weight + mom_w, bias + mom_b
         avg_w, avg_b = ema * avg_w + (1 - ema) * weight, ema * avg_b + (1 - ema) * bias
     return (avg_w, avg_b) if ema else (weight, bias)
 
@@ -181,7 +184,8 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
                     w, b = federate(shards, init_w.clone(), model.head.bias.detach().clone(),
                                     epsilon=eps, lr=lr, clip=args.clip, rounds=args.rounds, steps=args.steps,
                                     batch=args.batch, seed=seed, decay=args.decay, lr_noise_ref=ref,
-                                    ema=ema, local_avg=args.local_avg, shared=args.shared)
+                                    ema=ema, local_avg=args.local_avg, shared=args.shared,
+                                    momentum=args.momentum)
                     accs.append(float(((val_in @ w.T + b).argmax(dim=1) == val_y).float().mean()))
                 what = ("none" if scale == 0 else f"{center} x {scale:g}") + ("" if kind == "none" else f", {kind}")
                 rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}" + (f" × min(1, {ref:g}/σ)" if ref else "") + (f", EMA {ema:g}" if ema else ""),
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr-noise-refs", default="0", help="comma list of federation.lr_noise_ref values (0: off)")
     ap.add_argument("--decay", type=float, default=0.0, help="per-step shrinkage toward the label-name head (× lr)")
     ap.add_argument("--emas", default="0", help="comma list: EMA weight of the published head over rounds (0: last)")
+    ap.add_argument("--momentum", type=float, default=0.0, help="server heavy-ball momentum (fedavgm, server lr 1)")
     ap.add_argument("--local-avg", action="store_true", help="each bank sends the mean of its local iterates")
     ap.add_argument("--shared", action="store_true",
                     help="privacy.share_noise: one step a round (--steps 1), q = B / mean bank size, divisor B, "

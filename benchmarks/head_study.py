@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +31,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from benchmarks.common import machine_info, now, pick_device, report
 from benchmarks.utility_study import TEST, TRAIN, carve_validation
-from veil.client.round_plan import noise_scaled_lr
-from veil.client.trainer import LocalPlan, sample_rate_for, train_round
+from veil.client.budget import book, plan_round
+from veil.client.round_plan import shard_sampling
+from veil.client.settings import NodeSettings
+from veil.client.trainer import train_round
 from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, SecAggConfig, VeilConfig
-from veil.privacy.calibration import calibrate_noise_multiplier, shared_noise_sigma
 from veil.strategies.factory import make_strategy
 from veil.task import get_task
 from veil.task.data import read_examples
@@ -45,54 +47,54 @@ TASK = get_task("classification")
 
 
 def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, epsilon: float | None, rounds: int,
-            steps: int, batch: int) -> VeilConfig:
+            steps: int, batch: int, sample_rate: float = 0.0) -> VeilConfig:
+    """The run config of one arm; ``--share-noise`` with DP on sets ``privacy.share_noise`` (and SecAgg+, which it
+    needs: described, not run here)."""
+    shared = args.share_noise and epsilon is not None
     model = ModelConfig(tuning="head", path=args.model_path, source=args.source, pooling=args.pooling,
                         max_length=args.max_length, feature_center=args.feature_center,
                         feature_scale=args.feature_scale)
     fed = FederationConfig(num_clients=args.banks, rounds=rounds, local_steps=steps, batch_size=batch, lr=lr,
                            optimizer=args.optimizer, alpha=args.alpha, lr_noise_ref=args.lr_noise_ref,
-                           sample_rate=args.sample_rate)
-    priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip)
-    return VeilConfig(model=model, federation=fed, privacy=priv, secagg=SecAggConfig(enabled=False),
+                           sample_rate=sample_rate or args.sample_rate)
+    priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip,
+                         share_noise=shared)
+    return VeilConfig(model=model, federation=fed, privacy=priv, secagg=SecAggConfig(enabled=shared),
                       data=DataConfig(train_path=str(train), test_path=str(TEST))).validate()
 
 
 def federate(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], template: torch.nn.Module,
-             splits: dict[str, dict[str, torch.Tensor]], *, shared: bool = False) -> dict[str, float]:
+             splits: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
     """veil's rounds in one process (see the module docstring); the global head's accuracy on each split.
 
-    ``shared``: ``privacy.share_noise`` as every bank's node plans it (:func:`veil.client.round_plan.
-    plan_sample_level`): one SGD step a round at the run's public q, each bank adding σ/sqrt(banks) of the run's σ
-    (:func:`veil.privacy.calibration.shared_noise_sigma`), every noisy sum divided by the run's batch size, the lr
-    from the run's σ. (SecAgg+ is off in this in-process replica, so the flag is not set in ``cfg``.)"""
-    fed, priv = cfg.federation, cfg.privacy
+    Each bank plans and books its round as a simulated node does (:func:`veil.client.budget.plan_round` on its own
+    ledger, with :func:`veil.client.round_plan.shard_sampling`): σ, q, the divisor of each noisy sum, the lr, and
+    with ``privacy.share_noise`` one SGD step a round adding σ/sqrt(banks) of the run's σ (``--min-cohort`` = the
+    number of banks). Without DP, veil's plain plan (a batch of ``federation.batch_size`` a step). SecAgg+ is
+    described by ``cfg`` (shared noise needs it) but not run: the strategy sums the updates in clear."""
     strategy = make_strategy(cfg, initial=get_trainable(template))
-    sigmas = [calibrate_noise_multiplier(target_epsilon=priv.target_epsilon, delta=priv.delta,
-                                         sample_rate=sample_rate_for(batch_size=fed.batch_size,
-                                                                     examples=int(s["labels"].shape[0])),
-                                         steps=fed.local_steps * fed.rounds, accountant=priv.accountant)
-              if priv.enabled and not shared else 0.0 for s in shards]
-    run_sigma, rate = 0.0, None
-    if shared:
-        rate = fed.sample_rate
-        run_sigma = shared_noise_sigma(cfg) if priv.enabled else 0.0
-        sigmas = [run_sigma / len(shards) ** 0.5] * len(shards)
-    for rnd in range(1, fed.rounds + 1):
-        results = []
-        for cid, (shard, sigma) in enumerate(zip(shards, sigmas, strict=True)):
-            lr = noise_scaled_lr(fed.lr, sigma=run_sigma if shared else sigma, ref=fed.lr_noise_ref) \
-                if priv.enabled else fed.lr
-            plan = LocalPlan(steps=fed.local_steps, batch_size=fed.batch_size, lr=lr, private=priv.enabled,
-                             noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, optimizer=fed.optimizer,
-                             sample_rate=rate, expected_batch_size=fed.batch_size if shared else None)
-            res = train_round(template, strategy.global_arrays, shard, plan=plan, device=torch.device("cpu"),
-                              seed=rnd * 1_009 + cid, task=TASK)
-            results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
-        strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
+    sigmas: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="veil-head-ledgers-") as tmp:
+        nodes = [NodeSettings(data_path=None, text_column=None, label_column=None, max_epsilon=math.inf,
+                              ledger_path=Path(tmp) / f"bank-{i}.json", device=None, partition_id=i,
+                              num_partitions=len(shards), min_cohort=len(shards)) for i in range(len(shards))]
+        for rnd in range(1, cfg.federation.rounds + 1):
+            results = []
+            for cid, (shard, node) in enumerate(zip(shards, nodes, strict=True)):
+                sampling = shard_sampling(cfg, node, examples=int(shard["labels"].shape[0]))
+                budget = plan_round(cfg, node, sampling, run_id="head_study", server_round=rnd, template=template)
+                book(budget)
+                if rnd == 1:
+                    sigmas.append(budget.plan.noise_multiplier)
+                res = train_round(template, strategy.global_arrays, shard, plan=budget.plan,
+                                  device=torch.device("cpu"), seed=rnd * 1_009 + cid, task=TASK)
+                results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
+            strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
     model = copy.deepcopy(template)
     set_trainable(model, strategy.global_arrays)
     scores = {name: TASK.evaluate(model, split, device=torch.device("cpu"))["accuracy"] for name, split in splits.items()}
-    return {**scores, "sigma": float(run_sigma if shared else np.mean(sigmas))}
+    shared = cfg.privacy.share_noise  # the sum's σ: each bank's share times sqrt(banks)
+    return {**scores, "sigma": float(np.mean(sigmas) * (len(shards) ** 0.5 if shared else 1.0))}
 
 
 def _floats(text: str) -> list[float]:
@@ -103,7 +105,7 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
     info, started = machine_info(pick_device()), now()
     with tempfile.TemporaryDirectory(prefix="veil-head-") as tmp:
         train, val_path = carve_validation(TRAIN, Path(tmp), per_class=args.val_per_class)
-        base = _config(args, train, lr=0.1, clip=1.0, epsilon=4.0, rounds=1, steps=1, batch=256)
+        base = _config(args, train, lr=0.1, clip=1.0, epsilon=None, rounds=1, steps=1, batch=256)  # data, model
         labels = resolve_labels(base.data)
         t0 = time.perf_counter()
         examples = read_examples(str(train), base.data)
@@ -141,14 +143,15 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
                                  [int(v) for v in _floats(args.rounds)], [int(v) for v in _floats(args.steps)],
                                  [int(v) for v in _floats(args.batch)])
         for eps, lr, clip, rounds, steps, batch in grid:
+            # --share-noise: the run's public q, the expected batch over the mean bank's size
+            rate = min(0.99, batch * args.banks / len(examples)) if args.share_noise else 0.0
             cfg = _config(args, train, lr=lr, clip=clip, epsilon=None if eps == 0 else eps, rounds=rounds,
-                          steps=steps, batch=batch)
+                          steps=steps, batch=batch, sample_rate=rate)
             t1 = time.perf_counter()
-            if args.share_noise:  # the run's public q: the expected batch over the mean bank's size
-                cfg.federation.sample_rate = min(1.0, batch * args.banks / len(examples))
-            scores = federate(cfg, shards, template, splits, shared=args.share_noise)
+            scores = federate(cfg, shards, template, splits)
             what = ("no DP" if eps == 0 else f"ε={eps:g}") + (
-                f", shared noise (1 step a round, q={cfg.federation.sample_rate:.3f})" if args.share_noise else "")
+                f", shared noise (1 step a round, q={cfg.federation.sample_rate:.3f})" if cfg.privacy.share_noise
+                else ", same shape (1 step a round, a batch of B a bank)" if args.share_noise else "")
             row(f"federated {what}, {args.optimizer} lr={lr:g}"
                 + (f" × min(1, {args.lr_noise_ref:g}/σ)" if args.lr_noise_ref and eps else "") + f", C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
                 f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s")

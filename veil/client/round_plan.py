@@ -116,9 +116,10 @@ def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Samplin
 
     priv, q, steps, delta = cfg.privacy, sampling.sample_rate, sampling.steps, sampling.delta
     shares = noise_shares(cfg, settings)
-    run_sigma = shared_noise_sigma(cfg) if shares is not None else None
+    run_sigma: float | None = None  # shared noise: the run's public σ, which sets every node's lr
     sigma = priv.noise_multiplier
-    if run_sigma is not None and shares is not None:
+    if shares is not None:
+        run_sigma = shared_noise_sigma(cfg)
         sigma = run_sigma / math.sqrt(shares)
     elif priv.target_epsilon > 0:
         sigma = calibrated_sigma(target_epsilon=priv.target_epsilon, delta=delta, sample_rate=q,
@@ -135,11 +136,12 @@ def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Samplin
                         delta=delta)
     ledger.check_budget(event, max_epsilon=settings.max_epsilon, delta=delta, accountant=priv.accountant)
     fed = cfg.federation
-    lr = noise_scaled_lr(fed.lr, sigma=sigma if run_sigma is None else run_sigma, ref=fed.lr_noise_ref)
+    lr_sigma = sigma if run_sigma is None else run_sigma
+    lr = noise_scaled_lr(fed.lr, sigma=lr_sigma, ref=fed.lr_noise_ref)
     if lr != fed.lr:
-        log.info("round %d: lr %.4g (federation.lr %.4g x lr_noise_ref %.4g / sigma %.4f)", server_round, lr, fed.lr,
-                 fed.lr_noise_ref, sigma)
-    if run_sigma is not None and shares is not None:
+        log.info("round %d: lr %.4g (federation.lr %.4g x lr_noise_ref %.4g / sigma %.4f%s)", server_round, lr, fed.lr,
+                 fed.lr_noise_ref, lr_sigma, "" if run_sigma is None else ", the run's")
+    if run_sigma is not None:
         log.info("round %d: shared noise: this node adds sigma %.4f = the run's %.4f / sqrt(%d), its --min-cohort",
                  server_round, sigma, run_sigma, shares)
     plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=lr, optimizer=fed.optimizer, private=True,
@@ -154,14 +156,12 @@ def noise_shares(cfg: VeilConfig, settings: NodeSettings) -> int | None:
 
     The owner's ``--min-cohort`` (1: its own noise alone) when the run shares noise and the round's sum is one
     DP-SGD step: SecAgg+ on, one plain SGD step a round, a public ``federation.sample_rate``
-    (:meth:`VeilConfig._validate_shared_noise`); None otherwise (an ordinary DP-SGD round). In a shared run every
+    (:meth:`VeilConfig.shared_noise_faults`, the schema's own predicate); None otherwise (an ordinary DP-SGD round). In a shared run every
     node, M = 1 included, divides by the run's batch size and steps at the run's lr, so the sum stays one step.
     Run config and owner flag only, never the data. Against a coordinator that breaks SecAgg+
     or colludes with other owners the node's update carries its own σ/sqrt(M) alone, and its ledger books that;
     the owner opts in (``--min-cohort`` defaults to 1) and should pin the roster with ``--max-dropouts 0``."""
-    fed = cfg.federation
-    shared = (cfg.privacy.share_noise and cfg.secagg.enabled and fed.local_steps == 1 and fed.optimizer == "sgd"
-              and 0 < fed.sample_rate < 1)
+    shared = cfg.privacy.share_noise and not cfg.shared_noise_faults()
     return max(1, int(settings.min_cohort)) if shared else None
 
 

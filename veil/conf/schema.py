@@ -351,20 +351,28 @@ class VeilConfig:
             self._validate_shared_noise()
 
     def _validate_shared_noise(self) -> None:
-        """privacy.share_noise: the round's sum is one DP-SGD step on every owner's data only when each node sends
-        one plain SGD step, sampled at one public rate, divided by one public number, under SecAgg+."""
+        for name, value, expected in self.shared_noise_faults():
+            _bad(name, value, expected)
+
+    def shared_noise_faults(self) -> list[tuple[str, object, str]]:
+        """Why ``privacy.share_noise`` cannot hold in this run, as (setting, value, what it must be); empty when it can.
+        The round's sum is one DP-SGD step on every owner's data only when each node sends one plain SGD step,
+        sampled at one public rate, divided by one public number, under SecAgg+. The one predicate both the schema
+        (refusing the run) and the node (``veil.client.round_plan.noise_shares``) read."""
         priv, fed = self.privacy, self.federation
         fix = "or privacy.share_noise=false"
+        faults: list[tuple[str, object, str]] = []
         if not priv.enabled or priv.level != "sample":
-            _bad("privacy.share_noise", True, "false unless privacy.enabled=true and privacy.level=sample")
+            faults.append(("privacy.share_noise", True, "false unless privacy.enabled=true and privacy.level=sample"))
         if not self.secagg.enabled:
-            _bad("privacy.share_noise", True, "false with secagg=off (each node's share needs SecAgg+ to hide it)")
+            faults.append(("privacy.share_noise", True, "false with secagg=off (each node's share needs SecAgg+ to hide it)"))
         if fed.local_steps != 1:
-            _bad("federation.local_steps", fed.local_steps, f"1 with privacy.share_noise=true ({fix})")
+            faults.append(("federation.local_steps", fed.local_steps, f"1 with privacy.share_noise=true ({fix})"))
         if fed.optimizer != "sgd":
-            _bad("federation.optimizer", fed.optimizer, f"sgd with privacy.share_noise=true ({fix})")
+            faults.append(("federation.optimizer", fed.optimizer, f"sgd with privacy.share_noise=true ({fix})"))
         if not 0 < fed.sample_rate < 1:
-            _bad("federation.sample_rate", fed.sample_rate, f"in (0, 1) with privacy.share_noise=true ({fix})")
+            faults.append(("federation.sample_rate", fed.sample_rate, f"in (0, 1) with privacy.share_noise=true ({fix})"))
+        return faults
 
     def _validate_secagg(self, *, every_client: bool) -> None:
         sa, fed = self.secagg, self.federation
