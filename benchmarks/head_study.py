@@ -64,7 +64,7 @@ def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, ep
 
 
 def federate(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], template: torch.nn.Module,
-             splits: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+             splits: dict[str, dict[str, torch.Tensor]], *, seed: int = 0) -> dict[str, float]:
     """veil's rounds in one process (see the module docstring); the global head's accuracy on each split.
 
     Each bank plans and books its round as a simulated node does (:func:`veil.client.budget.plan_round` on its own
@@ -87,7 +87,7 @@ def federate(cfg: VeilConfig, shards: list[dict[str, torch.Tensor]], template: t
                 if rnd == 1:
                     sigmas.append(budget.plan.noise_multiplier)
                 res = train_round(template, strategy.global_arrays, shard, plan=budget.plan,
-                                  device=torch.device("cpu"), seed=rnd * 1_009 + cid, task=TASK)
+                                  device=torch.device("cpu"), seed=seed * 1_000_003 + rnd * 1_009 + cid, task=TASK)
                 results.append((None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(res.update), 1, {})))
             strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
     model = copy.deepcopy(template)
@@ -148,13 +148,16 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
             cfg = _config(args, train, lr=lr, clip=clip, epsilon=None if eps == 0 else eps, rounds=rounds,
                           steps=steps, batch=batch, sample_rate=rate)
             t1 = time.perf_counter()
-            scores = federate(cfg, shards, template, splits)
+            runs = [federate(cfg, shards, template, splits, seed=seed) for seed in range(args.seeds)]
+            scores = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+            per_seed = "" if args.seeds == 1 else "; per seed " + ", ".join(
+                " / ".join(f"{100 * r[s]:.1f}" for s in splits) for r in runs)
             what = ("no DP" if eps == 0 else f"ε={eps:g}") + (
                 f", shared noise (1 step a round, q={cfg.federation.sample_rate:.3f})" if cfg.privacy.share_noise
                 else ", same shape (1 step a round, a batch of B a bank)" if args.share_noise else "")
             row(f"federated {what}, {args.optimizer} lr={lr:g}"
                 + (f" × min(1, {args.lr_noise_ref:g}/σ)" if args.lr_noise_ref and eps else "") + f", C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
-                f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s")
+                f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s{per_seed}")
     settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen, pooling {args.pooling} "
                 f"(resolved: {template.pooling if hasattr(template, 'pooling') else 'pooler'}), feature map "
                 f"{args.feature_center} x {args.feature_scale:g}, head from label "
@@ -162,7 +165,7 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
                 f"{len(examples)} training texts computed in {featurize_s:.0f} s"
                 + ("; test: the BANKING77 test split" if args.test else ""))
     notes = ["bank i alone: logistic regression (C = veil.task.probe.PROBE_C) on its own share, no DP: what a bank "
-             "gets without joining", "federated arms: ε per bank over all its rounds (PRV, δ 1e-5), σ the mean over banks"]
+             "gets without joining", "federated arms: ε per bank over all its rounds (PRV, δ 1e-5), σ the mean over banks (shared noise: the sum's σ)"]
     report("head_study", args, argv, info, settings=settings, headers=["arm", *(f"{s} acc %" for s in splits), "note"],
            rows=rows, notes=notes, elapsed=now() - started)
 
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--share-noise", action="store_true",
                     help="privacy.share_noise: each bank adds σ/sqrt(banks); use --steps 1 --optimizer sgd")
     ap.add_argument("--sample-rate", type=float, default=0.0, help="federation.sample_rate (0: unset)")
+    ap.add_argument("--seeds", type=int, default=1, help="federated arms: the mean over this many seeds of sampling and noise")
     ap.add_argument("--test", action="store_true", help="also score the test split (chosen settings only)")
     ap.add_argument("--feature-cache", default="", help="a directory keeping the frozen features between runs")
     from benchmarks.common import add_output_args

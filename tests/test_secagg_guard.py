@@ -329,3 +329,42 @@ def test_a_setup_without_veils_mask_generator_is_refused() -> None:
     assert _is_refusal(rnd.mod(_incoming(11, content), rnd.contexts[11], rnd.app))
     wrong = rnd.send(22, dict(SETUP), extra={RECORD: {MASK_GENERATOR_KEY: "mt19937-xor32"}})  # replaces veil's
     assert _is_refusal(wrong)
+
+
+@pytest.mark.parametrize(("min_cohort", "max_dropouts", "setup_change", "refused"), [
+    (3, 0, {}, False),  # 3 shares, 3 sampled: a neighbourhood of 3 holds M = 3
+    (4, 0, {}, True),  # the run's 3 shares cannot hold M = 4, however many nodes are sampled
+    (4, 0, {Key.SAMPLE_NUMBER: 40}, True),
+    (3, 1, {}, True),  # one tolerated drop-out leaves 2 < 3
+    (2, 1, {}, False),
+], ids=["fits", "shares-too-few", "many-sampled", "drop-out", "drop-out-fits"])
+def test_a_shared_noise_node_refuses_a_neighbourhood_below_its_min_cohort(
+        min_cohort: int, max_dropouts: int, setup_change: dict[str, Any], refused: bool) -> None:
+    """A node whose noise is a 1/sqrt(M) share (shared DP-SGD noise, client-level distributed noise) counts on M
+    owners in every sum that unmasks its update; such a sum holds its whole neighbourhood, so SETUP must announce
+    one of at least M (less the tolerated drop-outs), else nothing leaves the node."""
+    rnd = Round(replace(POLICY, min_cohort=min_cohort, max_dropouts=max_dropouts))
+    reply = rnd.send(11, {**SETUP, **setup_change})
+    assert _is_refusal(reply) is refused
+    assert bool(rnd.contexts[11].state.config_records) is not refused  # keys made only when accepted
+
+
+def test_the_policy_counts_on_the_cohort_only_where_the_noise_is_a_share(tmp_path: Any) -> None:
+    from veil.client.round_plan import cohort_counted_on
+    from veil.client.settings import NodeSettings
+    from veil.conf.schema import FederationConfig, PrivacyConfig
+
+    def node(min_cohort: int, *, simulated: bool = False) -> NodeSettings:
+        return NodeSettings(data_path=None if simulated else str(tmp_path / "d.csv"), text_column=None,
+                            label_column=None, max_epsilon=8.0, ledger_path=tmp_path / "l.json", device=None,
+                            partition_id=None, num_partitions=None, min_cohort=min_cohort)
+
+    fed = FederationConfig(num_clients=5, local_steps=1, optimizer="sgd", sample_rate=0.1)
+    shared = VeilConfig(federation=fed, privacy=PrivacyConfig(share_noise=True))
+    sample = VeilConfig(federation=fed)
+    client = VeilConfig(federation=fed, privacy=PrivacyConfig(level="client", noise_placement="distributed",
+                                                              target_epsilon=4.0))
+    assert cohort_counted_on(shared, node(5)) == 5
+    assert cohort_counted_on(client, node(4)) == 4
+    assert cohort_counted_on(sample, node(5)) == 1, "an ordinary DP-SGD node adds its whole σ"
+    assert cohort_counted_on(shared, node(5, simulated=True)) == 1, "in simulation the researcher is every owner"

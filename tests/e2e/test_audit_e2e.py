@@ -49,29 +49,42 @@ def _audit_json(run_dir: Path) -> dict[str, object]:
     return json.loads((run_dir / "audit.json").read_text(encoding="utf-8"))
 
 
-def test_dp_off_gives_a_positive_bound(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    run_dir = tmp_path / "off"
-    proc = run_veil(["audit", *AUDIT, *RUN, *data_overrides(*small_csv), "privacy=none", f"hydra.run.dir={run_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = _audit_json(run_dir)
-    assert doc["lower_bound"] > 0.2 and doc["claimed_epsilon"] is None and doc["verdict"] == "consistent"
-    assert doc["guesses"] == 32 and doc["canaries"] == 128
-    assert "empirical lower bound" in proc.stdout and "verdict consistent" in proc.stdout
-    assert (run_dir / "audit.md").is_file() and (run_dir / "model").is_dir()
+@pytest.fixture(scope="module")
+def dp_on(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One DP audit with its control arm (the same canaries and attack, DP off, in ``on/control``): the run both
+    tests below read (a run of its own for DP off would repeat the control arm). Returns (its directory, stdout)."""
+    from support.helpers import write_small_csv
 
-
-def test_dp_on_is_consistent_with_its_claim(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    run_dir = tmp_path / "on"
-    proc = run_veil(["audit", *AUDIT, *CONSISTENT, *RUN, *data_overrides(*small_csv), "privacy=dp_sgd",
+    root = tmp_path_factory.mktemp("audit")
+    run_dir = root / "on"
+    proc = run_veil(["audit", *AUDIT, *CONSISTENT, *RUN, *data_overrides(*write_small_csv(root)), "privacy=dp_sgd",
                      "privacy.target_epsilon=0.1", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def test_dp_off_gives_a_positive_bound(dp_on: tuple[Path, str]) -> None:
+    """The control arm is ``veil audit privacy=none``'s own run (:func:`veil.audit.control.control_config`), with
+    every artefact of an audit."""
+    run_dir, stdout = dp_on
+    doc = _audit_json(run_dir / "control")
+    assert doc["lower_bound"] > 0.2 and doc["claimed_epsilon"] is None and doc["verdict"] == "consistent"
+    assert doc["guesses"] == 32 and doc["canaries"] == 128
+    assert _audit_json(run_dir)["control"]["lower_bound"] == doc["lower_bound"]
+    assert f"without DP this attack finds epsilon >= {doc['lower_bound']:.3f}" in stdout
+    assert (run_dir / "control" / "audit.md").is_file() and (run_dir / "control" / "model").is_dir()
+
+
+def test_dp_on_is_consistent_with_its_claim(dp_on: tuple[Path, str]) -> None:
+    run_dir, stdout = dp_on
     doc = _audit_json(run_dir)
     assert 0 < doc["claimed_epsilon"] <= 0.1 + 1e-6  # the ledgers' ε, calibrated to the target
     assert doc["confidence"] == 0.999
     assert doc["lower_bound"] <= doc["claimed_epsilon"] and doc["verdict"] == "consistent"
     control = doc["control"]  # the same attack and canaries without DP: the power test_dp_off measures
     assert control["lower_bound"] > 0.2 and control["claimed_epsilon"] is None, control
-    assert "without DP this attack finds" in proc.stdout
+    assert "empirical lower bound" in stdout and "verdict consistent" in stdout
+    assert (run_dir / "audit.md").is_file() and (run_dir / "model").is_dir()
 
 
 def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -50,7 +50,8 @@ from veil.client.budget import RoundBudget, book, check_not_stopped, close_round
 from veil.client.floor import check_delta, check_run
 from veil.client.release import finish_release, is_client_level, received_weights, sendable, upload_bytes, zeros_like
 from veil.client.reply_time import ReplyTimer
-from veil.client.round_plan import Sampling, calibrated_sigma, owner_sampling, shard_sampling, start_rows
+from veil.client.round_plan import (Sampling, calibrated_sigma, cohort_counted_on, owner_sampling, shard_sampling,
+                                    start_rows)
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
 from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
@@ -283,7 +284,7 @@ def make_secagg_mod(defaults: Mapping[str, Any] | None = None, *, simulation_roo
         return secagg_policy(cfg, require_secagg=settings.require_secagg, max_dropouts=settings.max_dropouts,
                              roster=load_roster(settings.roster_path) if settings.roster_path else None,
                              signing_key=load_signing_key(settings.signing_key_path) if settings.signing_key_path
-                             else None)
+                             else None, min_cohort=cohort_counted_on(cfg, settings))
 
     return make_secagg_guard(policy_for)
 

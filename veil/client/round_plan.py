@@ -165,6 +165,22 @@ def noise_shares(cfg: VeilConfig, settings: NodeSettings) -> int | None:
     return max(1, int(settings.min_cohort)) if shared else None
 
 
+def cohort_counted_on(cfg: VeilConfig, settings: NodeSettings) -> int:
+    """M, the owners whose noise shares a deployed node counts on in every sum it joins: its ``--min-cohort`` when
+    its noise is a share (``privacy.share_noise``, or client-level noise placed on the nodes), else 1. The SecAgg+
+    guard refuses a SETUP whose neighbourhood is smaller (:class:`veil.client.secagg_guard.SecAggPolicy`). A
+    simulated node counts on nothing: the researcher is every owner and the coordinator."""
+    if settings.simulated:
+        return 1
+    priv = cfg.privacy
+    shares = noise_shares(cfg, settings)
+    if shares is not None:
+        return shares
+    if priv.enabled and priv.level == "client" and priv.noise_placement == "distributed":
+        return max(1, int(settings.min_cohort))
+    return 1
+
+
 def noise_scaled_lr(lr: float, *, sigma: float, ref: float) -> float:
     """The DP-SGD step size for noise multiplier ``sigma``: ``lr × min(1, ref / sigma)`` (``federation.lr_noise_ref``;
     ``ref`` 0: ``lr``). A function of σ alone, which the release's own noise scale already shows, so it reveals

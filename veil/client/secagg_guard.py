@@ -77,6 +77,12 @@ class SecAggPolicy:
         COLLECT and UNMASK (0: none; a drop-out then costs the round, never this node's privacy).
     roster, signing_key
         The owner's pinned roster and signing key (``--roster``, ``--signing-key``); both or neither.
+    min_cohort : int
+        M when this node's noise is a share that counts on M owners' shares in every sum (the owner's
+        ``--min-cohort`` under ``privacy.share_noise`` or client-level distributed noise; 1 otherwise): SETUP must
+        announce a neighbourhood (this node included, less ``max_dropouts``) of at least M. A sum that unmasks this
+        node's update cancels its pairwise masks only with every neighbour's update in it, so with a pinned roster
+        and ``max_dropouts`` 0 each such sum holds at least M distinct roster members' updates (:func:`_setup_refusal`).
     """
 
     require_secagg: bool = True
@@ -89,6 +95,7 @@ class SecAggPolicy:
     max_dropouts: int = 0
     roster: Roster | None = None
     signing_key: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
+    min_cohort: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_secagg, bool):
@@ -101,7 +108,7 @@ class SecAggPolicy:
             raise ValueError("roster and signing_key go together: a node that checks its neighbours' signatures "
                              "must sign its own keys")
         for name in ("min_num_shares", "num_shares", "reconstruction_threshold", "quantization_range",
-                     "modulus_range"):
+                     "modulus_range", "min_cohort"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -119,13 +126,14 @@ PolicySource = Callable[[Context], SecAggPolicy]
 
 
 def secagg_policy(cfg: VeilConfig, *, require_secagg: bool, min_num_shares: int = 3, max_dropouts: int = 0,
-                  roster: Roster | None = None, signing_key: Ed25519PrivateKey | None = None) -> SecAggPolicy:
+                  roster: Roster | None = None, signing_key: Ed25519PrivateKey | None = None,
+                  min_cohort: int = 1) -> SecAggPolicy:
     """The policy for a run: the owner's choices plus the run's ``secagg.*`` settings."""
     sa = cfg.secagg
     return SecAggPolicy(require_secagg=require_secagg, min_num_shares=min_num_shares, num_shares=sa.num_shares,
                         reconstruction_threshold=sa.reconstruction_threshold, clipping_range=float(sa.clipping_range),
                         quantization_range=sa.quantization_range, modulus_range=sa.modulus_range,
-                        max_dropouts=max_dropouts, roster=roster, signing_key=signing_key)
+                        max_dropouts=max_dropouts, roster=roster, signing_key=signing_key, min_cohort=min_cohort)
 
 
 def quiet_worker() -> None:
@@ -240,6 +248,11 @@ def _setup_refusal(configs: ConfigRecord, policy: SecAggPolicy) -> str | None:
     if not share_num / 2 < threshold <= share_num:
         return (f"SecAgg+ setup threshold={threshold} is not in (share_num/2, share_num] = ({share_num / 2:g}, "
                 f"{share_num}]: a coordinator could collect both kinds of shares of one node")
+    least = min(sample_num, share_num) - policy.max_dropouts
+    if least < policy.min_cohort:  # shared noise: a smaller sum would carry less than the run's σ
+        return (f"SecAgg+ setup's neighbourhood of {min(sample_num, share_num)} node(s) (less {policy.max_dropouts} "
+                f"tolerated drop-out(s)) is below this node's --min-cohort {policy.min_cohort}: its noise share "
+                "counts on that many owners in every sum (the run needs secagg.num_shares >= the owners' --min-cohort)")
     return None
 
 
