@@ -53,7 +53,6 @@ from veil.client.reply_time import ReplyTimer
 from veil.client.round_plan import (Sampling, calibrated_sigma, cohort_counted_on, owner_sampling, shard_sampling,
                                     start_rows)
 from veil.client.secagg_guard import SecAggPolicy, make_secagg_guard, secagg_policy
-from veil.client.secagg_guard import quiet_worker as quiet_worker  # moved; executor.py imports it from here
 from veil.client.settings import NodeSettings, node_settings
 from veil.client.trainer import LocalPlan, LocalResult, train_round
 from veil.conf.runconfig import from_run_config, to_run_config
