@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import itertools
 import tempfile
 from pathlib import Path
@@ -59,7 +60,7 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
              epsilon: float, lr: float, clip: float, rounds: int, steps: int, batch: int, seed: int,
              decay: float = 0.0, lr_noise_ref: float = 0.0, ema: float = 0.0,
              local_avg: bool = False, shared: bool = False,
-             momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+             momentum: float = 0.0, schedule: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """The global head after ``rounds`` of local DP-SGD on every shard (``epsilon`` 0: no DP).
 
     ``ema`` > 0: the published head is the exponential moving average (weight ``ema`` on the past) of the global
@@ -73,11 +74,21 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
     rate = batch * len(shards) / sum(len(y) for _x, y in shards)  # shared: the run's public q (B / mean bank size)
     if shared:  # privacy.share_noise: one step a round, q and divisor public, each bank adds sigma/sqrt(M)
         sigmas = [(_sigma(epsilon, rate, rounds * steps) if epsilon else 0.0) / len(shards) ** 0.5] * len(shards)
-    for _ in range(rounds):
+    base_clip = clip
+    for rnd in range(rounds):
+        # EXPERIMENT schedules (public functions of the round): cos = cosine lr decay to 0; clip:F = C decays
+        # geometrically from C to F·C (the noise σ·C_t with it); lrclip:F = both lr and C decay so
+        frac = rnd / max(1, rounds - 1)
+        lr_t = lr * (0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cos" else 1.0)
+        if schedule.startswith(("clip:", "lrclip:")):
+            end = float(schedule.split(":")[1])
+            clip = base_clip * end ** frac
+            if schedule.startswith("lrclip:"):
+                lr_t = lr * end ** frac
         d_w, d_b = torch.zeros_like(weight), torch.zeros_like(bias)
         for (xs, ys), sigma in zip(shards, sigmas, strict=True):
             w, b, n = weight.clone(), bias.clone(), len(ys)
-            step = noise_scaled_lr(lr, sigma=sigma, ref=lr_noise_ref)  # veil's rule (federation.lr_noise_ref)
+            step = noise_scaled_lr(lr_t, sigma=sigma, ref=lr_noise_ref)  # veil's rule (federation.lr_noise_ref)
             q = rate if shared else min(1.0, batch / n)
             sum_w, sum_b = torch.zeros_like(w), torch.zeros_like(b)
             for _ in range(steps):
@@ -126,6 +137,34 @@ def public_transform(kind: str, names: torch.Tensor) -> torch.Tensor:
     return (vecs @ torch.diag(vals.rsqrt()) @ vecs.T).float()
 
 
+def data_pca(kind: str, rows: torch.Tensor) -> torch.Tensor:
+    """``pca:K`` (non-private: an upper bound) or ``pca:K:EPS`` (the Gaussian mechanism on the second-moment matrix
+    of the rows clipped to norm 1 after dividing by their median norm, at ε EPS, δ 1e-6, analytic calibration): the
+    projection onto the top-K eigenvectors."""
+    parts = kind.split(":")
+    k = int(parts[1])
+    x = rows.double()
+    scale = x.norm(dim=1).median()
+    x = x / scale
+    x = x * torch.clamp(1.0 / x.norm(dim=1, keepdim=True), max=1.0)
+    m = x.T @ x
+    if len(parts) > 2:
+        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+        eps = float(parts[2])
+        sigma = next(s for s in [v / 100 for v in range(30, 100_000)]
+                     if get_privacy_spent(orders=[1 + o / 10 for o in range(1, 1000)],
+                                          rdp=compute_rdp(q=1.0, noise_multiplier=s, steps=1,
+                                                          orders=[1 + o / 10 for o in range(1, 1000)]),
+                                          delta=1e-6)[0] <= eps)
+        gen = torch.Generator().manual_seed(12345)
+        noise = torch.randn(m.shape, generator=gen, dtype=torch.float64) * sigma  # sensitivity 1 (‖x‖ ≤ 1)
+        m = m + (noise + noise.T) / 2 ** 0.5
+    vals, vecs = torch.linalg.eigh(m)
+    basis = vecs[:, -k:]
+    return (basis @ basis.T).float()
+
+
 def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
     info, started = machine_info(torch.device("cpu")), now()
     key = f"{args.model_path or args.source}-{args.pooling}-{args.max_length}-{args.val_per_class}"
@@ -157,7 +196,11 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
         with torch.no_grad():
             mapped_in = model.head_input if hasattr(model, "head_input") else (lambda t: t)
             names_in = mapped_in(name_feats)
-            transform = public_transform(kind, names_in)
+            if kind.startswith("pca:"):  # EXPERIMENT: the span of the banks' top-K principal directions
+                transform = data_pca(kind, mapped_in(everything["features"][torch.as_tensor(
+                    [i for b in range(args.banks) for i in parts[b]])]))
+            else:
+                transform = public_transform(kind, names_in)
             # after the transform, the names' mean centred norm is the one veil's map gave (the scale stays a lever)
             ref = (names_in - names_in.mean(dim=0)).norm(dim=1).mean()
             moved = (names_in - names_in.mean(dim=0)) @ transform.T
@@ -185,7 +228,7 @@ def screen(args: argparse.Namespace, argv: list[str] | None) -> None:
                                     epsilon=eps, lr=lr, clip=args.clip, rounds=args.rounds, steps=args.steps,
                                     batch=args.batch, seed=seed, decay=args.decay, lr_noise_ref=ref,
                                     ema=ema, local_avg=args.local_avg, shared=args.shared,
-                                    momentum=args.momentum)
+                                    momentum=args.momentum, schedule=args.schedule)
                     accs.append(float(((val_in @ w.T + b).argmax(dim=1) == val_y).float().mean()))
                 what = ("none" if scale == 0 else f"{center} x {scale:g}") + ("" if kind == "none" else f", {kind}")
                 rows.append([what, "no DP" if eps == 0 else f"{eps:g}", f"{lr:g}" + (f" × min(1, {ref:g}/σ)" if ref else "") + (f", EMA {ema:g}" if ema else ""),
@@ -223,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr-noise-refs", default="0", help="comma list of federation.lr_noise_ref values (0: off)")
     ap.add_argument("--decay", type=float, default=0.0, help="per-step shrinkage toward the label-name head (× lr)")
     ap.add_argument("--emas", default="0", help="comma list: EMA weight of the published head over rounds (0: last)")
+    ap.add_argument("--schedule", default="none", help="EXPERIMENT: none | cos | clip:F | lrclip:F")
     ap.add_argument("--momentum", type=float, default=0.0, help="server heavy-ball momentum (fedavgm, server lr 1)")
     ap.add_argument("--local-avg", action="store_true", help="each bank sends the mean of its local iterates")
     ap.add_argument("--shared", action="store_true",

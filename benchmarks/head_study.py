@@ -58,7 +58,7 @@ def _config(args: argparse.Namespace, train: Path, *, lr: float, clip: float, ep
                            optimizer=args.optimizer, alpha=args.alpha, lr_noise_ref=args.lr_noise_ref,
                            sample_rate=sample_rate or args.sample_rate)
     priv = PrivacyConfig(enabled=epsilon is not None, target_epsilon=epsilon or 4.0, max_grad_norm=clip,
-                         share_noise=shared)
+                         share_noise=shared, max_grad_norm_final=clip * args.clip_final if epsilon is not None else 0.0)
     return VeilConfig(model=model, federation=fed, privacy=priv, secagg=SecAggConfig(enabled=shared),
                       data=DataConfig(train_path=str(train), test_path=str(TEST))).validate()
 
@@ -156,7 +156,8 @@ def study(args: argparse.Namespace, argv: list[str] | None) -> None:
                 f", shared noise (1 step a round, q={cfg.federation.sample_rate:.3f})" if cfg.privacy.share_noise
                 else ", same shape (1 step a round, a batch of B a bank)" if args.share_noise else "")
             row(f"federated {what}, {args.optimizer} lr={lr:g}"
-                + (f" × min(1, {args.lr_noise_ref:g}/σ)" if args.lr_noise_ref and eps else "") + f", C={clip:g}, {rounds}x{steps} steps, B={batch}", scores,
+                + (f" × min(1, {args.lr_noise_ref:g}/σ)" if args.lr_noise_ref and eps else "") + f", C={clip:g}" + (f" -> {clip * args.clip_final:g}" if args.clip_final and eps else "")
+                + f", {rounds}x{steps} steps, B={batch}", scores,
                 f"σ {scores['sigma']:.2f}, {time.perf_counter() - t1:.0f} s{per_seed}")
     settings = (f"{args.banks} banks, Dirichlet α={args.alpha}, {args.model_path or args.source} frozen, pooling {args.pooling} "
                 f"(resolved: {template.pooling if hasattr(template, 'pooling') else 'pooler'}), feature map "
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epsilons", default="4", help="comma list; 0 = no DP")
     ap.add_argument("--lrs", default="0.1")
     ap.add_argument("--clips", default="1")
+    ap.add_argument("--clip-final", type=float, default=0.0,
+                    help="privacy.max_grad_norm_final as a fraction of C (0: C every round)")
     ap.add_argument("--lr-noise-ref", type=float, default=0.0, help="federation.lr_noise_ref (0: the lr as given)")
     ap.add_argument("--rounds", default="20")
     ap.add_argument("--steps", default="20")

@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     if (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{out_dir} already holds a run; give a new hydra.run.dir")
     cfg = preflight(overrides)
+    if cfg.privacy.enabled and cfg.privacy.max_grad_norm_final:
+        raise ConfigError("veil audit injects its canaries at one clipping norm; drop privacy.max_grad_norm_final "
+                          "(audit the run's mechanism at a fixed privacy.max_grad_norm)")
     guesses = args.guesses or max(1, args.canaries // 10)
     seed = secrets.randbits(64)  # one draw of canaries for both arms, from OS entropy
     control = None

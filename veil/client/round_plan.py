@@ -145,10 +145,23 @@ def plan_sample_level(cfg: VeilConfig, settings: NodeSettings, sampling: Samplin
         log.info("round %d: shared noise: this node adds sigma %.4f = the run's %.4f / sqrt(%d), its --min-cohort",
                  server_round, sigma, run_sigma, shares)
     plan = LocalPlan(steps=steps, batch_size=fed.batch_size, lr=lr, optimizer=fed.optimizer, private=True,
-                     noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, grad_sample_mode=engine,
+                     noise_multiplier=sigma, max_grad_norm=round_clip(cfg, server_round), grad_sample_mode=engine,
                      sample_rate=q, expected_batch_size=fed.batch_size if run_sigma is not None
                      else sampling.expected_batch_size)
     return plan, event
+
+
+def round_clip(cfg: VeilConfig, server_round: int) -> float:
+    """C_t, the per-sample clipping bound of round ``server_round``: ``privacy.max_grad_norm``, or with
+    ``privacy.max_grad_norm_final`` set, C·(C_final/C)^((t-1)/(R-1)) over the run's R = ``federation.rounds``
+    (C_final after round R, e.g. on a resume with more rounds). Round number and run config only: every node of a
+    round clips at the same public C_t, and σ, a multiplier of it, keeps the ledger's ε (issue 22: late in a run the
+    clipped gradients are small, and the noise σ·C_t shrinks with them)."""
+    priv, rounds = cfg.privacy, cfg.federation.rounds
+    if not priv.max_grad_norm_final:
+        return priv.max_grad_norm
+    frac = min(1.0, max(0, server_round - 1) / max(1, rounds - 1))
+    return float(priv.max_grad_norm * (priv.max_grad_norm_final / priv.max_grad_norm) ** frac)
 
 
 def noise_shares(cfg: VeilConfig, settings: NodeSettings) -> int | None:

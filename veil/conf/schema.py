@@ -115,6 +115,10 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0  # sigma; used when target_epsilon is 0
     target_epsilon: float = 4.0  # >0: each client calibrates sigma so its epsilon after all planned rounds is <= this
     max_grad_norm: float = 1.0  # per-sample clipping bound C
+    # sample level: C in the run's last round (0: C every round); else C decays geometrically from max_grad_norm in
+    # round 1 to this in round federation.rounds (veil.client.round_plan.round_clip): a public schedule, σ is a
+    # multiplier of each round's C, so ε is unchanged while the noise σ·C shrinks as the gradients do
+    max_grad_norm_final: float = 0.0
     delta: float = 1e-5  # below 1/N for every client's N
     accountant: str = "prv"  # prv (tight) | rdp (fallback; looser)
     grad_sample_mode: str = "auto"  # auto (fastest exact mode: veil.privacy.modes) | hooks | ghost | bk
@@ -347,6 +351,11 @@ class VeilConfig:
                 _bad("privacy.target_epsilon", priv.target_epsilon, ">= 0 (0 means: use privacy.noise_multiplier)")
             if priv.target_epsilon == 0 and not priv.noise_multiplier > 0:
                 _bad("privacy.noise_multiplier", priv.noise_multiplier, "> 0 (or set privacy.target_epsilon)")
+            if priv.max_grad_norm_final < 0 or not math.isfinite(priv.max_grad_norm_final):
+                _bad("privacy.max_grad_norm_final", priv.max_grad_norm_final, ">= 0 (0: privacy.max_grad_norm every round)")
+            if priv.max_grad_norm_final and priv.level != "sample":
+                _bad("privacy.max_grad_norm_final", priv.max_grad_norm_final,
+                     "0 with privacy.level=client (the update's clipping norm S is one number)")
         if priv.share_noise:
             self._validate_shared_noise()
 

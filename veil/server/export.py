@@ -201,7 +201,10 @@ def _noise_rows(cfg: VeilConfig) -> list[str]:
              else f"σ ≥ {priv.noise_multiplier:g} (a node may add more)")
     if priv.share_noise:
         asked += "; shared: each node adds σ/sqrt(M) of the sum's noise, M its owner's --min-cohort"
-    return [f"| per-sample clipping norm C | {priv.max_grad_norm:g} |", f"| noise | {asked} |"]
+    clip = (f"{priv.max_grad_norm:g}" if not priv.max_grad_norm_final else
+            f"{priv.max_grad_norm:g} in round 1 to {priv.max_grad_norm_final:g} in round {cfg.federation.rounds} "
+            "(geometric; σ is a multiple of each round's C)")
+    return [f"| per-sample clipping norm C | {clip} |", f"| noise | {asked} |"]
 
 
 def _level(cfg: VeilConfig) -> str:
