@@ -189,7 +189,8 @@ def simulate(dict_cfg: Any, out_dir: Path, *, client_app: ClientAppFactory | Non
     reference = f" vs majority-class baseline {baseline:.4f}" if baseline == baseline else ""  # NaN: the task has none
     ppl = f"; perplexity {summary['perplexity']:.3f}" if "perplexity" in summary else ""
     for row in alone:  # what each simulated owner gets without joining (veil.task.probe)
-        verdict = "gains" if summary.get("accuracy", 0.0) > row["accuracy"] else "does NOT gain"
+        points = 100 * (summary.get("accuracy", 0.0) - row["accuracy"])
+        verdict = f"gains {points:.1f} points" if points > 0 else f"does NOT gain ({points:+.1f} points)"
         print(f"bank {row['bank']} alone (non-private probe on its own {row['examples']} examples): "
               f"{row['accuracy']:.4f}; by joining it {verdict}", flush=True)
     print(f"final accuracy {summary.get('accuracy', float('nan')):.4f}{reference}{ppl}; {eps}; "
