@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from support.helpers import TINY, data_overrides, metrics, run_veil
+from support.helpers import TINY_SIM, data_overrides, metrics, run_veil
 from veil.report import load_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,7 +107,7 @@ def test_tensorboard_hook_writes_every_round(tmp_path: Path) -> None:
 
 
 def test_a_bad_swept_value_fails_before_any_member_runs(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
-    proc = run_veil(["simulate", "-m", *TINY, *data_overrides(*small_csv), "privacy.target_epsilon=1,-3",
+    proc = run_veil(["simulate", "-m", *TINY_SIM, *data_overrides(*small_csv), "privacy.target_epsilon=1,-3",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=120)
     assert proc.returncode == 2
     assert "privacy.target_epsilon=-3.0 is invalid" in proc.stderr
@@ -120,7 +120,7 @@ def test_sweep_with_a_failing_member_then_report(small_csv: tuple[Path, Path], t
     two members fail with one line each, the two others finish (member 2 after a failed one), and the report covers
     exactly them."""
     sweep = tmp_path / "sweep"
-    proc = run_veil(["simulate", "-m", *TINY, *data_overrides(*small_csv), "federation.clients_per_round=3",
+    proc = run_veil(["simulate", "-m", *TINY_SIM, *data_overrides(*small_csv), "federation.clients_per_round=3",
                      "federation.rounds=1", "secagg=off", "privacy.target_epsilon=1,8",
                      "federation.num_clients=3,1000", f"hydra.sweep.dir={sweep}"], timeout=420)
 

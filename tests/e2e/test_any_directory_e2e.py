@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.helpers import run_veil
+from support.helpers import ONE_ACTOR, run_veil
 
 
 def test_from_any_directory_a_failing_client_names_its_cause(tmp_path: Path) -> None:
@@ -14,7 +14,7 @@ def test_from_any_directory_a_failing_client_names_its_cause(tmp_path: Path) -> 
     # federation.lr=1e39 overflows float32 in the clients' first optimizer step: every client raises RuntimeError
     proc = run_veil(["simulate", "model=tiny_bert", "federation.num_clients=2", "federation.rounds=1", "secagg=off",
                      "privacy=none", "federation.local_steps=1", "federation.batch_size=8", "federation.lr=1e39",
-                     "data.eval_max_examples=20", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=400)
+                     "data.eval_max_examples=20", ONE_ACTOR, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=400)
     console = proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2, console[-3000:]

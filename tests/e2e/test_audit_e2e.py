@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.helpers import data_overrides, run_veil
+from support.helpers import ONE_ACTOR, data_overrides, run_veil
 from veil.privacy.audit_bound import epsilon_lower_bound, guess_top_bottom
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ BROKEN_AUDIT = ["--canaries", "256", "--guesses", "40", "--control", "off"]  # t
 BROKEN_CLAIM = 0.01
 RUN = ["model=tiny_bert", "federation.batch_size=128", "federation.lr=0.05", "federation.partitioner=iid",
        "federation.local_steps=40", "federation.num_clients=2", "federation.clients_per_round=2",
-       "federation.rounds=3", "secagg=off"]
+       "federation.rounds=3", "secagg=off", ONE_ACTOR]
 BROKEN_RUN = [*(o for o in RUN if not o.startswith("federation.rounds=")), "federation.rounds=6"]
 
 
@@ -126,7 +126,7 @@ def test_broken_mechanism_is_flagged(small_csv: tuple[Path, Path], tmp_path: Pat
 # subprocess would add its imports to each of these three runs.
 CLIENT_AUDIT = ["--canaries", "40", "--guesses", "10"]
 CLIENT_RUN = ["model=tiny_bert", "federation.batch_size=64", "federation.partitioner=iid", "federation.local_steps=1",
-              "federation.num_clients=3", "federation.rounds=1"]
+              "federation.num_clients=3", "federation.rounds=1", ONE_ACTOR]
 
 
 def _client_audit(small_csv: tuple[Path, Path], run_dir: Path, *overrides: str) -> tuple[int, dict[str, object]]:

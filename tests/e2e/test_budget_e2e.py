@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.helpers import TINY, data_overrides, metrics, run_veil
+from support.helpers import TINY_SIM, data_overrides, metrics, run_veil
 from veil.privacy.accounting import compute_epsilon
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_owner_budget_refusal_and_exclusion(small_csv: tuple[Path, Path], tmp_pa
     one, two = _round_epsilons(60 // 5)
     budget_1 = (one + two) / 2  # covers round 1, not round 2
     run_dir = tmp_path / "run"
-    proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), *PRIVACY, "federation.num_clients=5",
+    proc = run_veil(["simulate", *TINY_SIM, *data_overrides(*small_csv), *PRIVACY, "federation.num_clients=5",
                      "federation.clients_per_round=5", "federation.rounds=3", "secagg=secaggplus",
                      f"federation.node_max_epsilon='0:{one / 2},1:{budget_1}'", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,7 +59,7 @@ def test_owner_budget_refusal_and_exclusion(small_csv: tuple[Path, Path], tmp_pa
 def test_too_few_owners_left_stops_cleanly(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
     one, two = _round_epsilons(60 // 3)
     run_dir = tmp_path / "run"
-    proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), *PRIVACY, "federation.num_clients=3",
+    proc = run_veil(["simulate", *TINY_SIM, *data_overrides(*small_csv), *PRIVACY, "federation.num_clients=3",
                      "federation.clients_per_round=3", "federation.rounds=3", "secagg=secaggplus",
                      f"federation.node_max_epsilon=2:{(one + two) / 2}", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.helpers import metrics, run_veil
+from support.helpers import ONE_ACTOR, metrics, run_veil
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_causal_lm_dp_secagg_run_exports_a_generating_model(tmp_path: Path) -> N
     proc = run_veil(["simulate", "task=causal_lm", "model=tiny_llama", "data=csv", f"data.train_path={train}",
                      f"data.test_path={test}", "federation.num_clients=3", "federation.clients_per_round=3",
                      "federation.rounds=2", "federation.batch_size=8", "federation.local_steps=2",
-                     "federation.partitioner=iid", "privacy=dp_sgd", "secagg=secaggplus", f"hydra.run.dir={run_dir}"],
+                     "federation.partitioner=iid", "privacy=dp_sgd", "secagg=secaggplus", ONE_ACTOR, f"hydra.run.dir={run_dir}"],
                     timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(run_dir)
@@ -103,7 +103,7 @@ def test_causal_lm_run_on_a_local_gpt2_directory(tmp_path: Path) -> None:
     proc = run_veil(["simulate", "task=causal_lm", "model=tiny_llama", "model.tiny=false", f"model.path={gpt2_dir}",
                      "data=csv", f"data.train_path={train}", f"data.test_path={test}", "federation.num_clients=3",
                      "federation.rounds=1", "federation.batch_size=8", "federation.local_steps=2",
-                     "federation.partitioner=iid", "privacy=dp_sgd", "secagg=secaggplus", f"hydra.run.dir={run_dir}"],
+                     "federation.partitioner=iid", "privacy=dp_sgd", "secagg=secaggplus", ONE_ACTOR, f"hydra.run.dir={run_dir}"],
                     timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = metrics(run_dir)

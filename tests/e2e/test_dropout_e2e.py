@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from support.fault_sim import DONE
-from support.helpers import ROOT, TINY, data_overrides, metrics, write_small_csv
+from support.helpers import ONE_ACTOR, ROOT, TINY, data_overrides, metrics, write_small_csv
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     directory, the process's stderr); each run that ended without an exception holds fault_sim.DONE."""
     root = tmp_path_factory.mktemp("dropout")
     data = data_overrides(*write_small_csv(root))
-    runs = {"secagg": ("crash", [*SIX, *data, *SHARES]), "early": ("crash-keys", [*SIX, *data, *SHARES]),
-            "plain": ("crash", [*SIX, *data, "secagg=off"]),
-            "hang": ("hang", [*SIX, *data, *SHARES, "secagg.timeout=60"])}
+    runs = {"secagg": ("crash", [*SIX, ONE_ACTOR, *data, *SHARES]),
+            "early": ("crash-keys", [*SIX, ONE_ACTOR, *data, *SHARES]),
+            "plain": ("crash", [*SIX, ONE_ACTOR, *data, "secagg=off"]),
+            "hang": ("hang", [*SIX, *data, *SHARES, "secagg.timeout=60"])}  # two actors: the silent node holds one
     argv = [arg for name, (fault, overrides) in runs.items() for arg in ["--", str(root / name), fault, "2", *overrides]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fault_sim.py"), *argv[1:]], cwd=ROOT,

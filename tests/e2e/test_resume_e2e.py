@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.helpers import ROOT, TINY, data_overrides, metrics, run_veil, write_small_csv
+from support.helpers import ROOT, TINY_SIM, data_overrides, metrics, run_veil, write_small_csv
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY, "federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=3",
+COMMON = [*TINY_SIM, "federation.num_clients=3", "federation.clients_per_round=3", "federation.rounds=3",
           "privacy=dp_sgd", "secagg=secaggplus"]
 
 

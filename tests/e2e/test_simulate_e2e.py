@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.helpers import TINY, data_overrides, metrics, run_veil
+from support.helpers import TINY_SIM, data_overrides, metrics, run_veil
 
 pytestmark = pytest.mark.slow
 
 
 def test_dp_secagg_run_exports_the_global_model(small_csv: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), "federation.num_clients=3",
+    proc = run_veil(["simulate", *TINY_SIM, *data_overrides(*small_csv), "federation.num_clients=3",
                      "federation.clients_per_round=3", "federation.rounds=2", "privacy=dp_sgd", "secagg=secaggplus",
                      f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_shared_noise_run_states_the_sum_s_epsilon_and_books_each_share(small_cs
     from veil.privacy.ledger import PrivacyLedger
 
     run_dir, sigma, rate = tmp_path / "run", 1.5, 0.25
-    proc = run_veil(["simulate", *TINY, *data_overrides(*small_csv), "federation.num_clients=3",
+    proc = run_veil(["simulate", *TINY_SIM, *data_overrides(*small_csv), "federation.num_clients=3",
                      "federation.clients_per_round=3", "federation.rounds=2", "privacy=dp_sgd", "secagg=secaggplus",
                      "privacy.share_noise=true", "privacy.target_epsilon=0", f"privacy.noise_multiplier={sigma}",
                      "federation.local_steps=1", "federation.optimizer=sgd", f"federation.sample_rate={rate}",
