@@ -49,6 +49,8 @@ lint: setup  # ruff on everything, mypy --strict on the modules listed in pyproj
 # make test runs two pytest sessions side by side on the 2 cores: the files that run simulations on Ray (one after
 # another: two private Ray instances at once slowed a 40 s sweep to 376 s) and everything else (loopback
 # deployments, unit tests). The Ray session's log is printed after the other's; the exit status is the worse one.
+# The Ray session starts one Ray head for all its simulations (VEIL_TEST_RAY_CLUSTER=1, tests/conftest.py): a private
+# instance per run cost ~5 s and ~5 CPU-s each.
 # Lint: ruff (a second) before both; mypy (~1 min cold, one core) in the foreground before the rest, while the Ray
 # session, the longer one (fresh-clone CI 2026-12-07: Ray 13:19-15:08, rest 10:55-12:22), already runs.
 RAY_TESTS := tests/e2e/test_any_directory_e2e.py tests/e2e/test_audit_e2e.py tests/e2e/test_budget_e2e.py \
@@ -57,7 +59,7 @@ RAY_TESTS := tests/e2e/test_any_directory_e2e.py tests/e2e/test_audit_e2e.py tes
 test: setup
 	$(PY) -m ruff check .
 	@echo "pytest: Ray simulation files in the background (log: .pytest-ray.log); mypy, then the rest, here"
-	@$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not bench" $(RAY_TESTS) > .pytest-ray.log 2>&1 & ray=$$!; \
+	@VEIL_TEST_RAY_CLUSTER=1 $(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not bench" $(RAY_TESTS) > .pytest-ray.log 2>&1 & ray=$$!; \
 	echo "$(PY) -m mypy"; $(PY) -m mypy && \
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not bench" $(foreach f,$(RAY_TESTS),--ignore=$(f)); rest=$$?; \
 	wait $$ray; rayrc=$$?; echo "--- Ray simulation files ---"; cat .pytest-ray.log; \

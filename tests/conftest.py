@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,58 @@ def pytest_report_header() -> str:
     spec = importlib.util.find_spec("flwr")
     where = Path(spec.origin).parent if spec and spec.origin else "not installed"
     return f"flwr {importlib.metadata.version('flwr') if spec else '-'} ({where})"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_ray_cluster() -> Iterator[None]:
+    """With ``VEIL_TEST_RAY_CLUSTER=1`` (make test's Ray session): one Ray head for the whole session, joined by every
+    simulation through ``RAY_ADDRESS`` (:func:`veil.simulation.ray_init_args`), instead of a private instance started
+    and stopped by each (~5 s and ~5 CPU-s a run on 2 cores). Stopped at the end with its whole process group, and
+    anything it spawned still alive: nothing of it outlives the session. Without the variable: nothing."""
+    if os.environ.get("VEIL_TEST_RAY_CLUSTER") != "1":
+        yield
+        return
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    temp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray), "start", "--head", f"--port={port}", f"--num-cpus={os.cpu_count() or 1}",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the session's Ray head did not start") from None
+            time.sleep(0.3)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        spawned = psutil.Process(head.pid).children(recursive=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        for proc in spawned:  # a process of the head's that left its group: killed too
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -310,7 +310,9 @@ class SimulatedNodes(Mapping[int, dict[str, Any]]):
 
 def ray_init_args(address: str) -> dict[str, Any]:
     """``ray.init`` arguments (Flower's ``backend_config["init_args"]``): a private Ray instance on this machine's
-    cores, or, with ``federation.ray_address``, an existing cluster (whose size is its own: no ``num_cpus``)."""
+    cores, or, with ``federation.ray_address`` (else Ray's own ``RAY_ADDRESS`` variable), an existing cluster
+    (whose size is its own: no ``num_cpus``)."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         return {"address": address}
     return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}

@@ -34,7 +34,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             "plain": ("crash", [*SIX, ONE_ACTOR, *data, "secagg=off"]),
             "hang": ("hang", [*SIX, *data, *SHARES, "secagg.timeout=60"])}  # two actors: the silent node holds one
     argv = [arg for name, (fault, overrides) in runs.items() for arg in ["--", str(root / name), fault, "2", *overrides]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+    # a private Ray instance for each of the four runs, as veil simulate starts one (not make test's shared head:
+    # several run_simulation calls with crashing and silent nodes in one process did not run on a shared head)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONWARNINGS": "ignore"})
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fault_sim.py"), *argv[1:]], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1000, check=False)
     return root, proc.stderr
