@@ -31,7 +31,7 @@ def pytest_report_header() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_ray_cluster() -> Iterator[None]:
-    """With ``VEIL_TEST_RAY_CLUSTER=1`` (make test's Ray session): one Ray head for the whole session, joined by every
+    """With ``VEIL_TEST_RAY_CLUSTER=1`` (make test's Ray session): one Ray head on loopback for the whole session, joined by every
     simulation through ``RAY_ADDRESS`` (:func:`veil.simulation.ray_init_args`), instead of a private instance started
     and stopped by each (~5 s and ~5 CPU-s a run on 2 cores). Stopped at the end with its whole process group, and
     anything it spawned still alive: nothing of it outlives the session. Without the variable: nothing."""
@@ -52,7 +52,8 @@ def shared_ray_cluster() -> Iterator[None]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ray = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen([str(ray), "start", "--head", f"--port={port}", f"--num-cpus={os.cpu_count() or 1}",
+    head = subprocess.Popen([str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             f"--num-cpus={os.cpu_count() or 1}",
                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
