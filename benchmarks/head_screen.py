@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import itertools
+import math
 import tempfile
 from pathlib import Path
 
@@ -27,8 +27,8 @@ import torch
 
 from benchmarks.common import add_output_args, machine_info, now, report
 from benchmarks.utility_study import TRAIN, carve_validation
-from veil.client.round_plan import noise_scaled_lr
-from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, VeilConfig
+from veil.client.round_plan import noise_scaled_lr, round_clip
+from veil.conf.schema import DataConfig, FederationConfig, ModelConfig, PrivacyConfig, VeilConfig
 from veil.privacy.calibration import calibrate_noise_multiplier
 from veil.task import get_task
 from veil.task.data import read_examples
@@ -74,17 +74,18 @@ def federate(shards: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tens
     rate = batch * len(shards) / sum(len(y) for _x, y in shards)  # shared: the run's public q (B / mean bank size)
     if shared:  # privacy.share_noise: one step a round, q and divisor public, each bank adds sigma/sqrt(M)
         sigmas = [(_sigma(epsilon, rate, rounds * steps) if epsilon else 0.0) / len(shards) ** 0.5] * len(shards)
-    base_clip = clip
+    # schedules (public functions of the round): cos = cosine lr decay to 0; clip:F = C decays from C to F·C by
+    # veil's own rule (privacy.max_grad_norm_final, round_clip; the noise σ·C_t with it); lrclip:F = lr decays so too
+    end = float(schedule.split(":")[1]) if schedule.startswith(("clip:", "lrclip:")) else 1.0
+    clips = VeilConfig(privacy=PrivacyConfig(max_grad_norm=clip, max_grad_norm_final=clip * end if end != 1 else 0.0),
+                       federation=FederationConfig(rounds=rounds))
     for rnd in range(rounds):
-        # EXPERIMENT schedules (public functions of the round): cos = cosine lr decay to 0; clip:F = C decays
-        # geometrically from C to F·C (the noise σ·C_t with it); lrclip:F = both lr and C decay so
         frac = rnd / max(1, rounds - 1)
         lr_t = lr * (0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cos" else 1.0)
-        if schedule.startswith(("clip:", "lrclip:")):
-            end = float(schedule.split(":")[1])
-            clip = base_clip * end ** frac
-            if schedule.startswith("lrclip:"):
-                lr_t = lr * end ** frac
+        if schedule.startswith("clip:"):
+            clip = round_clip(clips, rnd + 1)
+        elif schedule.startswith("lrclip:"):
+            clip, lr_t = round_clip(clips, rnd + 1), lr * end ** frac
         d_w, d_b = torch.zeros_like(weight), torch.zeros_like(bias)
         for (xs, ys), sigma in zip(shards, sigmas, strict=True):
             w, b, n = weight.clone(), bias.clone(), len(ys)
@@ -139,7 +140,7 @@ def public_transform(kind: str, names: torch.Tensor) -> torch.Tensor:
 
 def data_pca(kind: str, rows: torch.Tensor) -> torch.Tensor:
     """``pca:K`` (non-private: an upper bound) or ``pca:K:EPS`` (the Gaussian mechanism on the second-moment matrix
-    of the rows clipped to norm 1 after dividing by their median norm, at ε EPS, δ 1e-6, analytic calibration): the
+    of the rows clipped to norm 1 after dividing by their median norm, at ε EPS, δ 1e-6, RDP calibration): the
     projection onto the top-K eigenvectors."""
     parts = kind.split(":")
     k = int(parts[1])
@@ -148,15 +149,9 @@ def data_pca(kind: str, rows: torch.Tensor) -> torch.Tensor:
     x = x / scale
     x = x * torch.clamp(1.0 / x.norm(dim=1, keepdim=True), max=1.0)
     m = x.T @ x
-    if len(parts) > 2:
-        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
-        eps = float(parts[2])
-        sigma = next(s for s in [v / 100 for v in range(30, 100_000)]
-                     if get_privacy_spent(orders=[1 + o / 10 for o in range(1, 1000)],
-                                          rdp=compute_rdp(q=1.0, noise_multiplier=s, steps=1,
-                                                          orders=[1 + o / 10 for o in range(1, 1000)]),
-                                          delta=1e-6)[0] <= eps)
+    if len(parts) > 2:  # one Gaussian release (q 1, one step), σ from veil's own calibration
+        sigma = calibrate_noise_multiplier(target_epsilon=float(parts[2]), delta=1e-6, sample_rate=1.0, steps=1,
+                                           accountant="rdp")
         gen = torch.Generator().manual_seed(12345)
         noise = torch.randn(m.shape, generator=gen, dtype=torch.float64) * sigma  # sensitivity 1 (‖x‖ ≤ 1)
         m = m + (noise + noise.T) / 2 ** 0.5
