@@ -88,7 +88,8 @@ def deploy(root: Path, test: Path, node_files: list[Path], rounds: int, timeout:
             procs.append(Supervised(f"node-{n}", [
                 sys.executable, "-m", "veil", "client", "--superlink", f"127.0.0.1:{port}", "--root-cert",
                 str(certs / "ca.crt"), "--key", str(certs / f"node-{n}.key"), "--data", str(data), "--node-dir",
-                str(root / f"node-{n}"), "--max-epsilon", "100"], log_path=logs / f"node-{n}.log",
+                str(root / f"node-{n}"), "--max-epsilon", "100",
+                "--allow-test-model"], log_path=logs / f"node-{n}.log",
                 # each node's share of the cores, as `veil client --threads` gives it (the environment, so that
                 # a --before revision without the flag is treated alike)
                 env=executor_env(env, node_threads), cwd=code))
