@@ -146,12 +146,13 @@ class Loopback:
         done = [int(ln.split()[1].split("/")[0]) for ln in self.server_out if ln.startswith("round ") and "/" in ln]
         return max(done, default=0)
 
-    def serverapp_log(self) -> str:
-        """The ServerApp log of the latest run ``veil server`` submitted, as the SuperLink holds it now."""
+    def serverapp_log(self, which: int = -1) -> str:
+        """The ServerApp log of a run ``veil server`` submitted (``which``: 0 the first, -1 the latest), as the
+        SuperLink holds it now (its state database outlives a killed ``veil server``)."""
         runs = [ln.split("run ", 1)[1].split()[0] for ln in self.server_out if " submitted; " in ln]
         assert runs, self.server_out[-20:]
         home = self.run_dir / "flwr-home"
-        done = subprocess.run([flower_command("flwr"), "log", runs[-1], "veil", "--show"], cwd=home, timeout=60,
+        done = subprocess.run([flower_command("flwr"), "log", runs[which], "veil", "--show"], cwd=home, timeout=60,
                               env=flower_env(flwr_home=home), capture_output=True, text=True, check=False)
         return done.stdout
 
