@@ -110,7 +110,7 @@ def serve(address: str, *, expected_hash: str, stop: threading.Event | None = No
     """Acquire and run ClientApp tasks from the node's Runtime API until ``stop`` is set."""
     stop = stop or threading.Event()
     client = runtime_client(address, None)
-    log.info("executor ready: runs only the installed veil ClientApp (FAB %s)", expected_hash[:12])
+    log.info("%s: runs only the installed veil ClientApp (FAB %s)", READY, expected_hash[:12])
     last_task = float("-inf")
     try:
         while not stop.is_set():
@@ -122,6 +122,18 @@ def serve(address: str, *, expected_hash: str, stop: threading.Event | None = No
                 stop.wait(poll_interval(time.monotonic() - last_task))
     finally:
         client.close()
+
+
+READY = "executor ready"  # the line ``veil client`` waits for before its SuperNode connects
+
+
+def preload() -> None:
+    """Import the installed ClientApp and what its first training step needs (torch, transformers, Opacus, peft:
+    ~5 CPU-s) before the node connects. A node is sampled as soon as its SuperNode is connected, and a SecAgg+ stage
+    has a deadline (``secagg.timeout``): imported on the first task instead, a node (re)started on a busy machine
+    missed its first round's first stage (seen in CI: every node of a five-node deployment, round 1)."""
+    import peft  # noqa: F401
+    import veil.client.app  # noqa: F401
 
 
 def _watch_process(pid: int, stop: threading.Event) -> None:
@@ -159,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         shorten_object_pull_backoff()  # a task's objects: first retry after 0.02 s, not 1 s
         if args.supernode_pid is not None:
             _watch_process(args.supernode_pid, stop)
+        preload()
         serve(args.runtime_api_address, expected_hash=fab_hash(), stop=stop)
     except KeyboardInterrupt:
         return 130

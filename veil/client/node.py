@@ -1,9 +1,10 @@
 """``veil client``: a data owner's node — a Flower SuperNode next to its private data, running only veil's code.
 
 Steps: (1) check the data file (exists, parses, has the columns) and the credentials (CA certificate, node key)
-before anything connects; (2) start ``flower-supernode --isolation process`` whose node config carries the owner's
-private settings (data path, columns, ε budget, privacy floor, ledger, device: they never go into a run config);
-(3) start the node's executor (:mod:`veil.client.executor`), which runs only the ClientApp of the installed veil;
+before anything connects; (2) start the node's executor (:mod:`veil.client.executor`), which runs only the ClientApp
+of the installed veil, and wait until it has loaded it; (3) only then start ``flower-supernode --isolation process``
+(a connected node can be sampled at once), whose node config carries the owner's private settings (data path,
+columns, ε budget, privacy floor, ledger, device: they never go into a run config);
 (4) watch both: a refusal by the SuperLink (unregistered key, another CA, plaintext against TLS) ends the node with
 one line and a non-zero exit instead of endless retries; Ctrl-C or either process ending stops both.
 
@@ -15,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Sized
 from pathlib import Path
 
+from veil.client.executor import READY
 from veil.flower.patches import DEFAULT_POLL_INTERVAL
 from veil.flower.sessions import ACTIVATION_WINDOW
 from veil.errors import ConfigError, VeilError
 from veil.supervise import Supervised, flower_env, free_port, stop_on_signals
 
+EXECUTOR_START_SECONDS = 600.0  # loading torch and veil: ~4 s on an idle 2-core machine, minutes when it swaps
 INSECURE_WARNING = ("WARNING: --insecure: this node talks PLAINTEXT to the SuperLink without authentication; "
                     "anyone on the network can read its model updates or impersonate the server. Tests only.")
 
@@ -326,20 +330,44 @@ def run(args: argparse.Namespace) -> int:
     runtime_port = args.runtime_port or free_port()
     env = flower_env(flwr_home=node_dir / "flwr-home")
     watch = _Watch(args)
-    supernode = Supervised("supernode", _supernode_argv(args, runtime_port), log_path=node_dir / "supernode.log",
-                           env=env, on_line=watch, cwd=node_dir)  # (2)
     executor: Supervised | None = None
+    supernode: Supervised | None = None
     try:
-        executor = Supervised(  # (3)
+        ready = threading.Event()
+
+        def executor_line(line: str) -> None:
+            if READY in line:
+                ready.set()
+            if "httpx" not in line:
+                print(line, file=sys.stderr, flush=True)
+
+        executor = Supervised(  # (2)
             "executor", [sys.executable, "-m", "veil.client.executor", "--runtime-api-address",
-                         f"127.0.0.1:{runtime_port}", "--supernode-pid", str(supernode.pid)],
+                         f"127.0.0.1:{runtime_port}"],
             log_path=node_dir / "executor.log", env=executor_env(env, args.threads), cwd=node_dir,
-            on_line=lambda line: print(line, file=sys.stderr, flush=True) if "httpx" not in line else None)
+            on_line=executor_line)
+        _wait_ready(executor, ready)
+        supernode = Supervised("supernode", _supernode_argv(args, runtime_port), log_path=node_dir / "supernode.log",
+                               env=env, on_line=watch, cwd=node_dir)  # (3)
         return _watch_until_end(supernode, executor, watch, args.superlink)  # (4)
     finally:
         for proc in (executor, supernode):
             if proc is not None:
                 proc.stop()
+
+
+def _wait_ready(executor: Supervised, ready: threading.Event, timeout: float = EXECUTOR_START_SECONDS) -> None:
+    """Wait until the executor has loaded the ClientApp (:func:`veil.client.executor.preload`): only then does the
+    SuperNode connect, so a node is never sampled for a round it cannot answer in time."""
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.2):
+        if executor.poll() is not None:
+            executor.wait_output()
+            raise NodeError(f"the node's executor stopped while loading veil (status {executor.poll()}); "
+                            f"see {executor.log_path}")
+        if time.monotonic() > deadline:
+            raise NodeError(f"the node's executor did not load veil within {timeout:.0f} s; see {executor.log_path} "
+                            "(a machine this busy misses SecAgg+ stage deadlines: free some CPU and start again)")
 
 
 def _budget_policy(args: argparse.Namespace) -> str:

@@ -14,13 +14,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
+
 from veil.server.operator import operator_env
 from veil.server.superlink import Endpoint, FlwrCli, SuperLinkError, start_superlink
 from veil.supervise import Supervised, flower_env
 
 log = logging.getLogger("veil.server")
 
-_STATUS_EVERY = 5.0  # seconds between `flwr ls` calls (each costs a Python start)
+# `flwr ls` (the run's status) costs a Python start, ~3 CPU-s: asked every 5 s it was most of a coordinator's CPU
+# (~0.6 of a core beside a 5-node loopback deployment). It is asked when the run's ServerApp process has ended
+# (the run's end, whatever its cause), then every 2 s until the SuperLink says finished, and every 60 s meanwhile.
+_STATUS_EVERY = 60.0
+_STATUS_AFTER_END = 2.0
+_WATCH_EVERY = 2.0  # seconds between looks for the ServerApp process
 
 
 class Session:
@@ -59,13 +66,20 @@ class Session:
         self.run_id = self.cli.submit(app_dir, run_config)
         log.info("run %d submitted; waiting for nodes (rounds: %d)", self.run_id, rounds)
         deadline = time.monotonic() + timeout if timeout > 0 else None
-        printed, next_status, status = 0, 0.0, "pending"
+        printed, next_status, next_watch, status = 0, 0.0, 0.0, "pending"
+        seen, ended = False, False  # the run's ServerApp process: seen running, then gone
         while True:
             printed = self._print_rounds(printed, rounds)
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise SuperLinkError(f"the SuperLink exited during the run; see {self.superlink.log_path}")
+            if not ended and time.monotonic() >= next_watch:
+                running, next_watch = self._serverapp_running(), time.monotonic() + _WATCH_EVERY
+                seen, ended = seen or running, seen and not running
+                if ended:
+                    next_status = 0.0
             if time.monotonic() >= next_status:
-                status, next_status = self.cli.status(self.run_id), time.monotonic() + _STATUS_EVERY
+                status = self.cli.status(self.run_id)
+                next_status = time.monotonic() + (_STATUS_AFTER_END if ended else _STATUS_EVERY)
                 if status.startswith("finished"):
                     break
             if deadline is not None and time.monotonic() > deadline:
@@ -79,6 +93,23 @@ class Session:
                                  f"{self.run_dir / 'logs' / 'serverapp.log'}")
         summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
         return summary
+
+    def _serverapp_running(self) -> bool:
+        """Whether a ``flwr-serverapp`` process runs under this session's SuperLink (started for the run by its
+        ``flower-superexec``; it exits when the run ends)."""
+        if self.superlink is None:
+            return False
+        try:
+            children = psutil.Process(self.superlink.pid).children(recursive=True)
+        except psutil.Error:
+            return False
+        for child in children:
+            try:
+                if any("flwr-serverapp" in part for part in child.cmdline()):
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def _print_rounds(self, printed: int, rounds: int) -> int:
         from veil.server.metrics import console_line
