@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from support.helpers import TINY, run_veil
+from veil.client.executor import READY
 from veil.supervise import Supervised, flower_command, flower_env, free_port
 
 ROUNDS = 2
@@ -29,10 +30,21 @@ WORDS = {"card": "my card was lost", "cash": "the atm kept my cash", "fee": "why
          "pin": "i forgot my pin code"}
 
 
-def _veil(name: str, args: list[str], log_dir: Path) -> tuple[Supervised, list[str]]:
-    lines: list[str] = []
+class Lines(list[str]):
+    """A process's output lines, and when (monotonic) its node executor said it was ready, if it did."""
+
+    ready_at: float | None = None
+
+    def add(self, line: str) -> None:
+        if self.ready_at is None and READY in line:
+            self.ready_at = time.monotonic()
+        self.append(line)
+
+
+def _veil(name: str, args: list[str], log_dir: Path) -> tuple[Supervised, Lines]:
+    lines = Lines()
     proc = Supervised(name, [sys.executable, "-m", "veil", *args], log_path=log_dir / f"{name}.log",
-                      env={**flower_env(), "PYTHONWARNINGS": "ignore"}, on_line=lines.append)
+                      env={**flower_env(), "PYTHONWARNINGS": "ignore"}, on_line=lines.add)
     return proc, lines
 
 
@@ -198,7 +210,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         for name, (proc, lines, t0) in started.items():
             _wait_for(lambda p=proc: p.poll() is not None, 90, f"refused node {name} to exit")
             proc.wait_output()
-            scenario.refusals[name] = (proc.poll(), time.monotonic() - t0, lines)
+            # timed from the moment the node connects: once its executor has loaded veil (veil.client.executor)
+            scenario.refusals[name] = (proc.poll(), time.monotonic() - (lines.ready_at or t0), lines)
         _wait_for(evil_result.exists, 200, "the modified app's result")
         scenario.evil_result = json.loads(evil_result.read_text())
         scenario.nodes_alive_after_evil = all(p.poll() is None for p in nodes)
