@@ -52,8 +52,9 @@ lint: setup  # ruff on everything, mypy --strict on the modules listed in pyproj
 # The Ray session starts one Ray head for all its simulations (VEIL_TEST_RAY_CLUSTER=1, tests/conftest.py): a private
 # instance per run cost ~5 s and ~5 CPU-s each.
 # Lint: ruff (a second) before both; mypy (~1 min cold, one core) in the foreground before the rest, while the Ray
-# session already runs (fresh-clone CI 2026-12-07 23:44, 917 s with set-up: Ray session 13:06, mypy then the rest 13:40;
-# the two together keep both cores busy, so what remains to gain is work removed, not reordered).
+# session already runs. The two together keep both cores busy, so only work removed shortens make test (fresh-clone
+# CI 2026-12-08 02:08, 810 s with set-up: Ray session 11:05, the rest 10:47 after mypy; 981 s before veil server
+# stopped starting a `flwr ls` every 5 s and nodes loaded veil before connecting).
 RAY_TESTS := tests/e2e/test_any_directory_e2e.py tests/e2e/test_audit_e2e.py tests/e2e/test_budget_e2e.py \
 	tests/e2e/test_causal_lm_e2e.py tests/e2e/test_dropout_e2e.py tests/test_report.py tests/e2e/test_resume_e2e.py \
 	tests/e2e/test_simulate_e2e.py
