@@ -22,9 +22,9 @@ from veil.supervise import Supervised, flower_env
 
 log = logging.getLogger("veil.server")
 
-# `flwr ls` (the run's status) costs a Python start, ~3 CPU-s: asked every 5 s it was most of a coordinator's CPU
-# (~0.6 of a core beside a 5-node loopback deployment). It is asked when the run's ServerApp process has ended
-# (the run's end, whatever its cause), then every 2 s until the SuperLink says finished, and every 60 s meanwhile.
+# `flwr ls` (the run's status) costs a Python start, ~1.2 CPU-s: asked every 5 s it kept a quarter of a core busy for
+# the whole run. It is asked at submission, when the run's ServerApp process has ended (the run's end, whatever its
+# cause), then every 2 s until the SuperLink says finished, and every 60 s meanwhile (tests/test_node_start.py).
 _STATUS_EVERY = 60.0
 _STATUS_AFTER_END = 2.0
 _WATCH_EVERY = 2.0  # seconds between looks for the ServerApp process
