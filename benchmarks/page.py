@@ -66,7 +66,8 @@ AREAS = (
           Source("secagg_crypto", "{values} values", ("x Flower", "added ms per node-round")),
           Source("upload_bytes", "{tuning}", ("values", "plain MiB", "SecAgg+ MiB")),
           Source("deploy_overhead", "3 nodes on loopback", ("s/round (rounds 2..)", "client compute s (fit, per node)",
-                                                            "s per exchange"), ("--node-threads",), _BEFORE))),
+                                                            "s per exchange", "CPU-s per round (all processes)"),
+                 ("--node-threads",), _BEFORE))),
     Area("Simulation scale", "`veil simulate` with tiny BERT, DP-SGD and SecAgg+, 10 clients per round, as the "
          "population grows.",
          (Source("sim_scale", "{clients} clients", ("s/round after the first", "coordinator peak MiB|coordinator MiB",
