@@ -14,17 +14,14 @@ from pathlib import Path
 import pytest
 
 from veil.client.executor import READY
-from veil.client.node import NodeError, _wait_ready
+from veil.client.node import NodeError, _executor_output, _wait_ready
 from veil.supervise import Supervised, flower_env
 
 
 def _process(tmp_path: Path, name: str, code: str, ready: threading.Event | None = None) -> Supervised:
-    def on_line(line: str) -> None:
-        if ready is not None and READY in line:
-            ready.set()
-
+    """``python -c code``; with ``ready``, its lines go through the node's own executor line handler."""
     return Supervised(name, [sys.executable, "-c", code], log_path=tmp_path / f"{name}.log", env=flower_env(),
-                      on_line=on_line)
+                      on_line=_executor_output(ready) if ready is not None else None)
 
 
 def test_the_node_waits_for_its_executor_s_ready_line(tmp_path: Path) -> None:
@@ -39,22 +36,18 @@ def test_the_node_waits_for_its_executor_s_ready_line(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_an_executor_that_dies_while_loading_ends_the_node_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("code, timeout, named", [
+    ("import sys; print('ImportError: no torch', flush=True); sys.exit(3)", 30.0,
+     r"executor stopped while loading veil \(status 3\); see .*executor.log"),  # dies while loading: one line
+    ("import time; time.sleep(60)", 1.0, "did not load veil within 1 s"),  # never ready: bounded
+], ids=["dies", "never-ready"])
+def test_an_executor_that_does_not_get_ready_ends_the_node_with_one_line(tmp_path: Path, code: str, timeout: float,
+                                                                       named: str) -> None:
     ready = threading.Event()
-    proc = _process(tmp_path, "executor", "import sys; print('ImportError: no torch', flush=True); sys.exit(3)", ready)
+    proc = _process(tmp_path, "executor", code, ready)
     try:
-        with pytest.raises(NodeError, match=r"executor stopped while loading veil \(status 3\); see .*executor.log"):
-            _wait_ready(proc, ready, timeout=30)
-    finally:
-        proc.stop()
-
-
-def test_an_executor_that_never_gets_ready_is_bounded(tmp_path: Path) -> None:
-    ready = threading.Event()
-    proc = _process(tmp_path, "executor", "import time; time.sleep(60)", ready)
-    try:
-        with pytest.raises(NodeError, match="did not load veil within 1 s"):
-            _wait_ready(proc, ready, timeout=1.0)
+        with pytest.raises(NodeError, match=named):
+            _wait_ready(proc, ready, timeout=timeout)
     finally:
         proc.stop()
 

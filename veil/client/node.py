@@ -18,7 +18,7 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 from veil.client.executor import READY
@@ -334,18 +334,11 @@ def run(args: argparse.Namespace) -> int:
     supernode: Supervised | None = None
     try:
         ready = threading.Event()
-
-        def executor_line(line: str) -> None:
-            if READY in line:
-                ready.set()
-            if "httpx" not in line:
-                print(line, file=sys.stderr, flush=True)
-
         executor = Supervised(  # (2)
             "executor", [sys.executable, "-m", "veil.client.executor", "--runtime-api-address",
                          f"127.0.0.1:{runtime_port}"],
             log_path=node_dir / "executor.log", env=executor_env(env, args.threads), cwd=node_dir,
-            on_line=executor_line)
+            on_line=_executor_output(ready))
         _wait_ready(executor, ready)
         supernode = Supervised("supernode", _supernode_argv(args, runtime_port), log_path=node_dir / "supernode.log",
                                env=env, on_line=watch, cwd=node_dir)  # (3)
@@ -354,6 +347,19 @@ def run(args: argparse.Namespace) -> int:
         for proc in (executor, supernode):
             if proc is not None:
                 proc.stop()
+
+
+def _executor_output(ready: threading.Event) -> Callable[[str], None]:
+    """The executor's line handler: each line to the node's stderr (httpx's request lines aside), and ``ready`` set
+    at the executor's :data:`~veil.client.executor.READY` line."""
+
+    def on_line(line: str) -> None:
+        if READY in line:
+            ready.set()
+        if "httpx" not in line:
+            print(line, file=sys.stderr, flush=True)
+
+    return on_line
 
 
 def _wait_ready(executor: Supervised, ready: threading.Event, timeout: float = EXECUTOR_START_SECONDS) -> None:
